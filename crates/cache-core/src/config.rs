@@ -1,0 +1,122 @@
+//! Configuration of a [`Cache`](crate::Cache): limits, shard count, eviction and tombstones.
+
+use std::time::Duration;
+
+use crate::error::ConfigError;
+
+/// One gibibyte, the default memory limit.
+const GIB: u64 = 1 << 30;
+
+/// How a [`Cache`](crate::Cache) is sized and behaves. Build one with [`CacheConfig::new`] and
+/// the `with_*` methods; [`Cache::new`](crate::Cache::new) validates it.
+///
+/// ```
+/// use cache_core::CacheConfig;
+/// let config = CacheConfig::new()
+///     .with_max_bytes(64 << 20)
+///     .with_max_items(Some(100_000))
+///     .with_shards(8);
+/// assert_eq!(config.max_bytes, 64 << 20);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Memory budget in bytes, split evenly across shards. Every entry is charged
+    /// `key.len() + value.len() + ENTRY_OVERHEAD` (see [`crate::ENTRY_OVERHEAD`]). Because the
+    /// budget is per shard, one entry can never be larger than `max_bytes / shards`.
+    pub max_bytes: u64,
+    /// Optional cap on the number of stored entries (tombstones included), split across shards
+    /// (rounded up, so the real cap may exceed it by less than the shard count).
+    pub max_items: Option<u64>,
+    /// Number of shards; a power of two. `0` picks one from the core count
+    /// (`4 × cores`, rounded up to a power of two), enough that two threads rarely meet on a
+    /// lock.
+    pub shards: usize,
+    /// When `true` (the default) an insert that does not fit evicts least-recently-used entries.
+    /// When `false` it is refused with [`InsertError::OutOfMemory`](crate::InsertError) instead —
+    /// for users who would rather see an error than lose data.
+    pub evict: bool,
+    /// How long a versioned delete keeps its tombstone. It must outlive any replication delay:
+    /// an older write that arrives after the tombstone is gone could resurrect the key.
+    pub tombstone_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: GIB,
+            max_items: None,
+            shards: 0,
+            evict: true,
+            tombstone_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The defaults: 1 GiB, no item cap, shards from the core count, eviction on, tombstones
+    /// kept for 60 s.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets [`CacheConfig::max_bytes`].
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Sets [`CacheConfig::max_items`].
+    pub fn with_max_items(mut self, max_items: Option<u64>) -> Self {
+        self.max_items = max_items;
+        self
+    }
+
+    /// Sets [`CacheConfig::shards`].
+    pub fn with_shards(mut self, shards: usize) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// Sets [`CacheConfig::evict`].
+    pub fn with_eviction(mut self, evict: bool) -> Self {
+        self.evict = evict;
+        self
+    }
+
+    /// Sets [`CacheConfig::tombstone_ttl`].
+    pub fn with_tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// The shard count this configuration resolves to (`shards`, or the automatic choice).
+    pub fn resolved_shards(&self) -> usize {
+        if self.shards != 0 {
+            return self.shards;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores * 4).next_power_of_two().min(MAX_SHARDS)
+    }
+
+    /// Checks the configuration; [`Cache::new`](crate::Cache::new) calls this.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let shards = self.resolved_shards();
+        if !shards.is_power_of_two() || shards > MAX_SHARDS {
+            return Err(ConfigError::Shards(shards));
+        }
+        if self.max_bytes < shards as u64 {
+            return Err(ConfigError::MaxBytesTooSmall {
+                max_bytes: self.max_bytes,
+                shards,
+            });
+        }
+        if self.max_items == Some(0) {
+            return Err(ConfigError::ZeroMaxItems);
+        }
+        Ok(())
+    }
+}
+
+/// The largest shard count accepted: far more than any machine needs, small enough that the
+/// shard index comes from hash bits the per-shard table does not use (see `cache.rs`).
+pub const MAX_SHARDS: usize = 1 << 16;

@@ -1,0 +1,571 @@
+//! `cache-core`: a sharded, byte-bounded, exact-LRU in-memory cache with TTLs, versions and
+//! tombstones.
+//!
+//! This is the engine of cache-cluster's nodes, and a crate you can use on its own. It never
+//! does I/O and never needs an async runtime: the only thread it can start is the optional
+//! background [`Reaper`], which stops when dropped.
+//!
+//! # Module map
+//!
+//! - [`Cache`] (this file): picks a shard by key hash, takes its lock, delegates.
+//! - `shard`: the slab + `u32`-linked LRU list + `hashbrown::HashTable<u32>` index, all the
+//!   accounting, and [`Cache::validate`]'s invariant checks.
+//! - [`clock`]: [`Clock`], [`SystemClock`] and [`ManualClock`] (absolute unix milliseconds).
+//! - [`reaper`]: the background thread that runs [`Cache::reap`] periodically.
+//! - [`CacheConfig`], [`ConfigError`], [`InsertError`].
+//!
+//! # Quick start
+//!
+//! ```
+//! use std::time::Duration;
+//! use cache_core::{Cache, CacheConfig};
+//!
+//! let cache = Cache::new(CacheConfig::new().with_max_bytes(64 << 20))?;
+//! cache.set(b"greeting", b"hello")?;
+//! assert_eq!(cache.get(b"greeting").as_deref(), Some(&b"hello"[..]));
+//!
+//! cache.set_with_ttl(b"session", b"token", Duration::from_secs(30))?;
+//! assert!(cache.delete(b"greeting"));
+//! assert_eq!(cache.get(b"greeting"), None);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Versions and tombstones
+//!
+//! Replicas converge by last-writer-wins on a caller-supplied `u64` version: a versioned write
+//! or delete older than what is stored (a live value or a tombstone) is refused with
+//! [`WriteOutcome::Stale`] / [`DeleteOutcome::Stale`]. A versioned delete leaves a tombstone
+//! for [`CacheConfig::tombstone_ttl`] so a delayed older write cannot resurrect the key.
+//! Equal versions are applied (they can only be the same write delivered twice).
+//! Unversioned writes ([`Cache::set`], [`Cache::delete`]) skip those checks entirely.
+//!
+//! ```
+//! use cache_core::{Cache, CacheConfig, DeleteOutcome, WriteOptions, WriteOutcome};
+//!
+//! let cache = Cache::new(CacheConfig::new().with_max_bytes(1 << 20))?;
+//! assert_eq!(cache.write(b"k", b"v2", WriteOptions::versioned(2))?, WriteOutcome::Stored);
+//! // A late, older write is ignored.
+//! assert_eq!(cache.write(b"k", b"v1", WriteOptions::versioned(1))?, WriteOutcome::Stale);
+//! assert_eq!(cache.delete_versioned(b"k", 3), DeleteOutcome::Deleted);
+//! // The tombstone keeps version 2 out, too.
+//! assert_eq!(cache.write(b"k", b"v2", WriteOptions::versioned(2))?, WriteOutcome::Stale);
+//! assert_eq!(cache.get(b"k"), None);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Sharding and exactness
+//!
+//! Each shard is an exact LRU: every hit or write moves the entry to the front and eviction
+//! takes the tail. Across shards the order is approximate (eviction happens in the shard the
+//! new key hashes to), which with uniform hashing behaves like a global LRU in aggregate.
+
+#![forbid(unsafe_code)]
+
+pub mod clock;
+mod config;
+mod error;
+pub mod reaper;
+mod shard;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::{CacheConfig, MAX_SHARDS};
+pub use error::{ConfigError, InsertError};
+pub use reaper::Reaper;
+use shard::Shard;
+pub use shard::{ENTRY_OVERHEAD, ReapStep};
+
+/// What a hit returns: the value (sharing the cache's buffer, no copy) and its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// The value.
+    pub value: Bytes,
+    /// The version it was written with (`0` if unversioned).
+    pub version: u64,
+    /// Absolute expiry in unix milliseconds, `None` if it never expires.
+    pub expires_at: Option<u64>,
+}
+
+/// One live entry, as returned by [`Cache::scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The key.
+    pub key: Bytes,
+    /// The value.
+    pub value: Bytes,
+    /// Its version (`0` if unversioned).
+    pub version: u64,
+    /// Absolute expiry in unix milliseconds, `None` if it never expires.
+    pub expires_at: Option<u64>,
+}
+
+/// When a write applies, depending on whether the key holds a live value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Condition {
+    /// Always (plain `SET`).
+    #[default]
+    Always,
+    /// Only if the key holds no live value (`SET NX`; also "add").
+    IfAbsent,
+    /// Only if the key holds a live value (`SET XX`; also "replace").
+    IfPresent,
+}
+
+/// How [`Cache::write`] stores a value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// `Some(v)`: a versioned write, refused if a newer version (or tombstone) is stored.
+    /// `None`: unconditional, stored with version 0.
+    pub version: Option<u64>,
+    /// Absolute expiry in unix milliseconds, `None` for no expiry. An expiry that is already
+    /// past deletes the key instead of storing it (as Redis does).
+    pub expires_at: Option<u64>,
+    /// Whether the write depends on the key's presence.
+    pub condition: Condition,
+}
+
+impl WriteOptions {
+    /// A versioned write with no expiry and no condition.
+    pub fn versioned(version: u64) -> Self {
+        Self {
+            version: Some(version),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the absolute expiry (unix milliseconds).
+    pub fn expires_at(mut self, at_ms: u64) -> Self {
+        self.expires_at = Some(at_ms);
+        self
+    }
+
+    /// Sets the presence condition.
+    pub fn condition(mut self, condition: Condition) -> Self {
+        self.condition = condition;
+        self
+    }
+}
+
+/// What [`Cache::write`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum WriteOutcome {
+    /// The write was applied (stored, or — for an expiry in the past — the key deleted).
+    Stored,
+    /// Not applied: a newer version or tombstone is stored. Counted in
+    /// [`CacheStats::stale_writes`].
+    Stale,
+    /// Not applied: the [`Condition`] did not hold.
+    ConditionNotMet,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum DeleteOutcome {
+    /// A live value was removed.
+    Deleted,
+    /// There was no live value (a versioned delete still leaves its tombstone).
+    NotFound,
+    /// Not applied: a newer version is stored.
+    Stale,
+}
+
+/// How long a key has left, from [`Cache::ttl`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    /// The key never expires.
+    Never,
+    /// The key expires after this long (rounded to milliseconds).
+    Remaining(Duration),
+}
+
+/// Counters and sizes summed over all shards.
+///
+/// Counters are kept per shard, under the lock each operation already holds, so keeping them
+/// costs no atomic operation on the hit path; reading them takes each shard lock briefly.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Gets that found a live value.
+    pub hits: u64,
+    /// Gets that found nothing (absent, expired, or tombstone).
+    pub misses: u64,
+    /// Writes that created an entry.
+    pub inserts: u64,
+    /// Writes that replaced a live value.
+    pub updates: u64,
+    /// Deletes (and touches into the past) that removed a live value.
+    pub deletes: u64,
+    /// Entries removed to make room.
+    pub evictions: u64,
+    /// Expired values removed, lazily on access or by the reaper.
+    pub expirations: u64,
+    /// Versioned writes and deletes refused because a newer version was stored.
+    pub stale_writes: u64,
+    /// Stored values, including expired ones not yet reclaimed.
+    pub items: u64,
+    /// Stored tombstones.
+    pub tombstones: u64,
+    /// Bytes charged (keys + values + [`ENTRY_OVERHEAD`] per entry, tombstones included).
+    pub bytes: u64,
+}
+
+/// What one call to [`Cache::reap`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReapReport {
+    /// Slots examined.
+    pub visited: usize,
+    /// Expired values and tombstones freed.
+    pub reclaimed: usize,
+    /// Lock acquisitions: each examined at most `budget` slots.
+    pub steps: usize,
+}
+
+/// Where a [`Cache::scan`] resumes. Start with [`ScanCursor::default`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScanCursor {
+    shard: usize,
+    slot: usize,
+}
+
+/// A shard padded to its own cache lines so that two threads working on neighbouring shards
+/// do not invalidate each other's lock word.
+#[repr(align(128))]
+struct PaddedShard(Mutex<Shard>);
+
+/// The cache: `N` shards, each an exact LRU behind a `parking_lot::Mutex`.
+///
+/// `Cache` is `Send + Sync`; share it with `Arc`. Every method takes `&self` and locks exactly
+/// one shard, except the whole-cache ones ([`Cache::len`], [`Cache::stats`], [`Cache::clear`],
+/// [`Cache::reap`], [`Cache::validate`]), which lock shards one at a time.
+pub struct Cache<C: Clock = SystemClock> {
+    shards: Box<[PaddedShard]>,
+    /// `shards.len() - 1`.
+    shard_mask: usize,
+    /// Hashes keys once per operation; the shard index comes from bits 32.. of the hash and
+    /// the shard's table uses the low bits and top 7 bits, so the two choices are independent.
+    hasher: ahash::RandomState,
+    clock: C,
+    config: CacheConfig,
+    tombstone_ttl_ms: u64,
+}
+
+impl Cache<SystemClock> {
+    /// A cache on the system clock.
+    pub fn new(config: CacheConfig) -> Result<Self, ConfigError> {
+        Self::with_clock(config, SystemClock)
+    }
+}
+
+impl<C: Clock> Cache<C> {
+    /// A cache reading time from `clock` (a [`ManualClock`] in tests).
+    pub fn with_clock(config: CacheConfig, clock: C) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let n = config.resolved_shards();
+        let hasher = ahash::RandomState::new();
+        let capacity = config.max_bytes / n as u64;
+        let max_items = config.max_items.map_or(u64::MAX, |m| m.div_ceil(n as u64));
+        let shards = (0..n)
+            .map(|_| {
+                PaddedShard(Mutex::new(Shard::new(
+                    capacity,
+                    max_items,
+                    config.evict,
+                    hasher.clone(),
+                )))
+            })
+            .collect();
+        Ok(Self {
+            shards,
+            shard_mask: n - 1,
+            hasher,
+            clock,
+            tombstone_ttl_ms: u64::try_from(config.tombstone_ttl.as_millis()).unwrap_or(u64::MAX),
+            config,
+        })
+    }
+
+    /// The configuration the cache was built with.
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// The clock the cache reads.
+    pub fn clock(&self) -> &C {
+        &self.clock
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The shard `key` lives in (for tests and tools that reason about per-shard LRU order).
+    pub fn shard_of(&self, key: &[u8]) -> usize {
+        self.locate(key).1
+    }
+
+    fn locate(&self, key: &[u8]) -> (u64, usize) {
+        let hash = self.hasher.hash_one(key);
+        (hash, (hash >> 32) as usize & self.shard_mask)
+    }
+
+    fn shard(&self, i: usize) -> &Mutex<Shard> {
+        &self.shards[i].0
+    }
+
+    /// The value of `key`, if live. A hit makes it the most recently used entry and returns
+    /// the stored buffer by refcount (no copy, no allocation).
+    pub fn get(&self, key: &[u8]) -> Option<Bytes> {
+        self.get_entry(key).map(|l| l.value)
+    }
+
+    /// Like [`Cache::get`], with the entry's version and expiry.
+    pub fn get_entry(&self, key: &[u8]) -> Option<Lookup> {
+        let (hash, i) = self.locate(key);
+        self.shard(i).lock().get(hash, key, &self.clock)
+    }
+
+    /// Stores `key` = `value` with no expiry, unconditionally. Evicts least-recently-used
+    /// entries if needed.
+    pub fn set(&self, key: &[u8], value: &[u8]) -> Result<(), InsertError> {
+        self.write(key, value, WriteOptions::default()).map(drop)
+    }
+
+    /// Stores `key` = `value`, expiring `ttl` from now. A zero TTL deletes the key.
+    pub fn set_with_ttl(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<(), InsertError> {
+        let opts = WriteOptions {
+            expires_at: Some(self.expiry_after(ttl)),
+            ..WriteOptions::default()
+        };
+        self.write(key, value, opts).map(drop)
+    }
+
+    /// The general write: versioned or not, with an absolute expiry and a presence condition.
+    /// On `Err` the cache is unchanged.
+    pub fn write(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        opts: WriteOptions,
+    ) -> Result<WriteOutcome, InsertError> {
+        let (hash, i) = self.locate(key);
+        self.shard(i)
+            .lock()
+            .write(hash, key, value, opts, &self.clock, self.tombstone_ttl_ms)
+    }
+
+    /// Removes `key` unconditionally (no tombstone). Returns whether a live value was removed.
+    pub fn delete(&self, key: &[u8]) -> bool {
+        let (hash, i) = self.locate(key);
+        let outcome = self.shard(i).lock().delete(hash, key, None, &self.clock, 0);
+        outcome == DeleteOutcome::Deleted
+    }
+
+    /// Deletes `key` at `version`, leaving a tombstone for [`CacheConfig::tombstone_ttl`]
+    /// unless a newer version is stored.
+    pub fn delete_versioned(&self, key: &[u8], version: u64) -> DeleteOutcome {
+        let (hash, i) = self.locate(key);
+        self.shard(i)
+            .lock()
+            .delete(hash, key, Some(version), &self.clock, self.tombstone_ttl_ms)
+    }
+
+    /// Sets the absolute expiry of a live value (`None` = never expire; in the past = delete).
+    /// Returns whether the key held a live value.
+    pub fn touch(&self, key: &[u8], expires_at: Option<u64>) -> bool {
+        let (hash, i) = self.locate(key);
+        self.shard(i)
+            .lock()
+            .touch(hash, key, expires_at, &self.clock)
+    }
+
+    /// Makes a live value expire `ttl` from now. Returns whether the key held a live value.
+    pub fn expire(&self, key: &[u8], ttl: Duration) -> bool {
+        self.touch(key, Some(self.expiry_after(ttl)))
+    }
+
+    /// Removes the expiry of a live value. Returns whether the key held a live value.
+    pub fn persist(&self, key: &[u8]) -> bool {
+        self.touch(key, None)
+    }
+
+    /// How long a live value has left; `None` if the key holds no live value. Does not count
+    /// as a use for LRU purposes.
+    pub fn ttl(&self, key: &[u8]) -> Option<Ttl> {
+        let (hash, i) = self.locate(key);
+        let expiry = self.shard(i).lock().expiry(hash, key, &self.clock)?;
+        Some(match expiry {
+            None => Ttl::Never,
+            Some(at) => Ttl::Remaining(Duration::from_millis(
+                at.saturating_sub(self.clock.now_ms()),
+            )),
+        })
+    }
+
+    /// `now + ttl` in unix milliseconds, saturating.
+    fn expiry_after(&self, ttl: Duration) -> u64 {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        self.clock.now_ms().saturating_add(ttl_ms)
+    }
+
+    /// Stored values, including expired ones the reaper has not reclaimed yet (tombstones are
+    /// not counted).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.0.lock().items() as usize)
+            .sum()
+    }
+
+    /// Whether [`Cache::len`] is zero.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes charged against the budget (see [`CacheStats::bytes`]).
+    pub fn bytes_used(&self) -> u64 {
+        self.shards.iter().map(|s| s.0.lock().used_bytes()).sum()
+    }
+
+    /// The largest charge one entry may have: one shard's budget.
+    pub fn max_entry_charge(&self) -> u64 {
+        self.shard(0).lock().capacity()
+    }
+
+    /// Drops every entry and tombstone, shard by shard.
+    pub fn clear(&self) {
+        for s in self.shards.iter() {
+            s.0.lock().clear();
+        }
+    }
+
+    /// Counters and sizes summed over shards.
+    pub fn stats(&self) -> CacheStats {
+        let mut st = CacheStats::default();
+        for s in self.shards.iter() {
+            let shard = s.0.lock();
+            let c = shard.counters;
+            st.hits += c.hits;
+            st.misses += c.misses;
+            st.inserts += c.inserts;
+            st.updates += c.updates;
+            st.deletes += c.deletes;
+            st.evictions += c.evictions;
+            st.expirations += c.expirations;
+            st.stale_writes += c.stale_writes;
+            st.items += shard.items();
+            st.tombstones += shard.tombstones();
+            st.bytes += shard.used_bytes();
+        }
+        st
+    }
+
+    /// One full pass of the expiry sweep over every shard: frees expired values and
+    /// tombstones. Each lock acquisition examines at most `budget` slots (`budget` is raised
+    /// to 1), and the lock is released between steps, so other operations interleave.
+    /// Shards with no expiring entries are skipped in O(1).
+    pub fn reap(&self, budget: usize) -> ReapReport {
+        let mut report = ReapReport::default();
+        for i in 0..self.shards.len() {
+            loop {
+                let step = self.reap_step(i, budget);
+                report.visited += step.visited;
+                report.reclaimed += step.reclaimed;
+                report.steps += 1;
+                if step.pass_complete {
+                    break;
+                }
+            }
+        }
+        report
+    }
+
+    /// One bounded step of the sweep on shard `shard` (`0..shard_count()`), for callers that
+    /// schedule the work themselves: one lock acquisition, at most `budget` slots examined.
+    ///
+    /// # Panics
+    ///
+    /// If `shard >= shard_count()` (a programming error, not an input).
+    pub fn reap_step(&self, shard: usize, budget: usize) -> ReapStep {
+        self.shard(shard)
+            .lock()
+            .reap_step(budget.max(1), &self.clock)
+    }
+
+    /// Live entries in chunks: returns the entries found while examining at most `budget`
+    /// slots under one shard lock, and the cursor to continue from (`None` when done).
+    ///
+    /// Entries present and unchanged for the whole scan are returned exactly once; entries
+    /// written or deleted during the scan may or may not be. Order is unspecified.
+    ///
+    /// ```
+    /// use cache_core::{Cache, CacheConfig, ScanCursor};
+    /// let cache = Cache::new(CacheConfig::new().with_max_bytes(1 << 20))?;
+    /// for i in 0..100u32 {
+    ///     cache.set(&i.to_be_bytes(), b"v")?;
+    /// }
+    /// let (mut seen, mut cursor) = (0, Some(ScanCursor::default()));
+    /// while let Some(c) = cursor {
+    ///     let (entries, next) = cache.scan(c, 16);
+    ///     seen += entries.len();
+    ///     cursor = next;
+    /// }
+    /// assert_eq!(seen, 100);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn scan(&self, cursor: ScanCursor, budget: usize) -> (Vec<Entry>, Option<ScanCursor>) {
+        let mut out = Vec::new();
+        let mut cursor = cursor;
+        while cursor.shard < self.shards.len() {
+            let next =
+                self.shard(cursor.shard)
+                    .lock()
+                    .scan(cursor.slot, budget, &self.clock, &mut out);
+            cursor = match next {
+                Some(slot) => ScanCursor { slot, ..cursor },
+                None => ScanCursor {
+                    shard: cursor.shard + 1,
+                    slot: 0,
+                },
+            };
+            if next.is_some() || !out.is_empty() {
+                break;
+            }
+        }
+        let more = cursor.shard < self.shards.len();
+        (out, more.then_some(cursor))
+    }
+
+    /// Checks every invariant of every shard (list and index agree, accounting matches, no
+    /// cycles, free list sane, limits respected). For tests and debugging; O(entries).
+    pub fn validate(&self) -> Result<(), String> {
+        for (i, s) in self.shards.iter().enumerate() {
+            s.0.lock()
+                .validate()
+                .map_err(|e| format!("shard {i}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn shard_keys_mru_to_lru(&self, i: usize) -> Vec<Vec<u8>> {
+        self.shard(i).lock().keys_mru_to_lru()
+    }
+}
+
+impl<C: Clock> std::fmt::Debug for Cache<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("shards", &self.shards.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,912 @@
+//! One shard: an exact LRU over a slab of nodes linked by `u32` indices, indexed by a
+//! `hashbrown::HashTable<u32>`.
+//!
+//! This module owns every invariant of the engine's memory layout and accounting; the
+//! [`Cache`](crate::Cache) only picks a shard and takes its lock. It never does I/O, never
+//! reads the clock unless an entry with an expiry is involved, and never holds more than the
+//! one lock its caller took.
+//!
+//! Layout: `slots` is a `Vec` of [`Slot`]s. An occupied slot holds a [`Node`] with `prev`/`next`
+//! indices into the same `Vec` (the intrusive doubly linked LRU list: `head` is the most
+//! recently used, `tail` the least). Vacant slots form a singly linked free list through
+//! `next_free`, so slot numbers are reused and never move while an entry lives — which is what
+//! lets [`Shard::scan`] resume from a slot number.
+
+use bytes::Bytes;
+use hashbrown::HashTable;
+
+use crate::clock::Clock;
+use crate::error::InsertError;
+use crate::{Condition, DeleteOutcome, Entry, Lookup, WriteOptions, WriteOutcome};
+
+/// The "no link" value of `prev`, `next`, `head`, `tail` and `free_head`.
+const NIL: u32 = u32::MAX;
+
+/// `expires_at` of an entry that never expires.
+pub(crate) const NEVER: u64 = u64::MAX;
+
+/// Size of the `bytes` crate's shared header (buffer pointer, capacity, refcount), allocated
+/// once per entry when the entry's buffer is made shareable at insert time.
+const BYTES_SHARED_HEADER: usize = 24;
+
+/// Bytes of hash index per entry: a `u32` slot number plus one control byte, at hashbrown's
+/// maximum load factor of 7/8, rounded up.
+const INDEX_BYTES_PER_ENTRY: usize = 8;
+
+/// Fixed bytes charged per entry on top of its key and value: the slab slot, the shared
+/// buffer header and the index slot. `benches/engine_memory.rs` measures the real figure with a
+/// counting allocator and compares it with this constant (see `docs/benchmarks.md`).
+pub const ENTRY_OVERHEAD: usize =
+    std::mem::size_of::<Slot>() + BYTES_SHARED_HEADER + INDEX_BYTES_PER_ENTRY;
+
+/// One stored entry: a value, or a tombstone left by a versioned delete.
+#[derive(Debug)]
+struct Node {
+    /// The key followed by the value, in one refcounted allocation: one allocation per entry
+    /// instead of two, and a hit returns `data.slice(key_len..)` without copying.
+    data: Bytes,
+    /// Absolute expiry in unix milliseconds, [`NEVER`] for none. Tombstones always expire.
+    expires_at: u64,
+    /// Caller-supplied version; higher wins. `0` for unversioned writes.
+    version: u64,
+    /// Length of the key prefix of `data`.
+    key_len: u32,
+    /// Towards the head (more recently used); [`NIL`] at the head.
+    prev: u32,
+    /// Towards the tail (less recently used); [`NIL`] at the tail.
+    next: u32,
+    /// A tombstone reads as absent but still blocks older versioned writes.
+    tombstone: bool,
+}
+
+impl Node {
+    fn key(&self) -> &[u8] {
+        &self.data[..self.key_len as usize]
+    }
+
+    fn value(&self) -> Bytes {
+        self.data.slice(self.key_len as usize..)
+    }
+
+    /// Bytes this entry is charged against the shard's budget.
+    fn charge(&self) -> u64 {
+        charge_for(self.data.len())
+    }
+
+    fn is_expired(&self, now: &mut Now<'_, impl Clock>) -> bool {
+        self.expires_at != NEVER && now.get() >= self.expires_at
+    }
+}
+
+/// A slab slot.
+#[derive(Debug)]
+enum Slot {
+    Occupied(Node),
+    Vacant { next_free: u32 },
+}
+
+/// Bytes charged for an entry whose key and value together take `data_len` bytes.
+fn charge_for(data_len: usize) -> u64 {
+    (data_len + ENTRY_OVERHEAD) as u64
+}
+
+/// Copies `key` and `value` into one buffer and makes it shareable now, so that every later
+/// hit clones it by refcount without allocating. (A `Bytes` built from a `Vec` allocates its
+/// shared header on first clone; paying that at insert keeps the get path allocation-free.)
+fn entry_buffer(key: &[u8], value: &[u8]) -> Bytes {
+    let mut buf = Vec::with_capacity(key.len() + value.len());
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(value);
+    let data = Bytes::from(buf);
+    drop(data.clone());
+    data
+}
+
+/// The current time, read from the clock at most once per operation and only if needed.
+pub(crate) struct Now<'a, C: Clock> {
+    clock: &'a C,
+    cached: Option<u64>,
+}
+
+impl<'a, C: Clock> Now<'a, C> {
+    pub(crate) fn new(clock: &'a C) -> Self {
+        Self {
+            clock,
+            cached: None,
+        }
+    }
+
+    pub(crate) fn get(&mut self) -> u64 {
+        *self.cached.get_or_insert_with(|| self.clock.now_ms())
+    }
+}
+
+/// Per-shard counters. They are plain integers because they are only touched under the shard
+/// lock the operation already holds: counting costs nothing on the hit path and never
+/// contends across shards.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ShardCounters {
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+    pub(crate) inserts: u64,
+    pub(crate) updates: u64,
+    pub(crate) deletes: u64,
+    pub(crate) evictions: u64,
+    pub(crate) expirations: u64,
+    pub(crate) stale_writes: u64,
+}
+
+/// Result of one bounded reaper step on a shard ([`Cache::reap_step`](crate::Cache::reap_step)).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReapStep {
+    /// Slots examined (at most the budget).
+    pub visited: usize,
+    /// Expired entries and tombstones removed.
+    pub reclaimed: usize,
+    /// True when the sweep reached the end of the slab and starts over next time.
+    pub pass_complete: bool,
+}
+
+/// One shard of the cache. See the module docs for the layout.
+pub(crate) struct Shard {
+    /// The slab.
+    slots: Vec<Slot>,
+    /// First vacant slot, or [`NIL`].
+    free_head: u32,
+    /// Key hash -> slot number.
+    index: HashTable<u32>,
+    /// Most recently used entry, or [`NIL`] when empty.
+    head: u32,
+    /// Least recently used entry (next to be evicted), or [`NIL`] when empty.
+    tail: u32,
+    /// Sum of the charges of all occupied slots.
+    used_bytes: u64,
+    /// This shard's share of `max_bytes`.
+    capacity: u64,
+    /// This shard's share of `max_items` (`u64::MAX` for no cap).
+    max_items: u64,
+    /// Whether an insert that does not fit may evict.
+    evict: bool,
+    /// Occupied slots holding values (not tombstones), expired or not.
+    items: u64,
+    /// Occupied slots holding tombstones.
+    tombstones: u64,
+    /// Occupied slots with an expiry; when 0 the reaper has nothing to do here.
+    expiring: u64,
+    /// Where the reaper's sweep resumes.
+    reap_cursor: u32,
+    /// Re-hashes keys when the index grows or an entry is found by slot number; the same
+    /// hasher the cache uses to pick the shard.
+    hasher: ahash::RandomState,
+    pub(crate) counters: ShardCounters,
+}
+
+impl Shard {
+    pub(crate) fn new(
+        capacity: u64,
+        max_items: u64,
+        evict: bool,
+        hasher: ahash::RandomState,
+    ) -> Self {
+        Self {
+            slots: Vec::new(),
+            free_head: NIL,
+            index: HashTable::new(),
+            head: NIL,
+            tail: NIL,
+            used_bytes: 0,
+            capacity,
+            max_items,
+            evict,
+            items: 0,
+            tombstones: 0,
+            expiring: 0,
+            reap_cursor: 0,
+            hasher,
+            counters: ShardCounters::default(),
+        }
+    }
+
+    pub(crate) fn items(&self) -> u64 {
+        self.items
+    }
+
+    pub(crate) fn tombstones(&self) -> u64 {
+        self.tombstones
+    }
+
+    pub(crate) fn used_bytes(&self) -> u64 {
+        self.used_bytes
+    }
+
+    pub(crate) fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    // ----- slab and list primitives -------------------------------------------------------
+
+    fn node(&self, idx: u32) -> &Node {
+        match &self.slots[idx as usize] {
+            Slot::Occupied(node) => node,
+            Slot::Vacant { .. } => unreachable!("slot {idx} is linked but vacant"),
+        }
+    }
+
+    fn node_mut(&mut self, idx: u32) -> &mut Node {
+        match &mut self.slots[idx as usize] {
+            Slot::Occupied(node) => node,
+            Slot::Vacant { .. } => unreachable!("slot {idx} is linked but vacant"),
+        }
+    }
+
+    fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&idx| match &slots[idx as usize] {
+                Slot::Occupied(node) => node.key() == key,
+                Slot::Vacant { .. } => false,
+            })
+            .copied()
+    }
+
+    /// Unlinks `idx` from the LRU list (the node stays in its slot).
+    fn unlink(&mut self, idx: u32) {
+        let (prev, next) = {
+            let node = self.node(idx);
+            (node.prev, node.next)
+        };
+        match prev {
+            NIL => self.head = next,
+            p => self.node_mut(p).next = next,
+        }
+        match next {
+            NIL => self.tail = prev,
+            n => self.node_mut(n).prev = prev,
+        }
+    }
+
+    /// Links `idx` at the head (most recently used).
+    fn push_front(&mut self, idx: u32) {
+        let old_head = self.head;
+        {
+            let node = self.node_mut(idx);
+            node.prev = NIL;
+            node.next = old_head;
+        }
+        match old_head {
+            NIL => self.tail = idx,
+            h => self.node_mut(h).prev = idx,
+        }
+        self.head = idx;
+    }
+
+    fn move_to_front(&mut self, idx: u32) {
+        if self.head != idx {
+            self.unlink(idx);
+            self.push_front(idx);
+        }
+    }
+
+    /// Adds the per-node counters of `node` (`sign` = +1) or removes them (`sign` = -1).
+    fn account(&mut self, node_charge: u64, tombstone: bool, expiring: bool, add: bool) {
+        let delta = |v: &mut u64, d: u64| {
+            if add {
+                *v += d;
+            } else {
+                *v -= d;
+            }
+        };
+        delta(&mut self.used_bytes, node_charge);
+        if tombstone {
+            delta(&mut self.tombstones, 1);
+        } else {
+            delta(&mut self.items, 1);
+        }
+        if expiring {
+            delta(&mut self.expiring, 1);
+        }
+    }
+
+    /// Stores `node` in a free slot, links it at the head and indexes it.
+    fn insert_node(&mut self, hash: u64, node: Node) -> u32 {
+        self.account(
+            node.charge(),
+            node.tombstone,
+            node.expires_at != NEVER,
+            true,
+        );
+        let idx = match self.free_head {
+            NIL => {
+                let idx = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&i| i != NIL)
+                    .expect("a shard holds fewer than u32::MAX entries");
+                self.slots.push(Slot::Occupied(node));
+                idx
+            }
+            idx => {
+                let slot = std::mem::replace(&mut self.slots[idx as usize], Slot::Occupied(node));
+                match slot {
+                    Slot::Vacant { next_free } => self.free_head = next_free,
+                    Slot::Occupied(_) => unreachable!("free list points at occupied slot {idx}"),
+                }
+                idx
+            }
+        };
+        self.push_front(idx);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index
+            .insert_unique(hash, idx, |&i| match &slots[i as usize] {
+                Slot::Occupied(node) => hasher.hash_one(node.key()),
+                Slot::Vacant { .. } => 0,
+            });
+        idx
+    }
+
+    /// Unlinks, un-indexes and frees slot `idx`; returns whether it held a tombstone.
+    fn remove_node(&mut self, idx: u32) -> bool {
+        self.unlink(idx);
+        let hash = self.hasher.hash_one(self.node(idx).key());
+        if let Ok(entry) = self.index.find_entry(hash, |&i| i == idx) {
+            entry.remove();
+        }
+        let slot = std::mem::replace(
+            &mut self.slots[idx as usize],
+            Slot::Vacant {
+                next_free: self.free_head,
+            },
+        );
+        self.free_head = idx;
+        match slot {
+            Slot::Occupied(node) => {
+                self.account(
+                    node.charge(),
+                    node.tombstone,
+                    node.expires_at != NEVER,
+                    false,
+                );
+                node.tombstone
+            }
+            Slot::Vacant { .. } => unreachable!("removed vacant slot {idx}"),
+        }
+    }
+
+    /// Replaces the contents of occupied slot `idx`, keeping its slot number (so a scan in
+    /// progress neither misses nor repeats it) and moving it to the head.
+    fn replace_node(
+        &mut self,
+        idx: u32,
+        data: Bytes,
+        key_len: u32,
+        expires_at: u64,
+        version: u64,
+        tombstone: bool,
+    ) {
+        let (old_charge, old_tomb, old_expiring) = {
+            let node = self.node(idx);
+            (node.charge(), node.tombstone, node.expires_at != NEVER)
+        };
+        self.account(old_charge, old_tomb, old_expiring, false);
+        let node = self.node_mut(idx);
+        node.data = data;
+        node.key_len = key_len;
+        node.expires_at = expires_at;
+        node.version = version;
+        node.tombstone = tombstone;
+        let new_charge = node.charge();
+        self.account(new_charge, tombstone, expires_at != NEVER, true);
+        self.move_to_front(idx);
+    }
+
+    /// Evicts from the tail until `extra_bytes` and `extra_items` more fit. Never evicts
+    /// `protect` (the entry being written, already at the head).
+    fn evict_until_fits(&mut self, extra_bytes: u64, extra_items: u64, protect: u32) {
+        while self.used_bytes + extra_bytes > self.capacity
+            || self.items + self.tombstones + extra_items > self.max_items
+        {
+            let tail = self.tail;
+            if tail == NIL || tail == protect {
+                break;
+            }
+            self.remove_node(tail);
+            self.counters.evictions += 1;
+        }
+    }
+
+    /// Would an insert of `extra_bytes` / `extra_items` fit without evicting?
+    fn fits(&self, extra_bytes: u64, extra_items: u64) -> bool {
+        self.used_bytes + extra_bytes <= self.capacity
+            && self.items + self.tombstones + extra_items <= self.max_items
+    }
+
+    // ----- operations ---------------------------------------------------------------------
+
+    /// Looks `key` up, counting a hit or a miss; a hit becomes the most recently used entry.
+    pub(crate) fn get<C: Clock>(&mut self, hash: u64, key: &[u8], clock: &C) -> Option<Lookup> {
+        let mut now = Now::new(clock);
+        let Some(idx) = self.find(hash, key) else {
+            self.counters.misses += 1;
+            return None;
+        };
+        let node = self.node(idx);
+        if node.tombstone {
+            self.counters.misses += 1;
+            return None;
+        }
+        if node.is_expired(&mut now) {
+            self.remove_node(idx);
+            self.counters.expirations += 1;
+            self.counters.misses += 1;
+            return None;
+        }
+        let lookup = Lookup {
+            value: node.value(),
+            version: node.version,
+            expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
+        };
+        self.move_to_front(idx);
+        self.counters.hits += 1;
+        Some(lookup)
+    }
+
+    /// Writes `key` = `value` under `opts`. See [`Cache::write`](crate::Cache::write).
+    pub(crate) fn write<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        value: &[u8],
+        opts: WriteOptions,
+        clock: &C,
+        tombstone_ttl_ms: u64,
+    ) -> Result<WriteOutcome, InsertError> {
+        let key_len = u32::try_from(key.len()).map_err(|_| InsertError::KeyTooLong(key.len()))?;
+        let charge = charge_for(key.len() + value.len());
+        if charge > self.capacity {
+            return Err(InsertError::EntryTooLarge {
+                charge,
+                shard_capacity: self.capacity,
+            });
+        }
+        let mut now = Now::new(clock);
+        let existing = self.find(hash, key);
+
+        // Is there a live value or tombstone, and does it block this write?
+        let mut present = false;
+        let mut expired_existing = false;
+        if let Some(idx) = existing {
+            let node = self.node(idx);
+            if node.is_expired(&mut now) {
+                expired_existing = true;
+            } else {
+                if let Some(v) = opts.version
+                    && v < node.version
+                {
+                    self.counters.stale_writes += 1;
+                    return Ok(WriteOutcome::Stale);
+                }
+                present = !node.tombstone;
+            }
+        }
+        match opts.condition {
+            Condition::Always => {}
+            Condition::IfAbsent if present => return Ok(WriteOutcome::ConditionNotMet),
+            Condition::IfPresent if !present => return Ok(WriteOutcome::ConditionNotMet),
+            Condition::IfAbsent | Condition::IfPresent => {}
+        }
+
+        // A write that is dead on arrival deletes the key, as Redis does for an expiry in the
+        // past; a versioned one leaves a tombstone so older writes stay out.
+        if let Some(at) = opts.expires_at
+            && at <= now.get()
+        {
+            let _deleted = self.delete_inner(
+                hash,
+                key,
+                existing,
+                opts.version,
+                &mut now,
+                tombstone_ttl_ms,
+            );
+            return Ok(WriteOutcome::Stored);
+        }
+        let expires_at = opts.expires_at.unwrap_or(NEVER);
+        let version = opts.version.unwrap_or(0);
+
+        match existing {
+            Some(idx) => {
+                let old_charge = self.node(idx).charge();
+                let grow = charge.saturating_sub(old_charge);
+                if !self.evict && !self.fits(grow, 0) {
+                    return Err(InsertError::OutOfMemory {
+                        used: self.used_bytes,
+                        capacity: self.capacity,
+                    });
+                }
+                if expired_existing {
+                    self.counters.expirations += 1;
+                    self.counters.inserts += 1;
+                } else if present {
+                    self.counters.updates += 1;
+                } else {
+                    self.counters.inserts += 1;
+                }
+                self.replace_node(
+                    idx,
+                    entry_buffer(key, value),
+                    key_len,
+                    expires_at,
+                    version,
+                    false,
+                );
+                self.evict_until_fits(0, 0, idx);
+            }
+            None => {
+                if !self.evict && !self.fits(charge, 1) {
+                    return Err(InsertError::OutOfMemory {
+                        used: self.used_bytes,
+                        capacity: self.capacity,
+                    });
+                }
+                self.evict_until_fits(charge, 1, NIL);
+                self.insert_node(
+                    hash,
+                    Node {
+                        data: entry_buffer(key, value),
+                        expires_at,
+                        version,
+                        key_len,
+                        prev: NIL,
+                        next: NIL,
+                        tombstone: false,
+                    },
+                );
+                self.counters.inserts += 1;
+            }
+        }
+        Ok(WriteOutcome::Stored)
+    }
+
+    /// Deletes `key`. Unversioned (`version == None`): removes it outright. Versioned: refuses
+    /// if a newer version is stored, else leaves a tombstone for `tombstone_ttl_ms`.
+    pub(crate) fn delete<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        version: Option<u64>,
+        clock: &C,
+        tombstone_ttl_ms: u64,
+    ) -> DeleteOutcome {
+        let mut now = Now::new(clock);
+        let existing = self.find(hash, key);
+        if let (Some(idx), Some(v)) = (existing, version) {
+            let node = self.node(idx);
+            if !node.is_expired(&mut now) && v < node.version {
+                self.counters.stale_writes += 1;
+                return DeleteOutcome::Stale;
+            }
+        }
+        self.delete_inner(hash, key, existing, version, &mut now, tombstone_ttl_ms)
+    }
+
+    /// The part of a delete after the version check.
+    fn delete_inner<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        existing: Option<u32>,
+        version: Option<u64>,
+        now: &mut Now<'_, C>,
+        tombstone_ttl_ms: u64,
+    ) -> DeleteOutcome {
+        let mut outcome = DeleteOutcome::NotFound;
+        if let Some(idx) = existing {
+            let node = self.node(idx);
+            if node.is_expired(now) {
+                self.counters.expirations += 1;
+            } else if !node.tombstone {
+                self.counters.deletes += 1;
+                outcome = DeleteOutcome::Deleted;
+            }
+        }
+        let Some(version) = version else {
+            if let Some(idx) = existing {
+                self.remove_node(idx);
+            }
+            return outcome;
+        };
+        let expires_at = now.get().saturating_add(tombstone_ttl_ms);
+        let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
+        match existing {
+            // A tombstone is never larger than what it replaces, so it always fits.
+            Some(idx) => self.replace_node(
+                idx,
+                Bytes::copy_from_slice(key),
+                key_len,
+                expires_at,
+                version,
+                true,
+            ),
+            None => {
+                let charge = charge_for(key.len());
+                // With eviction disabled and no room, or a key too large for any shard, the
+                // tombstone is skipped: the key is absent either way, only the protection
+                // against older replicated writes is lost.
+                if charge > self.capacity || (!self.evict && !self.fits(charge, 1)) {
+                    return outcome;
+                }
+                self.evict_until_fits(charge, 1, NIL);
+                self.insert_node(
+                    hash,
+                    Node {
+                        data: Bytes::copy_from_slice(key),
+                        expires_at,
+                        version,
+                        key_len,
+                        prev: NIL,
+                        next: NIL,
+                        tombstone: true,
+                    },
+                );
+            }
+        }
+        outcome
+    }
+
+    /// Sets (`Some`) or removes (`None`) the expiry of a live value. An expiry in the past
+    /// deletes it. Returns whether the key held a live value.
+    pub(crate) fn touch<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        expires_at: Option<u64>,
+        clock: &C,
+    ) -> bool {
+        let mut now = Now::new(clock);
+        let Some(idx) = self.find(hash, key) else {
+            return false;
+        };
+        let node = self.node(idx);
+        if node.tombstone {
+            return false;
+        }
+        if node.is_expired(&mut now) {
+            self.remove_node(idx);
+            self.counters.expirations += 1;
+            return false;
+        }
+        match expires_at {
+            Some(at) if at <= now.get() => {
+                self.remove_node(idx);
+                self.counters.deletes += 1;
+            }
+            _ => {
+                let was_expiring = node.expires_at != NEVER;
+                let new_at = expires_at.unwrap_or(NEVER);
+                self.node_mut(idx).expires_at = new_at;
+                match (was_expiring, new_at != NEVER) {
+                    (false, true) => self.expiring += 1,
+                    (true, false) => self.expiring -= 1,
+                    _ => {}
+                }
+                self.move_to_front(idx);
+            }
+        }
+        true
+    }
+
+    /// The expiry of a live value without touching its LRU position: `None` if absent,
+    /// `Some(None)` if it never expires.
+    pub(crate) fn expiry<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        clock: &C,
+    ) -> Option<Option<u64>> {
+        let mut now = Now::new(clock);
+        let idx = self.find(hash, key)?;
+        let node = self.node(idx);
+        if node.tombstone || node.is_expired(&mut now) {
+            return None;
+        }
+        Some((node.expires_at != NEVER).then_some(node.expires_at))
+    }
+
+    /// One bounded step of the expiry sweep: examines at most `budget` slots from where the
+    /// last step stopped and frees the expired entries and tombstones among them.
+    pub(crate) fn reap_step<C: Clock>(&mut self, budget: usize, clock: &C) -> ReapStep {
+        let mut step = ReapStep::default();
+        if self.expiring == 0 {
+            self.reap_cursor = 0;
+            step.pass_complete = true;
+            return step;
+        }
+        let now = clock.now_ms();
+        let end = self.slots.len();
+        let mut cursor = self.reap_cursor as usize;
+        while step.visited < budget && cursor < end {
+            if let Slot::Occupied(node) = &self.slots[cursor]
+                && node.expires_at != NEVER
+                && node.expires_at <= now
+            {
+                let tombstone = self.remove_node(cursor as u32);
+                if !tombstone {
+                    self.counters.expirations += 1;
+                }
+                step.reclaimed += 1;
+            }
+            cursor += 1;
+            step.visited += 1;
+        }
+        if cursor >= end {
+            cursor = 0;
+            step.pass_complete = true;
+        }
+        self.reap_cursor = cursor as u32;
+        step
+    }
+
+    /// Live values in slots `from..` examining at most `budget` slots. Returns the entries and
+    /// the slot to resume from (`None` when the shard is done).
+    pub(crate) fn scan<C: Clock>(
+        &self,
+        from: usize,
+        budget: usize,
+        clock: &C,
+        out: &mut Vec<Entry>,
+    ) -> Option<usize> {
+        let mut now = Now::new(clock);
+        let end = self.slots.len().min(from.saturating_add(budget.max(1)));
+        for slot in self.slots.get(from..end).unwrap_or_default() {
+            if let Slot::Occupied(node) = slot
+                && !node.tombstone
+                && !node.is_expired(&mut now)
+            {
+                out.push(Entry {
+                    key: node.data.slice(..node.key_len as usize),
+                    value: node.value(),
+                    version: node.version,
+                    expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
+                });
+            }
+        }
+        (end < self.slots.len()).then_some(end)
+    }
+
+    /// Drops every entry (counters other than sizes are kept).
+    pub(crate) fn clear(&mut self) {
+        self.slots = Vec::new();
+        self.index = HashTable::new();
+        self.free_head = NIL;
+        self.head = NIL;
+        self.tail = NIL;
+        self.used_bytes = 0;
+        self.items = 0;
+        self.tombstones = 0;
+        self.expiring = 0;
+        self.reap_cursor = 0;
+    }
+
+    /// Keys from most to least recently used, tombstones and expired entries included.
+    #[cfg(test)]
+    pub(crate) fn keys_mru_to_lru(&self) -> Vec<Vec<u8>> {
+        let mut keys = Vec::new();
+        let mut idx = self.head;
+        while idx != NIL {
+            keys.push(self.node(idx).key().to_vec());
+            idx = self.node(idx).next;
+        }
+        keys
+    }
+
+    /// Checks every invariant of the shard; `Err` names the first one broken.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let occupied = self
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Occupied(_)))
+            .count();
+        // The LRU list: well linked, acyclic, covering every occupied slot.
+        let mut seen = 0usize;
+        let mut prev = NIL;
+        let mut idx = self.head;
+        while idx != NIL {
+            if seen > occupied {
+                return Err("LRU list has a cycle or more nodes than occupied slots".into());
+            }
+            let Some(Slot::Occupied(node)) = self.slots.get(idx as usize) else {
+                return Err(format!(
+                    "LRU list reaches slot {idx}, which is not occupied"
+                ));
+            };
+            if node.prev != prev {
+                return Err(format!(
+                    "slot {idx}: prev is {} but the list came from {prev}",
+                    node.prev
+                ));
+            }
+            prev = idx;
+            idx = node.next;
+            seen += 1;
+        }
+        if self.tail != prev {
+            return Err(format!("tail is {} but the list ends at {prev}", self.tail));
+        }
+        if seen != occupied {
+            return Err(format!(
+                "LRU list has {seen} nodes but {occupied} slots are occupied"
+            ));
+        }
+        // The free list: only vacant slots, acyclic, covering every vacant slot.
+        let mut free = 0usize;
+        let mut idx = self.free_head;
+        while idx != NIL {
+            if free > self.slots.len() - occupied {
+                return Err("free list has a cycle".into());
+            }
+            match self.slots.get(idx as usize) {
+                Some(Slot::Vacant { next_free }) => idx = *next_free,
+                _ => return Err(format!("free list reaches slot {idx}, which is not vacant")),
+            }
+            free += 1;
+        }
+        if free + occupied != self.slots.len() {
+            return Err(format!(
+                "{free} free + {occupied} occupied != {} slots",
+                self.slots.len()
+            ));
+        }
+        // The index agrees with the slab.
+        if self.index.len() != occupied {
+            return Err(format!(
+                "index has {} entries, slab {occupied}",
+                self.index.len()
+            ));
+        }
+        let (mut bytes, mut items, mut tombstones, mut expiring) = (0u64, 0u64, 0u64, 0u64);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let Slot::Occupied(node) = slot else { continue };
+            let hash = self.hasher.hash_one(node.key());
+            if self.find(hash, node.key()) != Some(i as u32) {
+                return Err(format!("slot {i} is not found through the index"));
+            }
+            if node.key_len as usize > node.data.len() {
+                return Err(format!("slot {i}: key_len beyond data"));
+            }
+            bytes += node.charge();
+            if node.tombstone {
+                tombstones += 1;
+                if node.expires_at == NEVER {
+                    return Err(format!("slot {i}: tombstone without expiry"));
+                }
+            } else {
+                items += 1;
+            }
+            if node.expires_at != NEVER {
+                expiring += 1;
+            }
+        }
+        if (bytes, items, tombstones, expiring)
+            != (self.used_bytes, self.items, self.tombstones, self.expiring)
+        {
+            return Err(format!(
+                "accounting: counted (bytes {bytes}, items {items}, tombstones {tombstones}, expiring {expiring}) \
+                 but the shard says ({}, {}, {}, {})",
+                self.used_bytes, self.items, self.tombstones, self.expiring
+            ));
+        }
+        if self.used_bytes > self.capacity {
+            return Err(format!(
+                "{} bytes used over a capacity of {}",
+                self.used_bytes, self.capacity
+            ));
+        }
+        if self.items + self.tombstones > self.max_items {
+            return Err(format!(
+                "{} entries over a cap of {}",
+                self.items + self.tombstones,
+                self.max_items
+            ));
+        }
+        Ok(())
+    }
+}

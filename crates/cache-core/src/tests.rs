@@ -1,0 +1,876 @@
+//! Unit tests of the engine: a model-based property test against a simple reference
+//! implementation, edge cases, the reaper, scans, and a multi-threaded stress test. Every
+//! test calls `validate()` after its steps.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use crate::{
+    Cache, CacheConfig, Condition, ConfigError, DeleteOutcome, ENTRY_OVERHEAD, InsertError,
+    ManualClock, ScanCursor, Ttl, WriteOptions, WriteOutcome,
+};
+
+const NEVER: u64 = u64::MAX;
+const START_MS: u64 = 1_700_000_000_000;
+
+fn manual_cache(config: CacheConfig) -> (Cache<ManualClock>, ManualClock) {
+    let clock = ManualClock::new(START_MS);
+    let cache = Cache::with_clock(config, clock.clone()).expect("valid test config");
+    (cache, clock)
+}
+
+// ----- the reference model ----------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct ModelEntry {
+    value: Vec<u8>,
+    version: u64,
+    expires_at: u64,
+    tombstone: bool,
+}
+
+/// The same semantics as a shard, written the obvious way: a `VecDeque` per shard for LRU
+/// order (front = most recent) and a `HashMap` for contents, with the same byte accounting.
+struct Model {
+    order: Vec<VecDeque<Vec<u8>>>,
+    map: HashMap<Vec<u8>, ModelEntry>,
+    used: Vec<u64>,
+    capacity: u64,
+    max_items: u64,
+    evict: bool,
+    tombstone_ttl: u64,
+}
+
+fn charge(key: &[u8], e: &ModelEntry) -> u64 {
+    (key.len() + e.value.len() + ENTRY_OVERHEAD) as u64
+}
+
+impl Model {
+    fn expired(e: &ModelEntry, now: u64) -> bool {
+        e.expires_at != NEVER && now >= e.expires_at
+    }
+
+    fn remove(&mut self, s: usize, key: &[u8]) {
+        let e = self.map.remove(key).expect("model key present");
+        self.used[s] -= charge(key, &e);
+        self.order[s].retain(|k| k != key);
+    }
+
+    fn front(&mut self, s: usize, key: &[u8]) {
+        self.order[s].retain(|k| k != key);
+        self.order[s].push_front(key.to_vec());
+    }
+
+    fn put(&mut self, s: usize, key: &[u8], e: ModelEntry) {
+        if let Some(old) = self.map.get(key) {
+            self.used[s] -= charge(key, old);
+        }
+        self.used[s] += charge(key, &e);
+        self.map.insert(key.to_vec(), e);
+        self.front(s, key);
+    }
+
+    fn fits(&self, s: usize, bytes: u64, items: u64) -> bool {
+        self.used[s] + bytes <= self.capacity
+            && self.order[s].len() as u64 + items <= self.max_items
+    }
+
+    fn evict(&mut self, s: usize, bytes: u64, items: u64, protect: Option<&[u8]>) {
+        while !self.fits(s, bytes, items) {
+            let Some(tail) = self.order[s].back().cloned() else {
+                break;
+            };
+            if Some(tail.as_slice()) == protect {
+                break;
+            }
+            self.remove(s, &tail);
+        }
+    }
+
+    fn get(&mut self, s: usize, key: &[u8], now: u64) -> Option<Vec<u8>> {
+        let e = self.map.get(key)?.clone();
+        if e.tombstone {
+            return None;
+        }
+        if Self::expired(&e, now) {
+            self.remove(s, key);
+            return None;
+        }
+        self.front(s, key);
+        Some(e.value)
+    }
+
+    fn delete_inner(
+        &mut self,
+        s: usize,
+        key: &[u8],
+        version: Option<u64>,
+        now: u64,
+    ) -> DeleteOutcome {
+        let existing = self.map.get(key).cloned();
+        let outcome = match &existing {
+            Some(e) if !Self::expired(e, now) && !e.tombstone => DeleteOutcome::Deleted,
+            _ => DeleteOutcome::NotFound,
+        };
+        let Some(version) = version else {
+            if existing.is_some() {
+                self.remove(s, key);
+            }
+            return outcome;
+        };
+        let tomb = ModelEntry {
+            value: Vec::new(),
+            version,
+            expires_at: now + self.tombstone_ttl,
+            tombstone: true,
+        };
+        if existing.is_some() {
+            self.put(s, key, tomb);
+        } else {
+            let c = charge(key, &tomb);
+            if c > self.capacity || (!self.evict && !self.fits(s, c, 1)) {
+                return outcome;
+            }
+            self.evict(s, c, 1, None);
+            self.put(s, key, tomb);
+        }
+        outcome
+    }
+
+    fn delete(&mut self, s: usize, key: &[u8], version: Option<u64>, now: u64) -> DeleteOutcome {
+        if let (Some(e), Some(v)) = (self.map.get(key), version)
+            && !Self::expired(e, now)
+            && v < e.version
+        {
+            return DeleteOutcome::Stale;
+        }
+        self.delete_inner(s, key, version, now)
+    }
+
+    fn write(
+        &mut self,
+        s: usize,
+        key: &[u8],
+        value: &[u8],
+        opts: WriteOptions,
+        now: u64,
+    ) -> Result<WriteOutcome, InsertError> {
+        let new = ModelEntry {
+            value: value.to_vec(),
+            version: opts.version.unwrap_or(0),
+            expires_at: opts.expires_at.unwrap_or(NEVER),
+            tombstone: false,
+        };
+        let c = charge(key, &new);
+        if c > self.capacity {
+            return Err(InsertError::EntryTooLarge {
+                charge: c,
+                shard_capacity: self.capacity,
+            });
+        }
+        let existing = self.map.get(key).cloned();
+        let mut present = false;
+        if let Some(e) = &existing
+            && !Self::expired(e, now)
+        {
+            if opts.version.is_some_and(|v| v < e.version) {
+                return Ok(WriteOutcome::Stale);
+            }
+            present = !e.tombstone;
+        }
+        match opts.condition {
+            Condition::IfAbsent if present => return Ok(WriteOutcome::ConditionNotMet),
+            Condition::IfPresent if !present => return Ok(WriteOutcome::ConditionNotMet),
+            _ => {}
+        }
+        if opts.expires_at.is_some_and(|at| at <= now) {
+            let _ = self.delete_inner(s, key, opts.version, now);
+            return Ok(WriteOutcome::Stored);
+        }
+        match existing {
+            Some(old) => {
+                let grow = c.saturating_sub(charge(key, &old));
+                if !self.evict && !self.fits(s, grow, 0) {
+                    return Err(InsertError::OutOfMemory {
+                        used: self.used[s],
+                        capacity: self.capacity,
+                    });
+                }
+                self.put(s, key, new);
+                self.evict(s, 0, 0, Some(key));
+            }
+            None => {
+                if !self.evict && !self.fits(s, c, 1) {
+                    return Err(InsertError::OutOfMemory {
+                        used: self.used[s],
+                        capacity: self.capacity,
+                    });
+                }
+                self.evict(s, c, 1, None);
+                self.put(s, key, new);
+            }
+        }
+        Ok(WriteOutcome::Stored)
+    }
+
+    fn touch(&mut self, s: usize, key: &[u8], expires_at: Option<u64>, now: u64) -> bool {
+        let Some(e) = self.map.get(key).cloned() else {
+            return false;
+        };
+        if e.tombstone {
+            return false;
+        }
+        if Self::expired(&e, now) {
+            self.remove(s, key);
+            return false;
+        }
+        match expires_at {
+            Some(at) if at <= now => self.remove(s, key),
+            _ => {
+                self.map.get_mut(key).expect("present").expires_at = expires_at.unwrap_or(NEVER);
+                self.front(s, key);
+            }
+        }
+        true
+    }
+
+    fn reap(&mut self, now: u64) {
+        let dead: Vec<Vec<u8>> = self
+            .map
+            .iter()
+            .filter(|(_, e)| Self::expired(e, now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dead {
+            let s = (0..self.order.len())
+                .find(|&s| self.order[s].contains(&k))
+                .expect("key in some shard");
+            self.remove(s, &k);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Get(u8),
+    Set {
+        key: u8,
+        len: usize,
+        ttl: Option<u64>,
+    },
+    VersionedSet {
+        key: u8,
+        len: usize,
+        version: u64,
+        ttl: Option<u64>,
+        condition: Condition,
+    },
+    Delete(u8),
+    VersionedDelete {
+        key: u8,
+        version: u64,
+    },
+    Touch {
+        key: u8,
+        ttl: Option<u64>,
+    },
+    Advance(u64),
+    Reap,
+}
+
+fn key_bytes(k: u8) -> Vec<u8> {
+    // Variable-length keys, including the empty key.
+    vec![b'k'; k as usize % 4]
+        .into_iter()
+        .chain([k])
+        .take(k as usize % 5)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .chain(std::iter::once(k))
+        .collect()
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let key = 0u8..12;
+    let ttl = prop::option::of(0u64..50);
+    let condition = prop_oneof![
+        Just(Condition::Always),
+        Just(Condition::IfAbsent),
+        Just(Condition::IfPresent)
+    ];
+    prop_oneof![
+        4 => key.clone().prop_map(Op::Get),
+        3 => (key.clone(), 0usize..300, ttl.clone()).prop_map(|(key, len, ttl)| Op::Set { key, len, ttl }),
+        3 => (key.clone(), 0usize..300, 0u64..6, ttl.clone(), condition)
+            .prop_map(|(key, len, version, ttl, condition)| Op::VersionedSet { key, len, version, ttl, condition }),
+        1 => key.clone().prop_map(Op::Delete),
+        2 => (key.clone(), 0u64..6).prop_map(|(key, version)| Op::VersionedDelete { key, version }),
+        1 => (key, prop::option::of(0u64..50)).prop_map(|(key, ttl)| Op::Touch { key, ttl }),
+        2 => (1u64..40).prop_map(Op::Advance),
+        1 => Just(Op::Reap),
+    ]
+}
+
+fn run_model(
+    ops: Vec<Op>,
+    shards: usize,
+    per_shard: u64,
+    max_items: Option<u64>,
+    evict: bool,
+) -> Result<(), TestCaseError> {
+    let config = CacheConfig::new()
+        .with_shards(shards)
+        .with_max_bytes(per_shard * shards as u64)
+        .with_max_items(max_items)
+        .with_eviction(evict)
+        .with_tombstone_ttl(Duration::from_millis(30));
+    let (cache, clock) = manual_cache(config);
+    let mut model = Model {
+        order: vec![VecDeque::new(); shards],
+        map: HashMap::new(),
+        used: vec![0; shards],
+        capacity: per_shard,
+        max_items: max_items.map_or(u64::MAX, |m| m.div_ceil(shards as u64)),
+        evict,
+        tombstone_ttl: 30,
+    };
+    for (step, op) in ops.into_iter().enumerate() {
+        let now = clock.now_ms_for_test();
+        let value = |len: usize| -> Vec<u8> { (0..len).map(|i| (i + step) as u8).collect() };
+        match op.clone() {
+            Op::Get(k) => {
+                let key = key_bytes(k);
+                let s = cache.shard_of(&key);
+                let got = cache.get(&key).map(|b| b.to_vec());
+                prop_assert_eq!(got, model.get(s, &key, now), "step {}: {:?}", step, op);
+            }
+            Op::Set { key, len, ttl } => {
+                let key = key_bytes(key);
+                let s = cache.shard_of(&key);
+                let v = value(len);
+                let opts = WriteOptions {
+                    expires_at: ttl.map(|t| now + t),
+                    ..WriteOptions::default()
+                };
+                prop_assert_eq!(
+                    cache.write(&key, &v, opts),
+                    model.write(s, &key, &v, opts, now),
+                    "step {}: {:?}",
+                    step,
+                    op
+                );
+            }
+            Op::VersionedSet {
+                key,
+                len,
+                version,
+                ttl,
+                condition,
+            } => {
+                let key = key_bytes(key);
+                let s = cache.shard_of(&key);
+                let v = value(len);
+                let opts = WriteOptions {
+                    version: Some(version),
+                    expires_at: ttl.map(|t| now + t),
+                    condition,
+                };
+                prop_assert_eq!(
+                    cache.write(&key, &v, opts),
+                    model.write(s, &key, &v, opts, now),
+                    "step {}: {:?}",
+                    step,
+                    op
+                );
+            }
+            Op::Delete(k) => {
+                let key = key_bytes(k);
+                let s = cache.shard_of(&key);
+                let expected = model.delete(s, &key, None, now) == DeleteOutcome::Deleted;
+                prop_assert_eq!(cache.delete(&key), expected, "step {}: {:?}", step, op);
+            }
+            Op::VersionedDelete { key, version } => {
+                let key = key_bytes(key);
+                let s = cache.shard_of(&key);
+                prop_assert_eq!(
+                    cache.delete_versioned(&key, version),
+                    model.delete(s, &key, Some(version), now),
+                    "step {}: {:?}",
+                    step,
+                    op
+                );
+            }
+            Op::Touch { key, ttl } => {
+                let key = key_bytes(key);
+                let s = cache.shard_of(&key);
+                let at = ttl.map(|t| now + t);
+                prop_assert_eq!(
+                    cache.touch(&key, at),
+                    model.touch(s, &key, at, now),
+                    "step {}: {:?}",
+                    step,
+                    op
+                );
+            }
+            Op::Advance(ms) => clock.advance_ms(ms),
+            Op::Reap => {
+                cache.reap(3);
+                model.reap(now);
+            }
+        }
+        if let Err(e) = cache.validate() {
+            return Err(TestCaseError::fail(format!(
+                "step {step} ({op:?}): invariant broken: {e}"
+            )));
+        }
+        for s in 0..shards {
+            prop_assert_eq!(
+                cache.shard_keys_mru_to_lru(s),
+                model.order[s].iter().cloned().collect::<Vec<_>>(),
+                "step {}: {:?}: LRU order of shard {}",
+                step,
+                op,
+                s
+            );
+        }
+        prop_assert_eq!(cache.bytes_used(), model.used.iter().sum::<u64>());
+        let model_items = model.map.values().filter(|e| !e.tombstone).count();
+        prop_assert_eq!(cache.len(), model_items);
+    }
+    Ok(())
+}
+
+impl ManualClock {
+    fn now_ms_for_test(&self) -> u64 {
+        crate::Clock::now_ms(self)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// One shard, room for a handful of entries: exact LRU order, eviction, TTLs, versions.
+    #[test]
+    fn engine_matches_model_one_shard(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        run_model(ops, 1, 4 * (ENTRY_OVERHEAD as u64 + 150), None, true)?;
+    }
+
+    /// Two shards with an item cap as well as a byte cap.
+    #[test]
+    fn engine_matches_model_two_shards_item_cap(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        run_model(ops, 2, 3 * (ENTRY_OVERHEAD as u64 + 150), Some(6), true)?;
+    }
+
+    /// Eviction disabled: full shards refuse writes with `OutOfMemory` and lose nothing.
+    #[test]
+    fn engine_matches_model_without_eviction(ops in prop::collection::vec(op_strategy(), 1..120)) {
+        run_model(ops, 1, 3 * (ENTRY_OVERHEAD as u64 + 150), None, false)?;
+    }
+}
+
+// ----- edge cases -------------------------------------------------------------------------
+
+fn small_cache(per_shard_entries: u64) -> (Cache<ManualClock>, ManualClock) {
+    manual_cache(
+        CacheConfig::new()
+            .with_shards(1)
+            .with_max_bytes(per_shard_entries * (ENTRY_OVERHEAD as u64 + 16)),
+    )
+}
+
+#[test]
+fn empty_key_and_empty_value_are_ordinary_entries() {
+    let (cache, _) = small_cache(8);
+    cache.set(b"", b"empty key").expect("fits");
+    cache.set(b"empty value", b"").expect("fits");
+    assert_eq!(cache.get(b"").as_deref(), Some(&b"empty key"[..]));
+    assert_eq!(cache.get(b"empty value").as_deref(), Some(&b""[..]));
+    assert_eq!(cache.len(), 2);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn entry_larger_than_a_shard_is_refused_and_changes_nothing() {
+    let (cache, _) = small_cache(4);
+    cache.set(b"a", b"1").expect("fits");
+    let huge = vec![0u8; 4 * (ENTRY_OVERHEAD + 16)];
+    let err = cache.set(b"huge", &huge).expect_err("cannot fit");
+    assert!(matches!(err, InsertError::EntryTooLarge { .. }), "{err}");
+    assert_eq!(cache.get(b"a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(cache.len(), 1);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn capacity_of_exactly_one_entry_keeps_the_newest() {
+    let per_entry = ENTRY_OVERHEAD as u64 + 2;
+    let (cache, _) = manual_cache(CacheConfig::new().with_shards(1).with_max_bytes(per_entry));
+    cache.set(b"a", b"1").expect("fits");
+    cache.set(b"b", b"2").expect("fits");
+    assert_eq!(cache.get(b"a"), None);
+    assert_eq!(cache.get(b"b").as_deref(), Some(&b"2"[..]));
+    assert_eq!(cache.stats().evictions, 1);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn lru_evicts_the_least_recently_used() {
+    let (cache, _) = small_cache(3);
+    for k in [b"a", b"b", b"c"] {
+        cache.set(k, b"v").expect("fits");
+    }
+    assert!(cache.get(b"a").is_some()); // a is now the most recent; b is the LRU
+    cache.set(b"d", b"v").expect("fits");
+    assert_eq!(cache.get(b"b"), None);
+    assert!(cache.get(b"a").is_some() && cache.get(b"c").is_some() && cache.get(b"d").is_some());
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn zero_ttl_and_ttl_in_the_past_delete_the_key() {
+    let (cache, clock) = small_cache(8);
+    cache.set(b"k", b"v").expect("fits");
+    cache
+        .set_with_ttl(b"k", b"v2", Duration::ZERO)
+        .expect("fits");
+    assert_eq!(cache.get(b"k"), None);
+    cache.set(b"k", b"v").expect("fits");
+    let past = crate::Clock::now_ms(&clock) - 1;
+    assert_eq!(
+        cache.write(b"k", b"v3", WriteOptions::default().expires_at(past)),
+        Ok(WriteOutcome::Stored)
+    );
+    assert_eq!(cache.get(b"k"), None);
+    assert_eq!(cache.len(), 0);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn ttl_expires_exactly_at_the_deadline() {
+    let (cache, clock) = small_cache(8);
+    cache
+        .set_with_ttl(b"k", b"v", Duration::from_millis(100))
+        .expect("fits");
+    assert_eq!(
+        cache.ttl(b"k"),
+        Some(Ttl::Remaining(Duration::from_millis(100)))
+    );
+    clock.advance_ms(99);
+    assert!(cache.get(b"k").is_some());
+    clock.advance_ms(1);
+    assert_eq!(cache.get(b"k"), None);
+    assert_eq!(cache.stats().expirations, 1);
+    assert_eq!(cache.ttl(b"k"), None);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn expire_and_persist_change_the_ttl() {
+    let (cache, clock) = small_cache(8);
+    cache.set(b"k", b"v").expect("fits");
+    assert_eq!(cache.ttl(b"k"), Some(Ttl::Never));
+    assert!(cache.expire(b"k", Duration::from_secs(5)));
+    assert_eq!(
+        cache.ttl(b"k"),
+        Some(Ttl::Remaining(Duration::from_secs(5)))
+    );
+    assert!(cache.persist(b"k"));
+    clock.advance_ms(10_000);
+    assert_eq!(cache.ttl(b"k"), Some(Ttl::Never));
+    assert!(!cache.expire(b"missing", Duration::from_secs(1)));
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn version_ties_apply_and_older_versions_are_stale() {
+    let (cache, _) = small_cache(8);
+    assert_eq!(
+        cache.write(b"k", b"a", WriteOptions::versioned(5)),
+        Ok(WriteOutcome::Stored)
+    );
+    // The same version again is the same write delivered twice: applying it is harmless.
+    assert_eq!(
+        cache.write(b"k", b"a", WriteOptions::versioned(5)),
+        Ok(WriteOutcome::Stored)
+    );
+    assert_eq!(
+        cache.write(b"k", b"old", WriteOptions::versioned(4)),
+        Ok(WriteOutcome::Stale)
+    );
+    assert_eq!(cache.delete_versioned(b"k", 4), DeleteOutcome::Stale);
+    assert_eq!(
+        cache.get_entry(b"k").map(|l| (l.value, l.version)),
+        Some((bytes::Bytes::from_static(b"a"), 5))
+    );
+    assert_eq!(cache.stats().stale_writes, 2);
+    // An unversioned write is unconditional.
+    cache.set(b"k", b"plain").expect("fits");
+    assert_eq!(cache.get_entry(b"k").map(|l| l.version), Some(0));
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn tombstone_blocks_older_writes_until_it_expires() {
+    let (cache, clock) = manual_cache(
+        CacheConfig::new()
+            .with_shards(1)
+            .with_max_bytes(1 << 20)
+            .with_tombstone_ttl(Duration::from_secs(10)),
+    );
+    // A delete that arrives before the write it follows (reordered replication).
+    assert_eq!(cache.delete_versioned(b"k", 7), DeleteOutcome::NotFound);
+    assert_eq!(
+        cache.write(b"k", b"v", WriteOptions::versioned(6)),
+        Ok(WriteOutcome::Stale)
+    );
+    assert_eq!(cache.get(b"k"), None);
+    assert_eq!(cache.stats().tombstones, 1);
+    assert!(
+        cache.bytes_used() > 0,
+        "tombstones are charged to the budget"
+    );
+    clock.advance_ms(10_000);
+    assert_eq!(cache.reap(64).reclaimed, 1);
+    assert_eq!(cache.stats().tombstones, 0);
+    assert_eq!(cache.bytes_used(), 0);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn conditional_writes() {
+    let (cache, _) = small_cache(8);
+    let nx = WriteOptions::default().condition(Condition::IfAbsent);
+    let xx = WriteOptions::default().condition(Condition::IfPresent);
+    assert_eq!(
+        cache.write(b"k", b"1", xx),
+        Ok(WriteOutcome::ConditionNotMet)
+    );
+    assert_eq!(cache.write(b"k", b"1", nx), Ok(WriteOutcome::Stored));
+    assert_eq!(
+        cache.write(b"k", b"2", nx),
+        Ok(WriteOutcome::ConditionNotMet)
+    );
+    assert_eq!(cache.write(b"k", b"3", xx), Ok(WriteOutcome::Stored));
+    assert_eq!(cache.get(b"k").as_deref(), Some(&b"3"[..]));
+}
+
+#[test]
+fn eviction_disabled_refuses_instead_of_dropping() {
+    let (cache, _) = manual_cache(
+        CacheConfig::new()
+            .with_shards(1)
+            .with_max_bytes(2 * (ENTRY_OVERHEAD as u64 + 2))
+            .with_eviction(false),
+    );
+    cache.set(b"a", b"1").expect("fits");
+    cache.set(b"b", b"2").expect("fits");
+    assert!(matches!(
+        cache.set(b"c", b"3"),
+        Err(InsertError::OutOfMemory { .. })
+    ));
+    assert!(cache.get(b"a").is_some() && cache.get(b"b").is_some());
+    // Replacing with a value of the same size still works.
+    cache.set(b"a", b"9").expect("same size fits");
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn bad_configs_are_errors() {
+    assert_eq!(
+        Cache::new(CacheConfig::new().with_shards(3)).err(),
+        Some(ConfigError::Shards(3))
+    );
+    assert!(matches!(
+        Cache::new(CacheConfig::new().with_shards(4).with_max_bytes(2)).err(),
+        Some(ConfigError::MaxBytesTooSmall { .. })
+    ));
+    assert_eq!(
+        Cache::new(CacheConfig::new().with_max_items(Some(0))).err(),
+        Some(ConfigError::ZeroMaxItems)
+    );
+}
+
+#[test]
+fn hit_shares_the_stored_buffer() {
+    let (cache, _) = small_cache(8);
+    cache.set(b"k", b"value").expect("fits");
+    let a = cache.get(b"k").expect("hit");
+    let b = cache.get(b"k").expect("hit");
+    assert_eq!(
+        a.as_ptr(),
+        b.as_ptr(),
+        "both hits point into the same allocation"
+    );
+}
+
+#[test]
+fn clear_and_stats() {
+    let (cache, _) = small_cache(8);
+    cache.set(b"a", b"1").expect("fits");
+    cache.set(b"a", b"2").expect("fits");
+    assert!(cache.get(b"a").is_some());
+    assert!(cache.get(b"zz").is_none());
+    let st = cache.stats();
+    assert_eq!(
+        (st.inserts, st.updates, st.hits, st.misses, st.items),
+        (1, 1, 1, 1, 1)
+    );
+    assert_eq!(st.bytes, (1 + 1 + ENTRY_OVERHEAD) as u64);
+    cache.clear();
+    assert!(cache.is_empty());
+    assert_eq!(cache.bytes_used(), 0);
+    cache.validate().expect("valid");
+}
+
+// ----- reaper and scan --------------------------------------------------------------------
+
+#[test]
+fn reaper_reclaims_every_expired_entry_in_bounded_steps() {
+    let (cache, clock) = manual_cache(CacheConfig::new().with_shards(4).with_max_bytes(64 << 20));
+    for i in 0..10_000u32 {
+        let ttl = if i % 2 == 0 {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(100)
+        };
+        cache
+            .set_with_ttl(&i.to_be_bytes(), b"v", ttl)
+            .expect("fits");
+    }
+    cache.set(b"forever", b"v").expect("fits");
+    clock.advance_ms(1_000);
+    let budget = 100;
+    let report = cache.reap(budget);
+    assert_eq!(report.reclaimed, 5_000);
+    assert!(
+        report.steps >= 10_001 / budget,
+        "work was split into steps of at most {budget} slots"
+    );
+    assert_eq!(cache.len(), 5_001);
+    assert_eq!(cache.stats().expirations, 5_000);
+    cache.validate().expect("valid");
+    // Each single step respects the budget.
+    clock.advance_ms(100_000);
+    for shard in 0..cache.shard_count() {
+        let step = cache.reap_step(shard, 7);
+        assert!(step.visited <= 7);
+    }
+    cache.reap(budget);
+    assert_eq!(cache.len(), 1);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn background_reaper_runs_and_stops_on_drop() {
+    let clock = ManualClock::new(START_MS);
+    let cache = Arc::new(
+        Cache::with_clock(CacheConfig::new().with_max_bytes(8 << 20), clock.clone())
+            .expect("valid"),
+    );
+    for i in 0..1_000u32 {
+        cache
+            .set_with_ttl(&i.to_be_bytes(), b"v", Duration::from_millis(10))
+            .expect("fits");
+    }
+    clock.advance_ms(10);
+    let reaper = crate::Reaper::spawn(&cache, Duration::from_millis(1), 64).expect("thread");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !cache.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reaper did not reclaim within the deadline"
+        );
+        std::thread::yield_now();
+    }
+    drop(reaper); // joins: the test would hang here if the thread ignored the stop request
+    assert_eq!(cache.bytes_used(), 0);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn scan_returns_each_live_entry_once_in_bounded_chunks() {
+    let (cache, clock) = manual_cache(CacheConfig::new().with_shards(4).with_max_bytes(64 << 20));
+    for i in 0..1_000u32 {
+        cache.set(&i.to_be_bytes(), &i.to_le_bytes()).expect("fits");
+    }
+    cache
+        .set_with_ttl(b"expired", b"v", Duration::from_millis(1))
+        .expect("fits");
+    let _ = cache.delete_versioned(b"tomb", 1);
+    clock.advance_ms(1);
+    let mut seen = HashMap::new();
+    let mut cursor = Some(ScanCursor::default());
+    while let Some(c) = cursor {
+        let (entries, next) = cache.scan(c, 64);
+        assert!(entries.len() <= 64);
+        for e in entries {
+            assert!(
+                seen.insert(e.key.to_vec(), e.value.to_vec()).is_none(),
+                "entry returned twice"
+            );
+        }
+        cursor = next;
+    }
+    assert_eq!(seen.len(), 1_000);
+    for i in 0..1_000u32 {
+        assert_eq!(seen[&i.to_be_bytes().to_vec()], i.to_le_bytes().to_vec());
+    }
+}
+
+// ----- concurrency ------------------------------------------------------------------------
+
+#[test]
+fn concurrent_stress_keeps_every_invariant() {
+    let cache = Arc::new(
+        Cache::new(
+            CacheConfig::new()
+                .with_shards(4)
+                .with_max_bytes(200 * (ENTRY_OVERHEAD as u64 + 64)),
+        )
+        .expect("valid"),
+    );
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let cache = Arc::clone(&cache);
+            std::thread::spawn(move || {
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ t;
+                for i in 0..50_000u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let key = (x % 500).to_be_bytes();
+                    match x % 10 {
+                        0..=4 => {
+                            let _ = cache.get(&key);
+                        }
+                        5 | 6 => cache
+                            .set(&key, &vec![t as u8; (x % 64) as usize])
+                            .expect("fits"),
+                        7 => {
+                            let _ = cache.write(&key, b"v", WriteOptions::versioned(i));
+                        }
+                        8 => {
+                            let _ = cache.delete_versioned(&key, i);
+                        }
+                        _ => {
+                            let _ = cache.expire(&key, Duration::from_millis(x % 3));
+                            if i % 100 == 0 {
+                                cache.reap(16);
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("worker panicked");
+    }
+    cache
+        .validate()
+        .expect("invariants hold after concurrent use");
+    assert!(cache.bytes_used() <= cache.config().max_bytes);
+}

@@ -1,0 +1,150 @@
+//! Developer tasks, run as `cargo xtask <task>` (the alias lives in `.cargo/config.toml`).
+//!
+//! - `cargo xtask ci`: exactly what CI runs (`.ci/run` calls this): `cargo fmt --check`,
+//!   `cargo clippy --workspace --all-targets -- -D warnings`, `cargo test --workspace`.
+//! - `cargo xtask bench engine`: the engine benchmarks against moka, quick_cache and
+//!   lru+Mutex, then one table of ratios.
+//! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
+//!
+//! Tasks are Rust rather than shell so they run the same everywhere cargo does.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["ci"] => ci(),
+        ["bench", "engine"] => bench_engine(),
+        ["bench", "ring"] => bench_ring(),
+        _ => {
+            eprintln!("usage: cargo xtask ci | bench engine | bench ring");
+            bail!("unknown task {args:?}")
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// Runs `cargo <args>` in the workspace root, failing if it fails.
+fn cargo(args: &[&str]) -> Result<()> {
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn ci() -> Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["test", "--workspace"])?;
+    Ok(())
+}
+
+/// Mean time per iteration (ns) of a criterion benchmark, from its `estimates.json`.
+fn criterion_mean_ns(group: &str, id: &str) -> Result<f64> {
+    let path = root()
+        .join("target/criterion")
+        .join(group)
+        .join(id)
+        .join("new/estimates.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    // {"mean":{"confidence_interval":{...},"point_estimate":123.4,...
+    let mean = text.find("\"mean\"").context("no mean in estimates.json")?;
+    let rest = &text[mean..];
+    let pe = rest
+        .find("\"point_estimate\":")
+        .context("no point_estimate")?;
+    let num: String = rest[pe + "\"point_estimate\":".len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'))
+        .collect();
+    num.parse()
+        .with_context(|| format!("bad number {num:?} in {}", path.display()))
+}
+
+/// Prints `ours` against each peer as a ratio of throughput (higher is better for us).
+fn ratio_table(
+    title: &str,
+    group: &str,
+    ours: &str,
+    peers: &[&str],
+    elements_per_iter: f64,
+) -> Result<()> {
+    println!("\n{title}");
+    println!(
+        "{:<28} {:>14} {:>18}",
+        "implementation",
+        "Mops/s",
+        format!("{ours} ÷ peer")
+    );
+    let ours_ns = criterion_mean_ns(group, ours)?;
+    for name in std::iter::once(&ours).chain(peers) {
+        let ns = criterion_mean_ns(group, name)?;
+        let mops = elements_per_iter / ns * 1e3;
+        println!("{:<28} {:>14.2} {:>17.2}x", name, mops, ns / ours_ns);
+    }
+    Ok(())
+}
+
+fn bench_engine() -> Result<()> {
+    cargo(&["bench", "-p", "cache-core", "--bench", "engine"])?;
+    cargo(&["bench", "-p", "cache-core", "--bench", "engine_memory"])?;
+    let peers = ["quick_cache", "moka", "lru_mutex"];
+    // Must match OPS_PER_ITER in crates/cache-core/benches/engine.rs.
+    let ops = 10_000.0;
+    ratio_table(
+        "throughput, 1 thread (zipf 0.99, 90% get)",
+        "throughput_1_thread",
+        "cache-core",
+        &peers,
+        ops,
+    )?;
+    ratio_table(
+        "throughput, 2 threads (zipf 0.99, 90% get)",
+        "throughput_2_threads",
+        "cache-core",
+        &peers,
+        ops,
+    )?;
+    ratio_table("get hit, 1 thread", "get_hit", "cache-core", &peers, 1.0)?;
+    Ok(())
+}
+
+fn bench_ring() -> Result<()> {
+    cargo(&["bench", "-p", "cluster-ring", "--bench", "ring"])?;
+    for members in ["10", "100"] {
+        let group = format!("lookup_{members}_members");
+        ratio_table(
+            &format!("lookup, {members} members (lookups per second; ratio = ring ÷ baseline)"),
+            &group,
+            "ring_owner",
+            &["ring_replicas_3", "mod_n", "jump_hash"],
+            1.0,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! Configuration: flags > `CACHE_*` environment variables > TOML file (`--config`) > defaults.
+//!
+//! clap handles flags and environment (each flag names its variable); the file fills what
+//! neither gave; `NodeConfig::default()` fills the rest. Every file key is the flag's long
+//! name (`max-memory = "512MiB"`); unknown keys are an error, so typos do not pass silently.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use cache_core::CacheConfig;
+use cache_rpc::{Limits, NodeConfig};
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// cache-node: one node of cache-cluster, a distributed in-memory cache.
+///
+/// With no options it serves gRPC on 127.0.0.1:7000 and admin HTTP (metrics, health,
+/// status) on 127.0.0.1:7080 with a 1 GiB memory limit.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+pub(crate) struct Args {
+    /// TOML configuration file; its keys are these flags' long names.
+    #[arg(long, env = "CACHE_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's stable id [default: local].
+    #[arg(long, env = "CACHE_NODE_ID")]
+    node_id: Option<String>,
+    /// gRPC listen address [default: 127.0.0.1:7000].
+    #[arg(long, env = "CACHE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin HTTP listen address [default: 127.0.0.1:7080].
+    #[arg(long, env = "CACHE_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Memory limit, e.g. 512MiB, 1GiB [default: 1GiB].
+    #[arg(long, env = "CACHE_MAX_MEMORY")]
+    max_memory: Option<String>,
+    /// Optional cap on the number of entries.
+    #[arg(long, env = "CACHE_MAX_ITEMS")]
+    max_items: Option<u64>,
+    /// Engine shards, a power of two [default: 4 × cores].
+    #[arg(long, env = "CACHE_SHARDS")]
+    shards: Option<usize>,
+    /// Evict least-recently-used entries when full (false: refuse writes) [default: true].
+    #[arg(long, env = "CACHE_EVICTION")]
+    eviction: Option<bool>,
+    /// Largest key, e.g. 64KiB [default: 64KiB].
+    #[arg(long, env = "CACHE_MAX_KEY_SIZE")]
+    max_key_size: Option<String>,
+    /// Largest value, e.g. 8MiB [default: 8MiB].
+    #[arg(long, env = "CACHE_MAX_VALUE_SIZE")]
+    max_value_size: Option<String>,
+    /// Most keys in one MultiGet/MultiSet [default: 1024].
+    #[arg(long, env = "CACHE_MAX_BATCH")]
+    max_batch: Option<usize>,
+    /// How often expired entries are reclaimed, e.g. 100ms [default: 100ms].
+    #[arg(long, env = "CACHE_REAPER_INTERVAL")]
+    reaper_interval: Option<String>,
+    /// How long in-flight requests may take to finish on shutdown, e.g. 10s [default: 10s].
+    #[arg(long, env = "CACHE_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<String>,
+    /// Log format [default: pretty].
+    #[arg(long, env = "CACHE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log level or filter (RUST_LOG syntax), used when RUST_LOG is unset [default: info].
+    #[arg(long, env = "CACHE_LOG_LEVEL")]
+    log_level: Option<String>,
+}
+
+/// The same settings, as they appear in the TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    node_id: Option<String>,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
+    max_memory: Option<String>,
+    max_items: Option<u64>,
+    shards: Option<usize>,
+    eviction: Option<bool>,
+    max_key_size: Option<String>,
+    max_value_size: Option<String>,
+    max_batch: Option<usize>,
+    reaper_interval: Option<String>,
+    shutdown_grace: Option<String>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+}
+
+/// The resolved configuration: the node's, plus logging.
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    pub(crate) node: NodeConfig,
+    pub(crate) log_format: LogFormat,
+    pub(crate) log_level: String,
+}
+
+/// Parses `512MiB`, `1GiB`, `64KiB`, `1000000` (bytes), `10MB`.
+pub(crate) fn parse_size(what: &str, s: &str) -> Result<u64> {
+    let size: bytesize::ByteSize = s.trim().parse().map_err(|e| {
+        anyhow::anyhow!("{what}: cannot read {s:?} as a size (try 512MiB or 1GiB): {e}")
+    })?;
+    Ok(size.as_u64())
+}
+
+/// Parses `500ms`, `10s`, `1m`.
+pub(crate) fn parse_duration(what: &str, s: &str) -> Result<Duration> {
+    humantime::parse_duration(s.trim())
+        .with_context(|| format!("{what}: cannot read {s:?} as a duration (try 500ms or 10s)"))
+}
+
+fn usize_size(what: &str, s: &str) -> Result<usize> {
+    usize::try_from(parse_size(what, s)?).with_context(|| format!("{what}: {s} is too large"))
+}
+
+impl Args {
+    /// Applies the precedence rules and checks every value.
+    pub(crate) fn resolve(self) -> Result<Resolved> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                toml::from_str::<FileConfig>(&text)
+                    .with_context(|| format!("config file {} is invalid", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let d = NodeConfig::default();
+        let dc = CacheConfig::default();
+        let dl = Limits::default();
+        let max_memory = match self.max_memory.or(file.max_memory) {
+            Some(s) => parse_size("max-memory", &s)?,
+            None => dc.max_bytes,
+        };
+        if max_memory == 0 {
+            bail!("max-memory must be greater than zero");
+        }
+        let limits = Limits {
+            max_key_bytes: match self.max_key_size.or(file.max_key_size) {
+                Some(s) => usize_size("max-key-size", &s)?,
+                None => dl.max_key_bytes,
+            },
+            max_value_bytes: match self.max_value_size.or(file.max_value_size) {
+                Some(s) => usize_size("max-value-size", &s)?,
+                None => dl.max_value_bytes,
+            },
+            max_batch: self.max_batch.or(file.max_batch).unwrap_or(dl.max_batch),
+        };
+        if limits.max_key_bytes == 0 || limits.max_batch == 0 {
+            bail!("max-key-size and max-batch must be greater than zero");
+        }
+        let cache = CacheConfig {
+            max_bytes: max_memory,
+            max_items: self.max_items.or(file.max_items),
+            shards: self.shards.or(file.shards).unwrap_or(dc.shards),
+            evict: self.eviction.or(file.eviction).unwrap_or(dc.evict),
+            ..dc
+        };
+        cache.validate().context("invalid cache settings")?;
+        let node = NodeConfig {
+            node_id: self.node_id.or(file.node_id).unwrap_or(d.node_id),
+            listen: self.listen.or(file.listen).unwrap_or(d.listen),
+            admin_listen: self
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or(d.admin_listen),
+            cache,
+            limits,
+            reaper_interval: match self.reaper_interval.or(file.reaper_interval) {
+                Some(s) => parse_duration("reaper-interval", &s)?,
+                None => d.reaper_interval,
+            },
+            reaper_budget: d.reaper_budget,
+            shutdown_grace: match self.shutdown_grace.or(file.shutdown_grace) {
+                Some(s) => parse_duration("shutdown-grace", &s)?,
+                None => d.shutdown_grace,
+            },
+        };
+        Ok(Resolved {
+            node,
+            log_format: self
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Pretty),
+            log_level: self
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("cache-node").chain(list.iter().copied()))
+            .expect("valid flags")
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("x", "512MiB").expect("size"), 512 << 20);
+        assert_eq!(parse_size("x", "1GiB").expect("size"), 1 << 30);
+        assert_eq!(parse_size("x", "4096").expect("size"), 4096);
+        assert!(parse_size("x", "lots").is_err());
+        assert_eq!(
+            parse_duration("x", "500ms").expect("duration"),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            parse_duration("x", "10s").expect("duration"),
+            Duration::from_secs(10)
+        );
+        assert!(parse_duration("x", "soon").is_err());
+    }
+
+    #[test]
+    fn defaults_need_no_configuration() {
+        let r = args(&[]).resolve().expect("defaults are valid");
+        assert_eq!(r.node.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(r.node.admin_listen.to_string(), "127.0.0.1:7080");
+        assert_eq!(r.node.cache.max_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("cache-node-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("node.toml");
+        std::fs::write(
+            &path,
+            "max-memory = \"64MiB\"\nnode-id = \"from-file\"\nmax-batch = 7\n",
+        )
+        .expect("write");
+        let path_s = path.to_string_lossy().to_string();
+        let r = args(&["--config", &path_s, "--max-memory", "32MiB"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(r.node.cache.max_bytes, 32 << 20, "flag wins over file");
+        assert_eq!(r.node.node_id, "from-file", "file wins over default");
+        assert_eq!(r.node.limits.max_batch, 7);
+        std::fs::write(&path, "max-memroy = \"64MiB\"\n").expect("write");
+        let err = args(&["--config", &path_s])
+            .resolve()
+            .expect_err("typo is an error");
+        assert!(format!("{err:#}").contains("max-memroy"), "{err:#}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let err = args(&["--max-memory", "huge"])
+            .resolve()
+            .expect_err("bad size");
+        assert!(format!("{err:#}").contains("max-memory"));
+        let err = args(&["--shards", "3"]).resolve().expect_err("bad shards");
+        assert!(format!("{err:#}").contains("power of two"), "{err:#}");
+    }
+}

@@ -1,0 +1,100 @@
+//! `cache-node`: configuration → wiring → run until SIGTERM or SIGINT.
+//!
+//! All behaviour lives in `cache-rpc`; this binary parses flags, environment and the config
+//! file (see `config.rs` and `docs/operations.md`), sets up logging, prints one startup line
+//! on stdout, and maps start-up errors to one line on stderr and exit code 1.
+
+mod config;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use cache_rpc::Node;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Args, LogFormat};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let resolved = match args.resolve() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cache-node: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&resolved.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match resolved.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Pretty => logs.init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cache-node: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(resolved.node)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cache-node: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: cache_rpc::NodeConfig) -> anyhow::Result<()> {
+    let max_bytes = config.cache.max_bytes;
+    let node_id = config.node_id.clone();
+    let node = Node::bind(config).await?;
+    // The one startup line, on stdout so scripts and tests can read the bound ports.
+    println!(
+        "cache-node {} node_id={} grpc={} admin={} max_memory={}",
+        env!("CARGO_PKG_VERSION"),
+        node_id,
+        node.grpc_addr(),
+        node.admin_addr(),
+        max_bytes
+    );
+    node.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,152 @@
+//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process is up),
+//! `/readyz` (the node accepts requests: 503 while shutting down) and `/status` (a small
+//! human page: uptime, items, bytes, hit ratio, request rate). Plain HTML, no JavaScript.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Mutex;
+
+use crate::service::Shared;
+
+struct AdminState {
+    shared: Arc<Shared>,
+    prometheus: PrometheusHandle,
+    /// (when, total requests) samples taken on each `/status` view, to show a recent rate.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// The admin routes.
+pub(crate) fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Router {
+    let state = Arc::new(AdminState {
+        shared,
+        prometheus,
+        samples: Mutex::new(VecDeque::new()),
+    });
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/", get(status))
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
+    let shared = &state.shared;
+    shared.metrics.publish(
+        &shared.cache.stats(),
+        shared.cache.config().max_bytes,
+        shared.started.elapsed(),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    if state.shared.shutting_down.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
+    let shared = &state.shared;
+    let stats = shared.cache.stats();
+    let total = shared.requests.load(Ordering::Relaxed);
+    let now = Instant::now();
+    let rate = {
+        let mut samples = state.samples.lock().unwrap_or_else(|e| e.into_inner());
+        samples.push_back((now, total));
+        while samples.len() > 2 && now.duration_since(samples[0].0).as_secs() > 60 {
+            samples.pop_front();
+        }
+        let (t0, n0) = samples[0];
+        let secs = now.duration_since(t0).as_secs_f64();
+        if secs > 0.0 {
+            (total - n0) as f64 / secs
+        } else {
+            total as f64 / shared.started.elapsed().as_secs_f64().max(1e-3)
+        }
+    };
+    let lookups = stats.hits + stats.misses;
+    let hit_ratio = if lookups == 0 {
+        "n/a".to_string()
+    } else {
+        format!("{:.1} %", 100.0 * stats.hits as f64 / lookups as f64)
+    };
+    let max = shared.cache.config().max_bytes;
+    let up = shared.started.elapsed().as_secs();
+    let view = &shared.cluster;
+    let members: String = view
+        .ring
+        .shares()
+        .iter()
+        .map(|(id, share)| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>alive</td><td>{:.1} %</td></tr>",
+                escape(id.as_str()),
+                view.rpc_addr,
+                share * 100.0
+            )
+        })
+        .collect();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>cache-node {node}</title>\
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style></head><body>\
+<h1>cache-node <code>{node}</code></h1>\
+<table>\
+<tr><th>version</th><td>{version}</td></tr>\
+<tr><th>state</th><td>{state}</td></tr>\
+<tr><th>uptime</th><td>{h}h {m}m {s}s</td></tr>\
+<tr><th>items</th><td>{items}</td></tr>\
+<tr><th>memory</th><td>{bytes} of {max} bytes ({pct:.1} %)</td></tr>\
+<tr><th>hit ratio</th><td>{hit_ratio} ({hits} hits, {misses} misses)</td></tr>\
+<tr><th>request rate</th><td>{rate:.1} requests/s (since the previous view of this page, up to 60 s)</td></tr>\
+<tr><th>requests</th><td>{total}</td></tr>\
+<tr><th>evictions</th><td>{evictions}</td></tr>\
+<tr><th>expirations</th><td>{expired}</td></tr>\
+</table>\
+<h2>Members</h2><table><tr><th>id</th><th>address</th><th>state</th><th>key space</th></tr>{members}</table>\
+<p><a href=\"/metrics\">/metrics</a> · <a href=\"/healthz\">/healthz</a> · <a href=\"/readyz\">/readyz</a></p>\
+</body></html>\n",
+        node = escape(&view.node_id),
+        version = env!("CARGO_PKG_VERSION"),
+        state = if shared.shutting_down.load(Ordering::Relaxed) {
+            "shutting down"
+        } else {
+            "serving"
+        },
+        h = up / 3600,
+        m = up / 60 % 60,
+        s = up % 60,
+        items = stats.items,
+        bytes = stats.bytes,
+        pct = 100.0 * stats.bytes as f64 / max as f64,
+        hits = stats.hits,
+        misses = stats.misses,
+        evictions = stats.evictions,
+        expired = stats.expirations,
+    ))
+}

@@ -1,0 +1,202 @@
+//! The node's metrics, registered once on the node's own Prometheus recorder.
+//!
+//! Handles are created up front so the request path only increments atomics: no registry
+//! lookup, no label hashing per request. Engine counters (`cache_hits_total`, ...) are not
+//! counted on the hot path at all: they are copied from `Cache::stats()` when `/metrics` is
+//! scraped. Nothing here is global, so several nodes can live in one process (tests).
+
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+
+/// Latency buckets of `cache_request_duration_seconds`: 25 µs to 1 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 1.0,
+];
+
+/// The RPCs, as they appear in the `op` label.
+pub const OPS: [&str; 8] = [
+    "get",
+    "set",
+    "delete",
+    "touch",
+    "multi_get",
+    "multi_set",
+    "stats",
+    "cluster_info",
+];
+
+/// The outcomes that appear in the `result` label.
+pub const RESULTS: [&str; 9] = [
+    "ok",
+    "hit",
+    "miss",
+    "not_stored",
+    "invalid_argument",
+    "out_of_range",
+    "resource_exhausted",
+    "unavailable",
+    "internal",
+];
+
+/// Creates the node's recorder with histogram buckets configured.
+pub fn recorder() -> PrometheusRecorder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("cache_request_duration_seconds".into()),
+            LATENCY_BUCKETS,
+        )
+        .expect("the bucket list is a non-empty constant")
+        .build_recorder()
+}
+
+static META: Metadata<'static> =
+    Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+fn counter(r: &dyn Recorder, name: &'static str, labels: Vec<Label>) -> Counter {
+    r.register_counter(&Key::from_parts(name, labels), &META)
+}
+
+fn gauge(r: &dyn Recorder, name: &'static str) -> Gauge {
+    r.register_gauge(&Key::from_name(name), &META)
+}
+
+/// Every metric the node exports, as ready handles.
+#[derive(Debug)]
+pub struct NodeMetrics {
+    /// `cache_requests_total{op,result}`, indexed `[op][result]`.
+    requests: Vec<Vec<Counter>>,
+    /// `cache_request_duration_seconds{op}`, indexed by op.
+    durations: Vec<Histogram>,
+    hits: Counter,
+    misses: Counter,
+    inserts: Counter,
+    updates: Counter,
+    deletes: Counter,
+    evictions: Counter,
+    expired: Counter,
+    stale: Counter,
+    items: Gauge,
+    bytes: Gauge,
+    max_bytes: Gauge,
+    uptime: Gauge,
+    resident: Gauge,
+}
+
+/// Index of an RPC in [`OPS`].
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// `Get`
+    Get = 0,
+    /// `Set`
+    Set = 1,
+    /// `Delete`
+    Delete = 2,
+    /// `Touch`
+    Touch = 3,
+    /// `MultiGet`
+    MultiGet = 4,
+    /// `MultiSet`
+    MultiSet = 5,
+    /// `Stats`
+    Stats = 6,
+    /// `ClusterInfo`
+    ClusterInfo = 7,
+}
+
+impl NodeMetrics {
+    /// Registers every series on `recorder`, so all of them show up (at zero) from the start.
+    pub fn register(recorder: &dyn Recorder) -> Self {
+        let requests = OPS
+            .iter()
+            .map(|op| {
+                RESULTS
+                    .iter()
+                    .map(|res| {
+                        counter(
+                            recorder,
+                            "cache_requests_total",
+                            vec![Label::new("op", *op), Label::new("result", *res)],
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        let durations = OPS
+            .iter()
+            .map(|op| {
+                recorder.register_histogram(
+                    &Key::from_parts(
+                        "cache_request_duration_seconds",
+                        vec![Label::new("op", *op)],
+                    ),
+                    &META,
+                )
+            })
+            .collect();
+        let c = |name| counter(recorder, name, Vec::new());
+        Self {
+            requests,
+            durations,
+            hits: c("cache_hits_total"),
+            misses: c("cache_misses_total"),
+            inserts: c("cache_inserts_total"),
+            updates: c("cache_updates_total"),
+            deletes: c("cache_deletes_total"),
+            evictions: c("cache_evictions_total"),
+            expired: c("cache_expired_total"),
+            stale: c("cache_stale_writes_total"),
+            items: gauge(recorder, "cache_items"),
+            bytes: gauge(recorder, "cache_bytes"),
+            max_bytes: gauge(recorder, "cache_max_bytes"),
+            uptime: gauge(recorder, "process_uptime_seconds"),
+            resident: gauge(recorder, "process_resident_memory_bytes"),
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn record(&self, op: Op, result: &str, elapsed: Duration) {
+        let r = RESULTS
+            .iter()
+            .position(|x| *x == result)
+            .unwrap_or(RESULTS.len() - 1);
+        self.requests[op as usize][r].increment(1);
+        self.durations[op as usize].record(elapsed.as_secs_f64());
+    }
+
+    /// Copies engine statistics and process figures into the exported series (called on
+    /// each scrape).
+    pub fn publish(&self, stats: &cache_core::CacheStats, max_bytes: u64, uptime: Duration) {
+        self.hits.absolute(stats.hits);
+        self.misses.absolute(stats.misses);
+        self.inserts.absolute(stats.inserts);
+        self.updates.absolute(stats.updates);
+        self.deletes.absolute(stats.deletes);
+        self.evictions.absolute(stats.evictions);
+        self.expired.absolute(stats.expirations);
+        self.stale.absolute(stats.stale_writes);
+        self.items.set(stats.items as f64);
+        self.bytes.set(stats.bytes as f64);
+        self.max_bytes.set(max_bytes as f64);
+        self.uptime.set(uptime.as_secs_f64());
+        if let Some(rss) = resident_memory_bytes() {
+            self.resident.set(rss as f64);
+        }
+    }
+}
+
+/// Resident set size of this process, from `/proc/self/statm` (Linux); `None` elsewhere.
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Renders the exposition text.
+pub fn render(handle: &PrometheusHandle) -> String {
+    handle.render()
+}

@@ -1,0 +1,303 @@
+//! A whole node: engine + reaper + gRPC server (Cache, health, reflection) + admin HTTP
+//! (`/metrics`, `/healthz`, `/readyz`, `/status`), with graceful shutdown.
+//!
+//! [`Node::bind`] binds both listeners (so "address in use" is reported before anything
+//! starts) and [`Node::run`] serves until the shutdown future completes, then drains: new
+//! requests get `UNAVAILABLE`, in-flight ones finish within the grace period, the reaper
+//! stops, and `run` returns.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cache_core::{Cache, CacheConfig, Reaper};
+use cache_proto::v1::{self as pb, cache_server::CacheServer};
+use cluster_ring::{DEFAULT_VNODES_PER_WEIGHT, FORMAT_VERSION, Member, NodeId, Ring};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::limits::Limits;
+use crate::metrics::NodeMetrics;
+use crate::service::{CacheService, Shared};
+
+/// Everything a node needs to start. The binary fills it from flags, env and file.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's stable id.
+    pub node_id: String,
+    /// gRPC listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Admin HTTP listen address (port 0 picks a free port).
+    pub admin_listen: SocketAddr,
+    /// The engine's configuration.
+    pub cache: CacheConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// How often the background reaper sweeps.
+    pub reaper_interval: Duration,
+    /// Slots examined per shard lock by the reaper.
+    pub reaper_budget: usize,
+    /// How long in-flight requests get to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "local".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            cache: CacheConfig::default(),
+            limits: Limits::default(),
+            reaper_interval: Duration::from_millis(100),
+            reaper_budget: 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A listener could not be bound (address in use, not local, no permission...).
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The engine configuration is invalid.
+    #[error("invalid cache configuration: {0}")]
+    Config(#[from] cache_core::ConfigError),
+    /// The node id is not a valid ring id.
+    #[error("invalid node id: {0}")]
+    NodeId(#[from] cluster_ring::RingError),
+    /// The reaper thread could not be started.
+    #[error("cannot start the reaper thread: {0}")]
+    Reaper(std::io::Error),
+    /// The gRPC server failed while running.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Reflection could not be set up (the embedded descriptor is broken: a build bug).
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The admin HTTP server failed while running.
+    #[error("admin HTTP server failed: {0}")]
+    Admin(std::io::Error),
+}
+
+/// What `ClusterInfo` reports. A single member for now; the cluster issue fills it from
+/// membership.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// This node's id.
+    pub node_id: String,
+    /// This node's client-facing address.
+    pub rpc_addr: SocketAddr,
+    /// The ring's epoch.
+    pub ring_epoch: u64,
+    /// The ring built from the members.
+    pub ring: Ring,
+}
+
+impl ClusterView {
+    fn single(node_id: &str, rpc_addr: SocketAddr) -> Result<Self, cluster_ring::RingError> {
+        let ring = Ring::new(
+            [Member::new(NodeId::new(node_id)?, 1)],
+            DEFAULT_VNODES_PER_WEIGHT,
+        )?;
+        Ok(Self {
+            node_id: node_id.to_string(),
+            rpc_addr,
+            ring_epoch: 0,
+            ring,
+        })
+    }
+
+    /// The protobuf form.
+    pub fn to_pb(&self) -> pb::ClusterInfoResponse {
+        pb::ClusterInfoResponse {
+            node_id: self.node_id.clone(),
+            members: self
+                .ring
+                .members()
+                .iter()
+                .map(|m| pb::Member {
+                    id: m.id.to_string(),
+                    rpc_addr: self.rpc_addr.to_string(),
+                    state: "alive".into(),
+                    weight: m.weight,
+                })
+                .collect(),
+            vnodes_per_weight: self.ring.vnodes_per_weight(),
+            ring_format_version: FORMAT_VERSION,
+            ring_fingerprint: self.ring.fingerprint(),
+            replication_factor: 1,
+            ring_epoch: self.ring_epoch,
+        }
+    }
+}
+
+/// A node with its listeners bound, ready to [`Node::run`].
+#[derive(Debug)]
+pub struct Node {
+    shared: Arc<Shared>,
+    config: NodeConfig,
+    grpc: TcpListener,
+    admin: TcpListener,
+    prometheus: PrometheusHandle,
+}
+
+impl Node {
+    /// Builds the engine and binds both listeners. Fails fast, before serving anything.
+    pub async fn bind(config: NodeConfig) -> Result<Self, NodeError> {
+        let cache = Arc::new(Cache::new(config.cache.clone())?);
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: config.listen,
+                what: "gRPC",
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| NodeError::Bind {
+                addr: config.admin_listen,
+                what: "admin HTTP",
+                source,
+            })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| NodeError::Bind {
+            addr: config.listen,
+            what: "gRPC",
+            source,
+        })?;
+        let recorder = crate::metrics::recorder();
+        let prometheus = recorder.handle();
+        let metrics = NodeMetrics::register(&recorder);
+        // The recorder only owns the registry, which the handle shares; it can go.
+        drop(recorder);
+        let shared = Arc::new(Shared {
+            cache,
+            limits: config.limits,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            started: Instant::now(),
+            cluster: ClusterView::single(&config.node_id, grpc_addr)?,
+        });
+        Ok(Self {
+            shared,
+            config,
+            grpc,
+            admin,
+            prometheus,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.shared.cluster.rpc_addr
+    }
+
+    /// The bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin_listen)
+    }
+
+    /// The engine (for embedding and tests).
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.shared.cache
+    }
+
+    /// Serves until `shutdown` completes, then shuts down gracefully (see the module docs).
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let Node {
+            shared,
+            config,
+            grpc,
+            admin,
+            prometheus,
+        } = self;
+        let reaper = Reaper::spawn(&shared.cache, config.reaper_interval, config.reaper_budget)
+            .map_err(NodeError::Reaper)?;
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<CacheServer<CacheService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cache_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let service = CacheServer::new(CacheService::new(Arc::clone(&shared)))
+            .max_decoding_message_size(config.limits.max_request_bytes())
+            .max_encoding_message_size(config.limits.max_response_bytes());
+
+        // One shutdown signal fans out to both servers.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let drain_started = {
+            let shared = Arc::clone(&shared);
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested: draining in-flight requests");
+                shared.shutting_down.store(true, Ordering::SeqCst);
+                health.set_not_serving::<CacheServer<CacheService>>().await;
+                let _ = stop_tx.send(true);
+            }
+        };
+        tokio::spawn(drain_started);
+
+        let grpc_stop = wait_for(stop_rx.clone());
+        let grpc_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop);
+
+        let admin_router = crate::admin::router(Arc::clone(&shared), prometheus);
+        let admin_stop = wait_for(stop_rx.clone());
+        let admin_server = async move {
+            axum::serve(admin, admin_router)
+                .with_graceful_shutdown(admin_stop)
+                .await
+                .map_err(NodeError::Admin)
+        };
+
+        let grace = config.shutdown_grace;
+        let mut stop_seen = stop_rx;
+        let servers = async {
+            tokio::try_join!(
+                async { grpc_server.await.map_err(NodeError::from) },
+                admin_server
+            )
+        };
+        tokio::pin!(servers);
+        let result = tokio::select! {
+            r = &mut servers => r.map(drop),
+            () = async { let _ = stop_seen.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the shutdown grace period; exiting anyway");
+                Ok(())
+            }
+        };
+        drop(reaper);
+        tracing::info!("node stopped");
+        result
+    }
+}
+
+/// Resolves when the watch flips to `true` (or its sender is gone).
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}

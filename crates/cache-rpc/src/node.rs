@@ -2,9 +2,12 @@
 //! (`/metrics`, `/healthz`, `/readyz`, `/status`), with graceful shutdown.
 //!
 //! [`Node::bind`] binds both listeners (so "address in use" is reported before anything
-//! starts) and [`Node::run`] serves until the shutdown future completes, then drains: new
-//! requests get `UNAVAILABLE`, in-flight ones finish within the grace period, the reaper
-//! stops, and `run` returns.
+//! starts) and [`Node::run`] serves until the shutdown future completes, then drains in two
+//! phases: first, for a short notice period (a quarter of the grace period, at most 1 s),
+//! every new request is answered `UNAVAILABLE` and health/readiness report not serving, so
+//! clients move on using the connections they have; then the listeners close, in-flight
+//! requests finish within the rest of the grace period, the reaper stops, and `run` returns.
+//! This is the usual load-balancer-friendly order: fail readiness first, stop later.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -246,11 +249,18 @@ impl Node {
         let drain_started = {
             let shared = Arc::clone(&shared);
             let health = health.clone();
+            let notice = (config.shutdown_grace / 4).min(Duration::from_secs(1));
             async move {
                 shutdown.await;
-                tracing::info!("shutdown requested: draining in-flight requests");
+                tracing::info!(
+                    "shutdown requested: refusing new requests, draining in-flight ones"
+                );
+                // Phase 1: stay connected but answer UNAVAILABLE (and fail health/readiness),
+                // so clients learn to go elsewhere on the connection they already have.
                 shared.shutting_down.store(true, Ordering::SeqCst);
                 health.set_not_serving::<CacheServer<CacheService>>().await;
+                tokio::time::sleep(notice).await;
+                // Phase 2: close the listeners and let HTTP/2 connections finish.
                 let _ = stop_tx.send(true);
             }
         };

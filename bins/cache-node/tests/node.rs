@@ -1,0 +1,435 @@
+//! Black-box tests of the real `cache-node` binary on ephemeral loopback ports: every RPC,
+//! TTLs, every limit and error path, health, reflection, admin HTTP, start-up errors and
+//! graceful shutdown.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cache_client::{Client, Error, SetOptions};
+use cache_testkit::NodeProcess;
+use tonic::Code;
+
+async fn client(node: &NodeProcess) -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(node.addr())
+        .await
+        .expect("connect to the node")
+}
+
+/// Polls `check` every 10 ms until it is true, failing after `deadline`.
+async fn eventually(deadline: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !check().await {
+        assert!(Instant::now() < until, "not within {deadline:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_rpc_round_trips() {
+    let node = NodeProcess::start(&[]);
+    let c = client(&node).await;
+
+    assert_eq!(
+        c.get("missing").await.expect("get"),
+        None,
+        "a miss is None, not an error"
+    );
+    c.set("k", "v").await.expect("set");
+    assert_eq!(c.get("k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    let binary = Bytes::from(vec![0u8, 255, 10, 13, 0]);
+    c.set(binary.clone(), binary.clone())
+        .await
+        .expect("binary-safe set");
+    assert_eq!(c.get(binary.clone()).await.expect("get"), Some(binary));
+
+    assert!(
+        !c.set_with("k", "other", SetOptions::if_absent())
+            .await
+            .expect("nx")
+    );
+    assert!(
+        c.set_with("k", "new", SetOptions::if_present())
+            .await
+            .expect("xx")
+    );
+    assert!(
+        !c.set_with("nope", "x", SetOptions::if_present())
+            .await
+            .expect("xx")
+    );
+    assert_eq!(c.get("k").await.expect("get").as_deref(), Some(&b"new"[..]));
+
+    assert!(
+        c.touch("k", Some(Duration::from_secs(100)))
+            .await
+            .expect("touch")
+    );
+    let ttl = c
+        .get_entry("k")
+        .await
+        .expect("get")
+        .expect("present")
+        .ttl
+        .expect("has a ttl");
+    assert!(
+        ttl <= Duration::from_secs(100) && ttl > Duration::from_secs(90),
+        "{ttl:?}"
+    );
+    assert!(c.touch("k", None).await.expect("persist"));
+    assert_eq!(
+        c.get_entry("k").await.expect("get").expect("present").ttl,
+        None
+    );
+    assert!(!c.touch("missing", None).await.expect("touch"));
+
+    assert!(c.delete("k").await.expect("delete"));
+    assert!(!c.delete("k").await.expect("delete again"));
+
+    c.set_many([("a", "1"), ("b", "2"), ("c", "3")], None)
+        .await
+        .expect("multi set");
+    let got = c.get_many(["a", "zz", "c", "a"]).await.expect("multi get");
+    let got: Vec<Option<&[u8]>> = got.iter().map(|v| v.as_deref()).collect();
+    assert_eq!(
+        got,
+        vec![Some(&b"1"[..]), None, Some(&b"3"[..]), Some(&b"1"[..])]
+    );
+
+    let stats = c.stats().await.expect("stats");
+    assert_eq!(stats.items, 4);
+    assert!(stats.hits >= 5 && stats.misses >= 2, "{stats:?}");
+    assert_eq!(stats.max_bytes, 1 << 30);
+    let info = c.cluster_info().await.expect("cluster info");
+    assert_eq!(info.members.len(), 1);
+    assert_eq!(info.members[0].rpc_addr, node.addr());
+    assert_eq!(info.vnodes_per_weight, cluster_ring_default_vnodes());
+}
+
+fn cluster_ring_default_vnodes() -> u32 {
+    1000
+}
+
+#[tokio::test]
+async fn ttl_expires_and_zero_ttl_means_none() {
+    let node = NodeProcess::start(&["--reaper-interval", "10ms"]);
+    let c = client(&node).await;
+    c.set_with("short", "v", SetOptions::ttl(Duration::from_millis(200)))
+        .await
+        .expect("set");
+    assert!(
+        c.get("short").await.expect("get").is_some(),
+        "present before expiry"
+    );
+    eventually(Duration::from_secs(10), "key expires", async || {
+        c.get("short").await.expect("get").is_none()
+    })
+    .await;
+    // The reaper gives the memory back without anyone reading the key.
+    c.set_with("unread", "v", SetOptions::ttl(Duration::from_millis(50)))
+        .await
+        .expect("set");
+    eventually(Duration::from_secs(10), "reaper reclaims", async || {
+        c.stats().await.expect("stats").items == 0
+    })
+    .await;
+}
+
+fn code(e: &Error) -> Option<Code> {
+    match e {
+        Error::InvalidRequest { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn limits_are_errors_not_panics() {
+    let node = NodeProcess::start(&[
+        "--max-key-size",
+        "16",
+        "--max-value-size",
+        "1KiB",
+        "--max-batch",
+        "4",
+    ]);
+    let c = client(&node).await;
+    let e = c.set("", "v").await.expect_err("empty key");
+    assert_eq!(code(&e), Some(Code::InvalidArgument), "{e}");
+    let e = c.set("k".repeat(17), "v").await.expect_err("long key");
+    assert_eq!(code(&e), Some(Code::OutOfRange), "{e}");
+    assert!(e.to_string().contains("limit of 16"), "{e}");
+    let e = c.get("k".repeat(17)).await.expect_err("long key on get");
+    assert_eq!(code(&e), Some(Code::OutOfRange), "{e}");
+    let e = c.set("k", vec![0u8; 1025]).await.expect_err("big value");
+    assert_eq!(code(&e), Some(Code::OutOfRange), "{e}");
+    let e = c
+        .get_many(["a", "b", "c", "d", "e"])
+        .await
+        .expect_err("big batch");
+    assert_eq!(code(&e), Some(Code::OutOfRange), "{e}");
+    let e = c
+        .get_many(Vec::<&str>::new())
+        .await
+        .expect_err("empty batch");
+    assert_eq!(code(&e), Some(Code::InvalidArgument), "{e}");
+    let e = c
+        .set_many([("a", vec![0u8; 10]), ("b", vec![0u8; 2000])], None)
+        .await
+        .expect_err("one bad entry");
+    assert_eq!(code(&e), Some(Code::OutOfRange), "{e}");
+    assert_eq!(
+        c.get("a").await.expect("get"),
+        None,
+        "a refused batch applies nothing"
+    );
+    // A message larger than the node decodes at all.
+    let e = c
+        .set("k", vec![0u8; 512 << 10])
+        .await
+        .expect_err("huge message");
+    assert_eq!(code(&e), Some(Code::OutOfRange), "{e}");
+    // The node is still healthy after all that.
+    c.set("k", "fine").await.expect("still serving");
+    assert_eq!(node.http_get("/healthz").expect("healthz").0, 200);
+}
+
+#[tokio::test]
+async fn full_without_eviction_is_resource_exhausted() {
+    let node = NodeProcess::start(&[
+        "--max-memory",
+        "64KiB",
+        "--shards",
+        "1",
+        "--eviction",
+        "false",
+    ]);
+    let c = client(&node).await;
+    let mut stored = 0;
+    let err = loop {
+        match c.set(format!("key-{stored}"), vec![7u8; 1000]).await {
+            Ok(()) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 1000, "64 KiB cannot hold 1000 KB");
+    };
+    assert!(matches!(err, Error::Full(_)), "{err}");
+    assert!(stored > 10);
+    // Nothing acknowledged was evicted.
+    for i in 0..stored {
+        assert!(
+            c.get(format!("key-{i}")).await.expect("get").is_some(),
+            "key-{i} lost"
+        );
+    }
+}
+
+#[tokio::test]
+async fn health_and_reflection() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let node = NodeProcess::start(&[]);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr()))
+        .expect("valid url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel.clone());
+    let status = health
+        .check(HealthCheckRequest {
+            service: "cache.v1.Cache".into(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = stream
+        .message()
+        .await
+        .expect("stream")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"cache.v1.Cache".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_and_status_pages_reflect_traffic() {
+    let node = NodeProcess::start(&[]);
+    let c = client(&node).await;
+    c.set("k", "v").await.expect("set");
+    c.get("k").await.expect("get");
+    c.get("k").await.expect("get");
+    c.get("missing").await.expect("get");
+    let _ = c.set("", "v").await;
+    let (status, body) = node.http_get("/metrics").expect("metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "cache_requests_total{op=\"get\",result=\"hit\"} 2",
+        "cache_requests_total{op=\"get\",result=\"miss\"} 1",
+        "cache_requests_total{op=\"set\",result=\"ok\"} 1",
+        "cache_requests_total{op=\"set\",result=\"invalid_argument\"} 1",
+        "cache_hits_total 2",
+        "cache_misses_total 1",
+        "cache_items 1",
+        "cache_evictions_total 0",
+        "cache_expired_total 0",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+    for prefix in [
+        "cache_request_duration_seconds_bucket{op=\"get\"",
+        "cache_bytes ",
+        "process_resident_memory_bytes ",
+    ] {
+        assert!(
+            body.lines().any(|l| l.starts_with(prefix)),
+            "missing {prefix:?} in:\n{body}"
+        );
+    }
+    let (status, html) = node.http_get("/status").expect("status");
+    assert_eq!(status, 200);
+    assert!(html.contains("<th>items</th><td>1</td>"), "{html}");
+    assert!(html.contains("hit ratio</th><td>66.7 %"), "{html}");
+    assert_eq!(node.http_get("/readyz").expect("readyz").0, 200);
+    assert_eq!(node.http_get("/nope").expect("404").0, 404);
+}
+
+#[tokio::test]
+async fn idle_connections_do_not_hurt() {
+    let node = NodeProcess::start(&[]);
+    // Connections that never send a byte.
+    let idle: Vec<_> = (0..50)
+        .map(|_| std::net::TcpStream::connect(node.grpc).expect("connect"))
+        .collect();
+    // Garbage instead of HTTP/2.
+    {
+        use std::io::Write;
+        let mut junk = std::net::TcpStream::connect(node.grpc).expect("connect");
+        let _ = junk.write_all(b"GET / HTTP/1.0\r\n\r\nnot grpc at all\0\0\0");
+    }
+    let c = client(&node).await;
+    c.set("k", "v")
+        .await
+        .expect("serving despite idle connections");
+    assert_eq!(c.get("k").await.expect("get").as_deref(), Some(&b"v"[..]));
+    drop(idle);
+}
+
+// Multi-threaded: the test body blocks (waiting for the process) while the writer runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_writing_exits_cleanly() {
+    let mut node = NodeProcess::start(&["--shutdown-grace", "5s"]);
+    let c = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .retries(0)
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    let writer = tokio::spawn({
+        let c = c.clone();
+        async move {
+            let (mut acked, mut refused) = (0u32, 0u32);
+            for i in 0..100_000u32 {
+                match c.set(format!("k{i}"), "v").await {
+                    Ok(()) => acked += 1,
+                    // After SIGTERM: refused or the connection closes. Never a hang, never
+                    // an internal error.
+                    Err(Error::Unavailable(_)) => {
+                        refused += 1;
+                        break;
+                    }
+                    Err(e) => panic!("unexpected error during shutdown: {e}"),
+                }
+            }
+            (acked, refused)
+        }
+    });
+    eventually(Duration::from_secs(10), "writes flowing", async || {
+        c.stats().await.map(|s| s.items > 100).unwrap_or(false)
+    })
+    .await;
+    node.signal("TERM");
+    let status = node
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits within the grace period");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        node.log()
+    );
+    let (acked, refused) = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("writer finishes")
+        .expect("writer did not panic");
+    assert!(
+        acked > 100 && refused == 1,
+        "acked {acked}, refused {refused}"
+    );
+    let log = node.log();
+    assert!(
+        log.contains("SIGTERM received") && log.contains("node stopped"),
+        "{log}"
+    );
+}
+
+#[test]
+fn startup_errors_are_one_clear_line() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let busy_addr = busy.local_addr().expect("addr").to_string();
+    let out = std::process::Command::new(cache_testkit::node_binary())
+        .args(["--listen", &busy_addr, "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot listen on") && err.contains(&busy_addr),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+
+    for (flag, value, expect) in [
+        ("--max-memory", "lots", "max-memory"),
+        ("--listen", "not-an-address", "invalid value"),
+        ("--shards", "3", "power of two"),
+        ("--reaper-interval", "soon", "reaper-interval"),
+    ] {
+        let out = std::process::Command::new(cache_testkit::node_binary())
+            .args([flag, value])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(expect) && !err.contains("panicked"),
+            "{flag} {value}: {err}"
+        );
+    }
+}

@@ -1,0 +1,547 @@
+//! `cache-client`: the async Rust SDK for cache-cluster.
+//!
+//! Talks to one node today (the cluster issue makes it ring-aware). It depends only on the
+//! compiled API (`cache-proto`), never on the server, the engine or the metrics stack.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use cache_client::{Client, SetOptions};
+//!
+//! # async fn demo() -> Result<(), cache_client::Error> {
+//! let client = Client::builder()
+//!     .timeout(Duration::from_millis(500))
+//!     .connect("127.0.0.1:7000")
+//!     .await?;
+//! client.set("greeting", "hello").await?;
+//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! client.set_with("session", "token", SetOptions::ttl(Duration::from_secs(30))).await?;
+//! let values = client.get_many(["greeting", "missing"]).await?;
+//! assert_eq!(values[1], None); // a miss is `None`, not an error
+//! # Ok(()) }
+//! ```
+//!
+//! A complete program is `examples/quickstart.rs`:
+//! `cargo run -p cache-client --example quickstart -- 127.0.0.1:7000`.
+//!
+//! # Errors and retries
+//!
+//! Every call has a deadline ([`ClientBuilder::timeout`]), sent to the node as the gRPC
+//! deadline and enforced locally. Failures are an [`Error`] that says what kind of problem
+//! it is. Idempotent calls (everything except a conditional set) are retried on
+//! [`Error::Unavailable`] with exponential backoff, up to [`ClientBuilder::retries`] times.
+
+#![forbid(unsafe_code)]
+
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use cache_proto::v1::{self as pb, cache_client::CacheClient};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+/// The generated API types, for calls the SDK does not wrap (`Stats`, `ClusterInfo` results).
+pub use cache_proto::v1 as proto;
+
+/// What went wrong, by what the caller can do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The node reported that something does not exist (a miss is *not* this: it is `None`).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request itself is wrong: empty key, a key/value/batch over the node's limits,
+    /// an unknown option. Retrying will not help; fix the request.
+    #[error("invalid request ({code:?}): {message}")]
+    InvalidRequest {
+        /// `InvalidArgument`, `OutOfRange` or `FailedPrecondition`.
+        code: Code,
+        /// The node's explanation.
+        message: String,
+    },
+    /// The node is out of memory and does not evict. Delete data or retry later.
+    #[error("node is full: {0}")]
+    Full(String),
+    /// The node cannot be reached or is shutting down. Idempotent calls were retried.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// No answer within the deadline.
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+    /// The address could not be parsed.
+    #[error("invalid address {addr:?}: {message}")]
+    InvalidAddress {
+        /// What was given.
+        addr: String,
+        /// Why it is not usable.
+        message: String,
+    },
+    /// Any other status from the node.
+    #[error("server error ({code:?}): {message}")]
+    Server {
+        /// The gRPC status code.
+        code: Code,
+        /// The node's message.
+        message: String,
+    },
+}
+
+impl Error {
+    fn from_status(status: Status, addr: &str, timeout: Duration) -> Self {
+        let message = status.message().to_string();
+        match status.code() {
+            Code::NotFound => Error::NotFound(message),
+            code @ (Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition) => {
+                Error::InvalidRequest { code, message }
+            }
+            Code::ResourceExhausted => Error::Full(message),
+            Code::Unavailable => Error::Unavailable(format!("{addr}: {message}")),
+            Code::DeadlineExceeded => Error::TimedOut(timeout),
+            code => Error::Server { code, message },
+        }
+    }
+}
+
+/// Options of [`Client::set_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetOptions {
+    /// Time to live; `None` for no expiry.
+    pub ttl: Option<Duration>,
+    /// Presence condition.
+    pub condition: Condition,
+}
+
+impl SetOptions {
+    /// Expire after `ttl`.
+    pub fn ttl(ttl: Duration) -> Self {
+        Self {
+            ttl: Some(ttl),
+            ..Self::default()
+        }
+    }
+
+    /// Only store if the key holds no live value (`SET NX`).
+    pub fn if_absent() -> Self {
+        Self {
+            condition: Condition::IfAbsent,
+            ..Self::default()
+        }
+    }
+
+    /// Only store if the key holds a live value (`SET XX`).
+    pub fn if_present() -> Self {
+        Self {
+            condition: Condition::IfPresent,
+            ..Self::default()
+        }
+    }
+}
+
+/// When a set applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Condition {
+    /// Always.
+    #[default]
+    Always,
+    /// Only if the key holds no live value.
+    IfAbsent,
+    /// Only if the key holds a live value.
+    IfPresent,
+}
+
+/// A value with its metadata, from [`Client::get_entry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The value.
+    pub value: Bytes,
+    /// Time left before expiry, as computed by the node; `None` if it never expires.
+    pub ttl: Option<Duration>,
+    /// The stored version (0 for unversioned writes).
+    pub version: u64,
+}
+
+/// Configures and connects a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    timeout: Duration,
+    connect_timeout: Duration,
+    retries: u32,
+    backoff: Duration,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+            retries: 3,
+            backoff: Duration::from_millis(20),
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Deadline of each call, including its retries (default 2 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long connecting may take (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Retries of an idempotent call after `Unavailable` (default 3; 0 disables).
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// First retry delay; each next one doubles, with jitter (default 20 ms).
+    pub fn backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Connects to `addr` (`host:port`, or an `http://` URL). Fails with
+    /// [`Error::Unavailable`] if nothing answers there.
+    pub async fn connect(self, addr: impl Into<String>) -> Result<Client, Error> {
+        let addr = addr.into();
+        let url = if addr.contains("://") {
+            addr.clone()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(url).map_err(|e| Error::InvalidAddress {
+            addr: addr.clone(),
+            message: e.to_string(),
+        })?;
+        let endpoint = endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot connect to {addr}: is cache-node running? ({e})"
+            ))
+        })?;
+        Ok(Client {
+            inner: CacheClient::new(channel)
+                .max_decoding_message_size(usize::MAX)
+                .max_encoding_message_size(usize::MAX),
+            addr,
+            cfg: self,
+        })
+    }
+}
+
+/// A connection to a cache node. Cheap to clone; clones share the HTTP/2 connection, which
+/// multiplexes concurrent calls.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: CacheClient<Channel>,
+    addr: String,
+    cfg: ClientBuilder,
+}
+
+impl Client {
+    /// A builder with the default timeouts and retries.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Connects with the defaults.
+    pub async fn connect(addr: impl Into<String>) -> Result<Self, Error> {
+        Self::builder().connect(addr).await
+    }
+
+    /// The address this client talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Runs one RPC with the deadline, retrying `Unavailable` if `idempotent`.
+    async fn call<T, F, Fut>(&self, idempotent: bool, mut rpc: F) -> Result<T, Error>
+    where
+        F: FnMut(CacheClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
+        let mut attempt = 0u32;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::TimedOut(self.cfg.timeout));
+            }
+            let outcome = match tokio::time::timeout(left, rpc(self.inner.clone(), left)).await {
+                Err(_) => return Err(Error::TimedOut(self.cfg.timeout)),
+                Ok(Ok(resp)) => return Ok(resp.into_inner()),
+                Ok(Err(status)) => Error::from_status(status, &self.addr, self.cfg.timeout),
+            };
+            if !(idempotent
+                && matches!(outcome, Error::Unavailable(_))
+                && attempt < self.cfg.retries)
+            {
+                return Err(outcome);
+            }
+            let delay = backoff(self.cfg.backoff, attempt)
+                .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    /// The value of `key`, or `None` on a miss.
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
+        Ok(self.get_entry(key).await?.map(|e| e.value))
+    }
+
+    /// The value of `key` with its TTL and version, or `None` on a miss.
+    pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
+        let key = key.into();
+        let resp = self
+            .call(true, |mut c, t| {
+                let key = key.clone();
+                async move { c.get(with_timeout(pb::GetRequest { key }, t)).await }
+            })
+            .await?;
+        Ok(to_entry(resp))
+    }
+
+    /// Stores `key` = `value` with no expiry.
+    pub async fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<(), Error> {
+        self.set_with(key, value, SetOptions::default())
+            .await
+            .map(drop)
+    }
+
+    /// Stores `key` = `value` with options; returns whether it was stored (`false` only when
+    /// a condition did not hold).
+    pub async fn set_with(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<bool, Error> {
+        let req = set_request(key.into(), value.into(), options);
+        // A conditional set is not idempotent: a retry after a lost answer could report
+        // "not stored" for a write that was in fact applied.
+        let idempotent = options.condition == Condition::Always;
+        let resp = self
+            .call(idempotent, |mut c, t| {
+                let req = req.clone();
+                async move { c.set(with_timeout(req, t)).await }
+            })
+            .await?;
+        Ok(resp.stored)
+    }
+
+    /// Removes `key`; returns whether it held a live value.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
+        let key = key.into();
+        let resp = self
+            .call(true, |mut c, t| {
+                let key = key.clone();
+                async move { c.delete(with_timeout(pb::DeleteRequest { key }, t)).await }
+            })
+            .await?;
+        Ok(resp.deleted)
+    }
+
+    /// Sets the TTL of a live key (`None` removes its expiry); returns whether it existed.
+    pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
+        let key = key.into();
+        let ttl_ms = ttl.map_or(0, |t| duration_ms(t).max(1));
+        let resp = self
+            .call(true, |mut c, t| {
+                let key = key.clone();
+                async move {
+                    c.touch(with_timeout(pb::TouchRequest { key, ttl_ms }, t))
+                        .await
+                }
+            })
+            .await?;
+        Ok(resp.found)
+    }
+
+    /// The values of `keys`, in order (`None` for each miss), in one round trip.
+    pub async fn get_many<K: Into<Bytes>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Option<Bytes>>, Error> {
+        let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
+        let resp = self
+            .call(true, |mut c, t| {
+                let keys = keys.clone();
+                async move {
+                    c.multi_get(with_timeout(pb::MultiGetRequest { keys }, t))
+                        .await
+                }
+            })
+            .await?;
+        Ok(resp
+            .results
+            .into_iter()
+            .map(|r| to_entry(r).map(|e| e.value))
+            .collect())
+    }
+
+    /// Stores every `(key, value)` pair with the same TTL, in one round trip. Not atomic: on
+    /// an error, the message says how many entries were applied.
+    pub async fn set_many<K: Into<Bytes>, V: Into<Bytes>>(
+        &self,
+        entries: impl IntoIterator<Item = (K, V)>,
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        let options = SetOptions {
+            ttl,
+            ..SetOptions::default()
+        };
+        let entries: Vec<pb::SetRequest> = entries
+            .into_iter()
+            .map(|(k, v)| set_request(k.into(), v.into(), options))
+            .collect();
+        self.call(true, |mut c, t| {
+            let entries = entries.clone();
+            async move {
+                c.multi_set(with_timeout(pb::MultiSetRequest { entries }, t))
+                    .await
+            }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// The node's counters and sizes.
+    pub async fn stats(&self) -> Result<pb::StatsResponse, Error> {
+        self.call(true, |mut c, t| async move {
+            c.stats(with_timeout(pb::StatsRequest {}, t)).await
+        })
+        .await
+    }
+
+    /// Members and ring parameters.
+    pub async fn cluster_info(&self) -> Result<pb::ClusterInfoResponse, Error> {
+        self.call(true, |mut c, t| async move {
+            c.cluster_info(with_timeout(pb::ClusterInfoRequest {}, t))
+                .await
+        })
+        .await
+    }
+}
+
+fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.set_timeout(timeout);
+    req
+}
+
+fn to_entry(r: pb::GetResponse) -> Option<Entry> {
+    r.found.then(|| Entry {
+        value: r.value,
+        ttl: r.ttl_ms.map(Duration::from_millis),
+        version: r.version,
+    })
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn set_request(key: Bytes, value: Bytes, options: SetOptions) -> pb::SetRequest {
+    pb::SetRequest {
+        key,
+        value,
+        // A sub-millisecond TTL still expires (rounded up to 1 ms), rather than meaning "never".
+        ttl_ms: options.ttl.map_or(0, |t| duration_ms(t).max(1)),
+        condition: match options.condition {
+            Condition::Always => pb::Condition::Always,
+            Condition::IfAbsent => pb::Condition::IfAbsent,
+            Condition::IfPresent => pb::Condition::IfPresent,
+        } as i32,
+    }
+}
+
+/// `base × 2^attempt`, plus up to 50 % jitter so that many clients do not retry in step.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16));
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    exp + exp.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_map_to_what_the_caller_can_do() {
+        let t = Duration::from_secs(1);
+        let map = |code| Error::from_status(Status::new(code, "m"), "a:1", t);
+        assert!(matches!(
+            map(Code::InvalidArgument),
+            Error::InvalidRequest { .. }
+        ));
+        assert!(matches!(
+            map(Code::OutOfRange),
+            Error::InvalidRequest { .. }
+        ));
+        assert!(matches!(map(Code::ResourceExhausted), Error::Full(_)));
+        assert!(matches!(map(Code::Unavailable), Error::Unavailable(_)));
+        assert!(matches!(map(Code::DeadlineExceeded), Error::TimedOut(_)));
+        assert!(matches!(map(Code::NotFound), Error::NotFound(_)));
+        assert!(matches!(map(Code::Internal), Error::Server { .. }));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_bounded_by_jitter() {
+        let base = Duration::from_millis(10);
+        for attempt in 0..5 {
+            let d = backoff(base, attempt);
+            let exp = base * (1 << attempt);
+            assert!(d >= exp && d <= exp + exp / 2, "attempt {attempt}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn sub_millisecond_ttl_still_expires() {
+        let r = set_request(
+            Bytes::from_static(b"k"),
+            Bytes::new(),
+            SetOptions::ttl(Duration::from_micros(10)),
+        );
+        assert_eq!(r.ttl_ms, 1);
+        let r = set_request(
+            Bytes::from_static(b"k"),
+            Bytes::new(),
+            SetOptions::default(),
+        );
+        assert_eq!(r.ttl_ms, 0);
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_is_unavailable_with_a_hint() {
+        // Bind and drop a listener to get a local port with nothing behind it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let err = Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .connect(format!("127.0.0.1:{port}"))
+            .await
+            .expect_err("nothing listens there");
+        assert!(matches!(err, Error::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("is cache-node running?"), "{err}");
+        let err = Client::connect("not a url at all \u{0}")
+            .await
+            .expect_err("bad address");
+        assert!(
+            matches!(err, Error::InvalidAddress { .. } | Error::Unavailable(_)),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,222 @@
+//! `cache-testkit`: run real `cache-node` processes from tests.
+//!
+//! [`NodeProcess::start`] launches the binary on ephemeral loopback ports (`127.0.0.1:0`,
+//! never a fixed port), reads the bound addresses from its startup line, and polls
+//! `/readyz` until it answers 200 or a deadline passes — no bare sleeps. Dropping a
+//! [`NodeProcess`] kills the child and reaps it, also when the test panics; its log is
+//! printed if the test is failing, so CI output shows what the node said.
+//!
+//! Used by every integration test that needs a node, and by the cluster tests to come.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a node may take to print its startup line and become ready.
+pub const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Path of the `cache-node` binary: `$CACHE_NODE_BIN`, or next to the running test's
+/// target directory (`target/<profile>/cache-node`), built with cargo if missing.
+pub fn node_binary() -> PathBuf {
+    binary("cache-node", "CACHE_NODE_BIN")
+}
+
+/// Path of the `cache-cli` binary, found like [`node_binary`] (`$CACHE_CLI_BIN`).
+pub fn cli_binary() -> PathBuf {
+    binary("cache-cli", "CACHE_CLI_BIN")
+}
+
+fn binary(name: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test-binary>  ->  target/<profile>/<name>
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf();
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bin", name]);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// A running `cache-node` child process.
+#[derive(Debug)]
+pub struct NodeProcess {
+    child: Child,
+    /// The gRPC address it bound.
+    pub grpc: SocketAddr,
+    /// The admin HTTP address it bound.
+    pub admin: SocketAddr,
+    /// Where its stderr (logs) goes.
+    log: PathBuf,
+}
+
+impl NodeProcess {
+    /// Starts a node with `args` added to `--listen 127.0.0.1:0 --admin-listen 127.0.0.1:0`
+    /// and waits until `/readyz` answers 200. Panics (after killing the child) if it does not
+    /// within [`START_DEADLINE`].
+    pub fn start(args: &[&str]) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let log = std::env::temp_dir().join(format!(
+            "cache-node-{}-{}.log",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let log_file = std::fs::File::create(&log).expect("create log file");
+        let mut child = Command::new(node_binary())
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawn cache-node");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = match rx.recv_timeout(START_DEADLINE) {
+            Ok(line) if !line.is_empty() => line,
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "cache-node printed no startup line ({other:?}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in startup line {line:?}"))
+        };
+        let node = Self {
+            grpc: field("grpc="),
+            admin: field("admin="),
+            child,
+            log,
+        };
+        node.wait_ready(START_DEADLINE);
+        node
+    }
+
+    /// Polls `/readyz` until 200, panicking after `deadline`.
+    pub fn wait_ready(&self, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok((200, _)) = self.http_get("/readyz") {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "node not ready within {deadline:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `host:port` of the gRPC server, as clients take it.
+    pub fn addr(&self) -> String {
+        self.grpc.to_string()
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`"TERM"`, `"INT"`, `"KILL"`, `"STOP"`, `"CONT"`) with `kill(1)`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits up to `deadline` for the process to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What the node logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET path` on the admin server: (status code, body).
+    pub fn http_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.admin, path)
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- cache-node log ({}) ----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A minimal HTTP/1.1 `GET` (enough for the admin endpoints; no dependency needed).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad HTTP response: {raw:?}")))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,205 @@
+//! The real `cache-cli` binary against a real `cache-node`: human and `--json` output,
+//! values from arguments, stdin and files, and every documented exit code.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use cache_testkit::NodeProcess;
+
+fn cli(node: Option<&NodeProcess>, args: &[&str]) -> Output {
+    cli_with_stdin(node, args, None)
+}
+
+fn cli_with_stdin(node: Option<&NodeProcess>, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cache-cli"));
+    if let Some(node) = node {
+        cmd.args(["--addr", &node.addr()]);
+    }
+    cmd.args(args).env_remove("CACHE_ADDR");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run cache-cli");
+    {
+        let mut input = child.stdin.take().expect("piped");
+        if let Some(data) = stdin {
+            input.write_all(data).expect("write stdin");
+        }
+    }
+    child.wait_with_output().expect("cache-cli finishes")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn set_get_del_ttl_touch_with_exit_codes() {
+    let node = NodeProcess::start(&[]);
+    let n = Some(&node);
+
+    let o = cli(n, &["set", "greeting", "hello"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "OK\n");
+    let o = cli(n, &["get", "greeting"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        o.stdout, b"hello",
+        "raw bytes, no newline when not a terminal"
+    );
+
+    let o = cli(n, &["get", "missing"]);
+    assert_eq!(o.status.code(), Some(1), "a missing key exits 1");
+
+    let o = cli(n, &["set", "greeting", "again", "--nx"]);
+    assert_eq!(o.status.code(), Some(1), "condition not met exits 1");
+    let o = cli(n, &["set", "nobody", "x", "--xx"]);
+    assert_eq!(o.status.code(), Some(1));
+
+    assert_eq!(cli(n, &["ttl", "greeting"]).stdout, b"never\n");
+    let o = cli(n, &["touch", "greeting", "--ttl", "100s"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let ttl = stdout(&cli(n, &["ttl", "greeting"]));
+    assert!(ttl.ends_with("s\n") && ttl.len() > 2, "{ttl:?}");
+    assert_eq!(
+        cli(n, &["touch", "greeting", "--persist"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(cli(n, &["ttl", "greeting"]).stdout, b"never\n");
+    assert_eq!(cli(n, &["ttl", "missing"]).status.code(), Some(1));
+    assert_eq!(
+        cli(n, &["touch", "missing", "--ttl", "1s"]).status.code(),
+        Some(1)
+    );
+
+    let o = cli(n, &["set", "short", "v", "--ttl", "10s"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&cli(n, &["ttl", "short"])).contains('s'));
+
+    assert_eq!(cli(n, &["del", "greeting"]).status.code(), Some(0));
+    assert_eq!(cli(n, &["del", "greeting"]).status.code(), Some(1));
+}
+
+#[test]
+fn values_from_stdin_and_files_are_binary_safe() {
+    let node = NodeProcess::start(&[]);
+    let n = Some(&node);
+    let bytes: Vec<u8> = (0..=255u8).collect();
+    let o = cli_with_stdin(n, &["set", "bin", "-"], Some(&bytes));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(cli(n, &["get", "bin"]).stdout, bytes);
+
+    let path = std::env::temp_dir().join(format!("cache-cli-test-{}.bin", std::process::id()));
+    std::fs::write(&path, b"from a file").expect("write");
+    let o = cli(
+        n,
+        &[
+            "set",
+            "f",
+            "--file",
+            path.to_str().expect("utf-8 temp path"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(cli(n, &["get", "f"]).stdout, b"from a file");
+    std::fs::remove_file(&path).ok();
+
+    let o = cli(n, &["set", "f", "--file", "/nonexistent/value"]);
+    assert_eq!(o.status.code(), Some(6));
+    assert!(
+        stderr(&o).contains("cannot read /nonexistent/value"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Non-UTF-8 keys are passed through as bytes.
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let key = std::ffi::OsStr::from_bytes(b"k\xff\xfe");
+        let status = Command::new(env!("CARGO_BIN_EXE_cache-cli"))
+            .args(["--addr", &node.addr(), "set"])
+            .arg(key)
+            .arg("v")
+            .status()
+            .expect("run");
+        assert!(status.success());
+        let out = Command::new(env!("CARGO_BIN_EXE_cache-cli"))
+            .args(["--addr", &node.addr(), "--json", "get"])
+            .arg(key)
+            .output()
+            .expect("run");
+        assert_eq!(stdout(&out).trim(), r#"{"found":true,"value":"v"}"#);
+        // Malformed UTF-8 where text is expected is a usage error, not a crash.
+        let out = Command::new(env!("CARGO_BIN_EXE_cache-cli"))
+            .arg("--addr")
+            .arg(std::ffi::OsStr::from_bytes(b"\xff:1"))
+            .args(["get", "k"])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"));
+    }
+}
+
+#[test]
+fn json_output_is_parseable() {
+    let node = NodeProcess::start(&[]);
+    let n = Some(&node);
+    let parse = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout).expect("valid JSON")
+    };
+    assert_eq!(parse(&cli(n, &["--json", "set", "k", "v"]))["stored"], true);
+    assert_eq!(parse(&cli(n, &["--json", "get", "k"]))["value"], "v");
+    let miss = cli(n, &["--json", "get", "nope"]);
+    assert_eq!(miss.status.code(), Some(1));
+    assert_eq!(parse(&miss)["found"], false);
+    let stats = parse(&cli(n, &["--json", "stats"]));
+    assert_eq!(stats["items"], 1);
+    let info = parse(&cli(n, &["--json", "info"]));
+    assert_eq!(info["members"][0]["rpc_addr"], node.addr());
+    let bad = cli(n, &["--json", "set", "", "v"]);
+    assert_eq!(bad.status.code(), Some(4));
+    assert!(
+        parse(&bad)["error"]
+            .as_str()
+            .expect("message")
+            .contains("empty")
+    );
+}
+
+#[test]
+fn connection_and_usage_errors_say_what_to_try() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let o = cli(None, &["--addr", &addr, "get", "k"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        stderr(&o).contains(&format!("cannot connect to {addr}: is cache-node running?")),
+        "{}",
+        stderr(&o)
+    );
+    let o = cli(None, &["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = cli(None, &["set", "k"]);
+    assert_eq!(o.status.code(), Some(2), "a value is required");
+    let o = cli(None, &["set", "k", "v", "--ttl", "soon"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("500ms"), "{}", stderr(&o));
+}
+
+#[test]
+fn completions_are_generated() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = cli(None, &["completions", shell]);
+        assert_eq!(o.status.code(), Some(0));
+        assert!(stdout(&o).contains("cache-cli"), "{shell}");
+    }
+}

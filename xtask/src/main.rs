@@ -5,6 +5,8 @@
 //! - `cargo xtask bench engine`: the engine benchmarks against moka, quick_cache and
 //!   lru+Mutex, then one table of ratios.
 //! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
+//! - `cargo xtask bench net`: cache-node against redis-server over loopback, same workload,
+//!   server on CPU 0 and load generator on CPU 1 (see `docs/benchmarks.md`).
 //!
 //! Tasks are Rust rather than shell so they run the same everywhere cargo does.
 
@@ -13,6 +15,8 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod net;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -20,8 +24,9 @@ fn main() -> Result<()> {
         ["ci"] => ci(),
         ["bench", "engine"] => bench_engine(),
         ["bench", "ring"] => bench_ring(),
+        ["bench", "net"] => net::bench_net(),
         _ => {
-            eprintln!("usage: cargo xtask ci | bench engine | bench ring");
+            eprintln!("usage: cargo xtask ci | bench engine | bench ring | bench net");
             bail!("unknown task {args:?}")
         }
     }

@@ -21,7 +21,7 @@ use cluster_ring::{DEFAULT_VNODES_PER_WEIGHT, FORMAT_VERSION, Member, NodeId, Ri
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::limits::Limits;
 use crate::metrics::NodeMetrics;
@@ -67,7 +67,7 @@ impl Default for NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// A listener could not be bound (address in use, not local, no permission...).
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what})")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -77,19 +77,19 @@ pub enum NodeError {
         source: std::io::Error,
     },
     /// The engine configuration is invalid.
-    #[error("invalid cache configuration: {0}")]
+    #[error("invalid cache configuration")]
     Config(#[from] cache_core::ConfigError),
     /// The node id is not a valid ring id.
-    #[error("invalid node id: {0}")]
+    #[error("invalid node id")]
     NodeId(#[from] cluster_ring::RingError),
     /// The reaper thread could not be started.
     #[error("cannot start the reaper thread: {0}")]
     Reaper(std::io::Error),
     /// The gRPC server failed while running.
-    #[error("gRPC server failed: {0}")]
+    #[error("gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
     /// Reflection could not be set up (the embedded descriptor is broken: a build bug).
-    #[error("gRPC reflection: {0}")]
+    #[error("gRPC reflection could not be set up")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// The admin HTTP server failed while running.
     #[error("admin HTTP server failed: {0}")]
@@ -274,8 +274,26 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), grpc_stop);
+            .serve_with_incoming_shutdown(
+                // Our own listener (bound early to report errors), so the server's
+                // tcp_nodelay does not apply: set it per accepted socket here, or Nagle's
+                // algorithm adds tens of milliseconds to multi-segment requests.
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                grpc_stop,
+            );
 
+        // Histogram samples accumulate in the recorder until drained; drain them on a
+        // timer too, so a node nobody scrapes does not grow without bound.
+        let upkeep = {
+            let prometheus = prometheus.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    prometheus.run_upkeep();
+                }
+            })
+        };
         let admin_router = crate::admin::router(Arc::clone(&shared), prometheus);
         let admin_stop = wait_for(stop_rx.clone());
         let admin_server = async move {
@@ -301,6 +319,7 @@ impl Node {
                 Ok(())
             }
         };
+        upkeep.abort();
         drop(reaper);
         tracing::info!("node stopped");
         result

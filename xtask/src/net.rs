@@ -1,0 +1,265 @@
+//! `cargo xtask bench net`: cache-node vs redis-server on this machine.
+//!
+//! Builds release binaries, starts a `cache-node` and a `redis-server` pinned to CPU 0,
+//! runs `cache-bench` pinned to CPU 1 with the same workload against each, prints the
+//! ratios, and stops everything it started (also on error). redis-server comes from
+//! Debian's `redis-server` package (`apt-get install redis-server`); without it, our side
+//! runs alone and the ratios are skipped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{cargo, root};
+
+/// A child process killed on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn has(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `taskset -c CPU program args...` when taskset exists and there are at least 2 CPUs.
+fn pinned(cpu: &str, program: &str) -> Command {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if has("taskset") && cpus >= 2 {
+        let mut c = Command::new("taskset");
+        c.args(["-c", cpu, program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_node(bin: &str) -> Result<(Guard, String)> {
+    let mut child = pinned("0", bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--max-memory",
+            "4GiB",
+            "--log-level",
+            "warn",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("start cache-node")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let guard = Guard(child);
+    let grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .with_context(|| format!("no grpc= in startup line {line:?}"))?
+        .to_string();
+    Ok((guard, grpc))
+}
+
+fn start_redis() -> Result<Option<(Guard, String)>> {
+    if !has("redis-server") {
+        eprintln!(
+            "redis-server is not installed: running cache-node alone (install it with `apt-get install redis-server`)"
+        );
+        return Ok(None);
+    }
+    let port = free_port()?;
+    let child = pinned("0", "redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start redis-server")?;
+    let guard = Guard(child);
+    let until = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > until {
+            bail!("redis-server did not start listening on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Some((guard, format!("127.0.0.1:{port}"))))
+}
+
+fn bench(target: &str, args: &[&str]) -> Result<Value> {
+    let bin = root().join("target/release/cache-bench");
+    let out = pinned("1", bin.to_str().context("utf-8 path")?)
+        .args(["--target", target, "--json"])
+        .args(args)
+        .output()
+        .context("run cache-bench")?;
+    if !out.status.success() {
+        bail!(
+            "cache-bench {target} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("cache-bench --json output")
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
+}
+
+pub(crate) fn bench_net() -> Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "--bin",
+        "cache-node",
+        "--bin",
+        "cache-bench",
+    ])?;
+    let node_bin = root().join("target/release/cache-node");
+    let node_bin = node_bin.to_str().context("utf-8 path")?;
+
+    // Throughput: 100k keys, 64-byte values, 50 requests in flight.
+    let common = [
+        "--keys",
+        "100000",
+        "--value-size",
+        "64",
+        "--concurrency",
+        "50",
+        "--connections",
+        "4",
+        "--ratio",
+        "1:0",
+        "--duration",
+        "10s",
+        "--warmup",
+        "2s",
+        "--prefill",
+    ];
+    let scenarios: [(&str, &[&str]); 2] = [
+        ("unary Get", &["--batch", "1"]),
+        ("MultiGet 16 / pipeline 16", &["--batch", "16"]),
+    ];
+    println!(
+        "\ncache-node vs redis-server: server on CPU 0, cache-bench on CPU 1, 100k keys, 64 B values, 50 in flight, reads only\n"
+    );
+    println!(
+        "| scenario | cache-node keys/s | p99 ms | redis-server keys/s | p99 ms | node ÷ redis |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (name, extra) in scenarios {
+        let args: Vec<&str> = common.iter().chain(extra.iter()).copied().collect();
+        let (node, grpc) = start_node(node_bin)?;
+        let ours = bench(&format!("grpc://{grpc}"), &args)?;
+        drop(node);
+        let theirs = match start_redis()? {
+            Some((redis, addr)) => {
+                let v = bench(&format!("redis://{addr}"), &args)?;
+                drop(redis);
+                Some(v)
+            }
+            None => None,
+        };
+        let ok = f(&ours, &["keys_per_second"]);
+        match theirs {
+            Some(t) => {
+                let tk = f(&t, &["keys_per_second"]);
+                println!(
+                    "| {name} | {ok:.0} | {:.3} | {tk:.0} | {:.3} | {:.2} |",
+                    f(&ours, &["get", "p99_ms"]),
+                    f(&t, &["get", "p99_ms"]),
+                    ok / tk
+                );
+            }
+            None => println!(
+                "| {name} | {ok:.0} | {:.3} | - | - | - |",
+                f(&ours, &["get", "p99_ms"])
+            ),
+        }
+    }
+
+    // Memory: 1M entries of 16-byte keys and 16-byte values.
+    let fill = [
+        "--keys",
+        "1000000",
+        "--value-size",
+        "16",
+        "--concurrency",
+        "16",
+        "--prefill",
+        "--duration",
+        "0s",
+    ];
+    let (node, grpc) = start_node(node_bin)?;
+    let node_idle = rss_bytes(node.0.id())?;
+    bench(&format!("grpc://{grpc}"), &fill).ok();
+    let node_rss = rss_bytes(node.0.id())?;
+    drop(node);
+    println!("\nresident memory holding 1M entries (16 B keys, 16 B values)\n");
+    println!("| server | RSS empty | RSS with 1M entries | node ÷ redis |");
+    println!("| --- | ---: | ---: | ---: |");
+    match start_redis()? {
+        Some((redis, addr)) => {
+            let redis_idle = rss_bytes(redis.0.id())?;
+            bench(&format!("redis://{addr}"), &fill).ok();
+            let redis_rss = rss_bytes(redis.0.id())?;
+            println!(
+                "| cache-node | {:.1} MiB | {:.1} MiB | {:.2} |",
+                mib(node_idle),
+                mib(node_rss),
+                node_rss as f64 / redis_rss as f64
+            );
+            println!(
+                "| redis-server | {:.1} MiB | {:.1} MiB | 1.00 |",
+                mib(redis_idle),
+                mib(redis_rss)
+            );
+        }
+        None => println!(
+            "| cache-node | {:.1} MiB | {:.1} MiB | - |",
+            mib(node_idle),
+            mib(node_rss)
+        ),
+    }
+    Ok(())
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1 << 20) as f64
+}

@@ -70,6 +70,10 @@ pub(crate) struct Args {
     /// How long in-flight requests may take to finish on shutdown, e.g. 10s [default: 10s].
     #[arg(long, env = "CACHE_SHUTDOWN_GRACE")]
     shutdown_grace: Option<String>,
+    /// First part of the grace period: refuse new requests and fail readiness while still
+    /// connected, so clients move away before connections close [default: 1s].
+    #[arg(long, env = "CACHE_SHUTDOWN_NOTICE")]
+    shutdown_notice: Option<String>,
     /// Log format [default: pretty].
     #[arg(long, env = "CACHE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -94,6 +98,7 @@ struct FileConfig {
     max_batch: Option<usize>,
     reaper_interval: Option<String>,
     shutdown_grace: Option<String>,
+    shutdown_notice: Option<String>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
 }
@@ -185,6 +190,10 @@ impl Args {
             shutdown_grace: match self.shutdown_grace.or(file.shutdown_grace) {
                 Some(s) => parse_duration("shutdown-grace", &s)?,
                 None => d.shutdown_grace,
+            },
+            shutdown_notice: match self.shutdown_notice.or(file.shutdown_notice) {
+                Some(s) => parse_duration("shutdown-notice", &s)?,
+                None => d.shutdown_notice,
             },
         };
         Ok(Resolved {

@@ -3,8 +3,8 @@
 //!
 //! [`Node::bind`] binds both listeners (so "address in use" is reported before anything
 //! starts) and [`Node::run`] serves until the shutdown future completes, then drains in two
-//! phases: first, for a short notice period (a quarter of the grace period, at most 1 s),
-//! every new request is answered `UNAVAILABLE` and health/readiness report not serving, so
+//! phases: first, for a short notice period (`shutdown_notice`, 1 s by default), every new
+//! request is answered `UNAVAILABLE` and health/readiness report not serving, so
 //! clients move on using the connections they have; then the listeners close, in-flight
 //! requests finish within the rest of the grace period, the reaper stops, and `run` returns.
 //! This is the usual load-balancer-friendly order: fail readiness first, stop later.
@@ -46,6 +46,9 @@ pub struct NodeConfig {
     pub reaper_budget: usize,
     /// How long in-flight requests get to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// The first part of the grace period, during which the node stays connected but
+    /// answers `UNAVAILABLE` and fails readiness (capped at `shutdown_grace`).
+    pub shutdown_notice: Duration,
 }
 
 impl Default for NodeConfig {
@@ -59,6 +62,7 @@ impl Default for NodeConfig {
             reaper_interval: Duration::from_millis(100),
             reaper_budget: 1024,
             shutdown_grace: Duration::from_secs(10),
+            shutdown_notice: Duration::from_secs(1),
         }
     }
 }
@@ -249,7 +253,7 @@ impl Node {
         let drain_started = {
             let shared = Arc::clone(&shared);
             let health = health.clone();
-            let notice = (config.shutdown_grace / 4).min(Duration::from_secs(1));
+            let notice = config.shutdown_notice.min(config.shutdown_grace);
             async move {
                 shutdown.await;
                 tracing::info!(

@@ -8,7 +8,10 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = [root.join("cache/v1/cache.proto")];
+    let files = [
+        root.join("cache/v1/cache.proto"),
+        root.join("cache/v1/peer.proto"),
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cache_core::CacheConfig;
-use cache_rpc::{Limits, NodeConfig};
+use cache_rpc::{ClusterConfig, Consistency, Limits, NodeConfig};
 use clap::{Parser, ValueEnum};
+use cluster_membership::parse_peers;
 use serde::Deserialize;
 
 /// Log output format.
@@ -74,6 +75,23 @@ pub(crate) struct Args {
     /// connected, so clients move away before connections close [default: 1s].
     #[arg(long, env = "CACHE_SHUTDOWN_NOTICE")]
     shutdown_notice: Option<String>,
+    /// Every cluster member, this node included: id=host:port,id=host:port,... Every node
+    /// must get the same list. Empty: a single node.
+    #[arg(long, env = "CACHE_PEERS")]
+    peers: Option<String>,
+    /// Replicas of each key, capped at the member count [default: 3].
+    #[arg(long, env = "CACHE_REPLICATION_FACTOR")]
+    replication_factor: Option<usize>,
+    /// Consistency of writes that do not ask for one: one, quorum or all [default: one].
+    #[arg(long, env = "CACHE_WRITE_CONSISTENCY")]
+    write_consistency: Option<String>,
+    /// Deadline of every call to another node, e.g. 500ms [default: 1s].
+    #[arg(long, env = "CACHE_PEER_TIMEOUT")]
+    peer_timeout: Option<String>,
+    /// Entries each per-peer asynchronous replication queue holds before dropping
+    /// (drops are counted in cache_replication_dropped_total) [default: 65536].
+    #[arg(long, env = "CACHE_REPLICATION_QUEUE")]
+    replication_queue: Option<usize>,
     /// Log format [default: pretty].
     #[arg(long, env = "CACHE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -99,6 +117,11 @@ struct FileConfig {
     reaper_interval: Option<String>,
     shutdown_grace: Option<String>,
     shutdown_notice: Option<String>,
+    peers: Option<String>,
+    replication_factor: Option<usize>,
+    write_consistency: Option<String>,
+    peer_timeout: Option<String>,
+    replication_queue: Option<usize>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
 }
@@ -173,6 +196,40 @@ impl Args {
             ..dc
         };
         cache.validate().context("invalid cache settings")?;
+        let dk = ClusterConfig::default();
+        let cluster = ClusterConfig {
+            replication_factor: self
+                .replication_factor
+                .or(file.replication_factor)
+                .unwrap_or(dk.replication_factor),
+            default_consistency: match self.write_consistency.or(file.write_consistency) {
+                Some(s) => Consistency::parse(&s).with_context(|| {
+                    format!("write-consistency: {s:?} is not one, quorum or all")
+                })?,
+                None => dk.default_consistency,
+            },
+            peer_timeout: match self.peer_timeout.or(file.peer_timeout) {
+                Some(s) => parse_duration("peer-timeout", &s)?,
+                None => dk.peer_timeout,
+            },
+            queue_capacity: self
+                .replication_queue
+                .or(file.replication_queue)
+                .unwrap_or(dk.queue_capacity),
+            ..dk
+        };
+        if cluster.replication_factor == 0
+            || cluster.queue_capacity == 0
+            || cluster.peer_timeout.is_zero()
+        {
+            bail!(
+                "replication-factor, replication-queue and peer-timeout must be greater than zero"
+            );
+        }
+        let peers = match self.peers.or(file.peers) {
+            Some(s) => parse_peers(&s).context("invalid --peers")?,
+            None => Vec::new(),
+        };
         let node = NodeConfig {
             node_id: self.node_id.or(file.node_id).unwrap_or(d.node_id),
             listen: self.listen.or(file.listen).unwrap_or(d.listen),
@@ -195,6 +252,8 @@ impl Args {
                 Some(s) => parse_duration("shutdown-notice", &s)?,
                 None => d.shutdown_notice,
             },
+            peers,
+            cluster,
         };
         Ok(Resolved {
             node,

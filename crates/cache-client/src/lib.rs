@@ -32,8 +32,14 @@
 
 #![forbid(unsafe_code)]
 
+mod cluster;
+
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use cluster::{ClusterClient, ClusterMember};
 
 use bytes::Bytes;
 use cache_proto::v1::{self as pb, cache_client::CacheClient};
@@ -75,6 +81,14 @@ pub enum Error {
         /// Why it is not usable.
         message: String,
     },
+    /// The node does not own the key at its ring epoch (a forwarded request reached a node
+    /// whose ring differs): refresh the cluster view and retry.
+    #[error("wrong node: {0}")]
+    WrongNode(String),
+    /// The cluster's members could not be turned into a ring, or the client's ring format
+    /// differs from the nodes'.
+    #[error("cluster view: {0}")]
+    Cluster(String),
     /// Any other status from the node.
     #[error("server error ({code:?}): {message}")]
     Server {
@@ -96,7 +110,42 @@ impl Error {
             Code::ResourceExhausted => Error::Full(message),
             Code::Unavailable => Error::Unavailable(format!("{addr}: {message}")),
             Code::DeadlineExceeded => Error::TimedOut(timeout),
+            Code::Aborted => Error::WrongNode(message),
             code => Error::Server { code, message },
+        }
+    }
+}
+
+/// How many replicas must apply a write (or be read) before the call returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Consistency {
+    /// The node's default (`--write-consistency`; `One` unless configured) for writes,
+    /// `One` for reads.
+    #[default]
+    Default,
+    /// One replica: writes are acknowledged by the primary and copied asynchronously.
+    One,
+    /// A majority of the key's replicas. Reads return the newest version and repair.
+    Quorum,
+    /// Every replica (writes only; reads treat it as `Quorum`).
+    All,
+}
+
+impl Consistency {
+    fn to_pb(self) -> i32 {
+        let c = match self {
+            Consistency::Default => pb::Consistency::Default,
+            Consistency::One => pb::Consistency::One,
+            Consistency::Quorum => pb::Consistency::Quorum,
+            Consistency::All => pb::Consistency::All,
+        };
+        c as i32
+    }
+
+    fn read_pb(self) -> i32 {
+        match self {
+            Consistency::Quorum | Consistency::All => pb::Consistency::Quorum as i32,
+            _ => pb::Consistency::Default as i32,
         }
     }
 }
@@ -108,6 +157,8 @@ pub struct SetOptions {
     pub ttl: Option<Duration>,
     /// Presence condition.
     pub condition: Condition,
+    /// Write consistency; `Default` uses the client's ([`ClientBuilder::write_consistency`]).
+    pub consistency: Consistency,
 }
 
 impl SetOptions {
@@ -159,13 +210,16 @@ pub struct Entry {
     pub version: u64,
 }
 
-/// Configures and connects a [`Client`].
+/// Configures and connects a [`Client`] (one node) or a [`ClusterClient`] (ring-aware).
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     timeout: Duration,
     connect_timeout: Duration,
     retries: u32,
     backoff: Duration,
+    write_consistency: Consistency,
+    read_consistency: Consistency,
+    spread_reads: bool,
 }
 
 impl Default for ClientBuilder {
@@ -175,6 +229,9 @@ impl Default for ClientBuilder {
             connect_timeout: Duration::from_secs(2),
             retries: 3,
             backoff: Duration::from_millis(20),
+            write_consistency: Consistency::Default,
+            read_consistency: Consistency::Default,
+            spread_reads: false,
         }
     }
 }
@@ -204,36 +261,80 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects to `addr` (`host:port`, or an `http://` URL). Fails with
-    /// [`Error::Unavailable`] if nothing answers there.
-    pub async fn connect(self, addr: impl Into<String>) -> Result<Client, Error> {
-        let addr = addr.into();
+    /// Consistency of writes that do not name one (default: the node's default).
+    pub fn write_consistency(mut self, c: Consistency) -> Self {
+        self.write_consistency = c;
+        self
+    }
+
+    /// Consistency of reads (`Quorum` reads a majority and repairs; default: one replica).
+    pub fn read_consistency(mut self, c: Consistency) -> Self {
+        self.read_consistency = c;
+        self
+    }
+
+    /// [`ClusterClient`] only: spread `One` reads over a key's replicas instead of always
+    /// reading the primary (more read throughput; a replica may lag the primary briefly).
+    pub fn spread_reads(mut self, spread: bool) -> Self {
+        self.spread_reads = spread;
+        self
+    }
+
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
         let url = if addr.contains("://") {
-            addr.clone()
+            addr.to_string()
         } else {
             format!("http://{addr}")
         };
         let endpoint = Endpoint::from_shared(url).map_err(|e| Error::InvalidAddress {
-            addr: addr.clone(),
+            addr: addr.to_string(),
             message: e.to_string(),
         })?;
-        let endpoint = endpoint
+        Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect().await.map_err(|e| {
-            Error::Unavailable(format!(
-                "cannot connect to {addr}: is cache-node running? ({e})"
-            ))
-        })?;
-        Ok(Client {
+            .keep_alive_while_idle(true))
+    }
+
+    fn client(self, channel: Channel, addr: String) -> Client {
+        Client {
             inner: CacheClient::new(channel)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
             addr,
             cfg: self,
-        })
+            epoch: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Connects to one node at `addr` (`host:port`, or an `http://` URL); that node
+    /// forwards requests for keys it does not own. Fails with [`Error::Unavailable`] if
+    /// nothing answers there.
+    pub async fn connect(self, addr: impl Into<String>) -> Result<Client, Error> {
+        let addr = addr.into();
+        let channel = self.endpoint(&addr)?.connect().await.map_err(|e| {
+            Error::Unavailable(format!(
+                "cannot connect to {addr}: is cache-node running? ({e})"
+            ))
+        })?;
+        Ok(self.client(channel, addr))
+    }
+
+    /// A client for `addr` that connects on first use (for cluster members that may be down).
+    fn connect_lazy(self, addr: String) -> Result<Client, Error> {
+        let channel = self.endpoint(&addr)?.connect_lazy();
+        Ok(self.client(channel, addr))
+    }
+
+    /// Connects to a cluster through any of `seeds`: reads the member list and ring
+    /// parameters (`ClusterInfo`), builds the same ring as the nodes, and then sends every
+    /// request straight to the key's replicas. See [`ClusterClient`].
+    pub async fn connect_cluster<S: Into<String>>(
+        self,
+        seeds: impl IntoIterator<Item = S>,
+    ) -> Result<ClusterClient, Error> {
+        ClusterClient::connect(self, seeds.into_iter().map(Into::into).collect()).await
     }
 }
 
@@ -244,6 +345,8 @@ pub struct Client {
     inner: CacheClient<Channel>,
     addr: String,
     cfg: ClientBuilder,
+    /// The ring epoch of the node's last answer (for [`ClusterClient`]'s staleness check).
+    epoch: Arc<AtomicU64>,
 }
 
 impl Client {
@@ -260,6 +363,15 @@ impl Client {
     /// The address this client talks to.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// The ring epoch the node reported in its last answer (0 before any, or on one node).
+    pub fn last_ring_epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    fn saw_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Relaxed);
     }
 
     /// Runs one RPC with the deadline, retrying `Unavailable` if `idempotent`.
@@ -301,12 +413,17 @@ impl Client {
     /// The value of `key` with its TTL and version, or `None` on a miss.
     pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
         let key = key.into();
+        let consistency = self.cfg.read_consistency.read_pb();
         let resp = self
             .call(true, |mut c, t| {
                 let key = key.clone();
-                async move { c.get(with_timeout(pb::GetRequest { key }, t)).await }
+                async move {
+                    c.get(with_timeout(pb::GetRequest { key, consistency }, t))
+                        .await
+                }
             })
             .await?;
+        self.saw_epoch(resp.ring_epoch);
         Ok(to_entry(resp))
     }
 
@@ -325,7 +442,12 @@ impl Client {
         value: impl Into<Bytes>,
         options: SetOptions,
     ) -> Result<bool, Error> {
-        let req = set_request(key.into(), value.into(), options);
+        let req = set_request(
+            key.into(),
+            value.into(),
+            options,
+            self.cfg.write_consistency,
+        );
         // A conditional set is not idempotent: a retry after a lost answer could report
         // "not stored" for a write that was in fact applied.
         let idempotent = options.condition == Condition::Always;
@@ -335,18 +457,24 @@ impl Client {
                 async move { c.set(with_timeout(req, t)).await }
             })
             .await?;
+        self.saw_epoch(resp.ring_epoch);
         Ok(resp.stored)
     }
 
     /// Removes `key`; returns whether it held a live value.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
+        let consistency = self.cfg.write_consistency.to_pb();
         let resp = self
             .call(true, |mut c, t| {
                 let key = key.clone();
-                async move { c.delete(with_timeout(pb::DeleteRequest { key }, t)).await }
+                async move {
+                    c.delete(with_timeout(pb::DeleteRequest { key, consistency }, t))
+                        .await
+                }
             })
             .await?;
+        self.saw_epoch(resp.ring_epoch);
         Ok(resp.deleted)
     }
 
@@ -401,17 +529,26 @@ impl Client {
         };
         let entries: Vec<pb::SetRequest> = entries
             .into_iter()
-            .map(|(k, v)| set_request(k.into(), v.into(), options))
+            .map(|(k, v)| set_request(k.into(), v.into(), options, Consistency::Default))
             .collect();
-        self.call(true, |mut c, t| {
-            let entries = entries.clone();
-            async move {
-                c.multi_set(with_timeout(pb::MultiSetRequest { entries }, t))
+        let consistency = self.cfg.write_consistency.to_pb();
+        let resp = self
+            .call(true, |mut c, t| {
+                let entries = entries.clone();
+                async move {
+                    c.multi_set(with_timeout(
+                        pb::MultiSetRequest {
+                            entries,
+                            consistency,
+                        },
+                        t,
+                    ))
                     .await
-            }
-        })
-        .await
-        .map(drop)
+                }
+            })
+            .await?;
+        self.saw_epoch(resp.ring_epoch);
+        Ok(())
     }
 
     /// The node's counters and sizes.
@@ -450,8 +587,19 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn set_request(key: Bytes, value: Bytes, options: SetOptions) -> pb::SetRequest {
+fn set_request(
+    key: Bytes,
+    value: Bytes,
+    options: SetOptions,
+    client_default: Consistency,
+) -> pb::SetRequest {
+    let consistency = if options.consistency == Consistency::Default {
+        client_default
+    } else {
+        options.consistency
+    };
     pb::SetRequest {
+        consistency: consistency.to_pb(),
         key,
         value,
         // A sub-millisecond TTL still expires (rounded up to 1 ms), rather than meaning "never".
@@ -512,14 +660,17 @@ mod tests {
             Bytes::from_static(b"k"),
             Bytes::new(),
             SetOptions::ttl(Duration::from_micros(10)),
+            Consistency::Default,
         );
         assert_eq!(r.ttl_ms, 1);
         let r = set_request(
             Bytes::from_static(b"k"),
             Bytes::new(),
             SetOptions::default(),
+            Consistency::All,
         );
         assert_eq!(r.ttl_ms, 0);
+        assert_eq!(r.consistency, pb::Consistency::All as i32, "the client default applies");
     }
 
     #[tokio::test]

@@ -98,17 +98,61 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
     };
     let max = shared.cache.config().max_bytes;
     let up = shared.started.elapsed().as_secs();
-    let view = &shared.cluster;
-    let members: String = view
+    let cluster = &shared.cluster;
+    let state = cluster.state();
+    let shares: std::collections::HashMap<String, f64> = state
         .ring
         .shares()
+        .into_iter()
+        .map(|(id, s)| (id.to_string(), s))
+        .collect();
+    let members: String = state
+        .view
+        .members
         .iter()
-        .map(|(id, share)| {
+        .map(|m| {
+            let me = if m.id == cluster.local_id {
+                " (this node)"
+            } else {
+                ""
+            };
             format!(
-                "<tr><td>{}</td><td>{}</td><td>alive</td><td>{:.1} %</td></tr>",
-                escape(id.as_str()),
-                view.rpc_addr,
-                share * 100.0
+                "<tr><td>{}{me}</td><td>{}</td><td>{}</td><td>{:.1} %</td></tr>",
+                escape(&m.id),
+                m.rpc_addr,
+                m.state,
+                shares.get(&m.id).copied().unwrap_or(0.0) * 100.0
+            )
+        })
+        .collect();
+    let peers: String = cluster
+        .peer_health()
+        .iter()
+        .map(|(id, h)| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(id),
+                h.ok,
+                h.failed,
+                escape(h.last_error.as_deref().unwrap_or("ok"))
+            )
+        })
+        .collect();
+    let queues: String = cluster
+        .queue_depths()
+        .iter()
+        .map(|(id, depth, cap)| {
+            format!("<tr><td>{}</td><td>{depth} of {cap}</td></tr>", escape(id))
+        })
+        .collect();
+    let mismatches: String = cluster
+        .mismatches()
+        .iter()
+        .map(|(id, fp)| {
+            format!(
+                "<p><b>RING MISMATCH</b>: {} builds ring {fp:016x}, this node {:016x}. Start every node with the same --peers.</p>",
+                escape(id),
+                state.ring.fingerprint()
             )
         })
         .collect();
@@ -128,10 +172,17 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 <tr><th>evictions</th><td>{evictions}</td></tr>\
 <tr><th>expirations</th><td>{expired}</td></tr>\
 </table>\
-<h2>Members</h2><table><tr><th>id</th><th>address</th><th>state</th><th>key space</th></tr>{members}</table>\
+<h2>Cluster</h2>{mismatches}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
+replication drops are counted in <code>cache_replication_dropped_total</code></p>\
+<table><tr><th>member</th><th>address</th><th>state</th><th>key space (primary)</th></tr>{members}</table>\
+<h3>Peer channels</h3><table><tr><th>peer</th><th>calls ok</th><th>failed</th><th>last</th></tr>{peers}</table>\
+<h3>Replication queues</h3><table><tr><th>peer</th><th>depth</th></tr>{queues}</table>\
 <p><a href=\"/metrics\">/metrics</a> · <a href=\"/healthz\">/healthz</a> · <a href=\"/readyz\">/readyz</a></p>\
 </body></html>\n",
-        node = escape(&view.node_id),
+        node = escape(&cluster.local_id),
+        epoch = state.epoch,
+        fingerprint = state.ring.fingerprint(),
+        rf = state.replication_factor,
         version = env!("CARGO_PKG_VERSION"),
         state = if shared.shutting_down.load(Ordering::Relaxed) {
             "shutting down"

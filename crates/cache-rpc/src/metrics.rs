@@ -66,8 +66,9 @@ fn gauge(r: &dyn Recorder, name: &'static str) -> Gauge {
 }
 
 /// Every metric the node exports, as ready handles.
-#[derive(Debug)]
 pub struct NodeMetrics {
+    /// Kept to register per-peer series when a peer is first used.
+    recorder: PrometheusRecorder,
     /// `cache_requests_total{op,result}`, indexed `[op][result]`.
     requests: Vec<Vec<Counter>>,
     /// `cache_request_duration_seconds{op}`, indexed by op.
@@ -85,6 +86,15 @@ pub struct NodeMetrics {
     max_bytes: Gauge,
     uptime: Gauge,
     resident: Gauge,
+    forwarded: Counter,
+    read_repairs: Counter,
+    mismatches: Counter,
+}
+
+impl std::fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeMetrics").finish_non_exhaustive()
+    }
 }
 
 /// Index of an RPC in [`OPS`].
@@ -110,7 +120,9 @@ pub enum Op {
 
 impl NodeMetrics {
     /// Registers every series on `recorder`, so all of them show up (at zero) from the start.
-    pub fn register(recorder: &dyn Recorder) -> Self {
+    pub fn register(recorder: PrometheusRecorder) -> Self {
+        let r: &dyn Recorder = &recorder;
+        let recorder_ref = r;
         let requests = OPS
             .iter()
             .map(|op| {
@@ -118,7 +130,7 @@ impl NodeMetrics {
                     .iter()
                     .map(|res| {
                         counter(
-                            recorder,
+                            recorder_ref,
                             "cache_requests_total",
                             vec![Label::new("op", *op), Label::new("result", *res)],
                         )
@@ -129,7 +141,7 @@ impl NodeMetrics {
         let durations = OPS
             .iter()
             .map(|op| {
-                recorder.register_histogram(
+                recorder_ref.register_histogram(
                     &Key::from_parts(
                         "cache_request_duration_seconds",
                         vec![Label::new("op", *op)],
@@ -138,8 +150,27 @@ impl NodeMetrics {
                 )
             })
             .collect();
-        let c = |name| counter(recorder, name, Vec::new());
+        let c = |name| counter(recorder_ref, name, Vec::new());
+        let forwarded = c("cache_forwarded_requests_total");
+        let read_repairs = c("cache_read_repairs_total");
+        let mismatches = c("cache_ring_fingerprint_mismatch_total");
+        let g = |name| gauge(recorder_ref, name);
+        let (items, bytes, max_bytes, uptime, resident) = (
+            g("cache_items"),
+            g("cache_bytes"),
+            g("cache_max_bytes"),
+            g("process_uptime_seconds"),
+            g("process_resident_memory_bytes"),
+        );
         Self {
+            forwarded,
+            read_repairs,
+            mismatches,
+            items,
+            bytes,
+            max_bytes,
+            uptime,
+            resident,
             requests,
             durations,
             hits: c("cache_hits_total"),
@@ -150,11 +181,45 @@ impl NodeMetrics {
             evictions: c("cache_evictions_total"),
             expired: c("cache_expired_total"),
             stale: c("cache_stale_writes_total"),
-            items: gauge(recorder, "cache_items"),
-            bytes: gauge(recorder, "cache_bytes"),
-            max_bytes: gauge(recorder, "cache_max_bytes"),
-            uptime: gauge(recorder, "process_uptime_seconds"),
-            resident: gauge(recorder, "process_resident_memory_bytes"),
+            recorder,
+        }
+    }
+
+    /// The exposition handle of this node's registry.
+    pub fn handle(&self) -> PrometheusHandle {
+        self.recorder.handle()
+    }
+
+    /// Counts a request this node forwarded to another node.
+    pub fn forwarded(&self) {
+        self.forwarded.increment(1);
+    }
+
+    /// Counts a stale replica repaired by a QUORUM read.
+    pub fn read_repair(&self) {
+        self.read_repairs.increment(1);
+    }
+
+    /// Counts a peer call whose ring fingerprint differed from ours.
+    pub fn fingerprint_mismatch(&self) {
+        self.mismatches.increment(1);
+    }
+
+    /// The replication series of one peer (registered on first use).
+    pub fn replication_series(&self, peer: &str) -> crate::cluster::ReplicationSeries {
+        let r: &dyn Recorder = &self.recorder;
+        let label = || vec![Label::new("peer", peer.to_string())];
+        crate::cluster::ReplicationSeries {
+            dropped: counter(r, "cache_replication_dropped_total", label()),
+            sent: counter(r, "cache_replication_sent_total", label()),
+            depth: r.register_gauge(
+                &Key::from_parts("cache_replication_queue_depth", label()),
+                &META,
+            ),
+            lag: r.register_gauge(
+                &Key::from_parts("cache_replication_lag_seconds", label()),
+                &META,
+            ),
         }
     }
 
@@ -194,9 +259,4 @@ pub fn resident_memory_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4096)
-}
-
-/// Renders the exposition text.
-pub fn render(handle: &PrometheusHandle) -> String {
-    handle.render()
 }

@@ -16,16 +16,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_core::{Cache, CacheConfig, Reaper};
-use cache_proto::v1::{self as pb, cache_server::CacheServer};
-use cluster_ring::{DEFAULT_VNODES_PER_WEIGHT, FORMAT_VERSION, Member, NodeId, Ring};
+use cache_proto::v1::{cache_server::CacheServer, peer_server::PeerServer};
+use cluster_membership::{Membership, PeerSpec, StaticMembership};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::limits::Limits;
 use crate::metrics::NodeMetrics;
-use crate::service::{CacheService, Shared};
+use crate::service::{CacheService, PeerService, Shared};
 
 /// Everything a node needs to start. The binary fills it from flags, env and file.
 #[derive(Debug, Clone)]
@@ -49,6 +50,10 @@ pub struct NodeConfig {
     /// The first part of the grace period, during which the node stays connected but
     /// answers `UNAVAILABLE` and fails readiness (capped at `shutdown_grace`).
     pub shutdown_notice: Duration,
+    /// Every member of the cluster, this node included (`--peers`); empty for a single node.
+    pub peers: Vec<PeerSpec>,
+    /// Replication and peer settings.
+    pub cluster: ClusterConfig,
 }
 
 impl Default for NodeConfig {
@@ -63,6 +68,8 @@ impl Default for NodeConfig {
             reaper_budget: 1024,
             shutdown_grace: Duration::from_secs(10),
             shutdown_notice: Duration::from_secs(1),
+            peers: Vec::new(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -83,9 +90,12 @@ pub enum NodeError {
     /// The engine configuration is invalid.
     #[error("invalid cache configuration")]
     Config(#[from] cache_core::ConfigError),
-    /// The node id is not a valid ring id.
-    #[error("invalid node id")]
-    NodeId(#[from] cluster_ring::RingError),
+    /// The member list does not form a ring (bad node id, ...).
+    #[error("invalid cluster membership")]
+    Ring(#[from] cluster_ring::RingError),
+    /// The member list is invalid.
+    #[error("invalid --peers")]
+    Membership(#[from] cluster_membership::MembershipError),
     /// The reaper thread could not be started.
     #[error("cannot start the reaper thread: {0}")]
     Reaper(std::io::Error),
@@ -98,58 +108,6 @@ pub enum NodeError {
     /// The admin HTTP server failed while running.
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
-}
-
-/// What `ClusterInfo` reports. A single member for now; the cluster issue fills it from
-/// membership.
-#[derive(Debug, Clone)]
-pub struct ClusterView {
-    /// This node's id.
-    pub node_id: String,
-    /// This node's client-facing address.
-    pub rpc_addr: SocketAddr,
-    /// The ring's epoch.
-    pub ring_epoch: u64,
-    /// The ring built from the members.
-    pub ring: Ring,
-}
-
-impl ClusterView {
-    fn single(node_id: &str, rpc_addr: SocketAddr) -> Result<Self, cluster_ring::RingError> {
-        let ring = Ring::new(
-            [Member::new(NodeId::new(node_id)?, 1)],
-            DEFAULT_VNODES_PER_WEIGHT,
-        )?;
-        Ok(Self {
-            node_id: node_id.to_string(),
-            rpc_addr,
-            ring_epoch: 0,
-            ring,
-        })
-    }
-
-    /// The protobuf form.
-    pub fn to_pb(&self) -> pb::ClusterInfoResponse {
-        pb::ClusterInfoResponse {
-            node_id: self.node_id.clone(),
-            members: self
-                .ring
-                .members()
-                .iter()
-                .map(|m| pb::Member {
-                    id: m.id.to_string(),
-                    rpc_addr: self.rpc_addr.to_string(),
-                    state: "alive".into(),
-                    weight: m.weight,
-                })
-                .collect(),
-            vnodes_per_weight: self.ring.vnodes_per_weight(),
-            ring_format_version: FORMAT_VERSION,
-            ring_fingerprint: self.ring.fingerprint(),
-            replication_factor: 1,
-            ring_epoch: self.ring_epoch,
-        }
-    }
 }
 
 /// A node with its listeners bound, ready to [`Node::run`].
@@ -180,16 +138,23 @@ impl Node {
                 what: "admin HTTP",
                 source,
             })?;
-        let grpc_addr = grpc.local_addr().map_err(|source| NodeError::Bind {
+        let grpc_addr: SocketAddr = grpc.local_addr().map_err(|source| NodeError::Bind {
             addr: config.listen,
             what: "gRPC",
             source,
         })?;
-        let recorder = crate::metrics::recorder();
-        let prometheus = recorder.handle();
-        let metrics = NodeMetrics::register(&recorder);
-        // The recorder only owns the registry, which the handle shares; it can go.
-        drop(recorder);
+        let metrics = Arc::new(NodeMetrics::register(crate::metrics::recorder()));
+        let prometheus = metrics.handle();
+        let membership: Arc<dyn Membership> = if config.peers.is_empty() {
+            Arc::new(StaticMembership::single(&config.node_id, grpc_addr))
+        } else {
+            Arc::new(StaticMembership::new(
+                &config.node_id,
+                config.peers.clone(),
+            )?)
+        };
+        membership.join()?;
+        let cluster = Cluster::start(membership, config.cluster.clone(), Arc::clone(&metrics))?;
         let shared = Arc::new(Shared {
             cache,
             limits: config.limits,
@@ -197,7 +162,7 @@ impl Node {
             shutting_down: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             started: Instant::now(),
-            cluster: ClusterView::single(&config.node_id, grpc_addr)?,
+            cluster,
         });
         Ok(Self {
             shared,
@@ -210,7 +175,7 @@ impl Node {
 
     /// The bound gRPC address (useful with port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.shared.cluster.rpc_addr
+        self.grpc.local_addr().unwrap_or(self.config.listen)
     }
 
     /// The bound admin HTTP address.
@@ -247,6 +212,9 @@ impl Node {
         let service = CacheServer::new(CacheService::new(Arc::clone(&shared)))
             .max_decoding_message_size(config.limits.max_request_bytes())
             .max_encoding_message_size(config.limits.max_response_bytes());
+        let peer_service = PeerServer::new(PeerService::new(Arc::clone(&shared)))
+            .max_decoding_message_size(config.limits.max_response_bytes())
+            .max_encoding_message_size(config.limits.max_response_bytes());
 
         // One shutdown signal fans out to both servers.
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -278,6 +246,7 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
+            .add_service(peer_service)
             .serve_with_incoming_shutdown(
                 // Our own listener (bound early to report errors), so the server's
                 // tcp_nodelay does not apply: set it per accepted socket here, or Nagle's

@@ -1,0 +1,426 @@
+//! The ring-aware client: computes each key's replicas itself and talks to them directly.
+//!
+//! It bootstraps from seed addresses through `ClusterInfo`, builds the same ring as the
+//! nodes with `cluster-ring` (and checks the fingerprint to be sure), and keeps one
+//! [`Client`] per member. Each request goes to the key's primary (or, for reads with
+//! `spread_reads`, to one of its replicas); if that node is unreachable, to the next replica.
+//! Batches are split per primary and sent in parallel. Every answer carries the node's ring
+//! epoch; when it differs from the client's, the client refreshes its view.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cache_proto::v1 as pb;
+use cluster_ring::{Member as RingMember, NodeId, Ring};
+
+use crate::{Client, ClientBuilder, Entry, Error, SetOptions};
+
+/// One member as the client sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterMember {
+    /// The member's id.
+    pub id: String,
+    /// Its address.
+    pub addr: String,
+    /// "alive", "suspect", "dead" or "left".
+    pub state: String,
+    /// Ring weight.
+    pub weight: u32,
+    /// Its share of the key space as primary (0..1).
+    pub share: f64,
+}
+
+/// The client's picture of the cluster at one epoch.
+struct View {
+    ring: Ring,
+    epoch: u64,
+    replication_factor: usize,
+    members: Vec<ClusterMember>,
+    /// Member id → client.
+    nodes: HashMap<String, Client>,
+}
+
+/// A ring-aware client for a cache-cluster. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterClient {
+    builder: ClientBuilder,
+    seeds: Arc<RwLock<Vec<String>>>,
+    view: Arc<RwLock<Arc<View>>>,
+    /// Round-robin position for spread reads.
+    next: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for ClusterClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let view = self.view();
+        f.debug_struct("ClusterClient")
+            .field("epoch", &view.epoch)
+            .field("members", &view.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn retryable(e: &Error) -> bool {
+    matches!(e, Error::Unavailable(_) | Error::TimedOut(_))
+}
+
+impl ClusterClient {
+    pub(crate) async fn connect(builder: ClientBuilder, seeds: Vec<String>) -> Result<Self, Error> {
+        if seeds.is_empty() {
+            return Err(Error::Cluster("no seed addresses given".into()));
+        }
+        let view = Self::fetch_view(&builder, &seeds).await?;
+        Ok(Self {
+            builder,
+            seeds: Arc::new(RwLock::new(seeds)),
+            view: Arc::new(RwLock::new(Arc::new(view))),
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Asks each seed in turn for `ClusterInfo` and builds a view from the first answer.
+    async fn fetch_view(builder: &ClientBuilder, seeds: &[String]) -> Result<View, Error> {
+        let mut last = None;
+        for seed in seeds {
+            let client = match builder.clone().retries(0).connect(seed.clone()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            };
+            match client.cluster_info().await {
+                Ok(info) => return Self::build_view(builder, info),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Unavailable("no seed answered".into())))
+    }
+
+    fn build_view(builder: &ClientBuilder, info: pb::ClusterInfoResponse) -> Result<View, Error> {
+        if info.ring_format_version != cluster_ring::FORMAT_VERSION {
+            return Err(Error::Cluster(format!(
+                "the nodes use ring format {}, this client {}: upgrade the client",
+                info.ring_format_version,
+                cluster_ring::FORMAT_VERSION
+            )));
+        }
+        let owners = info
+            .members
+            .iter()
+            .filter(|m| m.state == "alive" || m.state == "suspect")
+            .map(|m| {
+                NodeId::new(m.id.clone())
+                    .map(|id| RingMember::new(id, m.weight))
+                    .map_err(|e| Error::Cluster(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ring = Ring::new(owners, info.vnodes_per_weight)
+            .map_err(|e| Error::Cluster(e.to_string()))?
+            .with_epoch(info.ring_epoch);
+        if ring.fingerprint() != info.ring_fingerprint {
+            return Err(Error::Cluster(format!(
+                "built ring {:016x} but the node reports {:016x}",
+                ring.fingerprint(),
+                info.ring_fingerprint
+            )));
+        }
+        let shares: HashMap<String, f64> = ring
+            .shares()
+            .into_iter()
+            .map(|(id, s)| (id.to_string(), s))
+            .collect();
+        let mut nodes = HashMap::new();
+        let mut members = Vec::new();
+        for m in &info.members {
+            // Per-node clients do not retry: failing over to the next replica is faster.
+            nodes.insert(
+                m.id.clone(),
+                builder
+                    .clone()
+                    .retries(0)
+                    .connect_lazy(m.rpc_addr.clone())?,
+            );
+            members.push(ClusterMember {
+                id: m.id.clone(),
+                addr: m.rpc_addr.clone(),
+                state: m.state.clone(),
+                weight: m.weight,
+                share: shares.get(&m.id).copied().unwrap_or(0.0),
+            });
+        }
+        Ok(View {
+            ring,
+            epoch: info.ring_epoch,
+            replication_factor: (info.replication_factor as usize).max(1),
+            members,
+            nodes,
+        })
+    }
+
+    fn view(&self) -> Arc<View> {
+        Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Rebuilds the view from any member (or seed). Called when a node reports another
+    /// epoch or says it is the wrong node.
+    pub async fn refresh(&self) -> Result<(), Error> {
+        let current = self.view();
+        let mut addrs: Vec<String> = current.members.iter().map(|m| m.addr.clone()).collect();
+        addrs.extend(
+            self.seeds
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        let view = Self::fetch_view(&self.builder, &addrs).await?;
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        Ok(())
+    }
+
+    /// Members with their address, state and share of the key space.
+    pub fn members(&self) -> Vec<ClusterMember> {
+        self.view().members.clone()
+    }
+
+    /// The ring's fingerprint, epoch and replication factor.
+    pub fn ring_summary(&self) -> (u64, u64, usize) {
+        let v = self.view();
+        (v.ring.fingerprint(), v.epoch, v.replication_factor)
+    }
+
+    /// The ids of `key`'s replicas, primary first.
+    pub fn replicas_of(&self, key: &[u8]) -> Vec<String> {
+        let v = self.view();
+        v.ring
+            .replicas(key, v.replication_factor)
+            .into_iter()
+            .map(|m| m.id.to_string())
+            .collect()
+    }
+
+    /// Runs `op` against the key's replicas in order until one answers; refreshes the view
+    /// if the node reports a different epoch, or once if it says it is the wrong node.
+    async fn routed<T, F, Fut>(&self, key: &[u8], read: bool, op: F) -> Result<T, Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        for attempt in 0..2 {
+            let view = self.view();
+            let mut order = self.replicas_of(key);
+            if read && self.builder.spread_reads && order.len() > 1 {
+                let k = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
+                order.rotate_left(k);
+            }
+            let mut last = None;
+            for id in &order {
+                let Some(client) = view.nodes.get(id) else {
+                    continue;
+                };
+                match op(client.clone()).await {
+                    Ok(v) => {
+                        let seen = client.last_ring_epoch();
+                        if seen != 0 && seen != view.epoch {
+                            // Stale view: refresh for the next call (best effort).
+                            let _ = self.refresh().await;
+                        }
+                        return Ok(v);
+                    }
+                    Err(e) if retryable(&e) => last = Some(e),
+                    Err(e @ Error::WrongNode(_)) => {
+                        last = Some(e);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            match last {
+                Some(Error::WrongNode(_)) if attempt == 0 => {
+                    self.refresh().await?;
+                }
+                Some(e) => return Err(e),
+                None => return Err(Error::Unavailable("no replica of this key is known".into())),
+            }
+        }
+        Err(Error::Unavailable("the cluster view kept changing".into()))
+    }
+
+    /// The value of `key`, or `None` on a miss.
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
+        Ok(self.get_entry(key).await?.map(|e| e.value))
+    }
+
+    /// The value of `key` with its TTL and version.
+    pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
+        let key = key.into();
+        self.routed(&key, true, |c| {
+            let key = key.clone();
+            async move { c.get_entry(key).await }
+        })
+        .await
+    }
+
+    /// Stores `key` = `value`.
+    pub async fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<(), Error> {
+        self.set_with(key, value, SetOptions::default())
+            .await
+            .map(drop)
+    }
+
+    /// Stores with options; returns whether it was stored.
+    pub async fn set_with(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        options: SetOptions,
+    ) -> Result<bool, Error> {
+        let (key, value) = (key.into(), value.into());
+        self.routed(&key, false, |c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move { c.set_with(key, value, options).await }
+        })
+        .await
+    }
+
+    /// Removes `key`; returns whether it held a live value.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
+        let key = key.into();
+        self.routed(&key, false, |c| {
+            let key = key.clone();
+            async move { c.delete(key).await }
+        })
+        .await
+    }
+
+    /// Sets the TTL of a live key; returns whether it existed.
+    pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
+        let key = key.into();
+        self.routed(&key, false, |c| {
+            let key = key.clone();
+            async move { c.touch(key, ttl).await }
+        })
+        .await
+    }
+
+    /// Groups keys by primary: primary id → indices.
+    fn by_primary(&self, keys: &[Bytes]) -> BTreeMap<String, Vec<usize>> {
+        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(primary) = self.replicas_of(k).into_iter().next() {
+                groups.entry(primary).or_default().push(i);
+            }
+        }
+        groups
+    }
+
+    /// The values of `keys`, in order: one `MultiGet` per primary, in parallel; keys of an
+    /// unreachable primary are read one by one from their other replicas.
+    pub async fn get_many<K: Into<Bytes>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<Option<Bytes>>, Error> {
+        let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
+        let mut out = vec![None; keys.len()];
+        let view = self.view();
+        let mut set = tokio::task::JoinSet::new();
+        for (primary, idx) in self.by_primary(&keys) {
+            let this = self.clone();
+            let client = view.nodes.get(&primary).cloned();
+            let group: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
+            set.spawn(async move {
+                let direct = match client {
+                    Some(c) => c.get_many(group.clone()).await,
+                    None => Err(Error::Unavailable(format!("unknown member {primary}"))),
+                };
+                let values = match direct {
+                    Ok(v) => Ok(v),
+                    Err(e) if retryable(&e) || matches!(e, Error::WrongNode(_)) => {
+                        let mut v = Vec::with_capacity(group.len());
+                        for k in group {
+                            match this.get(k).await {
+                                Ok(x) => v.push(x),
+                                Err(e) => return (idx, Err(e)),
+                            }
+                        }
+                        Ok(v)
+                    }
+                    Err(e) => Err(e),
+                };
+                (idx, values)
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            let (idx, values) =
+                done.map_err(|e| Error::Cluster(format!("batch task failed: {e}")))?;
+            for (i, v) in idx.into_iter().zip(values?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores every pair with the same TTL: one `MultiSet` per primary, in parallel; entries
+    /// of an unreachable primary go one by one to their other replicas.
+    pub async fn set_many<K: Into<Bytes>, V: Into<Bytes>>(
+        &self,
+        entries: impl IntoIterator<Item = (K, V)>,
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        let entries: Vec<(Bytes, Bytes)> = entries
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let keys: Vec<Bytes> = entries.iter().map(|(k, _)| k.clone()).collect();
+        let view = self.view();
+        let mut set = tokio::task::JoinSet::new();
+        for (primary, idx) in self.by_primary(&keys) {
+            let this = self.clone();
+            let client = view.nodes.get(&primary).cloned();
+            let group: Vec<(Bytes, Bytes)> = idx.iter().map(|&i| entries[i].clone()).collect();
+            set.spawn(async move {
+                let direct = match client {
+                    Some(c) => c.set_many(group.clone(), ttl).await,
+                    None => Err(Error::Unavailable(format!("unknown member {primary}"))),
+                };
+                match direct {
+                    Err(e) if retryable(&e) || matches!(e, Error::WrongNode(_)) => {
+                        for (k, v) in group {
+                            this.set_with(
+                                k,
+                                v,
+                                SetOptions {
+                                    ttl,
+                                    ..SetOptions::default()
+                                },
+                            )
+                            .await?;
+                        }
+                        Ok(())
+                    }
+                    other => other,
+                }
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            done.map_err(|e| Error::Cluster(format!("batch task failed: {e}")))??;
+        }
+        Ok(())
+    }
+
+    /// Counters of every member (unreachable ones are skipped).
+    pub async fn stats(&self) -> Vec<(String, Result<pb::StatsResponse, Error>)> {
+        let view = self.view();
+        let mut out = Vec::new();
+        for m in &view.members {
+            if let Some(c) = view.nodes.get(&m.id) {
+                out.push((m.id.clone(), c.stats().await));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,317 @@
+//! `cluster-membership`: who is in the cluster, behind one trait.
+//!
+//! A [`Membership`] publishes a [`MembershipView`] — an epoch and the member list — through a
+//! `tokio::sync::watch`, so consumers (the node's router, `/status`) always read the latest
+//! view and are woken when it changes. It knows nothing of the cache or the ring: it only
+//! says who exists, where they listen, and what state they are in.
+//!
+//! Implementations:
+//! - [`StaticMembership`]: the member list given at start-up (`--peers`). Every member is
+//!   `Alive` forever; [`Membership::leave`] marks the local node `Left`.
+//! - Coordinator and SWIM gossip come later, behind the same trait; the states `Suspect`,
+//!   `Dead` and `Left` and the per-member `incarnation` exist for them.
+//!
+//! ```
+//! use cluster_membership::{Membership, MemberState, StaticMembership, parse_peers};
+//!
+//! let peers = parse_peers("a=127.0.0.1:7001,b=127.0.0.1:7002,c=127.0.0.1:7003")?;
+//! let membership = StaticMembership::new("b", peers)?;
+//! let view = membership.view().borrow().clone();
+//! assert_eq!(view.members.len(), 3);
+//! assert!(view.members.iter().all(|m| m.state == MemberState::Alive));
+//! # Ok::<(), cluster_membership::MembershipError>(())
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use tokio::sync::watch;
+
+/// Why a membership could not be built or changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// A `--peers` entry is not `id=host:port`.
+    #[error("peer entry {entry:?} is not id=host:port: {reason}")]
+    BadPeer {
+        /// The offending entry.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Two members share an id.
+    #[error("member id {0:?} appears twice")]
+    DuplicateId(String),
+    /// Two members share an address.
+    #[error("address {0} is given to two members")]
+    DuplicateAddr(SocketAddr),
+    /// The local node's id is not in the member list.
+    #[error("the local node {0:?} is not in the member list; add it to --peers")]
+    LocalMissing(String),
+}
+
+/// A member's state as this node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MemberState {
+    /// Reachable and serving.
+    Alive,
+    /// Failed a probe; may be refuted (gossip).
+    Suspect,
+    /// Declared failed.
+    Dead,
+    /// Left gracefully.
+    Left,
+}
+
+impl MemberState {
+    /// Lower-case name, as shown in `ClusterInfo`, `/status` and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Dead => "dead",
+            MemberState::Left => "left",
+        }
+    }
+
+    /// Whether the member should own keys (alive or merely suspected).
+    pub fn owns_keys(self) -> bool {
+        matches!(self, MemberState::Alive | MemberState::Suspect)
+    }
+}
+
+impl fmt::Display for MemberState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Stable id (a name, not an address).
+    pub id: String,
+    /// Where its `cache.v1` gRPC service listens.
+    pub rpc_addr: SocketAddr,
+    /// Its state.
+    pub state: MemberState,
+    /// Bumped by the member itself to refute suspicion (gossip); 0 for static members.
+    pub incarnation: u64,
+    /// Relative capacity on the ring.
+    pub weight: u32,
+}
+
+/// Everyone this node knows about, at one epoch. Members are sorted by id.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MembershipView {
+    /// Increases with every change this node sees.
+    pub epoch: u64,
+    /// The members, sorted by id.
+    pub members: Vec<Member>,
+}
+
+impl MembershipView {
+    /// The member with id `id`.
+    pub fn member(&self, id: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    /// Members that should own keys.
+    pub fn owners(&self) -> impl Iterator<Item = &Member> {
+        self.members.iter().filter(|m| m.state.owns_keys())
+    }
+}
+
+/// A source of membership views. Implementations own their background work (probing,
+/// gossip) and stop it when dropped.
+pub trait Membership: Send + Sync + 'static {
+    /// The local node's id.
+    fn local_id(&self) -> &str;
+
+    /// The current view, and a way to wait for the next one.
+    fn view(&self) -> watch::Receiver<MembershipView>;
+
+    /// Announces the local node (a no-op for static membership).
+    fn join(&self) -> Result<(), MembershipError>;
+
+    /// Announces that the local node is leaving: it is marked `Left` in the view.
+    fn leave(&self) -> Result<(), MembershipError>;
+}
+
+/// A peer from `--peers`: `id=host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// The member's id.
+    pub id: String,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+}
+
+/// Parses `id=host:port,id=host:port,...` (whitespace around entries is ignored).
+pub fn parse_peers(s: &str) -> Result<Vec<PeerSpec>, MembershipError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            let bad = |reason: &str| MembershipError::BadPeer {
+                entry: entry.to_string(),
+                reason: reason.to_string(),
+            };
+            let (id, addr) = entry.split_once('=').ok_or_else(|| bad("missing `=`"))?;
+            let id = id.trim();
+            if id.is_empty() || id.len() > 255 {
+                return Err(bad("the id must be 1 to 255 bytes"));
+            }
+            let addr = addr
+                .trim()
+                .parse()
+                .map_err(|e: std::net::AddrParseError| bad(&format!("bad address: {e}")))?;
+            Ok(PeerSpec {
+                id: id.to_string(),
+                addr,
+            })
+        })
+        .collect()
+}
+
+/// Membership fixed at start-up. Every node must be given the same list; nodes compare ring
+/// fingerprints on every peer call and report a mismatch loudly.
+#[derive(Debug)]
+pub struct StaticMembership {
+    local: String,
+    tx: watch::Sender<MembershipView>,
+}
+
+impl StaticMembership {
+    /// A membership of `peers` (which must include `local_id`), all alive, weight 1.
+    pub fn new(local_id: &str, peers: Vec<PeerSpec>) -> Result<Self, MembershipError> {
+        let mut members: Vec<Member> = peers
+            .into_iter()
+            .map(|p| Member {
+                id: p.id,
+                rpc_addr: p.addr,
+                state: MemberState::Alive,
+                incarnation: 0,
+                weight: 1,
+            })
+            .collect();
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        for pair in members.windows(2) {
+            if pair[0].id == pair[1].id {
+                return Err(MembershipError::DuplicateId(pair[0].id.clone()));
+            }
+        }
+        let mut addrs: Vec<SocketAddr> = members.iter().map(|m| m.rpc_addr).collect();
+        addrs.sort();
+        for pair in addrs.windows(2) {
+            if pair[0] == pair[1] {
+                return Err(MembershipError::DuplicateAddr(pair[0]));
+            }
+        }
+        if !members.iter().any(|m| m.id == local_id) {
+            return Err(MembershipError::LocalMissing(local_id.to_string()));
+        }
+        let (tx, _rx) = watch::channel(MembershipView { epoch: 1, members });
+        Ok(Self {
+            local: local_id.to_string(),
+            tx,
+        })
+    }
+
+    /// A one-member cluster: just this node.
+    pub fn single(local_id: &str, addr: SocketAddr) -> Self {
+        let (tx, _rx) = watch::channel(MembershipView {
+            epoch: 1,
+            members: vec![Member {
+                id: local_id.to_string(),
+                rpc_addr: addr,
+                state: MemberState::Alive,
+                incarnation: 0,
+                weight: 1,
+            }],
+        });
+        Self {
+            local: local_id.to_string(),
+            tx,
+        }
+    }
+}
+
+impl Membership for StaticMembership {
+    fn local_id(&self) -> &str {
+        &self.local
+    }
+
+    fn view(&self) -> watch::Receiver<MembershipView> {
+        self.tx.subscribe()
+    }
+
+    fn join(&self) -> Result<(), MembershipError> {
+        Ok(())
+    }
+
+    fn leave(&self) -> Result<(), MembershipError> {
+        let local = self.local.clone();
+        self.tx.send_modify(|view| {
+            if let Some(m) = view.members.iter_mut().find(|m| m.id == local) {
+                m.state = MemberState::Left;
+            }
+            view.epoch += 1;
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_peers_and_rejects_bad_entries() {
+        let peers = parse_peers(" a=127.0.0.1:1 , b=127.0.0.2:2,").expect("valid");
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[1].addr, "127.0.0.2:2".parse().expect("addr"));
+        assert!(matches!(
+            parse_peers("a127.0.0.1:1"),
+            Err(MembershipError::BadPeer { .. })
+        ));
+        assert!(matches!(
+            parse_peers("a=localhost"),
+            Err(MembershipError::BadPeer { .. })
+        ));
+        assert!(matches!(
+            parse_peers("=127.0.0.1:1"),
+            Err(MembershipError::BadPeer { .. })
+        ));
+    }
+
+    #[test]
+    fn static_membership_validates_and_leaves() {
+        let peers = parse_peers("b=127.0.0.1:2,a=127.0.0.1:1").expect("valid");
+        let m = StaticMembership::new("a", peers.clone()).expect("valid");
+        let rx = m.view();
+        let view = rx.borrow().clone();
+        assert_eq!(view.members[0].id, "a", "sorted by id");
+        assert_eq!(view.owners().count(), 2);
+        m.leave().expect("leave");
+        let view = m.view().borrow().clone();
+        assert_eq!(view.epoch, 2);
+        assert_eq!(view.member("a").map(|x| x.state), Some(MemberState::Left));
+        assert_eq!(view.owners().count(), 1);
+        assert_eq!(
+            StaticMembership::new("zz", peers.clone()).err(),
+            Some(MembershipError::LocalMissing("zz".into()))
+        );
+        let dup = parse_peers("a=127.0.0.1:1,a=127.0.0.1:2").expect("parses");
+        assert!(matches!(
+            StaticMembership::new("a", dup),
+            Err(MembershipError::DuplicateId(_))
+        ));
+        let dup = parse_peers("a=127.0.0.1:1,b=127.0.0.1:1").expect("parses");
+        assert!(matches!(
+            StaticMembership::new("a", dup),
+            Err(MembershipError::DuplicateAddr(_))
+        ));
+    }
+}

@@ -109,6 +109,14 @@ impl Error {
             }
             Code::ResourceExhausted => Error::Full(message),
             Code::Unavailable => Error::Unavailable(format!("{addr}: {message}")),
+            // The server's own deadline fired.
+            Code::Cancelled if message.contains("Timeout expired") => Error::TimedOut(timeout),
+            // tonic reports a connection that cannot be (re)established, or that broke under
+            // an in-flight call, this way: the node is not reachable.
+            Code::Cancelled => Error::Unavailable(format!("{addr}: {message}")),
+            Code::Unknown if message.contains("transport error") => {
+                Error::Unavailable(format!("{addr}: {message}"))
+            }
             Code::DeadlineExceeded => Error::TimedOut(timeout),
             Code::Aborted => Error::WrongNode(message),
             code => Error::Server { code, message },
@@ -642,6 +650,8 @@ mod tests {
         assert!(matches!(map(Code::DeadlineExceeded), Error::TimedOut(_)));
         assert!(matches!(map(Code::NotFound), Error::NotFound(_)));
         assert!(matches!(map(Code::Internal), Error::Server { .. }));
+        assert!(matches!(map(Code::Cancelled), Error::Unavailable(_)));
+        assert!(matches!(map(Code::Aborted), Error::WrongNode(_)));
     }
 
     #[test]
@@ -670,7 +680,11 @@ mod tests {
             Consistency::All,
         );
         assert_eq!(r.ttl_ms, 0);
-        assert_eq!(r.consistency, pb::Consistency::All as i32, "the client default applies");
+        assert_eq!(
+            r.consistency,
+            pb::Consistency::All as i32,
+            "the client default applies"
+        );
     }
 
     #[tokio::test]

@@ -305,9 +305,10 @@ impl Cluster {
         let addr = self.state.load().addr(id)?;
         let mut channels = self.channels.lock();
         if let Some((a, ch)) = channels.get(id)
-            && *a == addr {
-                return Some(ch.clone());
-            }
+            && *a == addr
+        {
+            return Some(ch.clone());
+        }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
             .connect_timeout(self.config.peer_timeout)

@@ -124,6 +124,13 @@ enum Applied {
     Stored(pb::ReplicatedEntry),
 }
 
+/// Where a write goes: the replicas ahead of this node, in order.
+struct WriteRoute {
+    ahead: Vec<String>,
+    /// Whether this node may coordinate if none of `ahead` answers (it is a replica).
+    local_fallback: bool,
+}
+
 /// Where a key's request is handled.
 struct Placement {
     state: Arc<RingState>,
@@ -242,6 +249,56 @@ impl CacheService {
             "no replica of this key answered (last error: {})",
             last.unwrap_or_else(|| "no reachable replica".into())
         )))
+    }
+
+    /// Who coordinates a write of a key placed at `p`: this node (no targets), or the
+    /// replicas ahead of it in ring order, with this node as the fallback if it is a replica.
+    fn write_route(&self, p: &Placement, forwarded: bool) -> Result<WriteRoute, Status> {
+        let local = &self.cluster().local_id;
+        if p.local_is_primary || (forwarded && p.local_is_replica) {
+            return Ok(WriteRoute {
+                ahead: Vec::new(),
+                local_fallback: true,
+            });
+        }
+        if forwarded {
+            return Err(self.wrong_owner(p));
+        }
+        let ahead: Vec<String> = p
+            .replicas
+            .iter()
+            .take_while(|r| *r != local)
+            .cloned()
+            .collect();
+        Ok(WriteRoute {
+            ahead,
+            local_fallback: p.local_is_replica,
+        })
+    }
+
+    /// Forwards a write along `route`; `Ok(None)` means "coordinate it here" (this node is
+    /// the coordinator, or every replica ahead of it is unreachable).
+    async fn forward_write<Req, Resp, F, Fut>(
+        &self,
+        route: &WriteRoute,
+        msg: Req,
+        call: F,
+    ) -> Result<Option<Resp>, Status>
+    where
+        Req: Clone,
+        F: Fn(CacheClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        if route.ahead.is_empty() {
+            return Ok(None);
+        }
+        match self.forward(&route.ahead, msg, call).await {
+            Ok(resp) => Ok(Some(resp)),
+            Err(status) if route.local_fallback && status.code() == tonic::Code::Unavailable => {
+                Ok(None)
+            }
+            Err(status) => Err(status),
+        }
     }
 
     /// Sends `entries` to the other replicas with `consistency`; `Ok` once enough applied.
@@ -513,17 +570,21 @@ impl cache_server::Cache for CacheService {
         self.observe(Op::Set, async {
             self.check_set(&req)?;
             let p = self.place(&req.key);
-            let stored = if p.local_is_primary || (forwarded && p.local_is_replica) {
-                let consistency = Consistency::from_pb(req.consistency, self.default_consistency());
-                self.coordinate_set(&p, &req, consistency).await?
-            } else if forwarded {
-                return Err(self.wrong_owner(&p));
-            } else {
-                self.forward(&p.replicas, req.clone(), |mut c, r| async move {
-                    c.set(r).await
-                })
-                .await?
-                .stored
+            let route = self.write_route(&p, forwarded)?;
+            let remote = self
+                .forward_write(
+                    &route,
+                    req.clone(),
+                    |mut c, r| async move { c.set(r).await },
+                )
+                .await?;
+            let stored = match remote {
+                Some(r) => r.stored,
+                None => {
+                    let consistency =
+                        Consistency::from_pb(req.consistency, self.default_consistency());
+                    self.coordinate_set(&p, &req, consistency).await?
+                }
             };
             Ok((
                 pb::SetResponse {
@@ -545,29 +606,32 @@ impl cache_server::Cache for CacheService {
         self.observe(Op::Delete, async {
             self.shared.limits.check_key(&req.key)?;
             let p = self.place(&req.key);
-            let deleted = if p.local_is_primary || (forwarded && p.local_is_replica) {
-                let version = self.cluster().hlc.next(self.now_ms());
-                let outcome = tracing::debug_span!("delete", key_hash = key_hash(&req.key))
-                    .in_scope(|| self.shared.cache.delete_versioned(&req.key, version));
-                if outcome != DeleteOutcome::Stale {
-                    let consistency =
-                        Consistency::from_pb(req.consistency, self.default_consistency());
-                    self.replicate(
-                        &p,
-                        vec![delete_entry(req.key.clone(), version)],
-                        consistency,
-                    )
-                    .await?;
+            let route = self.write_route(&p, forwarded)?;
+            let remote = self
+                .forward_write(
+                    &route,
+                    req.clone(),
+                    |mut c, r| async move { c.delete(r).await },
+                )
+                .await?;
+            let deleted = match remote {
+                Some(r) => r.deleted,
+                None => {
+                    let version = self.cluster().hlc.next(self.now_ms());
+                    let outcome = tracing::debug_span!("delete", key_hash = key_hash(&req.key))
+                        .in_scope(|| self.shared.cache.delete_versioned(&req.key, version));
+                    if outcome != DeleteOutcome::Stale {
+                        let consistency =
+                            Consistency::from_pb(req.consistency, self.default_consistency());
+                        self.replicate(
+                            &p,
+                            vec![delete_entry(req.key.clone(), version)],
+                            consistency,
+                        )
+                        .await?;
+                    }
+                    outcome == DeleteOutcome::Deleted
                 }
-                outcome == DeleteOutcome::Deleted
-            } else if forwarded {
-                return Err(self.wrong_owner(&p));
-            } else {
-                self.forward(&p.replicas, req.clone(), |mut c, r| async move {
-                    c.delete(r).await
-                })
-                .await?
-                .deleted
             };
             Ok((
                 pb::DeleteResponse {
@@ -589,56 +653,60 @@ impl cache_server::Cache for CacheService {
         self.observe(Op::Touch, async {
             self.shared.limits.check_key(&req.key)?;
             let p = self.place(&req.key);
-            let found = if p.local_is_primary || (forwarded && p.local_is_replica) {
-                // A touch is a rewrite of the current value at a new version, so replicas
-                // learn the new expiry through the same last-writer-wins path.
-                let rewrite = tracing::debug_span!("touch", key_hash = key_hash(&req.key))
-                    .in_scope(|| {
-                        let Some(current) = self.shared.cache.get_entry(&req.key) else {
-                            return Ok::<_, Status>((false, None));
-                        };
-                        let now = self.now_ms();
-                        let version = self.cluster().hlc.next(now);
-                        let expires_at = (req.ttl_ms > 0).then(|| now.saturating_add(req.ttl_ms));
-                        let opts = WriteOptions {
-                            version: Some(version),
-                            expires_at,
-                            condition: Condition::IfPresent,
-                        };
-                        Ok(
-                            match self
-                                .shared
-                                .cache
-                                .write(&req.key, &current.value, opts)
-                                .map_err(insert_error)?
-                            {
-                                WriteOutcome::Stored => (
-                                    true,
-                                    Some(write_entry(
-                                        req.key.clone(),
-                                        current.value,
-                                        version,
-                                        expires_at,
-                                    )),
-                                ),
-                                WriteOutcome::Stale => (true, None),
-                                WriteOutcome::ConditionNotMet => (false, None),
-                            },
-                        )
-                    })?;
-                if let (_, Some(e)) = &rewrite {
-                    self.replicate(&p, vec![e.clone()], self.default_consistency())
-                        .await?;
+            let route = self.write_route(&p, forwarded)?;
+            let remote = self
+                .forward_write(
+                    &route,
+                    req.clone(),
+                    |mut c, r| async move { c.touch(r).await },
+                )
+                .await?;
+            let found = match remote {
+                Some(r) => r.found,
+                None => {
+                    // A touch is a rewrite of the current value at a new version, so replicas
+                    // learn the new expiry through the same last-writer-wins path.
+                    let rewrite = tracing::debug_span!("touch", key_hash = key_hash(&req.key))
+                        .in_scope(|| {
+                            let Some(current) = self.shared.cache.get_entry(&req.key) else {
+                                return Ok::<_, Status>((false, None));
+                            };
+                            let now = self.now_ms();
+                            let version = self.cluster().hlc.next(now);
+                            let expires_at =
+                                (req.ttl_ms > 0).then(|| now.saturating_add(req.ttl_ms));
+                            let opts = WriteOptions {
+                                version: Some(version),
+                                expires_at,
+                                condition: Condition::IfPresent,
+                            };
+                            Ok(
+                                match self
+                                    .shared
+                                    .cache
+                                    .write(&req.key, &current.value, opts)
+                                    .map_err(insert_error)?
+                                {
+                                    WriteOutcome::Stored => (
+                                        true,
+                                        Some(write_entry(
+                                            req.key.clone(),
+                                            current.value,
+                                            version,
+                                            expires_at,
+                                        )),
+                                    ),
+                                    WriteOutcome::Stale => (true, None),
+                                    WriteOutcome::ConditionNotMet => (false, None),
+                                },
+                            )
+                        })?;
+                    if let (_, Some(e)) = &rewrite {
+                        self.replicate(&p, vec![e.clone()], self.default_consistency())
+                            .await?;
+                    }
+                    rewrite.0
                 }
-                rewrite.0
-            } else if forwarded {
-                return Err(self.wrong_owner(&p));
-            } else {
-                self.forward(&p.replicas, req.clone(), |mut c, r| async move {
-                    c.touch(r).await
-                })
-                .await?
-                .found
             };
             Ok((
                 pb::TouchResponse {

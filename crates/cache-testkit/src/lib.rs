@@ -74,23 +74,31 @@ impl NodeProcess {
     /// and waits until `/readyz` answers 200. Panics (after killing the child) if it does not
     /// within [`START_DEADLINE`].
     pub fn start(args: &[&str]) -> Self {
+        let mut full = vec!["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Self::spawn(&full).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts a node with exactly `args` and waits until it is ready. `Err` (with the
+    /// node's log) if it exits or prints no startup line within [`START_DEADLINE`]; the
+    /// child is killed in that case.
+    pub fn spawn(args: &[&str]) -> Result<Self, String> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let log = std::env::temp_dir().join(format!(
             "cache-node-{}-{}.log",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let log_file = std::fs::File::create(&log).expect("create log file");
+        let log_file = std::fs::File::create(&log).map_err(|e| format!("create log file: {e}"))?;
         let mut child = Command::new(node_binary())
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
             .spawn()
-            .expect("spawn cache-node");
-        let stdout = child.stdout.take().expect("stdout is piped");
+            .map_err(|e| format!("spawn cache-node: {e}"))?;
+        let stdout = child.stdout.take().ok_or("stdout is piped")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
@@ -102,26 +110,31 @@ impl NodeProcess {
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "cache-node printed no startup line ({other:?}); log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let _ = std::fs::remove_file(&log);
+                return Err(format!(
+                    "cache-node printed no startup line ({other:?}); log:\n{text}"
+                ));
             }
         };
-        let field = |name: &str| -> SocketAddr {
+        let field = |name: &str| -> Option<SocketAddr> {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name))
                 .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in startup line {line:?}"))
+        };
+        let (Some(grpc), Some(admin)) = (field("grpc="), field("admin=")) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("no grpc=/admin= in startup line {line:?}"));
         };
         let node = Self {
-            grpc: field("grpc="),
-            admin: field("admin="),
+            grpc,
+            admin,
             child,
             log,
         };
         node.wait_ready(START_DEADLINE);
-        node
+        Ok(node)
     }
 
     /// Polls `/readyz` until 200, panicking after `deadline`.
@@ -196,6 +209,99 @@ impl Drop for NodeProcess {
             );
         }
         let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The value of a Prometheus series (exact name with labels, e.g.
+/// `cache_forwarded_requests_total`) in exposition text; `None` if absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A cluster of real `cache-node` processes on loopback, all killed on drop.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The nodes, `node-0` … `node-{n-1}`.
+    pub nodes: Vec<NodeProcess>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes named `node-0…` that know each other through `--peers`, each with
+    /// `args` added, and waits until all are ready.
+    ///
+    /// Static membership needs every address before any node starts, so the ports are
+    /// picked by binding port 0 and releasing it. Another process could take one in between;
+    /// then that node fails to bind and the whole cluster is started again on new ports (up
+    /// to 5 times), so a port race costs a retry, never a flaky test.
+    pub fn start(n: usize, args: &[&str]) -> Self {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let ports: Vec<u16> = {
+                let listeners: Vec<std::net::TcpListener> = (0..2 * n)
+                    .map(|_| {
+                        std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")
+                    })
+                    .collect();
+                listeners
+                    .iter()
+                    .map(|l| l.local_addr().expect("bound").port())
+                    .collect()
+            };
+            let peers: Vec<String> = (0..n)
+                .map(|i| format!("node-{i}=127.0.0.1:{}", ports[2 * i]))
+                .collect();
+            let peers = peers.join(",");
+            let mut nodes = Vec::new();
+            for i in 0..n {
+                let (id, listen, admin) = (
+                    format!("node-{i}"),
+                    format!("127.0.0.1:{}", ports[2 * i]),
+                    format!("127.0.0.1:{}", ports[2 * i + 1]),
+                );
+                let mut full = vec![
+                    "--node-id",
+                    &id,
+                    "--listen",
+                    &listen,
+                    "--admin-listen",
+                    &admin,
+                    "--peers",
+                    &peers,
+                ];
+                full.extend_from_slice(args);
+                match NodeProcess::spawn(&full) {
+                    Ok(node) => nodes.push(node),
+                    Err(e) => {
+                        last = e;
+                        break;
+                    }
+                }
+            }
+            if nodes.len() == n {
+                return Self { nodes };
+            }
+        }
+        panic!("could not start a {n}-node cluster in 5 attempts; last error: {last}");
+    }
+
+    /// The node with id `id` (`node-3` is index 3).
+    pub fn node(&self, id: &str) -> &NodeProcess {
+        let i: usize = id
+            .trim_start_matches("node-")
+            .parse()
+            .expect("ids are node-N");
+        &self.nodes[i]
+    }
+
+    /// Every node's gRPC address, as seeds for a cluster client.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(NodeProcess::addr).collect()
     }
 }
 

@@ -203,3 +203,57 @@ fn completions_are_generated() {
         assert!(stdout(&o).contains("cache-cli"), "{shell}");
     }
 }
+
+#[test]
+fn seeds_route_like_the_sdk_and_show_members_and_ring() {
+    let cluster = cache_testkit::Cluster::start(3, &["--replication-factor", "2"]);
+    let seeds = cluster.seeds().join(",");
+    for i in 0..20 {
+        let o = cli(
+            None,
+            &[
+                "--seeds",
+                &seeds,
+                "set",
+                &format!("k{i}"),
+                "v",
+                "--consistency",
+                "all",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert_eq!(
+            cli(None, &["--seeds", &seeds, "get", &format!("k{i}")]).stdout,
+            b"v"
+        );
+    }
+    for node in &cluster.nodes {
+        let (_, text) = node.http_get("/metrics").expect("metrics");
+        assert_eq!(
+            cache_testkit::metric(&text, "cache_forwarded_requests_total"),
+            Some(0.0),
+            "the CLI with --seeds routes directly"
+        );
+    }
+    let o = cli(None, &["--seeds", &seeds, "members"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let text = stdout(&o);
+    for i in 0..3 {
+        assert!(text.contains(&format!("node-{i}")), "{text}");
+    }
+    let ring: serde_json::Value =
+        serde_json::from_slice(&cli(None, &["--seeds", &seeds, "--json", "ring"]).stdout)
+            .expect("JSON");
+    assert_eq!(ring["replication_factor"], 2);
+    assert_eq!(ring["members"].as_array().expect("members").len(), 3);
+    let share: f64 = ring["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| m["share"].as_f64().expect("share"))
+        .sum();
+    assert!((share - 1.0).abs() < 1e-9);
+    // `members` also works from a single --addr.
+    let o = cli(Some(&cluster.nodes[1]), &["members"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

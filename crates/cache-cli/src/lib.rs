@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cache_client::{Client, Error, SetOptions};
+use cache_client::{Client, ClusterClient, Consistency, Error, SetOptions};
 use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::{Value, json};
 
@@ -56,6 +56,13 @@ pub struct Cli {
         default_value = "127.0.0.1:7000"
     )]
     addr: String,
+    /// Cluster seed addresses (comma-separated): route each key straight to its replicas,
+    /// like the SDK's cluster client. Without it, requests go to --addr, which forwards.
+    #[arg(long, global = true, env = "CACHE_SEEDS", value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// Consistency: one, quorum or all (writes; reads use quorum for quorum and all).
+    #[arg(long, global = true, value_parser = parse_consistency)]
+    consistency: Option<Consistency>,
     /// Print JSON instead of human output.
     #[arg(long, global = true)]
     json: bool,
@@ -116,13 +123,59 @@ enum Command {
     },
     /// Print the node's counters and sizes.
     Stats,
-    /// Print the cluster's members and ring parameters.
+    /// Print the cluster's members and ring parameters, as one node reports them.
     Info,
+    /// Print the members: id, address, state, share of the key space.
+    Members,
+    /// Print the ring: fingerprint, epoch, replication factor, ownership per member.
+    Ring,
     /// Print a shell completion script.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+fn parse_consistency(s: &str) -> Result<Consistency, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "one" => Ok(Consistency::One),
+        "quorum" => Ok(Consistency::Quorum),
+        "all" => Ok(Consistency::All),
+        _ => Err(format!("{s:?} is not one, quorum or all")),
+    }
+}
+
+/// Where the CLI sends requests: one node (which forwards), or the cluster directly.
+enum Conn {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+impl Conn {
+    async fn get_entry(&self, key: Bytes) -> Result<Option<cache_client::Entry>, Error> {
+        match self {
+            Conn::Single(c) => c.get_entry(key).await,
+            Conn::Cluster(c) => c.get_entry(key).await,
+        }
+    }
+    async fn set_with(&self, key: Bytes, value: Bytes, options: SetOptions) -> Result<bool, Error> {
+        match self {
+            Conn::Single(c) => c.set_with(key, value, options).await,
+            Conn::Cluster(c) => c.set_with(key, value, options).await,
+        }
+    }
+    async fn delete(&self, key: Bytes) -> Result<bool, Error> {
+        match self {
+            Conn::Single(c) => c.delete(key).await,
+            Conn::Cluster(c) => c.delete(key).await,
+        }
+    }
+    async fn touch(&self, key: Bytes, ttl: Option<Duration>) -> Result<bool, Error> {
+        match self {
+            Conn::Single(c) => c.touch(key, ttl).await,
+            Conn::Cluster(c) => c.touch(key, ttl).await,
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -285,17 +338,56 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
         }),
         _ => None,
     };
-    let client = Client::builder()
+    let mut builder = Client::builder()
         .timeout(cli.timeout)
-        .connect_timeout(cli.timeout)
-        .connect(addr.clone())
-        .await
-        .map_err(|e| failure(&addr, e))?;
+        .connect_timeout(cli.timeout);
+    if let Some(c) = cli.consistency {
+        builder = builder.write_consistency(c).read_consistency(c);
+    }
+    let needs_view = matches!(cli.command, Command::Members | Command::Ring);
+    let seeds = if cli.seeds.is_empty() {
+        vec![addr.clone()]
+    } else {
+        cli.seeds.clone()
+    };
+    let conn = if !cli.seeds.is_empty() || needs_view {
+        Conn::Cluster(
+            builder
+                .clone()
+                .connect_cluster(seeds.clone())
+                .await
+                .map_err(|e| failure(&seeds.join(","), e))?,
+        )
+    } else {
+        Conn::Single(
+            builder
+                .clone()
+                .connect(addr.clone())
+                .await
+                .map_err(|e| failure(&addr, e))?,
+        )
+    };
+    // Stats and info talk to one node: --addr, or the first seed that answers.
+    let one_node = || async {
+        let mut last = None;
+        for a in &seeds {
+            match builder.clone().connect(a.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(failure(a, e)),
+            }
+        }
+        Err(last.unwrap_or((EXIT_UNAVAILABLE, "no address".into())))
+    };
     let fail = |e| failure(&addr, e);
     Ok(match cli.command {
         Command::Get { key } => {
             let key = os_bytes(&key);
-            match client.get(key.clone()).await.map_err(fail)? {
+            match conn
+                .get_entry(key.clone())
+                .await
+                .map_err(fail)?
+                .map(|e| e.value)
+            {
                 Some(v) => {
                     let mut human = v.to_vec();
                     if std::io::stdout().is_terminal() {
@@ -323,7 +415,7 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
                 SetOptions::default()
             };
             options.ttl = ttl;
-            if client
+            if conn
                 .set_with(key.clone(), value, options)
                 .await
                 .map_err(fail)?
@@ -339,7 +431,7 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
         }
         Command::Del { key } => {
             let key = os_bytes(&key);
-            if client.delete(key.clone()).await.map_err(fail)? {
+            if conn.delete(key.clone()).await.map_err(fail)? {
                 Outcome::ok("deleted\n", json!({ "deleted": true }))
             } else {
                 missing(&key, json!({ "deleted": false }))
@@ -347,7 +439,7 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
         }
         Command::Ttl { key } => {
             let key = os_bytes(&key);
-            match client.get_entry(key.clone()).await.map_err(fail)? {
+            match conn.get_entry(key.clone()).await.map_err(fail)? {
                 Some(e) => match e.ttl {
                     None => Outcome::ok("never\n", json!({ "found": true, "ttl_ms": null })),
                     Some(t) => Outcome::ok(
@@ -364,14 +456,14 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
         Command::Touch { key, ttl, persist } => {
             let key = os_bytes(&key);
             let ttl = if persist { None } else { ttl };
-            if client.touch(key.clone(), ttl).await.map_err(fail)? {
+            if conn.touch(key.clone(), ttl).await.map_err(fail)? {
                 Outcome::ok("OK\n", json!({ "found": true }))
             } else {
                 missing(&key, json!({ "found": false }))
             }
         }
         Command::Stats => {
-            let s = client.stats().await.map_err(fail)?;
+            let s = one_node().await?.stats().await.map_err(fail)?;
             let lookups = s.hits + s.misses;
             let ratio = if lookups == 0 {
                 0.0
@@ -406,7 +498,7 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
             )
         }
         Command::Info => {
-            let i = client.cluster_info().await.map_err(fail)?;
+            let i = one_node().await?.cluster_info().await.map_err(fail)?;
             let mut human = format!(
                 "node        {}\nring epoch  {}\nfingerprint {:016x}\nvnodes      {} per weight\nreplication {}\nmembers:\n",
                 i.node_id,
@@ -434,6 +526,41 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
                     "vnodes_per_weight": i.vnodes_per_weight, "replication_factor": i.replication_factor,
                     "members": members,
                 }),
+            )
+        }
+        Command::Members | Command::Ring => {
+            let Conn::Cluster(cluster) = &conn else {
+                return Err((EXIT_OTHER, "internal: no cluster view".into()));
+            };
+            let members = cluster.members();
+            let (fingerprint, epoch, rf) = cluster.ring_summary();
+            let rows: Vec<Value> = members
+                .iter()
+                .map(|m| json!({ "id": m.id, "addr": m.addr, "state": m.state, "weight": m.weight, "share": m.share }))
+                .collect();
+            let mut human = String::new();
+            if matches!(cli.command, Command::Ring) {
+                human.push_str(&format!(
+                    "fingerprint {fingerprint:016x}\nring epoch  {epoch}\nreplication {rf}\n"
+                ));
+            }
+            human.push_str(&format!(
+                "{:<16} {:<22} {:<8} {:>6} {:>9}\n",
+                "id", "address", "state", "weight", "key space"
+            ));
+            for m in &members {
+                human.push_str(&format!(
+                    "{:<16} {:<22} {:<8} {:>6} {:>8.1}%\n",
+                    m.id,
+                    m.addr,
+                    m.state,
+                    m.weight,
+                    m.share * 100.0
+                ));
+            }
+            Outcome::ok(
+                human,
+                json!({ "ring_fingerprint": format!("{fingerprint:016x}"), "ring_epoch": epoch, "replication_factor": rf, "members": rows }),
             )
         }
         Command::Completions { .. } => unreachable!("handled before connecting"),

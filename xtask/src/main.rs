@@ -5,6 +5,9 @@
 //! - `cargo xtask bench engine`: the engine benchmarks against moka, quick_cache and
 //!   lru+Mutex, then one table of ratios.
 //! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
+//! - `cargo xtask bench cluster`: a 3-node cluster: smart vs one-address client, RF 1 vs 3.
+//! - `cargo xtask cluster up N`: N local nodes (gRPC 127.0.0.1:7000.., admin :7080..) that
+//!   know each other; Ctrl-C stops them all.
 //! - `cargo xtask bench net`: cache-node against redis-server over loopback, same workload,
 //!   server on CPU 0 and load generator on CPU 1 (see `docs/benchmarks.md`).
 //!
@@ -25,8 +28,12 @@ fn main() -> Result<()> {
         ["bench", "engine"] => bench_engine(),
         ["bench", "ring"] => bench_ring(),
         ["bench", "net"] => net::bench_net(),
+        ["bench", "cluster"] => net::bench_cluster(),
+        ["cluster", "up", n] => cluster_up(n.parse().context("cluster up N: N is a number")?),
         _ => {
-            eprintln!("usage: cargo xtask ci | bench engine | bench ring | bench net");
+            eprintln!(
+                "usage: cargo xtask ci | bench engine | bench ring | bench net | bench cluster | cluster up N"
+            );
             bail!("unknown task {args:?}")
         }
     }
@@ -150,6 +157,52 @@ fn bench_ring() -> Result<()> {
             &["ring_replicas_3", "mod_n", "jump_hash"],
             1.0,
         )?;
+    }
+    Ok(())
+}
+
+/// Starts `n` release nodes on 127.0.0.1:7000+i (admin 7080+i) with static membership and
+/// waits; Ctrl-C (which reaches the nodes too) shuts them down gracefully.
+fn cluster_up(n: usize) -> Result<()> {
+    if !(1..=10).contains(&n) {
+        bail!("cluster up takes 1 to 10 nodes");
+    }
+    cargo(&[
+        "build",
+        "--release",
+        "--bin",
+        "cache-node",
+        "--bin",
+        "cache-cli",
+    ])?;
+    let bin = root().join("target/release/cache-node");
+    let peers: Vec<String> = (0..n)
+        .map(|i| format!("node-{i}=127.0.0.1:{}", 7000 + i))
+        .collect();
+    let peers = peers.join(",");
+    let mut children = Vec::new();
+    for i in 0..n {
+        let child = Command::new(&bin)
+            .args(["--node-id", &format!("node-{i}")])
+            .args(["--listen", &format!("127.0.0.1:{}", 7000 + i)])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", 7080 + i)])
+            .args(["--peers", &peers, "--max-memory", "256MiB"])
+            .spawn()
+            .with_context(|| format!("start node-{i}"))?;
+        children.push(child);
+    }
+    let seeds: Vec<String> = (0..n).map(|i| format!("127.0.0.1:{}", 7000 + i)).collect();
+    eprintln!(
+        "\n{n} nodes up. Try:\n  target/release/cache-cli --seeds {seeds} set greeting hello\n  \
+         target/release/cache-cli --seeds {seeds} members\n  open http://127.0.0.1:7080/status\nCtrl-C stops them.\n",
+        seeds = seeds.join(",")
+    );
+    let mut failed = false;
+    for mut child in children {
+        failed |= !child.wait().is_ok_and(|s| s.success());
+    }
+    if failed {
+        bail!("a node exited with an error (see its output above)");
     }
     Ok(())
 }

@@ -263,3 +263,106 @@ pub(crate) fn bench_net() -> Result<()> {
 fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
+
+/// Starts an `n`-node release cluster on free ports with `--replication-factor rf`;
+/// returns the guards and the gRPC addresses.
+fn start_cluster(bin: &str, n: usize, rf: usize) -> Result<(Vec<Guard>, Vec<String>)> {
+    let ports: Vec<u16> = (0..2 * n).map(|_| free_port()).collect::<Result<_>>()?;
+    let addrs: Vec<String> = (0..n)
+        .map(|i| format!("127.0.0.1:{}", ports[2 * i]))
+        .collect();
+    let peers: Vec<String> = (0..n).map(|i| format!("node-{i}={}", addrs[i])).collect();
+    let peers = peers.join(",");
+    let mut guards = Vec::new();
+    for i in 0..n {
+        let mut child = Command::new(bin)
+            .args(["--node-id", &format!("node-{i}"), "--listen", &addrs[i]])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", ports[2 * i + 1])])
+            .args([
+                "--peers",
+                &peers,
+                "--replication-factor",
+                &rf.to_string(),
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start cache-node")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        guards.push(Guard(child));
+        if line.is_empty() {
+            bail!("node-{i} did not start (port taken?)");
+        }
+    }
+    Ok((guards, addrs))
+}
+
+/// `cargo xtask bench cluster`: a 3-node local cluster; smart client vs one address, and
+/// replication factor 1 vs 3 for ONE writes. Nodes and load share the machine's cores.
+pub(crate) fn bench_cluster() -> Result<()> {
+    cargo(&[
+        "build",
+        "--release",
+        "--bin",
+        "cache-node",
+        "--bin",
+        "cache-bench",
+    ])?;
+    let node_bin = root().join("target/release/cache-node");
+    let node_bin = node_bin.to_str().context("utf-8 path")?;
+    let common = [
+        "--keys",
+        "100000",
+        "--value-size",
+        "64",
+        "--concurrency",
+        "50",
+        "--connections",
+        "4",
+        "--duration",
+        "8s",
+        "--warmup",
+        "2s",
+    ];
+    println!(
+        "\n3-node cluster on one machine (nodes and cache-bench share 2 cores), 100k keys, 64 B values, 50 in flight\n"
+    );
+    println!("| scenario | keys/s | get p99 ms | set p99 ms |");
+    println!("| --- | ---: | ---: | ---: |");
+    let row = |name: &str, v: &Value| {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.3} |",
+            f(v, &["keys_per_second"]),
+            f(v, &["get", "p99_ms"]),
+            f(v, &["set", "p99_ms"])
+        );
+    };
+    // RF 1, so that the one-address client really makes node-0 forward two thirds of the
+    // requests (with RF 3 on 3 nodes every node replicates every key and serves it itself).
+    let (guards, addrs) = start_cluster(node_bin, 3, 1)?;
+    let mut reads: Vec<&str> = common.to_vec();
+    reads.extend(["--ratio", "1:0", "--prefill"]);
+    let smart = bench(&format!("grpc+cluster://{}", addrs.join(",")), &reads)?;
+    let single = bench(&format!("grpc://{}", addrs[0]), &reads)?;
+    row("reads, smart client (RF 1)", &smart);
+    row("reads, one address, node-0 forwards 2/3 (RF 1)", &single);
+    drop(guards);
+    let mut writes: Vec<&str> = common.to_vec();
+    writes.extend(["--ratio", "0:1"]);
+    let mut write_rates = Vec::new();
+    for rf in [1usize, 3] {
+        let (guards, addrs) = start_cluster(node_bin, 3, rf)?;
+        let v = bench(&format!("grpc+cluster://{}", addrs.join(",")), &writes)?;
+        row(&format!("ONE writes, smart client, RF {rf}"), &v);
+        write_rates.push(f(&v, &["keys_per_second"]));
+        drop(guards);
+    }
+    println!(
+        "\nsmart ÷ one-address reads: {:.2}   RF 3 ÷ RF 1 ONE writes: {:.2}",
+        f(&smart, &["keys_per_second"]) / f(&single, &["keys_per_second"]),
+        write_rates[1] / write_rates[0]
+    );
+    Ok(())
+}

@@ -26,7 +26,8 @@ use hdrhistogram::Histogram;
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 struct Args {
-    /// `grpc://host:port` (cache-node) or `redis://host:port` (redis-server).
+    /// `grpc://host:port` (one cache-node; a cluster node forwards what it does not own),
+    /// `grpc+cluster://host:port,host:port` (ring-aware client), or `redis://host:port`.
     #[arg(long)]
     target: String,
     /// Connections to open (requests are spread over them).
@@ -141,12 +142,21 @@ fn key(i: u64) -> Bytes {
 #[derive(Clone)]
 enum Conn {
     Grpc(cache_client::Client),
+    /// `grpc+cluster://seed,seed,...`: the ring-aware client, straight to each key's owner.
+    Cluster(cache_client::ClusterClient),
     Redis(redis::aio::MultiplexedConnection),
 }
 
 impl Conn {
     async fn open(target: &str, timeout: Duration) -> Result<Self> {
-        if let Some(addr) = target.strip_prefix("grpc://") {
+        if let Some(seeds) = target.strip_prefix("grpc+cluster://") {
+            let client = cache_client::Client::builder()
+                .timeout(timeout)
+                .connect_cluster(seeds.split(','))
+                .await
+                .with_context(|| format!("connecting to the cluster {target}"))?;
+            Ok(Self::Cluster(client))
+        } else if let Some(addr) = target.strip_prefix("grpc://") {
             let client = cache_client::Client::builder()
                 .timeout(timeout)
                 .retries(0)
@@ -163,7 +173,7 @@ impl Conn {
                 .with_context(|| format!("connecting to {target}: is redis-server running?"))?;
             Ok(Self::Redis(conn))
         } else {
-            bail!("--target must start with grpc:// or redis://, got {target:?}")
+            bail!("--target must start with grpc://, grpc+cluster:// or redis://, got {target:?}")
         }
     }
 
@@ -174,6 +184,15 @@ impl Conn {
                 Ok(usize::from(c.get(keys[0].clone()).await?.is_some()))
             }
             Self::Grpc(c) => Ok(c
+                .get_many(keys.iter().cloned())
+                .await?
+                .iter()
+                .flatten()
+                .count()),
+            Self::Cluster(c) if keys.len() == 1 => {
+                Ok(usize::from(c.get(keys[0].clone()).await?.is_some()))
+            }
+            Self::Cluster(c) => Ok(c
                 .get_many(keys.iter().cloned())
                 .await?
                 .iter()
@@ -199,6 +218,12 @@ impl Conn {
         match self {
             Self::Grpc(c) if keys.len() == 1 => Ok(c.set(keys[0].clone(), value.clone()).await?),
             Self::Grpc(c) => Ok(c
+                .set_many(keys.iter().map(|k| (k.clone(), value.clone())), None)
+                .await?),
+            Self::Cluster(c) if keys.len() == 1 => {
+                Ok(c.set(keys[0].clone(), value.clone()).await?)
+            }
+            Self::Cluster(c) => Ok(c
                 .set_many(keys.iter().map(|k| (k.clone(), value.clone())), None)
                 .await?),
             Self::Redis(c) if keys.len() == 1 => {

@@ -62,7 +62,7 @@ fn short_run_against_a_node_reports_requests_and_latency() {
 fn bad_options_are_clear_errors() {
     let out = bench(&["--target", "http://x:1"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("grpc:// or redis://"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grpc://, grpc+cluster:// or redis://"));
     let out = bench(&[
         "--target",
         "grpc://127.0.0.1:1",

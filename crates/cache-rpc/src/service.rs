@@ -17,6 +17,7 @@
 //!
 //! One metric sample and one debug span (with the key's *hash*, never the key) per request.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -323,26 +324,11 @@ impl CacheService {
             }
             return Ok(());
         }
-        let mut set = tokio::task::JoinSet::new();
-        for peer in &others {
-            let (cluster, peer, entries) = (Arc::clone(cluster), (*peer).clone(), entries.clone());
-            set.spawn(async move {
-                let ok = cluster.replicate_now(&peer, entries.clone()).await.is_ok();
-                if !ok {
-                    // Keep trying in the background so the replica converges when it is back.
-                    for e in entries {
-                        cluster.enqueue(&peer, e);
-                    }
-                }
-                ok
-            });
-        }
-        let mut acks = 1;
-        while let Some(done) = set.join_next().await {
-            if matches!(done, Ok(true)) {
-                acks += 1;
-            }
-        }
+        let per_peer = others
+            .into_iter()
+            .map(|peer| (peer.clone(), entries.clone()))
+            .collect();
+        let acks = 1 + self.replicate_sync(per_peer).await.len();
         if acks < required {
             return Err(Status::unavailable(format!(
                 "write applied on {acks} of {} replicas, {required} required; it stays applied there",
@@ -350,6 +336,35 @@ impl CacheService {
             )));
         }
         Ok(())
+    }
+
+    /// Sends each peer its entries now, in parallel, bounded by the peer deadline. Peers that
+    /// fail get the entries queued asynchronously, so they converge once they are back.
+    /// Returns the peers that acknowledged.
+    async fn replicate_sync(
+        &self,
+        per_peer: BTreeMap<String, Vec<pb::ReplicatedEntry>>,
+    ) -> Vec<String> {
+        let mut set = tokio::task::JoinSet::new();
+        for (peer, entries) in per_peer {
+            let cluster = Arc::clone(self.cluster());
+            set.spawn(async move {
+                let ok = cluster.replicate_now(&peer, entries.clone()).await.is_ok();
+                if !ok {
+                    for e in entries {
+                        cluster.enqueue(&peer, e);
+                    }
+                }
+                (peer, ok)
+            });
+        }
+        let mut acked = Vec::new();
+        while let Some(done) = set.join_next().await {
+            if let Ok((peer, true)) = done {
+                acked.push(peer);
+            }
+        }
+        acked
     }
 
     fn lookup_to_pb(lookup: Option<Lookup>, now_ms: u64) -> pb::GetResponse {
@@ -736,7 +751,7 @@ impl cache_server::Cache for CacheService {
             let mut results: Vec<Option<pb::GetResponse>> = vec![None; req.keys.len()];
             // Keys this node replicates are answered here; the rest go to their primaries,
             // one MultiGet per primary, in parallel.
-            let mut remote: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+            let mut remote: BTreeMap<String, Vec<usize>> = Default::default();
             for (i, k) in req.keys.iter().enumerate() {
                 let replicas = state.replicas(k);
                 if replicas.contains(&local) {
@@ -844,7 +859,7 @@ impl cache_server::Cache for CacheService {
             let state = self.cluster().state();
             let local = self.cluster().local_id.clone();
             let mut results = vec![pb::SetResponse::default(); req.entries.len()];
-            let mut remote: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+            let mut remote: BTreeMap<String, Vec<usize>> = Default::default();
             // Coordinate the keys whose primary is this node (or, for a forwarded batch, that
             // it replicates), grouping their replication per peer.
             let mut mine: Vec<(usize, Placement)> = Vec::new();
@@ -891,7 +906,7 @@ impl cache_server::Cache for CacheService {
                     (idx, answers)
                 });
             }
-            let mut per_peer: std::collections::BTreeMap<String, Vec<pb::ReplicatedEntry>> = Default::default();
+            let mut per_peer: BTreeMap<String, Vec<pb::ReplicatedEntry>> = Default::default();
             let mut replicated: Vec<&Placement> = Vec::new();
             for (i, p) in &mine {
                 let applied = self.apply_set(&req.entries[*i]).map_err(|s| {
@@ -914,25 +929,7 @@ impl cache_server::Cache for CacheService {
             } else if !per_peer.is_empty() {
                 // One synchronous Replicate per peer, in parallel; then every key must have
                 // enough acknowledging replicas (itself included).
-                let mut peers = tokio::task::JoinSet::new();
-                for (peer, entries) in per_peer {
-                    let cluster = Arc::clone(self.cluster());
-                    peers.spawn(async move {
-                        let ok = cluster.replicate_now(&peer, entries.clone()).await.is_ok();
-                        if !ok {
-                            for e in entries {
-                                cluster.enqueue(&peer, e);
-                            }
-                        }
-                        (peer, ok)
-                    });
-                }
-                let mut acked: Vec<String> = Vec::new();
-                while let Some(done) = peers.join_next().await {
-                    if let Ok((peer, true)) = done {
-                        acked.push(peer);
-                    }
-                }
+                let acked = self.replicate_sync(per_peer).await;
                 for p in replicated {
                     let acks = 1 + p.replicas.iter().filter(|r| **r != local && acked.contains(r)).count();
                     let required = consistency.required(p.replicas.len());

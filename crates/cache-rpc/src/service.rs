@@ -631,6 +631,11 @@ impl cache_server::Cache for CacheService {
                 .await?;
             let deleted = match remote {
                 Some(r) => r.deleted,
+                None if p.replicas.len() == 1 => {
+                    // The only replica: no copy can arrive late, so no tombstone is needed.
+                    tracing::debug_span!("delete", key_hash = key_hash(&req.key))
+                        .in_scope(|| self.shared.cache.delete(&req.key))
+                }
                 None => {
                     let version = self.cluster().hlc.next(self.now_ms());
                     let outcome = tracing::debug_span!("delete", key_hash = key_hash(&req.key))

@@ -138,11 +138,8 @@ fn rss_bytes(pid: u32) -> Result<u64> {
     Ok(kb * 1024)
 }
 
-fn f(v: &Value, path: &[&str]) -> f64 {
-    path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
-}
-
-pub(crate) fn bench_net() -> Result<()> {
+/// Builds release `cache-node` and `cache-bench`; returns the node binary's path.
+fn build_release() -> Result<String> {
     cargo(&[
         "build",
         "--release",
@@ -151,8 +148,17 @@ pub(crate) fn bench_net() -> Result<()> {
         "--bin",
         "cache-bench",
     ])?;
-    let node_bin = root().join("target/release/cache-node");
-    let node_bin = node_bin.to_str().context("utf-8 path")?;
+    let bin = root().join("target/release/cache-node");
+    Ok(bin.to_str().context("utf-8 path")?.to_string())
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
+}
+
+pub(crate) fn bench_net() -> Result<()> {
+    let node_bin = build_release()?;
+    let node_bin = node_bin.as_str();
 
     // Throughput: 100k keys, 64-byte values, 50 requests in flight.
     let common = [
@@ -302,16 +308,8 @@ fn start_cluster(bin: &str, n: usize, rf: usize) -> Result<(Vec<Guard>, Vec<Stri
 /// `cargo xtask bench cluster`: a 3-node local cluster; smart client vs one address, and
 /// replication factor 1 vs 3 for ONE writes. Nodes and load share the machine's cores.
 pub(crate) fn bench_cluster() -> Result<()> {
-    cargo(&[
-        "build",
-        "--release",
-        "--bin",
-        "cache-node",
-        "--bin",
-        "cache-bench",
-    ])?;
-    let node_bin = root().join("target/release/cache-node");
-    let node_bin = node_bin.to_str().context("utf-8 path")?;
+    let node_bin = build_release()?;
+    let node_bin = node_bin.as_str();
     let common = [
         "--keys",
         "100000",

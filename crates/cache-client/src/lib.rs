@@ -1,7 +1,8 @@
 //! `cache-client`: the async Rust SDK for cache-cluster.
 //!
-//! Talks to one node today (the cluster issue makes it ring-aware). It depends only on the
-//! compiled API (`cache-proto`), never on the server, the engine or the metrics stack.
+//! [`Client`] talks to one node (which forwards what it does not own); [`ClusterClient`]
+//! computes the ring itself with `cluster-ring`. It depends only on the compiled API
+//! (`cache-proto`) and the ring, never on the server, the engine or the metrics stack.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -17,6 +18,22 @@
 //! client.set_with("session", "token", SetOptions::ttl(Duration::from_secs(30))).await?;
 //! let values = client.get_many(["greeting", "missing"]).await?;
 //! assert_eq!(values[1], None); // a miss is `None`, not an error
+//! # Ok(()) }
+//! ```
+//!
+//! Against a cluster, the ring-aware [`ClusterClient`] sends each key straight to its
+//! replicas (no forwarding hop), fails over to the next replica, and splits batches per node:
+//!
+//! ```no_run
+//! use cache_client::{Client, Consistency};
+//!
+//! # async fn demo() -> Result<(), cache_client::Error> {
+//! let cluster = Client::builder()
+//!     .write_consistency(Consistency::Quorum)
+//!     .connect_cluster(["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"])
+//!     .await?;
+//! cluster.set("user:42", "Ada").await?;
+//! println!("user:42 lives on {:?}", cluster.replicas_of(b"user:42"));
 //! # Ok(()) }
 //! ```
 //!

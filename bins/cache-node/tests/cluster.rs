@@ -194,11 +194,11 @@ async fn one_writes_lost_when_the_primary_dies_right_after_the_ack() {
             lost += 1;
         }
     }
+    // Reported, not asserted: the test fails only if the survivors cannot be read.
     println!(
         "ONE writes lost when their primary was SIGKILLed right after the last ack: {lost} of {}",
         keys.len()
     );
-    assert!(lost <= keys.len(), "a measurement, not a bound");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! `cache-proto`: the compiled cache-cluster API, package `cache.v1`.
 //!
-//! Generated from `proto/cache/v1/cache.proto` at build time (by `protox`, no system
+//! Generated from `proto/cache/v1/cache.proto` and `peer.proto` at build time (by `protox`, no system
 //! `protoc`). It holds only types, client stubs and server traits, so the client SDK can
 //! depend on it without pulling in the server, the engine or the metrics stack.
 //! `bytes` fields are `bytes::Bytes`, so values move between the network and the engine
@@ -8,7 +8,7 @@
 
 #![forbid(unsafe_code)]
 
-/// Package `cache.v1`: the public `Cache` service.
+/// Package `cache.v1`: the public `Cache` service and the node-to-node `Peer` service.
 pub mod v1 {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/cache.v1.rs"));

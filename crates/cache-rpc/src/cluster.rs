@@ -147,12 +147,13 @@ impl RingState {
         })
     }
 
-    /// The ids of `key`'s replicas, primary first.
-    pub fn replicas(&self, key: &[u8]) -> Vec<String> {
+    /// The ids of `key`'s replicas, primary first (cheap `Arc` clones, no string copies:
+    /// this runs on every request).
+    pub fn replicas(&self, key: &[u8]) -> Vec<NodeId> {
         self.ring
             .replicas(key, self.replication_factor)
             .into_iter()
-            .map(|m| m.id.to_string())
+            .map(|m| m.id.clone())
             .collect()
     }
 
@@ -292,11 +293,6 @@ impl Cluster {
     /// The current ring state (cheap: an `Arc` load).
     pub fn state(&self) -> Arc<RingState> {
         self.state.load_full()
-    }
-
-    /// Whether this node is the only member (requests never leave the node).
-    pub fn is_single(&self) -> bool {
-        self.state.load().ring.members().len() == 1
     }
 
     /// The pooled channel to peer `id`: one multiplexed HTTP/2 connection per peer, created

@@ -124,21 +124,9 @@ impl Node {
     /// Builds the engine and binds both listeners. Fails fast, before serving anything.
     pub async fn bind(config: NodeConfig) -> Result<Self, NodeError> {
         let cache = Arc::new(Cache::new(config.cache.clone())?);
-        let grpc = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: config.listen,
-                what: "gRPC",
-                source,
-            })?;
-        let admin = TcpListener::bind(config.admin_listen)
-            .await
-            .map_err(|source| NodeError::Bind {
-                addr: config.admin_listen,
-                what: "admin HTTP",
-                source,
-            })?;
-        let grpc_addr: SocketAddr = grpc.local_addr().map_err(|source| NodeError::Bind {
+        let grpc = bind(config.listen, "gRPC").await?;
+        let admin = bind(config.admin_listen, "admin HTTP").await?;
+        let grpc_addr = grpc.local_addr().map_err(|source| NodeError::Bind {
             addr: config.listen,
             what: "gRPC",
             source,
@@ -297,6 +285,13 @@ impl Node {
         tracing::info!("node stopped");
         result
     }
+}
+
+/// Binds `addr`, naming the listener (`what`) in the error.
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| NodeError::Bind { addr, what, source })
 }
 
 /// Resolves when the watch flips to `true` (or its sender is gone).

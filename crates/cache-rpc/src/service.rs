@@ -28,6 +28,7 @@ use cache_core::{
     Cache, Condition, DeleteOutcome, InsertError, Lookup, WriteOptions, WriteOutcome,
 };
 use cache_proto::v1::{self as pb, cache_client::CacheClient, cache_server};
+use cluster_ring::NodeId;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -127,7 +128,7 @@ enum Applied {
 
 /// Where a write goes: the replicas ahead of this node, in order.
 struct WriteRoute {
-    ahead: Vec<String>,
+    ahead: Vec<NodeId>,
     /// Whether this node may coordinate if none of `ahead` answers (it is a replica).
     local_fallback: bool,
 }
@@ -135,7 +136,7 @@ struct WriteRoute {
 /// Where a key's request is handled.
 struct Placement {
     state: Arc<RingState>,
-    replicas: Vec<String>,
+    replicas: Vec<NodeId>,
     local_is_primary: bool,
     local_is_replica: bool,
 }
@@ -188,8 +189,8 @@ impl CacheService {
         let replicas = state.replicas(key);
         let local = &self.cluster().local_id;
         Placement {
-            local_is_primary: replicas.first() == Some(local),
-            local_is_replica: replicas.contains(local),
+            local_is_primary: replicas.first().is_some_and(|r| r == local),
+            local_is_replica: replicas.iter().any(|r| r == local),
             replicas,
             state,
         }
@@ -207,7 +208,7 @@ impl CacheService {
     /// hop marker and the peer deadline. Counts one forwarded request.
     async fn forward<Req, Resp, F, Fut>(
         &self,
-        targets: &[String],
+        targets: &[NodeId],
         msg: Req,
         call: F,
     ) -> Result<Resp, Status>
@@ -219,7 +220,7 @@ impl CacheService {
         let cluster = self.cluster();
         let mut last = None;
         for target in targets.iter().filter(|t| **t != cluster.local_id) {
-            let Some(client) = cluster.cache_client(target) else {
+            let Some(client) = cluster.cache_client(target.as_str()) else {
                 continue;
             };
             let mut req = Request::new(msg.clone());
@@ -265,7 +266,7 @@ impl CacheService {
         if forwarded {
             return Err(self.wrong_owner(p));
         }
-        let ahead: Vec<String> = p
+        let ahead: Vec<NodeId> = p
             .replicas
             .iter()
             .take_while(|r| *r != local)
@@ -310,7 +311,7 @@ impl CacheService {
         consistency: Consistency,
     ) -> Result<(), Status> {
         let cluster = self.cluster();
-        let others: Vec<&String> = p
+        let others: Vec<&NodeId> = p
             .replicas
             .iter()
             .filter(|r| **r != cluster.local_id)
@@ -343,8 +344,8 @@ impl CacheService {
     /// Returns the peers that acknowledged.
     async fn replicate_sync(
         &self,
-        per_peer: BTreeMap<String, Vec<pb::ReplicatedEntry>>,
-    ) -> Vec<String> {
+        per_peer: BTreeMap<NodeId, Vec<pb::ReplicatedEntry>>,
+    ) -> Vec<NodeId> {
         let mut set = tokio::task::JoinSet::new();
         for (peer, entries) in per_peer {
             let cluster = Arc::clone(self.cluster());
@@ -423,7 +424,7 @@ impl CacheService {
                 (peer, result)
             });
         }
-        let mut answers: Vec<(String, pb::FetchResponse)> = Vec::new();
+        let mut answers: Vec<(NodeId, pb::FetchResponse)> = Vec::new();
         while let Some(done) = set.join_next().await {
             if let Ok((peer, Ok(r))) = done {
                 cluster.check_fingerprint(&peer, r.ring_fingerprint);
@@ -756,10 +757,10 @@ impl cache_server::Cache for CacheService {
             let mut results: Vec<Option<pb::GetResponse>> = vec![None; req.keys.len()];
             // Keys this node replicates are answered here; the rest go to their primaries,
             // one MultiGet per primary, in parallel.
-            let mut remote: BTreeMap<String, Vec<usize>> = Default::default();
+            let mut remote: BTreeMap<NodeId, Vec<usize>> = Default::default();
             for (i, k) in req.keys.iter().enumerate() {
                 let replicas = state.replicas(k);
-                if replicas.contains(&local) {
+                if replicas.iter().any(|r| *r == local) {
                     results[i] = Some(self.local_get(k));
                 } else if forwarded {
                     return Err(Status::aborted(format!(
@@ -864,7 +865,7 @@ impl cache_server::Cache for CacheService {
             let state = self.cluster().state();
             let local = self.cluster().local_id.clone();
             let mut results = vec![pb::SetResponse::default(); req.entries.len()];
-            let mut remote: BTreeMap<String, Vec<usize>> = Default::default();
+            let mut remote: BTreeMap<NodeId, Vec<usize>> = Default::default();
             // Coordinate the keys whose primary is this node (or, for a forwarded batch, that
             // it replicates), grouping their replication per peer.
             let mut mine: Vec<(usize, Placement)> = Vec::new();
@@ -911,7 +912,7 @@ impl cache_server::Cache for CacheService {
                     (idx, answers)
                 });
             }
-            let mut per_peer: BTreeMap<String, Vec<pb::ReplicatedEntry>> = Default::default();
+            let mut per_peer: BTreeMap<NodeId, Vec<pb::ReplicatedEntry>> = Default::default();
             let mut replicated: Vec<&Placement> = Vec::new();
             for (i, p) in &mine {
                 let applied = self.apply_set(&req.entries[*i]).map_err(|s| {
@@ -936,7 +937,7 @@ impl cache_server::Cache for CacheService {
                 // enough acknowledging replicas (itself included).
                 let acked = self.replicate_sync(per_peer).await;
                 for p in replicated {
-                    let acks = 1 + p.replicas.iter().filter(|r| **r != local && acked.contains(r)).count();
+                    let acks = 1 + p.replicas.iter().filter(|r| **r != local && acked.contains(*r)).count();
                     let required = consistency.required(p.replicas.len());
                     if acks < required {
                         return Err(Status::unavailable(format!(

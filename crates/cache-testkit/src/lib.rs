@@ -6,7 +6,8 @@
 //! [`NodeProcess`] kills the child and reaps it, also when the test panics; its log is
 //! printed if the test is failing, so CI output shows what the node said.
 //!
-//! Used by every integration test that needs a node, and by the cluster tests to come.
+//! [`Cluster`] starts several nodes that know each other. Used by every integration test
+//! that needs a node or a cluster.
 
 #![forbid(unsafe_code)]
 

@@ -120,6 +120,26 @@ impl NodeId {
     }
 }
 
+/// A `NodeId` reads as the `str` it wraps, so it can be passed wherever an id is borrowed.
+impl std::ops::Deref for NodeId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for NodeId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<String> for NodeId {
+    fn eq(&self, other: &String) -> bool {
+        &*self.0 == other.as_str()
+    }
+}
+
 impl fmt::Debug for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&*self.0, f)
@@ -303,21 +323,22 @@ impl Ring {
     /// [`Ring::replicas`] for a ring position.
     pub fn replicas_of_hash(&self, hash: u64, n: usize) -> Vec<&Member> {
         let n = n.min(self.members.len());
-        let mut out: Vec<&Member> = Vec::with_capacity(n);
         let mut found: Vec<u32> = Vec::with_capacity(n);
         let start = self.first_point(hash);
         let len = self.hashes.len();
         for step in 0..len {
-            if out.len() == n {
+            if found.len() == n {
                 break;
             }
             let owner = self.owners[(start + step) % len];
             if !found.contains(&owner) {
                 found.push(owner);
-                out.push(&self.members[owner as usize]);
             }
         }
-        out
+        found
+            .into_iter()
+            .map(|i| &self.members[i as usize])
+            .collect()
     }
 
     /// Each member's share of the key space as primary owner, exactly (by arc length), in

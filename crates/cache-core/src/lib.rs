@@ -37,6 +37,11 @@
 //! [`WriteOutcome::Stale`] / [`DeleteOutcome::Stale`]. A versioned delete leaves a tombstone
 //! for [`CacheConfig::tombstone_ttl`] so a delayed older write cannot resurrect the key.
 //! Equal versions are applied (they can only be the same write delivered twice).
+//! An expired *versioned* value is an expiry at its version: it reads as absent, and stays
+//! as a tombstone for [`CacheConfig::tombstone_ttl`] after it expires, so an older copy
+//! cannot win against it. [`Cache::get_versioned`] reports such tombstones with their
+//! versions (replicas compare them), and [`Cache::touch_versioned`] changes an expiry and a
+//! version under one lock.
 //! Unversioned writes ([`Cache::set`], [`Cache::delete`]) skip those checks entirely.
 //!
 //! ```
@@ -91,6 +96,45 @@ pub struct Lookup {
     pub version: u64,
     /// Absolute expiry in unix milliseconds, `None` if it never expires.
     pub expires_at: Option<u64>,
+}
+
+/// What [`Cache::get_versioned`] found: a live value, or the version of a delete or an
+/// expiry that still blocks older versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionedRead {
+    /// A live value.
+    Live(Lookup),
+    /// A tombstone, or a versioned value that has expired (which reads as a tombstone at its
+    /// version until [`CacheConfig::tombstone_ttl`] after its expiry): the key is absent, and
+    /// any copy older than `version` elsewhere is stale.
+    Dead {
+        /// The version of the delete or of the expired write.
+        version: u64,
+    },
+}
+
+impl VersionedRead {
+    /// The version, live or dead.
+    pub fn version(&self) -> u64 {
+        match self {
+            VersionedRead::Live(l) => l.version,
+            VersionedRead::Dead { version } => *version,
+        }
+    }
+}
+
+/// What [`Cache::touch_versioned`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum TouchOutcome {
+    /// The live value now has the new expiry and version; here is what is stored.
+    Touched(Lookup),
+    /// The expiry was in the past: the key is now a tombstone at the new version.
+    Deleted,
+    /// No live value.
+    NotFound,
+    /// Not applied: a newer version is stored.
+    Stale,
 }
 
 /// One live entry, as returned by [`Cache::scan`].
@@ -278,6 +322,7 @@ impl<C: Clock> Cache<C> {
                     capacity,
                     max_items,
                     config.evict,
+                    u64::try_from(config.tombstone_ttl.as_millis()).unwrap_or(u64::MAX),
                     hasher.clone(),
                 )))
             })
@@ -385,6 +430,28 @@ impl<C: Clock> Cache<C> {
         self.shard(i)
             .lock()
             .touch(hash, key, expires_at, &self.clock)
+    }
+
+    /// Like [`Cache::get_entry`], but also reports deletes and expiries that are still
+    /// remembered, with their versions (see [`VersionedRead`]). `None`: nothing is known.
+    pub fn get_versioned(&self, key: &[u8]) -> Option<VersionedRead> {
+        let (hash, i) = self.locate(key);
+        self.shard(i).lock().get_versioned(hash, key, &self.clock)
+    }
+
+    /// Sets the absolute expiry of a live value (`None` = never) *and* its version, under one
+    /// shard lock, so a concurrent write can never be overwritten by a read-then-rewrite. A
+    /// newer stored version makes it [`TouchOutcome::Stale`].
+    pub fn touch_versioned(
+        &self,
+        key: &[u8],
+        expires_at: Option<u64>,
+        version: u64,
+    ) -> TouchOutcome {
+        let (hash, i) = self.locate(key);
+        self.shard(i)
+            .lock()
+            .touch_versioned(hash, key, expires_at, version, &self.clock)
     }
 
     /// Makes a live value expire `ttl` from now. Returns whether the key held a live value.

@@ -17,7 +17,10 @@ use hashbrown::HashTable;
 
 use crate::clock::Clock;
 use crate::error::InsertError;
-use crate::{Condition, DeleteOutcome, Entry, Lookup, WriteOptions, WriteOutcome};
+use crate::{
+    Condition, DeleteOutcome, Entry, Lookup, TouchOutcome, VersionedRead, WriteOptions,
+    WriteOutcome,
+};
 
 /// The "no link" value of `prev`, `next`, `head`, `tail` and `free_head`.
 const NIL: u32 = u32::MAX;
@@ -167,6 +170,9 @@ pub(crate) struct Shard {
     max_items: u64,
     /// Whether an insert that does not fit may evict.
     evict: bool,
+    /// How long a tombstone stays, in milliseconds; also how long an expired *versioned*
+    /// value keeps blocking older versions (as a tombstone) after its expiry.
+    tombstone_ttl_ms: u64,
     /// Occupied slots holding values (not tombstones), expired or not.
     items: u64,
     /// Occupied slots holding tombstones.
@@ -186,9 +192,11 @@ impl Shard {
         capacity: u64,
         max_items: u64,
         evict: bool,
+        tombstone_ttl_ms: u64,
         hasher: ahash::RandomState,
     ) -> Self {
         Self {
+            tombstone_ttl_ms,
             slots: Vec::new(),
             free_head: NIL,
             index: HashTable::new(),
@@ -419,23 +427,76 @@ impl Shard {
             && self.items + self.tombstones + extra_items <= self.max_items
     }
 
+    /// Brings the entry in slot `idx` up to date with the clock and returns it if it still
+    /// exists: an expired tombstone is freed; an expired value is freed if unversioned, and
+    /// otherwise becomes a tombstone at its version until `expires_at + tombstone_ttl`.
+    ///
+    /// Why: with last-writer-wins replication an expiry is a write like a delete. If the
+    /// expired value simply vanished, its version would be lost and an older live copy on
+    /// another replica (one that missed the write) would win a versioned read or a repair,
+    /// bringing an expired value back.
+    fn settle<C: Clock>(&mut self, idx: u32, now: &mut Now<'_, C>) -> Option<u32> {
+        let (expires_at, tombstone, version) = {
+            let node = self.node(idx);
+            (node.expires_at, node.tombstone, node.version)
+        };
+        if expires_at == NEVER || now.get() < expires_at {
+            return Some(idx);
+        }
+        if tombstone {
+            self.remove_node(idx);
+            return None;
+        }
+        self.counters.expirations += 1;
+        let dead_until = expires_at
+            .saturating_add(self.tombstone_ttl_ms)
+            .min(NEVER - 1);
+        if version == 0 || now.get() >= dead_until {
+            self.remove_node(idx);
+            return None;
+        }
+        self.entomb(idx, dead_until);
+        Some(idx)
+    }
+
+    /// Turns the value in slot `idx` into a tombstone expiring at `expires_at`, in place
+    /// (same slot, same LRU position, same version): frees the value's bytes.
+    fn entomb(&mut self, idx: u32, expires_at: u64) {
+        let (old_charge, old_tomb, old_expiring) = {
+            let node = self.node(idx);
+            (node.charge(), node.tombstone, node.expires_at != NEVER)
+        };
+        self.account(old_charge, old_tomb, old_expiring, false);
+        let node = self.node_mut(idx);
+        node.data = Bytes::copy_from_slice(node.key());
+        node.expires_at = expires_at;
+        node.tombstone = true;
+        let new_charge = node.charge();
+        self.account(new_charge, true, expires_at != NEVER, true);
+    }
+
+    /// Finds `key` and settles it (see [`Shard::settle`]).
+    fn find_settled<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        now: &mut Now<'_, C>,
+    ) -> Option<u32> {
+        let idx = self.find(hash, key)?;
+        self.settle(idx, now)
+    }
+
     // ----- operations ---------------------------------------------------------------------
 
     /// Looks `key` up, counting a hit or a miss; a hit becomes the most recently used entry.
     pub(crate) fn get<C: Clock>(&mut self, hash: u64, key: &[u8], clock: &C) -> Option<Lookup> {
         let mut now = Now::new(clock);
-        let Some(idx) = self.find(hash, key) else {
+        let Some(idx) = self.find_settled(hash, key, &mut now) else {
             self.counters.misses += 1;
             return None;
         };
         let node = self.node(idx);
         if node.tombstone {
-            self.counters.misses += 1;
-            return None;
-        }
-        if node.is_expired(&mut now) {
-            self.remove_node(idx);
-            self.counters.expirations += 1;
             self.counters.misses += 1;
             return None;
         }
@@ -468,24 +529,19 @@ impl Shard {
             });
         }
         let mut now = Now::new(clock);
-        let existing = self.find(hash, key);
+        let existing = self.find_settled(hash, key, &mut now);
 
         // Is there a live value or tombstone, and does it block this write?
         let mut present = false;
-        let mut expired_existing = false;
         if let Some(idx) = existing {
             let node = self.node(idx);
-            if node.is_expired(&mut now) {
-                expired_existing = true;
-            } else {
-                if let Some(v) = opts.version
-                    && v < node.version
-                {
-                    self.counters.stale_writes += 1;
-                    return Ok(WriteOutcome::Stale);
-                }
-                present = !node.tombstone;
+            if let Some(v) = opts.version
+                && v < node.version
+            {
+                self.counters.stale_writes += 1;
+                return Ok(WriteOutcome::Stale);
             }
+            present = !node.tombstone;
         }
         match opts.condition {
             Condition::Always => {}
@@ -522,10 +578,7 @@ impl Shard {
                         capacity: self.capacity,
                     });
                 }
-                if expired_existing {
-                    self.counters.expirations += 1;
-                    self.counters.inserts += 1;
-                } else if present {
+                if present {
                     self.counters.updates += 1;
                 } else {
                     self.counters.inserts += 1;
@@ -577,10 +630,10 @@ impl Shard {
         tombstone_ttl_ms: u64,
     ) -> DeleteOutcome {
         let mut now = Now::new(clock);
-        let existing = self.find(hash, key);
+        let existing = self.find_settled(hash, key, &mut now);
         if let (Some(idx), Some(v)) = (existing, version) {
             let node = self.node(idx);
-            if !node.is_expired(&mut now) && v < node.version {
+            if v < node.version {
                 self.counters.stale_writes += 1;
                 return DeleteOutcome::Stale;
             }
@@ -599,14 +652,11 @@ impl Shard {
         tombstone_ttl_ms: u64,
     ) -> DeleteOutcome {
         let mut outcome = DeleteOutcome::NotFound;
-        if let Some(idx) = existing {
-            let node = self.node(idx);
-            if node.is_expired(now) {
-                self.counters.expirations += 1;
-            } else if !node.tombstone {
-                self.counters.deletes += 1;
-                outcome = DeleteOutcome::Deleted;
-            }
+        if let Some(idx) = existing
+            && !self.node(idx).tombstone
+        {
+            self.counters.deletes += 1;
+            outcome = DeleteOutcome::Deleted;
         }
         let Some(version) = version else {
             if let Some(idx) = existing {
@@ -662,16 +712,11 @@ impl Shard {
         clock: &C,
     ) -> bool {
         let mut now = Now::new(clock);
-        let Some(idx) = self.find(hash, key) else {
+        let Some(idx) = self.find_settled(hash, key, &mut now) else {
             return false;
         };
         let node = self.node(idx);
         if node.tombstone {
-            return false;
-        }
-        if node.is_expired(&mut now) {
-            self.remove_node(idx);
-            self.counters.expirations += 1;
             return false;
         }
         match expires_at {
@@ -692,6 +737,85 @@ impl Shard {
             }
         }
         true
+    }
+
+    /// A read that also reports tombstones (and expired versioned values, which are
+    /// tombstones until their grace ends) with their version. Counts a hit or a miss; a
+    /// live hit becomes the most recently used entry.
+    pub(crate) fn get_versioned<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        clock: &C,
+    ) -> Option<VersionedRead> {
+        let mut now = Now::new(clock);
+        let Some(idx) = self.find_settled(hash, key, &mut now) else {
+            self.counters.misses += 1;
+            return None;
+        };
+        let node = self.node(idx);
+        if node.tombstone {
+            let version = node.version;
+            self.counters.misses += 1;
+            return Some(VersionedRead::Dead { version });
+        }
+        let lookup = Lookup {
+            value: node.value(),
+            version: node.version,
+            expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
+        };
+        self.move_to_front(idx);
+        self.counters.hits += 1;
+        Some(VersionedRead::Live(lookup))
+    }
+
+    /// Sets the expiry of a live value and stamps it with `version`, atomically (one lock):
+    /// refused as stale if a newer version is stored. An expiry in the past deletes the key
+    /// (a versioned tombstone).
+    pub(crate) fn touch_versioned<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        expires_at: Option<u64>,
+        version: u64,
+        clock: &C,
+    ) -> TouchOutcome {
+        let mut now = Now::new(clock);
+        let Some(idx) = self.find_settled(hash, key, &mut now) else {
+            return TouchOutcome::NotFound;
+        };
+        let node = self.node(idx);
+        if node.tombstone {
+            return TouchOutcome::NotFound;
+        }
+        if version < node.version {
+            self.counters.stale_writes += 1;
+            return TouchOutcome::Stale;
+        }
+        if let Some(at) = expires_at
+            && at <= now.get()
+        {
+            let ttl = self.tombstone_ttl_ms;
+            let _ = self.delete_inner(hash, key, Some(idx), Some(version), &mut now, ttl);
+            return TouchOutcome::Deleted;
+        }
+        let value = node.value();
+        let was_expiring = node.expires_at != NEVER;
+        let new_at = expires_at.unwrap_or(NEVER);
+        let node = self.node_mut(idx);
+        node.expires_at = new_at;
+        node.version = version;
+        match (was_expiring, new_at != NEVER) {
+            (false, true) => self.expiring += 1,
+            (true, false) => self.expiring -= 1,
+            _ => {}
+        }
+        self.move_to_front(idx);
+        TouchOutcome::Touched(Lookup {
+            value,
+            version,
+            expires_at,
+        })
     }
 
     /// The expiry of a live value without touching its LRU position: `None` if absent,
@@ -728,10 +852,9 @@ impl Shard {
                 && node.expires_at != NEVER
                 && node.expires_at <= now
             {
-                let tombstone = self.remove_node(cursor as u32);
-                if !tombstone {
-                    self.counters.expirations += 1;
-                }
+                let mut now = Now::new(clock);
+                // A versioned value becomes a tombstone (its bytes are freed all the same).
+                let _ = self.settle(cursor as u32, &mut now);
                 step.reclaimed += 1;
             }
             cursor += 1;

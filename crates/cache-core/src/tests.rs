@@ -53,6 +53,31 @@ impl Model {
         e.expires_at != NEVER && now >= e.expires_at
     }
 
+    /// The engine's `settle`: an expired tombstone goes; an expired value goes if
+    /// unversioned, else becomes a tombstone in place until `expires_at + tombstone_ttl`.
+    fn settle(&mut self, s: usize, key: &[u8], now: u64) {
+        let Some(e) = self.map.get(key).cloned() else {
+            return;
+        };
+        if !Self::expired(&e, now) {
+            return;
+        }
+        let dead_until = e.expires_at.saturating_add(self.tombstone_ttl);
+        if e.tombstone || e.version == 0 || now >= dead_until {
+            self.remove(s, key);
+            return;
+        }
+        let tomb = ModelEntry {
+            value: Vec::new(),
+            version: e.version,
+            expires_at: dead_until,
+            tombstone: true,
+        };
+        self.used[s] -= charge(key, &e);
+        self.used[s] += charge(key, &tomb);
+        self.map.insert(key.to_vec(), tomb);
+    }
+
     fn remove(&mut self, s: usize, key: &[u8]) {
         let e = self.map.remove(key).expect("model key present");
         self.used[s] -= charge(key, &e);
@@ -91,6 +116,7 @@ impl Model {
     }
 
     fn get(&mut self, s: usize, key: &[u8], now: u64) -> Option<Vec<u8>> {
+        self.settle(s, key, now);
         let e = self.map.get(key)?.clone();
         if e.tombstone {
             return None;
@@ -141,6 +167,7 @@ impl Model {
     }
 
     fn delete(&mut self, s: usize, key: &[u8], version: Option<u64>, now: u64) -> DeleteOutcome {
+        self.settle(s, key, now);
         if let (Some(e), Some(v)) = (self.map.get(key), version)
             && !Self::expired(e, now)
             && v < e.version
@@ -171,6 +198,7 @@ impl Model {
                 shard_capacity: self.capacity,
             });
         }
+        self.settle(s, key, now);
         let existing = self.map.get(key).cloned();
         let mut present = false;
         if let Some(e) = &existing
@@ -217,6 +245,7 @@ impl Model {
     }
 
     fn touch(&mut self, s: usize, key: &[u8], expires_at: Option<u64>, now: u64) -> bool {
+        self.settle(s, key, now);
         let Some(e) = self.map.get(key).cloned() else {
             return false;
         };
@@ -248,7 +277,7 @@ impl Model {
             let s = (0..self.order.len())
                 .find(|&s| self.order[s].contains(&k))
                 .expect("key in some shard");
-            self.remove(s, &k);
+            self.settle(s, &k, now);
         }
     }
 }
@@ -873,4 +902,120 @@ fn concurrent_stress_keeps_every_invariant() {
         .validate()
         .expect("invariants hold after concurrent use");
     assert!(cache.bytes_used() <= cache.config().max_bytes);
+}
+
+#[test]
+fn versioned_reads_report_tombstones_and_expiries_with_their_versions() {
+    let config = CacheConfig::new()
+        .with_max_bytes(1 << 20)
+        .with_shards(1)
+        .with_tombstone_ttl(Duration::from_millis(100));
+    let (cache, clock) = manual_cache(config);
+    assert_eq!(cache.get_versioned(b"k"), None);
+    let _ = cache.write(b"k", b"v", WriteOptions::versioned(5));
+    assert!(
+        matches!(cache.get_versioned(b"k"), Some(crate::VersionedRead::Live(l)) if l.version == 5)
+    );
+    let _ = cache.delete_versioned(b"k", 6);
+    assert_eq!(
+        cache.get_versioned(b"k"),
+        Some(crate::VersionedRead::Dead { version: 6 })
+    );
+
+    // An expired versioned value is a tombstone at its version for tombstone_ttl, so an older
+    // replicated write (which the expired one superseded) cannot bring the key back.
+    let _ = cache.write(
+        b"e",
+        b"v",
+        WriteOptions::versioned(9).expires_at(START_MS + 10),
+    );
+    clock.advance_ms(10);
+    assert_eq!(cache.get(b"e"), None);
+    assert_eq!(
+        cache.get_versioned(b"e"),
+        Some(crate::VersionedRead::Dead { version: 9 })
+    );
+    assert_eq!(
+        cache.write(b"e", b"older", WriteOptions::versioned(8)),
+        Ok(WriteOutcome::Stale)
+    );
+    assert_eq!(cache.stats().tombstones, 2);
+    cache.validate().expect("valid");
+    // The reaper frees it once the grace is over; then nothing is known.
+    clock.advance_ms(100);
+    let _ = cache.reap(1024);
+    assert_eq!(cache.get_versioned(b"e"), None);
+    assert_eq!(cache.stats().tombstones, 0);
+    // Unversioned values simply go when they expire.
+    cache
+        .set_with_ttl(b"u", b"v", Duration::from_millis(5))
+        .expect("fits");
+    clock.advance_ms(5);
+    assert_eq!(cache.get_versioned(b"u"), None);
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn reaper_turns_expired_versioned_values_into_tombstones() {
+    let config = CacheConfig::new()
+        .with_max_bytes(1 << 20)
+        .with_shards(1)
+        .with_tombstone_ttl(Duration::from_millis(100));
+    let (cache, clock) = manual_cache(config);
+    let _ = cache.write(
+        b"e",
+        &[7u8; 1000],
+        WriteOptions::versioned(3).expires_at(START_MS + 1),
+    );
+    let before = cache.bytes_used();
+    clock.advance_ms(2);
+    let report = cache.reap(1024);
+    assert_eq!(report.reclaimed, 1);
+    assert!(
+        cache.bytes_used() + 1000 <= before,
+        "the value's bytes are freed"
+    );
+    assert_eq!(cache.len(), 0);
+    assert_eq!(
+        cache.get_versioned(b"e"),
+        Some(crate::VersionedRead::Dead { version: 3 })
+    );
+    cache.validate().expect("valid");
+}
+
+#[test]
+fn versioned_touch_is_atomic_and_respects_versions() {
+    let (cache, _) = small_cache(8);
+    assert_eq!(
+        cache.touch_versioned(b"k", Some(START_MS + 500), 4),
+        crate::TouchOutcome::NotFound
+    );
+    let _ = cache.write(b"k", b"v", WriteOptions::versioned(5));
+    assert_eq!(
+        cache.touch_versioned(b"k", None, 4),
+        crate::TouchOutcome::Stale
+    );
+    match cache.touch_versioned(b"k", Some(START_MS + 500), 7) {
+        crate::TouchOutcome::Touched(l) => {
+            assert_eq!(
+                (l.value.as_ref(), l.version, l.expires_at),
+                (&b"v"[..], 7, Some(START_MS + 500))
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        cache.get_entry(b"k").map(|l| (l.version, l.expires_at)),
+        Some((7, Some(START_MS + 500)))
+    );
+    // Into the past: a versioned delete.
+    assert_eq!(
+        cache.touch_versioned(b"k", Some(START_MS - 1), 8),
+        crate::TouchOutcome::Deleted
+    );
+    assert_eq!(
+        cache.get_versioned(b"k"),
+        Some(crate::VersionedRead::Dead { version: 8 })
+    );
+    cache.validate().expect("valid");
 }

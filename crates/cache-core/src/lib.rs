@@ -80,6 +80,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+pub use cache_types::Condition;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{CacheConfig, MAX_SHARDS};
 pub use error::{ConfigError, InsertError};
@@ -148,18 +149,6 @@ pub struct Entry {
     pub version: u64,
     /// Absolute expiry in unix milliseconds, `None` if it never expires.
     pub expires_at: Option<u64>,
-}
-
-/// When a write applies, depending on whether the key holds a live value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Condition {
-    /// Always (plain `SET`).
-    #[default]
-    Always,
-    /// Only if the key holds no live value (`SET NX`; also "add").
-    IfAbsent,
-    /// Only if the key holds a live value (`SET XX`; also "replace").
-    IfPresent,
 }
 
 /// How [`Cache::write`] stores a value.

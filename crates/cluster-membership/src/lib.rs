@@ -24,7 +24,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::fmt;
 use std::net::SocketAddr;
 
 use tokio::sync::watch;
@@ -51,49 +50,17 @@ pub enum MembershipError {
     LocalMissing(String),
 }
 
-/// A member's state as this node sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MemberState {
-    /// Reachable and serving.
-    Alive,
-    /// Failed a probe; may be refuted (gossip).
-    Suspect,
-    /// Declared failed.
-    Dead,
-    /// Left gracefully.
-    Left,
-}
-
-impl MemberState {
-    /// Lower-case name, as shown in `ClusterInfo`, `/status` and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MemberState::Alive => "alive",
-            MemberState::Suspect => "suspect",
-            MemberState::Dead => "dead",
-            MemberState::Left => "left",
-        }
-    }
-
-    /// Whether the member should own keys (alive or merely suspected).
-    pub fn owns_keys(self) -> bool {
-        matches!(self, MemberState::Alive | MemberState::Suspect)
-    }
-}
-
-impl fmt::Display for MemberState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use cache_types::MemberState;
 
 /// One member of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     /// Stable id (a name, not an address).
     pub id: String,
-    /// Where its `cache.v1` gRPC service listens.
+    /// Where its `cache.v1` gRPC service listens (for clients).
     pub rpc_addr: SocketAddr,
+    /// Where its peer listener (`cache.peer.v1`: forwarding, replication) listens.
+    pub peer_addr: SocketAddr,
     /// Its state.
     pub state: MemberState,
     /// Bumped by the member itself to refute suspicion (gossip); 0 for static members.
@@ -139,16 +106,31 @@ pub trait Membership: Send + Sync + 'static {
     fn leave(&self) -> Result<(), MembershipError>;
 }
 
-/// A peer from `--peers`: `id=host:port`.
+/// How far above the client port a member's peer listener is when `--peers` does not name
+/// it (`id=127.0.0.1:7000` means the peer listener is `127.0.0.1:7100`), the same rule as the
+/// node's default `--peer-listen`.
+pub const DEFAULT_PEER_PORT_OFFSET: u16 = 100;
+
+/// The peer address a member listens on when none is given: same IP, client port + 100.
+/// `None` if that port does not exist.
+pub fn default_peer_addr(rpc_addr: SocketAddr) -> Option<SocketAddr> {
+    let port = rpc_addr.port().checked_add(DEFAULT_PEER_PORT_OFFSET)?;
+    Some(SocketAddr::new(rpc_addr.ip(), port))
+}
+
+/// A peer from `--peers`: `id=host:port` or `id=host:port/host:peerport`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSpec {
     /// The member's id.
     pub id: String,
-    /// Its gRPC address.
+    /// Its client gRPC address.
     pub addr: SocketAddr,
+    /// Its peer-listener address.
+    pub peer_addr: SocketAddr,
 }
 
-/// Parses `id=host:port,id=host:port,...` (whitespace around entries is ignored).
+/// Parses `id=host:port[/host:peerport],...` (whitespace around entries is ignored). Without
+/// `/host:peerport` the peer listener is assumed at [`default_peer_addr`].
 pub fn parse_peers(s: &str) -> Result<Vec<PeerSpec>, MembershipError> {
     s.split(',')
         .map(str::trim)
@@ -163,13 +145,26 @@ pub fn parse_peers(s: &str) -> Result<Vec<PeerSpec>, MembershipError> {
             if id.is_empty() || id.len() > 255 {
                 return Err(bad("the id must be 1 to 255 bytes"));
             }
-            let addr = addr
+            let (addr, peer) = match addr.split_once('/') {
+                Some((a, p)) => (a, Some(p)),
+                None => (addr, None),
+            };
+            let addr: SocketAddr = addr
                 .trim()
                 .parse()
                 .map_err(|e: std::net::AddrParseError| bad(&format!("bad address: {e}")))?;
+            let peer_addr = match peer {
+                Some(p) => p.trim().parse().map_err(|e: std::net::AddrParseError| {
+                    bad(&format!("bad peer address: {e}"))
+                })?,
+                None => default_peer_addr(addr).ok_or_else(|| {
+                    bad("the port is too high to derive a peer port (+100); give /host:peerport")
+                })?,
+            };
             Ok(PeerSpec {
                 id: id.to_string(),
                 addr,
+                peer_addr,
             })
         })
         .collect()
@@ -191,6 +186,7 @@ impl StaticMembership {
             .map(|p| Member {
                 id: p.id,
                 rpc_addr: p.addr,
+                peer_addr: p.peer_addr,
                 state: MemberState::Alive,
                 incarnation: 0,
                 weight: 1,
@@ -202,7 +198,10 @@ impl StaticMembership {
                 return Err(MembershipError::DuplicateId(pair[0].id.clone()));
             }
         }
-        let mut addrs: Vec<SocketAddr> = members.iter().map(|m| m.rpc_addr).collect();
+        let mut addrs: Vec<SocketAddr> = members
+            .iter()
+            .flat_map(|m| [m.rpc_addr, m.peer_addr])
+            .collect();
         addrs.sort();
         for pair in addrs.windows(2) {
             if pair[0] == pair[1] {
@@ -220,12 +219,13 @@ impl StaticMembership {
     }
 
     /// A one-member cluster: just this node.
-    pub fn single(local_id: &str, addr: SocketAddr) -> Self {
+    pub fn single(local_id: &str, addr: SocketAddr, peer_addr: SocketAddr) -> Self {
         let (tx, _rx) = watch::channel(MembershipView {
             epoch: 1,
             members: vec![Member {
                 id: local_id.to_string(),
                 rpc_addr: addr,
+                peer_addr,
                 state: MemberState::Alive,
                 incarnation: 0,
                 weight: 1,
@@ -272,6 +272,17 @@ mod tests {
         let peers = parse_peers(" a=127.0.0.1:1 , b=127.0.0.2:2,").expect("valid");
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[1].addr, "127.0.0.2:2".parse().expect("addr"));
+        assert_eq!(peers[1].peer_addr, "127.0.0.2:102".parse().expect("addr"));
+        let explicit = parse_peers("a=127.0.0.1:1/127.0.0.1:9").expect("valid");
+        assert_eq!(explicit[0].peer_addr, "127.0.0.1:9".parse().expect("addr"));
+        assert!(matches!(
+            parse_peers("a=127.0.0.1:65500"),
+            Err(MembershipError::BadPeer { .. })
+        ));
+        assert!(matches!(
+            parse_peers("a=127.0.0.1:1/nope"),
+            Err(MembershipError::BadPeer { .. })
+        ));
         assert!(matches!(
             parse_peers("a127.0.0.1:1"),
             Err(MembershipError::BadPeer { .. })
@@ -308,7 +319,7 @@ mod tests {
             StaticMembership::new("a", dup),
             Err(MembershipError::DuplicateId(_))
         ));
-        let dup = parse_peers("a=127.0.0.1:1,b=127.0.0.1:1").expect("parses");
+        let dup = parse_peers("a=127.0.0.1:1,b=127.0.0.1:101/127.0.0.1:7").expect("parses");
         assert!(matches!(
             StaticMembership::new("a", dup),
             Err(MembershipError::DuplicateAddr(_))

@@ -1,0 +1,222 @@
+//! Time for the core: the wall clock the engine and the version clock read, and the hybrid
+//! logical clock ([`Hlc`]) that issues write versions.
+//!
+//! [`NodeClock::Tokio`] reads tokio's clock, so under `tokio::time::pause()` the simulator
+//! controls expiry and version time exactly as it controls timeouts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cache_core::Clock;
+
+/// The wall clock of one node, in unix milliseconds.
+#[derive(Debug, Clone)]
+pub enum NodeClock {
+    /// The system clock (production).
+    System,
+    /// `origin_ms` plus the time elapsed on tokio's clock since `start` (the simulator, where
+    /// tokio time is paused and advanced by the runtime).
+    Tokio {
+        /// Unix milliseconds at `start`.
+        origin_ms: u64,
+        /// The tokio instant that corresponds to `origin_ms`.
+        start: tokio::time::Instant,
+    },
+}
+
+impl NodeClock {
+    /// A clock that follows tokio's (possibly paused) clock from `origin_ms`.
+    pub fn tokio(origin_ms: u64) -> Self {
+        NodeClock::Tokio {
+            origin_ms,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for NodeClock {
+    fn now_ms(&self) -> u64 {
+        match self {
+            NodeClock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            NodeClock::Tokio { origin_ms, start } => {
+                let elapsed = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                origin_ms.saturating_add(elapsed)
+            }
+        }
+    }
+}
+
+/// Bits of a version below the milliseconds: 8 of logical counter, 8 of node tag.
+const LOGICAL_BITS: u32 = 16;
+/// The node tag's bits.
+const TAG_MASK: u64 = 0xff;
+/// One step of the logical counter.
+const COUNTER_STEP: u64 = 0x100;
+/// The largest wall-clock millisecond a version can carry (48 bits: year 10889).
+const MAX_MS: u64 = (1 << 48) - 1;
+
+/// Why the version clock refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClockError {
+    /// An observed version is further ahead of this node's wall clock than the allowed
+    /// drift: it was forged, or a clock is badly wrong. Nothing was changed.
+    #[error(
+        "version {version:#x} is {ahead_ms} ms ahead of this node's clock (allowed drift {max_drift_ms} ms); refused"
+    )]
+    TooFarAhead {
+        /// The version.
+        version: u64,
+        /// How far its time is ahead of ours.
+        ahead_ms: u64,
+        /// The configured bound.
+        max_drift_ms: u64,
+    },
+    /// The clock cannot go higher (its 48-bit millisecond field is full). Only reachable
+    /// with a wall clock past the year 10889.
+    #[error("the version clock is exhausted")]
+    Exhausted,
+}
+
+/// The wall-clock milliseconds a version carries.
+pub fn version_ms(version: u64) -> u64 {
+    version >> LOGICAL_BITS
+}
+
+/// Hybrid logical clock issuing write versions: 48 bits of unix milliseconds, 8 bits of
+/// logical counter, 8 bits of node tag (a hash of the node id).
+///
+/// Versions from one clock strictly increase. Two nodes writing in the same millisecond with
+/// the same counter differ by their tag, so ties break by node, deterministically. When the
+/// counter runs out within a millisecond the clock borrows the next one, as HLCs do. All
+/// arithmetic is checked: the clock never wraps.
+///
+/// [`Hlc::observe`] (the HLC receive rule) moves the clock past a version seen from elsewhere,
+/// but only if that version is at most `max_drift` ahead of the wall clock: a forged
+/// `u64::MAX` would otherwise pin every key forever and exhaust the clock.
+#[derive(Debug)]
+pub struct Hlc {
+    last: AtomicU64,
+    tag: u64,
+    max_drift_ms: u64,
+}
+
+impl Hlc {
+    /// A clock for node `node_id` that accepts observed versions up to `max_drift` ahead.
+    pub fn new(node_id: &str, max_drift: Duration) -> Self {
+        Self {
+            last: AtomicU64::new(0),
+            tag: cluster_ring::key_hash(node_id.as_bytes()) & TAG_MASK,
+            max_drift_ms: u64::try_from(max_drift.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// This node's tag (the low 8 bits of every version it issues).
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+
+    /// The next version at wall-clock time `now_ms`.
+    pub fn next(&self, now_ms: u64) -> Result<u64, ClockError> {
+        let physical = now_ms.min(MAX_MS) << LOGICAL_BITS;
+        let mut last = self.last.load(Ordering::Relaxed);
+        loop {
+            let base = last & !TAG_MASK;
+            let candidate = if physical > base {
+                physical
+            } else {
+                base.checked_add(COUNTER_STEP)
+                    .ok_or(ClockError::Exhausted)?
+            };
+            let version = candidate | self.tag;
+            match self.last.compare_exchange_weak(
+                last,
+                version,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(version),
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// Checks that `version` is within the allowed drift of `now_ms`, without changing
+    /// anything.
+    pub fn check(&self, version: u64, now_ms: u64) -> Result<(), ClockError> {
+        let ms = version_ms(version);
+        let limit = now_ms.saturating_add(self.max_drift_ms);
+        if ms > limit {
+            return Err(ClockError::TooFarAhead {
+                version,
+                ahead_ms: ms - now_ms.min(ms),
+                max_drift_ms: self.max_drift_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// Moves the clock past `version` (seen from another node or stored locally), so this
+    /// node's next version orders after it. Refused, with no change, if `version` is more
+    /// than the allowed drift ahead of `now_ms`.
+    pub fn observe(&self, version: u64, now_ms: u64) -> Result<(), ClockError> {
+        self.check(version, now_ms)?;
+        self.last.fetch_max(version & !TAG_MASK, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The last version issued or observed (for tests and `/status`).
+    pub fn last(&self) -> u64 {
+        self.last.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DRIFT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn versions_increase_and_carry_the_node_tag() {
+        let hlc = Hlc::new("node-a", DRIFT);
+        let mut last = 0;
+        for now in [1000, 1000, 1000, 999, 1001] {
+            let v = hlc.next(now).expect("version");
+            assert!(v > last, "{v} after {last}");
+            assert_eq!(v & 0xff, hlc.tag());
+            last = v;
+        }
+        // 300 writes in one millisecond borrow from the next millisecond.
+        let hlc = Hlc::new("node-b", DRIFT);
+        let versions: Vec<u64> = (0..300).map(|_| hlc.next(7).expect("version")).collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn observing_moves_the_clock_within_the_drift_only() {
+        let hlc = Hlc::new("node-a", DRIFT);
+        let now = 1_700_000_000_000;
+        hlc.observe((now + 4_000) << 16, now).expect("within drift");
+        assert!(hlc.next(now).expect("version") > (now + 4_000) << 16);
+        let before = hlc.last();
+        for forged in [u64::MAX, (now + 6_000) << 16] {
+            let err = hlc.observe(forged, now).expect_err("too far ahead");
+            assert!(matches!(err, ClockError::TooFarAhead { .. }), "{err}");
+            assert_eq!(hlc.last(), before, "a refused version changes nothing");
+        }
+        // Thousands of writes after a forged version never wrap.
+        for _ in 0..10_000 {
+            let v = hlc.next(now).expect("version");
+            assert!(version_ms(v) < now + 5_000);
+        }
+    }
+
+    #[test]
+    fn the_clock_is_checked_at_its_limit() {
+        let hlc = Hlc::new("node-a", Duration::from_millis(u64::MAX));
+        hlc.observe(u64::MAX, 0).expect("unbounded drift");
+        assert_eq!(hlc.next(0), Err(ClockError::Exhausted));
+    }
+}

@@ -1,0 +1,1157 @@
+//! [`Coordinator`]: routing, forwarding, write coordination per consistency, quorum reads with
+//! repair, and the one scatter/gather for batches.
+//!
+//! # Routing
+//!
+//! Any node accepts any key. For a key whose replicas are `[r0, r1, r2]` (primary first):
+//!
+//! - The **primary serves**: it answers `One` reads from its engine, coordinates writes
+//!   (version, apply, replicate) and coordinates `Quorum`/`All` reads.
+//! - **Any other node forwards** to the replicas ahead of it in ring order, primary first,
+//!   moving to the next one only if a replica is unreachable. If none answers and this node
+//!   is itself a replica, it serves (the next replica takes over from a failed primary).
+//! - A **forwarded request is never forwarded again**: a node that receives one for a key it
+//!   replicates serves it; otherwise it answers [`CoreError::WrongOwner`] naming its ring
+//!   epoch. No request can loop, even while two nodes disagree about the ring.
+//!
+//! `One` reads go to the primary, like writes, so a client that writes and then reads at
+//! `One` through any node reads its own write (unless the primary fails in between).
+//!
+//! # Writes
+//!
+//! The coordinator applies a write to its own engine first (through the [`Store`], which
+//! stamps the version), then replicates: asynchronously through the per-peer queues for
+//! `One`, synchronously to all other replicas in parallel for `Quorum`/`All`, answering as
+//! soon as enough replicas (itself included) acknowledged — the fastest majority, not the
+//! slowest replica. Calls still running then finish in the background; a replica that fails
+//! gets the mutation through its asynchronous queue instead.
+//!
+//! # Quorum reads
+//!
+//! The coordinator reads its own copy and fetches the others in parallel — versions,
+//! tombstones and expiries included — and answers once enough replicas answered. The newest
+//! version wins, whether it is a value, a delete or an expiry: so a quorum read after a
+//! quorum delete or expiry never returns the deleted value. Stale replicas (the coordinator
+//! included) are repaired with the winning version.
+//!
+//! Every peer call is bounded by the request's deadline (and the peer timeout), and the
+//! whole request by its deadline.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cache_core::{Lookup, VersionedRead};
+use cache_types::Consistency;
+use cluster_membership::MembershipView;
+use cluster_ring::NodeId;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{CoreError, PeerError};
+use crate::mutation::{Mutation, MutationOp};
+use crate::replication::{QueueStats, ReplicationConfig, Replicator};
+use crate::request::{Request, Response, SetCommand};
+use crate::ring::{RingState, RingView};
+use crate::store::{Applied, ApplyReport, Store};
+use crate::transport::{PeerCall, PeerReply, PeerTransport};
+
+/// Cluster settings.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Replicas per key (capped at the member count).
+    pub replication_factor: usize,
+    /// Consistency of writes that do not name one.
+    pub default_consistency: Consistency,
+    /// Longest wait for one peer call (the request's own deadline may be shorter).
+    pub peer_timeout: Duration,
+    /// Mutations each per-peer asynchronous replication queue holds before dropping.
+    pub queue_capacity: usize,
+    /// Most mutations sent in one replicate call.
+    pub batch_max: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            replication_factor: 3,
+            default_consistency: Consistency::One,
+            peer_timeout: Duration::from_secs(1),
+            queue_capacity: 65_536,
+            batch_max: 512,
+        }
+    }
+}
+
+/// Where a request comes from and how long it may take.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestContext {
+    /// When the caller stops waiting.
+    pub deadline: Instant,
+    /// The request was forwarded by another node: never forward it again.
+    pub forwarded: bool,
+}
+
+impl RequestContext {
+    /// A client request that may take `timeout`.
+    pub fn client(timeout: Duration) -> Self {
+        Self {
+            deadline: Instant::now() + timeout,
+            forwarded: false,
+        }
+    }
+}
+
+/// Health of the calls to one peer, for `/status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerHealth {
+    /// Successful calls.
+    pub ok: u64,
+    /// Failed calls.
+    pub failed: u64,
+    /// The last failure, if the last call failed.
+    pub last_error: Option<String>,
+}
+
+/// Counters of the core, copied into `/metrics` when it is scraped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    /// Requests forwarded to another node.
+    pub forwarded: u64,
+    /// Stale replicas repaired by quorum reads.
+    pub read_repairs: u64,
+    /// Peer answers whose ring fingerprint differed from ours.
+    pub fingerprint_mismatches: u64,
+    /// Peer versions refused for being too far ahead of the clock.
+    pub versions_refused: u64,
+    /// Local writes retried after losing to a stored version.
+    pub stale_retries: u64,
+}
+
+/// Peer bookkeeping shared with background tasks.
+#[derive(Debug, Default)]
+struct Peers {
+    health: Mutex<BTreeMap<NodeId, PeerHealth>>,
+    /// Peers whose ring fingerprint differs from ours: peer → their fingerprint.
+    mismatches: Mutex<BTreeMap<NodeId, u64>>,
+    mismatch_count: AtomicU64,
+}
+
+impl Peers {
+    fn record(&self, peer: &NodeId, result: Result<(), String>) {
+        let mut health = self.health.lock();
+        let h = health.entry(peer.clone()).or_default();
+        match result {
+            Ok(()) => {
+                h.ok += 1;
+                h.last_error = None;
+            }
+            Err(e) => {
+                h.failed += 1;
+                h.last_error = Some(e);
+            }
+        }
+    }
+}
+
+/// Where a key lives, from one ring state.
+struct Placement {
+    state: Arc<RingState>,
+    replicas: Vec<NodeId>,
+    /// This node's position among `replicas`, if it is one.
+    local_index: Option<usize>,
+}
+
+impl Placement {
+    fn is_primary(&self) -> bool {
+        self.local_index == Some(0)
+    }
+
+    fn is_replica(&self) -> bool {
+        self.local_index.is_some()
+    }
+
+    /// The replicas ahead of this node (all of them if it is not a replica).
+    fn ahead(&self) -> &[NodeId] {
+        &self.replicas[..self.local_index.unwrap_or(self.replicas.len())]
+    }
+}
+
+/// How a forward attempt ended without an answer.
+enum ForwardFailure {
+    /// A peer answered with this error: it is the answer.
+    Answer(CoreError),
+    /// No target could be reached.
+    Unreachable(String),
+}
+
+/// The cluster core of one node. See the module docs.
+pub struct Coordinator<T: PeerTransport> {
+    local: NodeId,
+    store: Arc<Store>,
+    ring: Arc<RingView>,
+    transport: Arc<T>,
+    replicator: Arc<Replicator<T>>,
+    config: CoreConfig,
+    peers: Arc<Peers>,
+    forwarded: AtomicU64,
+    read_repairs: AtomicU64,
+    shutting_down: AtomicBool,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl<T: PeerTransport> std::fmt::Debug for Coordinator<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("local", &self.local)
+            .field("epoch", &self.ring.load().epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unexpected(peer: &NodeId, what: &str) -> CoreError {
+    CoreError::Internal(format!("{peer} answered {what}"))
+}
+
+impl<T: PeerTransport> Coordinator<T> {
+    /// A coordinator for node `local` over `store`, routing by `ring`, reaching peers
+    /// through `transport`.
+    pub fn new(
+        local: NodeId,
+        store: Arc<Store>,
+        ring: Arc<RingView>,
+        transport: Arc<T>,
+        config: CoreConfig,
+    ) -> Self {
+        let replicator = Arc::new(Replicator::new(
+            local.clone(),
+            Arc::clone(&transport),
+            Arc::clone(&ring),
+            ReplicationConfig {
+                queue_capacity: config.queue_capacity,
+                batch_max: config.batch_max,
+                peer_timeout: config.peer_timeout,
+            },
+        ));
+        Self {
+            local,
+            store,
+            ring,
+            transport,
+            replicator,
+            config,
+            peers: Arc::new(Peers::default()),
+            forwarded: AtomicU64::new(0),
+            read_repairs: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn local_id(&self) -> &NodeId {
+        &self.local
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The ring view.
+    pub fn ring(&self) -> &Arc<RingView> {
+        &self.ring
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &CoreConfig {
+        &self.config
+    }
+
+    /// Follows membership: every new view rebuilds the ring (an owned task, stopped by
+    /// [`Coordinator::shutdown`]). Must be called within a tokio runtime.
+    pub fn follow(&self, mut views: watch::Receiver<MembershipView>) {
+        let ring = Arc::clone(&self.ring);
+        let cancel = self.cancel.clone();
+        self.tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    changed = views.changed() => if changed.is_err() { return },
+                }
+                let view = views.borrow_and_update().clone();
+                match ring.update(view) {
+                    Ok(()) => {
+                        let state = ring.load();
+                        tracing::info!(
+                            epoch = state.epoch,
+                            members = state.ring.members().len(),
+                            "membership changed: new ring"
+                        );
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "membership view has no usable ring; keeping the previous one"
+                    ),
+                }
+            }
+        });
+    }
+
+    /// From now on, client requests are refused with [`CoreError::ShuttingDown`]; peer
+    /// traffic (replication in, forwarded requests) is still served.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Drains the replication queues for at most `grace` (counting what could not be
+    /// delivered), then stops and awaits every background task.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.begin_shutdown();
+        self.replicator.shutdown(grace).await;
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Counters, for `/metrics`.
+    pub fn stats(&self) -> CoreStats {
+        CoreStats {
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+            read_repairs: self.read_repairs.load(Ordering::Relaxed),
+            fingerprint_mismatches: self.peers.mismatch_count.load(Ordering::Relaxed),
+            versions_refused: self.store.versions_refused(),
+            stale_retries: self.store.stale_retries(),
+        }
+    }
+
+    /// Replication queue counters, by peer.
+    pub fn queue_stats(&self) -> Vec<QueueStats> {
+        self.replicator.stats()
+    }
+
+    /// Peer call health, by peer.
+    pub fn peer_health(&self) -> Vec<(NodeId, PeerHealth)> {
+        self.peers
+            .health
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Peers whose ring fingerprint differs from ours: (peer, their fingerprint).
+    pub fn mismatches(&self) -> Vec<(NodeId, u64)> {
+        self.peers
+            .mismatches
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Notes the ring fingerprint a peer reported; logs and counts a mismatch.
+    pub fn check_fingerprint(&self, peer: &NodeId, theirs: u64) {
+        let ours = self.ring.load().ring.fingerprint();
+        if theirs == 0 || theirs == ours {
+            self.peers.mismatches.lock().remove(peer);
+            return;
+        }
+        self.peers.mismatch_count.fetch_add(1, Ordering::Relaxed);
+        let first = self.peers.mismatches.lock().insert(peer.clone(), theirs) != Some(theirs);
+        if first {
+            tracing::error!(
+                peer = %peer,
+                ours = format_args!("{ours:016x}"),
+                theirs = format_args!("{theirs:016x}"),
+                "RING MISMATCH: this peer builds a different ring from its member list; \
+                 every node must be started with the same --peers"
+            );
+        }
+    }
+
+    fn call(&self, deadline: Instant) -> PeerCall {
+        PeerCall {
+            from: self.local.clone(),
+            ring_fingerprint: self.ring.load().ring.fingerprint(),
+            deadline: deadline.min(Instant::now() + self.config.peer_timeout),
+        }
+    }
+
+    fn place(&self, state: &Arc<RingState>, key: &[u8]) -> Placement {
+        let replicas = state.replicas(key);
+        let local_index = replicas.iter().position(|r| *r == self.local);
+        Placement {
+            state: Arc::clone(state),
+            replicas,
+            local_index,
+        }
+    }
+
+    fn wrong_owner(&self, state: &RingState) -> CoreError {
+        CoreError::WrongOwner { epoch: state.epoch }
+    }
+
+    fn check_request(&self, request: &Request) -> Result<(), CoreError> {
+        let limits = self.store.limits();
+        match request {
+            Request::Get { key, .. } | Request::Delete { key, .. } | Request::Touch { key, .. } => {
+                limits.check_key(key)
+            }
+            Request::Set { cmd, .. } => {
+                limits.check_key(&cmd.key)?;
+                limits.check_value(&cmd.value)
+            }
+            Request::MultiGet { keys } => {
+                limits.check_batch(keys.len())?;
+                keys.iter().try_for_each(|k| limits.check_key(k))
+            }
+            Request::MultiSet { entries, .. } => {
+                limits.check_batch(entries.len())?;
+                entries.iter().try_for_each(|e| {
+                    limits.check_key(&e.key)?;
+                    limits.check_value(&e.value)
+                })
+            }
+        }
+    }
+
+    /// Serves one request: checks it, routes it, and answers by its deadline.
+    pub async fn handle(
+        &self,
+        request: Request,
+        ctx: RequestContext,
+    ) -> Result<Response, CoreError> {
+        if !ctx.forwarded && self.is_shutting_down() {
+            return Err(CoreError::ShuttingDown);
+        }
+        self.check_request(&request)?;
+        let budget = ctx.deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout_at(ctx.deadline, self.dispatch(request, ctx)).await {
+            Ok(result) => result,
+            Err(_) => Err(CoreError::DeadlineExceeded(budget)),
+        }
+    }
+
+    async fn dispatch(&self, request: Request, ctx: RequestContext) -> Result<Response, CoreError> {
+        let state = self.ring.load();
+        match request {
+            Request::MultiGet { keys } => self.multi_get(&state, keys, ctx).await,
+            Request::MultiSet {
+                entries,
+                consistency,
+            } => {
+                let consistency = consistency.unwrap_or(self.config.default_consistency);
+                self.multi_set(&state, entries, consistency, ctx).await
+            }
+            single => {
+                let key = match &single {
+                    Request::Get { key, .. }
+                    | Request::Delete { key, .. }
+                    | Request::Touch { key, .. } => key.clone(),
+                    Request::Set { cmd, .. } => cmd.key.clone(),
+                    Request::MultiGet { .. } | Request::MultiSet { .. } => {
+                        unreachable!("batches are matched above")
+                    }
+                };
+                let p = self.place(&state, &key);
+                self.single(&p, single, ctx).await
+            }
+        }
+    }
+
+    /// Routes a single-key request: serve here, or forward (with this node as the fallback
+    /// if it is a replica and every replica ahead of it is unreachable).
+    async fn single(
+        &self,
+        p: &Placement,
+        request: Request,
+        ctx: RequestContext,
+    ) -> Result<Response, CoreError> {
+        if p.is_primary() || (ctx.forwarded && p.is_replica()) {
+            return self.serve_here(p, request, ctx).await;
+        }
+        if ctx.forwarded {
+            return Err(self.wrong_owner(&p.state));
+        }
+        match self.forward_first(p.ahead(), &request, ctx).await {
+            Ok(response) => Ok(response),
+            Err(ForwardFailure::Unreachable(_)) if p.is_replica() => {
+                self.serve_here(p, request, ctx).await
+            }
+            Err(ForwardFailure::Unreachable(detail)) => Err(CoreError::Unavailable {
+                acks: 0,
+                required: 1,
+                detail: format!("no replica of this key answered ({detail})"),
+            }),
+            Err(ForwardFailure::Answer(e)) => Err(e),
+        }
+    }
+
+    /// Sends `request` to the first of `targets` that answers (skipping this node).
+    async fn forward_first(
+        &self,
+        targets: &[NodeId],
+        request: &Request,
+        ctx: RequestContext,
+    ) -> Result<Response, ForwardFailure> {
+        let mut last = String::from("no reachable replica");
+        for target in targets.iter().filter(|t| **t != self.local) {
+            self.forwarded.fetch_add(1, Ordering::Relaxed);
+            let call = self.call(ctx.deadline);
+            let deadline = call.deadline;
+            let outcome = tokio::time::timeout_at(
+                deadline,
+                self.transport.forward(target, call, request.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(PeerError::Unreachable {
+                    peer: target.to_string(),
+                    detail: "no answer before the deadline".into(),
+                })
+            });
+            match outcome {
+                Ok(reply) => {
+                    self.peers.record(target, Ok(()));
+                    self.check_fingerprint(target, reply.ring_fingerprint);
+                    return check_response(target, request, reply.body)
+                        .map_err(ForwardFailure::Answer);
+                }
+                Err(e) if e.try_next() => {
+                    self.peers.record(target, Err(e.to_string()));
+                    last = e.to_string();
+                }
+                Err(PeerError::Refused { error, .. }) => {
+                    self.peers.record(target, Ok(()));
+                    return Err(ForwardFailure::Answer(error));
+                }
+                Err(e) => return Err(ForwardFailure::Unreachable(e.to_string())),
+            }
+        }
+        Err(ForwardFailure::Unreachable(last))
+    }
+
+    /// Serves a single-key request on this node, which replicates the key.
+    async fn serve_here(
+        &self,
+        p: &Placement,
+        request: Request,
+        ctx: RequestContext,
+    ) -> Result<Response, CoreError> {
+        let default = self.config.default_consistency;
+        match request {
+            Request::Get { key, consistency } => {
+                let consistency = consistency.unwrap_or(Consistency::One);
+                if consistency == Consistency::One || p.replicas.len() <= 1 {
+                    Ok(Response::Get(self.store.get(&key)))
+                } else {
+                    Ok(Response::Get(
+                        self.quorum_read(p, &key, consistency, ctx).await?,
+                    ))
+                }
+            }
+            Request::Set { cmd, consistency } => {
+                let stored =
+                    match self
+                        .store
+                        .set(&cmd.key, &cmd.value, cmd.ttl_ms, cmd.condition)?
+                    {
+                        Applied::Done(m) => {
+                            self.replicate(p, m, consistency.unwrap_or(default), ctx)
+                                .await?;
+                            true
+                        }
+                        Applied::NotApplied => false,
+                    };
+                Ok(Response::Set { stored })
+            }
+            Request::Delete { key, consistency } => {
+                let (deleted, m) = self.store.delete(&key, p.replicas.len() > 1)?;
+                self.replicate(p, m, consistency.unwrap_or(default), ctx)
+                    .await?;
+                Ok(Response::Delete { deleted })
+            }
+            Request::Touch {
+                key,
+                ttl_ms,
+                consistency,
+            } => {
+                let found = match self.store.touch(&key, ttl_ms)? {
+                    Applied::Done(m) => {
+                        self.replicate(p, m, consistency.unwrap_or(default), ctx)
+                            .await?;
+                        true
+                    }
+                    Applied::NotApplied => false,
+                };
+                Ok(Response::Touch { found })
+            }
+            Request::MultiGet { .. } | Request::MultiSet { .. } => Err(CoreError::Internal(
+                "a batch reached the single-key path".into(),
+            )),
+        }
+    }
+
+    /// Replicates one mutation applied here to the key's other replicas.
+    async fn replicate(
+        &self,
+        p: &Placement,
+        m: Mutation,
+        consistency: Consistency,
+        ctx: RequestContext,
+    ) -> Result<(), CoreError> {
+        let n = p.replicas.len();
+        let required = consistency.required(n);
+        let others: Vec<NodeId> = p
+            .replicas
+            .iter()
+            .filter(|r| **r != self.local)
+            .cloned()
+            .collect();
+        if required <= 1 {
+            for peer in &others {
+                self.replicator.enqueue(peer, m.clone());
+            }
+            return Ok(());
+        }
+        let per_peer = others
+            .into_iter()
+            .map(|peer| (peer, vec![m.clone()]))
+            .collect();
+        let acked = self
+            .replicate_sync(per_peer, |acked| acked.len() + 1 >= required, ctx.deadline)
+            .await;
+        let acks = acked.len() + 1;
+        if acks < required {
+            return Err(CoreError::Unavailable {
+                acks,
+                required,
+                detail: format!(
+                    "the write is applied on {acks} of {n} replicas and stays applied there"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends each peer its mutations now, in parallel, and returns the peers that applied
+    /// them as soon as `enough(acked)` holds (or every call ended). Calls still running
+    /// finish in the background; a peer whose call fails gets its mutations through the
+    /// asynchronous queue, so it converges once it is back.
+    async fn replicate_sync(
+        &self,
+        per_peer: BTreeMap<NodeId, Vec<Mutation>>,
+        enough: impl Fn(&[NodeId]) -> bool,
+        deadline: Instant,
+    ) -> Vec<NodeId> {
+        let mut acked = Vec::new();
+        if per_peer.is_empty() || enough(&acked) {
+            for (peer, mutations) in per_peer {
+                for m in mutations {
+                    self.replicator.enqueue(&peer, m);
+                }
+            }
+            return acked;
+        }
+        let (tx, mut rx) = mpsc::channel(per_peer.len());
+        for (peer, mutations) in per_peer {
+            let transport = Arc::clone(&self.transport);
+            let replicator = Arc::clone(&self.replicator);
+            let peers = Arc::clone(&self.peers);
+            let call = self.call(deadline);
+            let tx = tx.clone();
+            self.tracker.spawn(async move {
+                let deadline = call.deadline;
+                let result = tokio::time::timeout_at(
+                    deadline,
+                    transport.replicate(&peer, call, mutations.clone()),
+                )
+                .await;
+                let outcome: Result<PeerReply<ApplyReport>, String> = match result {
+                    Ok(Ok(reply)) => Ok(reply),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("{peer}: no answer before the deadline")),
+                };
+                let ok = outcome.is_ok();
+                peers.record(&peer, outcome.map(drop));
+                if !ok {
+                    for m in mutations {
+                        replicator.enqueue(&peer, m);
+                    }
+                }
+                // The coordinator may have stopped waiting; that is fine.
+                let _ = tx.send((peer, ok)).await;
+            });
+        }
+        drop(tx);
+        while let Some((peer, ok)) = rx.recv().await {
+            if ok {
+                acked.push(peer);
+                if enough(&acked) {
+                    break;
+                }
+            }
+        }
+        acked
+    }
+
+    /// A `Quorum`/`All` read coordinated here: the newest version among enough replicas
+    /// (this node included), deletes and expiries included; stale replicas repaired.
+    async fn quorum_read(
+        &self,
+        p: &Placement,
+        key: &Bytes,
+        consistency: Consistency,
+        ctx: RequestContext,
+    ) -> Result<Option<Lookup>, CoreError> {
+        let required = consistency.required(p.replicas.len());
+        let local = self.store.get_versioned(key);
+        let mut fetches: FuturesUnordered<_> = p
+            .replicas
+            .iter()
+            .filter(|r| **r != self.local)
+            .map(|peer| {
+                let call = self.call(ctx.deadline);
+                let deadline = call.deadline;
+                let fetch = self.transport.fetch(peer, call, vec![key.clone()]);
+                async move {
+                    let result = tokio::time::timeout_at(deadline, fetch)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(PeerError::Unreachable {
+                                peer: peer.to_string(),
+                                detail: "no answer before the deadline".into(),
+                            })
+                        });
+                    (peer.clone(), result)
+                }
+            })
+            .collect();
+        let mut answers: Vec<(NodeId, Option<VersionedRead>)> = Vec::new();
+        let mut last_error = String::new();
+        while answers.len() + 1 < required {
+            let Some((peer, result)) = fetches.next().await else {
+                break;
+            };
+            match result.and_then(|reply| self.check_fetched(&peer, reply, 1)) {
+                Ok(mut reads) => {
+                    self.peers.record(&peer, Ok(()));
+                    answers.push((peer, reads.pop().flatten()));
+                }
+                Err(e) => {
+                    self.peers.record(&peer, Err(e.to_string()));
+                    last_error = e.to_string();
+                }
+            }
+        }
+        drop(fetches);
+        let acks = answers.len() + 1;
+        if acks < required {
+            return Err(CoreError::Unavailable {
+                acks,
+                required,
+                detail: format!("quorum read: {last_error}"),
+            });
+        }
+        let version = |r: &Option<VersionedRead>| r.as_ref().map_or(0, VersionedRead::version);
+        let mut winner = local.clone();
+        for (_, read) in &answers {
+            if version(read) > version(&winner) {
+                winner = read.clone();
+            }
+        }
+        let Some(winner) = winner else {
+            return Ok(None);
+        };
+        let repair = Mutation {
+            key: key.clone(),
+            version: winner.version(),
+            op: match &winner {
+                VersionedRead::Live(l) => MutationOp::Put {
+                    value: l.value.clone(),
+                    expires_at: l.expires_at,
+                },
+                VersionedRead::Dead { .. } => MutationOp::Delete,
+            },
+        };
+        if version(&local) < winner.version() {
+            self.read_repairs.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.store.apply_replicated(std::slice::from_ref(&repair)) {
+                tracing::warn!(error = %e, "read repair of the local copy failed");
+            }
+        }
+        for (peer, read) in &answers {
+            if version(read) < winner.version() {
+                self.read_repairs.fetch_add(1, Ordering::Relaxed);
+                self.replicator.enqueue(peer, repair.clone());
+            }
+        }
+        let now = self.store.now_ms();
+        Ok(match winner {
+            VersionedRead::Live(l) if l.expires_at.is_none_or(|at| at > now) => Some(l),
+            _ => None,
+        })
+    }
+
+    /// Bounds a fetch answer: the right count, versions within the allowed drift, values
+    /// within the limits. A bad answer counts as no answer.
+    fn check_fetched(
+        &self,
+        peer: &NodeId,
+        reply: PeerReply<Vec<Option<VersionedRead>>>,
+        expected: usize,
+    ) -> Result<Vec<Option<VersionedRead>>, PeerError> {
+        self.check_fingerprint(peer, reply.ring_fingerprint);
+        let bad = |detail: String| PeerError::Unreachable {
+            peer: peer.to_string(),
+            detail,
+        };
+        if reply.body.len() != expected {
+            return Err(bad(format!(
+                "answered {} entries for {expected} keys",
+                reply.body.len()
+            )));
+        }
+        let now = self.store.now_ms();
+        for read in reply.body.iter().flatten() {
+            if let Err(e) = self.store.hlc().check(read.version(), now) {
+                return Err(bad(e.to_string()));
+            }
+            if let VersionedRead::Live(l) = read {
+                self.store
+                    .limits()
+                    .check_value(&l.value)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+        }
+        Ok(reply.body)
+    }
+
+    /// The one scatter/gather: runs `per_target(target, indexes)` for every group at once
+    /// and places each group's answers at their indexes. A group answering the wrong
+    /// number of results is an error.
+    async fn scatter<R, F, Fut>(
+        groups: BTreeMap<NodeId, Vec<usize>>,
+        per_target: F,
+        results: &mut [Option<R>],
+    ) -> Result<(), CoreError>
+    where
+        F: Fn(NodeId, Vec<usize>) -> Fut,
+        Fut: Future<Output = Result<Vec<R>, CoreError>>,
+    {
+        let calls = groups.into_iter().map(|(target, idx)| {
+            let fut = per_target(target.clone(), idx.clone());
+            async move { (target, idx, fut.await) }
+        });
+        for (target, idx, answers) in futures_util::future::join_all(calls).await {
+            let answers = answers?;
+            if answers.len() != idx.len() {
+                return Err(unexpected(
+                    &target,
+                    "a batch with the wrong number of results",
+                ));
+            }
+            for (i, a) in idx.into_iter().zip(answers) {
+                results[i] = Some(a);
+            }
+        }
+        Ok(())
+    }
+
+    async fn multi_get(
+        &self,
+        state: &Arc<RingState>,
+        keys: Vec<Bytes>,
+        ctx: RequestContext,
+    ) -> Result<Response, CoreError> {
+        let mut results: Vec<Option<Option<Lookup>>> = vec![None; keys.len()];
+        let mut groups: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            let p = self.place(state, k);
+            if p.is_primary() || (ctx.forwarded && p.is_replica()) {
+                groups.entry(self.local.clone()).or_default().push(i);
+            } else if ctx.forwarded {
+                return Err(self.wrong_owner(state));
+            } else {
+                groups.entry(p.replicas[0].clone()).or_default().push(i);
+            }
+        }
+        let keys = &keys;
+        Self::scatter(
+            groups,
+            |target, idx| async move {
+                let batch: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
+                if target == self.local {
+                    return Ok(batch.iter().map(|k| self.store.get(k)).collect());
+                }
+                let request = Request::MultiGet {
+                    keys: batch.clone(),
+                };
+                match self
+                    .forward_first(std::slice::from_ref(&target), &request, ctx)
+                    .await
+                {
+                    Ok(Response::MultiGet(found)) => Ok(found),
+                    Ok(_) => Err(unexpected(&target, "another request's response")),
+                    Err(ForwardFailure::Answer(e)) if !is_retryable(&e) => Err(e),
+                    // The primary is unreachable: each key goes its own way (next replicas).
+                    Err(_) => {
+                        let mut out = Vec::with_capacity(batch.len());
+                        for key in batch {
+                            let p = self.place(state, &key);
+                            let request = Request::Get {
+                                key,
+                                consistency: Some(Consistency::One),
+                            };
+                            match self.single(&p, request, ctx).await? {
+                                Response::Get(found) => out.push(found),
+                                _ => return Err(unexpected(&target, "another request's response")),
+                            }
+                        }
+                        Ok(out)
+                    }
+                }
+            },
+            &mut results,
+        )
+        .await?;
+        let results: Vec<Option<Lookup>> = results.into_iter().map(Option::flatten).collect();
+        let total: usize = results.iter().flatten().map(|l| l.value.len()).sum();
+        let max = self.store.limits().max_response_bytes();
+        if total > max {
+            return Err(CoreError::TooLarge(format!(
+                "values add up to {total} bytes, over the response limit of {max} bytes; split the batch"
+            )));
+        }
+        Ok(Response::MultiGet(results))
+    }
+
+    async fn multi_set(
+        &self,
+        state: &Arc<RingState>,
+        entries: Vec<SetCommand>,
+        consistency: Consistency,
+        ctx: RequestContext,
+    ) -> Result<Response, CoreError> {
+        let mut results: Vec<Option<bool>> = vec![None; entries.len()];
+        let mut groups: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            let p = self.place(state, &e.key);
+            if p.is_primary() || (ctx.forwarded && p.is_replica()) {
+                groups.entry(self.local.clone()).or_default().push(i);
+            } else if ctx.forwarded {
+                return Err(self.wrong_owner(state));
+            } else {
+                groups.entry(p.replicas[0].clone()).or_default().push(i);
+            }
+        }
+        let entries = &entries;
+        Self::scatter(
+            groups,
+            |target, idx| async move {
+                if target == self.local {
+                    return self
+                        .multi_set_here(state, entries, &idx, consistency, ctx)
+                        .await;
+                }
+                let request = Request::MultiSet {
+                    entries: idx.iter().map(|&i| entries[i].clone()).collect(),
+                    consistency: Some(consistency),
+                };
+                match self
+                    .forward_first(std::slice::from_ref(&target), &request, ctx)
+                    .await
+                {
+                    Ok(Response::MultiSet(stored)) => Ok(stored),
+                    Ok(_) => Err(unexpected(&target, "another request's response")),
+                    Err(ForwardFailure::Answer(e)) if !is_retryable(&e) => Err(e),
+                    // The primary is unreachable: each entry goes its own way (the next
+                    // replica coordinates).
+                    Err(_) => {
+                        let mut out = Vec::with_capacity(idx.len());
+                        for &i in &idx {
+                            let p = self.place(state, &entries[i].key);
+                            let request = Request::Set {
+                                cmd: entries[i].clone(),
+                                consistency: Some(consistency),
+                            };
+                            match self.single(&p, request, ctx).await? {
+                                Response::Set { stored } => out.push(stored),
+                                _ => return Err(unexpected(&target, "another request's response")),
+                            }
+                        }
+                        Ok(out)
+                    }
+                }
+            },
+            &mut results,
+        )
+        .await?;
+        Ok(Response::MultiSet(
+            results.into_iter().map(|r| r.unwrap_or(false)).collect(),
+        ))
+    }
+
+    /// Coordinates the entries at `idx` here: applies each, then replicates them with one
+    /// call per peer; every key must reach its required acknowledgements.
+    async fn multi_set_here(
+        &self,
+        state: &Arc<RingState>,
+        entries: &[SetCommand],
+        idx: &[usize],
+        consistency: Consistency,
+        ctx: RequestContext,
+    ) -> Result<Vec<bool>, CoreError> {
+        let mut stored = Vec::with_capacity(idx.len());
+        let mut per_peer: BTreeMap<NodeId, Vec<Mutation>> = BTreeMap::new();
+        // For each applied key: its other replicas and how many acknowledgements it needs.
+        let mut needs: Vec<(Vec<NodeId>, usize, usize)> = Vec::new();
+        for (n, &i) in idx.iter().enumerate() {
+            let e = &entries[i];
+            let applied = self
+                .store
+                .set(&e.key, &e.value, e.ttl_ms, e.condition)
+                .map_err(|err| match err {
+                    CoreError::Full(m) => CoreError::Full(format!(
+                        "entry {n} failed; earlier entries may be applied: {m}"
+                    )),
+                    other => other,
+                })?;
+            match applied {
+                Applied::Done(m) => {
+                    let p = self.place(state, &e.key);
+                    let others: Vec<NodeId> = p
+                        .replicas
+                        .iter()
+                        .filter(|r| **r != self.local)
+                        .cloned()
+                        .collect();
+                    for peer in &others {
+                        per_peer.entry(peer.clone()).or_default().push(m.clone());
+                    }
+                    needs.push((
+                        others,
+                        consistency.required(p.replicas.len()),
+                        p.replicas.len(),
+                    ));
+                    stored.push(true);
+                }
+                Applied::NotApplied => stored.push(false),
+            }
+        }
+        let satisfied = |acked: &[NodeId]| {
+            needs.iter().all(|(others, required, _)| {
+                1 + others.iter().filter(|o| acked.contains(o)).count() >= *required
+            })
+        };
+        let acked = self.replicate_sync(per_peer, satisfied, ctx.deadline).await;
+        for (others, required, n) in &needs {
+            let acks = 1 + others.iter().filter(|o| acked.contains(o)).count();
+            if acks < *required {
+                return Err(CoreError::Unavailable {
+                    acks,
+                    required: *required,
+                    detail: format!(
+                        "a write of this batch is applied on {acks} of {n} replicas; applied entries stay applied"
+                    ),
+                });
+            }
+        }
+        Ok(stored)
+    }
+
+    // ----- peer ingress ---------------------------------------------------------------
+
+    /// A request forwarded by `call.from`: served here, never forwarded again.
+    pub async fn handle_forward(
+        &self,
+        call: PeerCall,
+        request: Request,
+    ) -> Result<Response, CoreError> {
+        self.check_fingerprint(&call.from, call.ring_fingerprint);
+        self.handle(
+            request,
+            RequestContext {
+                deadline: call.deadline,
+                forwarded: true,
+            },
+        )
+        .await
+    }
+
+    /// Mutations replicated by `call.from`, applied by last writer wins after every entry
+    /// was checked (see [`Store::apply_replicated`]).
+    pub fn handle_replicate(
+        &self,
+        call: &PeerCall,
+        mutations: &[Mutation],
+    ) -> Result<ApplyReport, CoreError> {
+        self.check_fingerprint(&call.from, call.ring_fingerprint);
+        self.store.limits().check_batch(mutations.len().max(1))?;
+        self.store.apply_replicated(mutations)
+    }
+
+    /// Versioned reads for `call.from`'s quorum read or repair.
+    pub fn handle_fetch(
+        &self,
+        call: &PeerCall,
+        keys: &[Bytes],
+    ) -> Result<Vec<Option<VersionedRead>>, CoreError> {
+        self.check_fingerprint(&call.from, call.ring_fingerprint);
+        let limits = self.store.limits();
+        limits.check_batch(keys.len())?;
+        keys.iter().try_for_each(|k| limits.check_key(k))?;
+        Ok(keys.iter().map(|k| self.store.get_versioned(k)).collect())
+    }
+}
+
+/// Errors after which trying another replica (or key by key) makes sense.
+fn is_retryable(e: &CoreError) -> bool {
+    matches!(
+        e,
+        CoreError::ShuttingDown
+            | CoreError::WrongOwner { .. }
+            | CoreError::Unavailable { .. }
+            | CoreError::DeadlineExceeded(_)
+    )
+}
+
+/// A forwarded request's answer must be of the request's kind and size.
+fn check_response(
+    peer: &NodeId,
+    request: &Request,
+    response: Response,
+) -> Result<Response, CoreError> {
+    let ok = match (request, &response) {
+        (Request::Get { .. }, Response::Get(_))
+        | (Request::Set { .. }, Response::Set { .. })
+        | (Request::Delete { .. }, Response::Delete { .. })
+        | (Request::Touch { .. }, Response::Touch { .. }) => true,
+        (Request::MultiGet { keys }, Response::MultiGet(r)) => keys.len() == r.len(),
+        (Request::MultiSet { entries, .. }, Response::MultiSet(r)) => entries.len() == r.len(),
+        _ => false,
+    };
+    if ok {
+        Ok(response)
+    } else {
+        Err(unexpected(
+            peer,
+            "a response that does not match the request",
+        ))
+    }
+}

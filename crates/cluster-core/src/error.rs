@@ -1,0 +1,93 @@
+//! What can go wrong in the core, in the caller's terms: each variant says what happened
+//! and what the caller can do. Front ends map these to their wire codes (gRPC status, RESP
+//! error); nothing here knows any wire format.
+
+use std::time::Duration;
+
+/// Why a request was not carried out (or not fully).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// The request is malformed or breaks a limit on its shape (empty key, unknown enum,
+    /// too many keys): fix the request; nothing was changed.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// A key, value, batch or response is larger than allowed: split or shrink it; nothing
+    /// was changed.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// A forwarded request reached a node that does not replicate the key at its ring epoch
+    /// (the sender's view is stale): refresh the cluster view and retry.
+    #[error("this node does not replicate the key at ring epoch {epoch}; refresh the cluster view")]
+    WrongOwner {
+        /// This node's ring epoch.
+        epoch: u64,
+    },
+    /// Not enough replicas answered in time. For a write, `acks` replicas (the coordinator
+    /// among them) did apply it and keep it: the write may still become visible; retrying
+    /// is safe (last writer wins).
+    #[error("{acks} of the {required} required replicas answered: {detail}")]
+    Unavailable {
+        /// Replicas that answered (applied, for a write).
+        acks: usize,
+        /// Replicas required by the consistency level.
+        required: usize,
+        /// What failed.
+        detail: String,
+    },
+    /// The node's memory limit is reached and eviction is off: free space or raise
+    /// `--max-memory`.
+    #[error("out of memory: {0}")]
+    Full(String),
+    /// A version from a peer is too far ahead of this node's clock (forged, or a clock is
+    /// wrong): the entries were refused and nothing changed. Check the clocks (NTP).
+    #[error("refused: {0}")]
+    VersionRefused(String),
+    /// The request's deadline passed before it finished; a write may have been applied.
+    #[error("deadline of {0:?} exceeded")]
+    DeadlineExceeded(Duration),
+    /// The node is shutting down: retry on another node.
+    #[error("node is shutting down; retry on another node or later")]
+    ShuttingDown,
+    /// A bug or an impossible state; the message says which. Report it.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Why a call to a peer failed, as the transport reports it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The peer could not be reached or did not answer before the deadline: another
+    /// replica is worth trying.
+    #[error("{peer} unreachable: {detail}")]
+    Unreachable {
+        /// The peer.
+        peer: String,
+        /// What the transport saw.
+        detail: String,
+    },
+    /// The peer answered with an error: it is up, and the error is the answer.
+    #[error("{peer} refused: {error}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// Its error.
+        error: CoreError,
+    },
+}
+
+impl PeerError {
+    /// Whether trying another replica makes sense (the peer may be down, or is shutting
+    /// down, or disagrees about ownership).
+    pub fn try_next(&self) -> bool {
+        match self {
+            PeerError::Unreachable { .. } => true,
+            PeerError::Refused { error, .. } => matches!(
+                error,
+                CoreError::ShuttingDown
+                    | CoreError::WrongOwner { .. }
+                    | CoreError::DeadlineExceeded(_)
+                    | CoreError::Unavailable { .. }
+            ),
+        }
+    }
+}

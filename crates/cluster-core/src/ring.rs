@@ -1,0 +1,114 @@
+//! The node's view of who owns what: the ring built from each membership view, swapped in
+//! atomically, with a stream of ring changes for the rebalancer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use cluster_membership::MembershipView;
+use cluster_ring::{DEFAULT_VNODES_PER_WEIGHT, Member as RingMember, NodeId, Ring, RingError};
+use tokio::sync::broadcast;
+
+/// Ring changes kept for slow subscribers before they see `Lagged`.
+const CHANGE_BUFFER: usize = 64;
+
+/// The ring and everything derived from one membership view. Immutable: a change builds a
+/// new one.
+#[derive(Debug)]
+pub struct RingState {
+    /// The ring of key-owning members.
+    pub ring: Ring,
+    /// The membership epoch it was built from.
+    pub epoch: u64,
+    /// Every member (any state), for `ClusterInfo` and `/status`.
+    pub view: MembershipView,
+    /// Replication factor in effect: the configured one capped at the owner count.
+    pub replication_factor: usize,
+}
+
+impl RingState {
+    /// Builds the ring of `view`'s key-owning members.
+    pub fn build(view: MembershipView, configured_rf: usize) -> Result<Self, RingError> {
+        let owners: Vec<RingMember> = view
+            .owners()
+            .map(|m| Ok(RingMember::new(NodeId::new(m.id.clone())?, m.weight)))
+            .collect::<Result<_, RingError>>()?;
+        let ring = Ring::new(owners, DEFAULT_VNODES_PER_WEIGHT)?.with_epoch(view.epoch);
+        let replication_factor = configured_rf.clamp(1, ring.members().len().max(1));
+        Ok(Self {
+            ring,
+            epoch: view.epoch,
+            view,
+            replication_factor,
+        })
+    }
+
+    /// The ids of `key`'s replicas, primary first.
+    pub fn replicas(&self, key: &[u8]) -> Vec<NodeId> {
+        self.ring
+            .replicas(key, self.replication_factor)
+            .into_iter()
+            .map(|m| m.id.clone())
+            .collect()
+    }
+
+    /// The client-facing address of member `id`.
+    pub fn rpc_addr(&self, id: &str) -> Option<SocketAddr> {
+        self.view.member(id).map(|m| m.rpc_addr)
+    }
+
+    /// The peer-listener address of member `id`.
+    pub fn peer_addr(&self, id: &str) -> Option<SocketAddr> {
+        self.view.member(id).map(|m| m.peer_addr)
+    }
+}
+
+/// One ring change: what was, and what is.
+#[derive(Debug, Clone)]
+pub struct RingChange {
+    /// The ring before.
+    pub old: Arc<RingState>,
+    /// The ring after.
+    pub new: Arc<RingState>,
+}
+
+/// The current ring, swappable, with change notifications.
+#[derive(Debug)]
+pub struct RingView {
+    current: ArcSwap<RingState>,
+    changes: broadcast::Sender<RingChange>,
+    configured_rf: usize,
+}
+
+impl RingView {
+    /// A view starting at `first`, with replication factor `configured_rf` (capped at the
+    /// owner count of each ring).
+    pub fn new(first: MembershipView, configured_rf: usize) -> Result<Self, RingError> {
+        let (changes, _) = broadcast::channel(CHANGE_BUFFER);
+        Ok(Self {
+            current: ArcSwap::from_pointee(RingState::build(first, configured_rf)?),
+            changes,
+            configured_rf,
+        })
+    }
+
+    /// The current ring (an `Arc` load).
+    pub fn load(&self) -> Arc<RingState> {
+        self.current.load_full()
+    }
+
+    /// Rebuilds the ring from `view` and swaps it in; subscribers get a [`RingChange`].
+    /// A view that forms no ring is refused and the old ring kept.
+    pub fn update(&self, view: MembershipView) -> Result<(), RingError> {
+        let new = Arc::new(RingState::build(view, self.configured_rf)?);
+        let old = self.current.swap(Arc::clone(&new));
+        // Nobody listening is fine.
+        let _ = self.changes.send(RingChange { old, new });
+        Ok(())
+    }
+
+    /// Ring changes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<RingChange> {
+        self.changes.subscribe()
+    }
+}

@@ -1,0 +1,483 @@
+//! A deterministic in-process cluster: N [`Coordinator`]s over an in-memory [`SimTransport`]
+//! whose faults are one line each.
+//!
+//! Run it on a current-thread tokio runtime with time paused (`#[tokio::test(start_paused =
+//! true)]`): timeouts then elapse instantly when every task waits, the nodes' clocks
+//! ([`NodeClock::tokio`]) follow the same paused time, and every random choice (message loss,
+//! delay) comes from one seeded generator — so a seed replays the same run.
+//!
+//! What a fault does to a call from A to B:
+//!
+//! - [`SimCluster::cut`] / [`SimCluster::isolate`]: the request is lost; A waits until its
+//!   deadline (a partition, not a refused connection).
+//! - [`SimCluster::set_loss`]: each request, and each reply, is lost with this probability
+//!   (a lost reply means B did the work but A never hears of it).
+//! - [`SimCluster::set_delay`]: each message takes a random time in the range.
+//! - [`SimCluster::pause`]: B stops working (like `SIGSTOP`): calls reach it but wait until
+//!   [`SimCluster::resume`]; A gives up at its deadline, and B then still does the work.
+//! - [`SimCluster::heal`] undoes cuts, loss and delay.
+//!
+//! The callee's work runs in its own task, so a caller that gives up does not cancel it —
+//! as with a real server.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cache_core::{CacheConfig, VersionedRead};
+use cluster_membership::{Member, MemberState, MembershipView};
+use cluster_ring::NodeId;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::clock::NodeClock;
+use crate::coordinator::{Coordinator, CoreConfig, RequestContext};
+use crate::error::{CoreError, PeerError};
+use crate::limits::Limits;
+use crate::mutation::Mutation;
+use crate::request::{Request, Response};
+use crate::ring::RingView;
+use crate::store::{ApplyReport, Store};
+use crate::transport::{PeerCall, PeerReply, PeerTransport};
+
+/// A small, fast, seedable generator (SplitMix64): the simulator's only source of chance.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`0` if `n == 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next_u64() % n }
+    }
+
+    /// `true` with probability `per_mille / 1000`.
+    pub fn chance(&mut self, per_mille: u32) -> bool {
+        self.below(1000) < u64::from(per_mille)
+    }
+}
+
+/// The network's current faults.
+#[derive(Debug, Default)]
+struct Faults {
+    /// Cut links, as (smaller id, larger id).
+    cut: BTreeSet<(NodeId, NodeId)>,
+    /// Chance per message of being lost, per mille.
+    loss_per_mille: u32,
+    /// Delay range per message, milliseconds.
+    delay_ms: (u64, u64),
+}
+
+fn link(a: &NodeId, b: &NodeId) -> (NodeId, NodeId) {
+    if a <= b {
+        (a.clone(), b.clone())
+    } else {
+        (b.clone(), a.clone())
+    }
+}
+
+/// The simulated network: who is reachable, and the faults between them.
+#[derive(Debug)]
+pub struct SimNet {
+    nodes: Mutex<BTreeMap<NodeId, Weak<dyn SimNode>>>,
+    paused: Mutex<BTreeMap<NodeId, watch::Sender<bool>>>,
+    faults: Mutex<Faults>,
+    rng: Mutex<SimRng>,
+}
+
+impl SimNet {
+    fn new(seed: u64) -> Self {
+        Self {
+            nodes: Mutex::new(BTreeMap::new()),
+            paused: Mutex::new(BTreeMap::new()),
+            faults: Mutex::new(Faults::default()),
+            rng: Mutex::new(SimRng::new(seed ^ 0x5151_5151)),
+        }
+    }
+
+    fn lost(&self) -> bool {
+        let per_mille = self.faults.lock().loss_per_mille;
+        per_mille > 0 && self.rng.lock().chance(per_mille)
+    }
+
+    fn delay(&self) -> Duration {
+        let (lo, hi) = self.faults.lock().delay_ms;
+        if hi == 0 {
+            return Duration::ZERO;
+        }
+        let ms = lo + self.rng.lock().below(hi.saturating_sub(lo) + 1);
+        Duration::from_millis(ms)
+    }
+
+    /// Waits while `node` is paused (or until `deadline`); `false` if the deadline came first.
+    async fn wait_running(&self, node: &NodeId, deadline: Instant) -> bool {
+        let rx = self.paused.lock().get(node).map(watch::Sender::subscribe);
+        let Some(mut rx) = rx else {
+            return true;
+        };
+        tokio::time::timeout_at(deadline, rx.wait_for(|paused| !*paused))
+            .await
+            .is_ok()
+    }
+
+    /// Carries one call from `call.from` to `to`: faults, then `work` on the callee in its
+    /// own task, then the reply back through the same faults.
+    async fn carry<R, F>(&self, to: &NodeId, call: PeerCall, work: F) -> Result<R, PeerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(Arc<dyn SimNode>, PeerCall) -> Work<R>,
+    {
+        let deadline = call.deadline;
+        let unreachable = |detail: &str| PeerError::Unreachable {
+            peer: to.to_string(),
+            detail: detail.to_string(),
+        };
+        let hang = |detail: &'static str| async move {
+            tokio::time::sleep_until(deadline).await;
+            Err(unreachable(detail))
+        };
+        let callee = self.nodes.lock().get(to).and_then(Weak::upgrade);
+        let Some(callee) = callee else {
+            return Err(unreachable("connection refused (node is down)"));
+        };
+        if self.faults.lock().cut.contains(&link(&call.from, to)) {
+            return hang("link cut").await;
+        }
+        if self.lost() {
+            return hang("request lost").await;
+        }
+        tokio::time::sleep(self.delay()).await;
+        if !self.wait_running(to, deadline).await {
+            return Err(unreachable("no answer before the deadline (paused)"));
+        }
+        let task = tokio::spawn(work(callee, call));
+        let reply = match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(join)) => return Err(unreachable(&format!("callee task failed: {join}"))),
+            Err(_) => return Err(unreachable("no answer before the deadline")),
+        };
+        if self.lost() {
+            return hang("reply lost").await;
+        }
+        tokio::time::sleep(self.delay()).await;
+        if Instant::now() > deadline {
+            return Err(unreachable("reply arrived after the deadline"));
+        }
+        reply.map_err(|error| PeerError::Refused {
+            peer: to.to_string(),
+            error,
+        })
+    }
+}
+
+/// The callee's side of a call, boxed: a forwarded request may itself call peers, so its
+/// future's type would otherwise contain itself.
+type Work<R> = Pin<Box<dyn Future<Output = Result<R, CoreError>> + Send>>;
+
+/// The in-memory [`PeerTransport`] of one simulated node.
+#[derive(Debug, Clone)]
+pub struct SimTransport {
+    net: Arc<SimNet>,
+}
+
+/// A simulated node as the network sees it: the three kinds of call it answers. The
+/// callee's future is boxed here, behind a trait object, so that the transport's futures do
+/// not contain the coordinator's (which contain the transport's: a cycle the compiler cannot
+/// size).
+trait SimNode: Send + Sync + std::fmt::Debug {
+    fn forward(self: Arc<Self>, call: PeerCall, request: Request) -> Work<PeerReply<Response>>;
+    fn replicate(
+        self: Arc<Self>,
+        call: PeerCall,
+        mutations: Vec<Mutation>,
+    ) -> Work<PeerReply<ApplyReport>>;
+    fn fetch(
+        self: Arc<Self>,
+        call: PeerCall,
+        keys: Vec<Bytes>,
+    ) -> Work<PeerReply<Vec<Option<VersionedRead>>>>;
+}
+
+impl SimNode for Coordinator<SimTransport> {
+    fn forward(self: Arc<Self>, call: PeerCall, request: Request) -> Work<PeerReply<Response>> {
+        Box::pin(async move {
+            let body = self.handle_forward(call, request).await?;
+            Ok(PeerReply {
+                body,
+                ring_fingerprint: self.ring().load().ring.fingerprint(),
+            })
+        })
+    }
+
+    fn replicate(
+        self: Arc<Self>,
+        call: PeerCall,
+        mutations: Vec<Mutation>,
+    ) -> Work<PeerReply<ApplyReport>> {
+        Box::pin(async move {
+            let body = self.handle_replicate(&call, &mutations)?;
+            Ok(PeerReply {
+                body,
+                ring_fingerprint: self.ring().load().ring.fingerprint(),
+            })
+        })
+    }
+
+    fn fetch(
+        self: Arc<Self>,
+        call: PeerCall,
+        keys: Vec<Bytes>,
+    ) -> Work<PeerReply<Vec<Option<VersionedRead>>>> {
+        Box::pin(async move {
+            let body = self.handle_fetch(&call, &keys)?;
+            Ok(PeerReply {
+                body,
+                ring_fingerprint: self.ring().load().ring.fingerprint(),
+            })
+        })
+    }
+}
+
+impl PeerTransport for SimTransport {
+    async fn forward(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        request: Request,
+    ) -> Result<PeerReply<Response>, PeerError> {
+        self.net
+            .carry(to, call, |callee, call| callee.forward(call, request))
+            .await
+    }
+
+    async fn replicate(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        mutations: Vec<Mutation>,
+    ) -> Result<PeerReply<ApplyReport>, PeerError> {
+        self.net
+            .carry(to, call, |callee, call| callee.replicate(call, mutations))
+            .await
+    }
+
+    async fn fetch(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        keys: Vec<Bytes>,
+    ) -> Result<PeerReply<Vec<Option<VersionedRead>>>, PeerError> {
+        self.net
+            .carry(to, call, |callee, call| callee.fetch(call, keys))
+            .await
+    }
+}
+
+/// Settings of a simulated cluster.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Nodes (`n0`, `n1`, ...).
+    pub nodes: usize,
+    /// Seeds the network's faults.
+    pub seed: u64,
+    /// Each node's cluster settings.
+    pub core: CoreConfig,
+    /// Each node's engine.
+    pub cache: CacheConfig,
+    /// Each node's limits.
+    pub limits: Limits,
+    /// Allowed drift of observed versions.
+    pub max_drift: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            seed: 0,
+            core: CoreConfig {
+                peer_timeout: Duration::from_millis(200),
+                ..CoreConfig::default()
+            },
+            cache: CacheConfig::new().with_max_bytes(64 << 20).with_shards(4),
+            limits: Limits::default(),
+            max_drift: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Unix milliseconds at which simulated time starts.
+pub const SIM_EPOCH_MS: u64 = 1_700_000_000_000;
+
+/// N coordinators over one [`SimNet`]. Must be created inside a tokio runtime.
+#[derive(Debug)]
+pub struct SimCluster {
+    net: Arc<SimNet>,
+    nodes: Vec<Arc<Coordinator<SimTransport>>>,
+    ids: Vec<NodeId>,
+}
+
+impl SimCluster {
+    /// Starts `config.nodes` nodes that all know each other (static membership).
+    pub fn new(config: SimConfig) -> Self {
+        let net = Arc::new(SimNet::new(config.seed));
+        let ids: Vec<NodeId> = (0..config.nodes)
+            .map(|i| NodeId::new(format!("n{i}")).expect("short ids are valid"))
+            .collect();
+        let members = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let port = 7000 + u16::try_from(i).expect("a simulated cluster is small");
+                Member {
+                    id: id.to_string(),
+                    rpc_addr: ([127, 0, 0, 1], port).into(),
+                    peer_addr: ([127, 0, 0, 1], port + 100).into(),
+                    state: MemberState::Alive,
+                    incarnation: 0,
+                    weight: 1,
+                }
+            })
+            .collect();
+        let view = MembershipView { epoch: 1, members };
+        let nodes: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                let store = Store::new(
+                    id,
+                    config.cache.clone(),
+                    NodeClock::tokio(SIM_EPOCH_MS),
+                    config.limits,
+                    config.max_drift,
+                )
+                .expect("the simulator's cache config is valid");
+                let ring = RingView::new(view.clone(), config.core.replication_factor)
+                    .expect("simulated members form a ring");
+                Arc::new(Coordinator::new(
+                    id.clone(),
+                    Arc::new(store),
+                    Arc::new(ring),
+                    Arc::new(SimTransport {
+                        net: Arc::clone(&net),
+                    }),
+                    config.core.clone(),
+                ))
+            })
+            .collect();
+        {
+            let mut registry = net.nodes.lock();
+            let mut paused = net.paused.lock();
+            for (id, node) in ids.iter().zip(&nodes) {
+                let weak: Weak<dyn SimNode> =
+                    Arc::downgrade(node) as Weak<Coordinator<SimTransport>>;
+                registry.insert(id.clone(), weak);
+                paused.insert(id.clone(), watch::channel(false).0);
+            }
+        }
+        Self { net, nodes, ids }
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &Arc<Coordinator<SimTransport>> {
+        &self.nodes[i]
+    }
+
+    /// Node ids, by index.
+    pub fn ids(&self) -> &[NodeId] {
+        &self.ids
+    }
+
+    /// The index of node `id`.
+    pub fn index_of(&self, id: &NodeId) -> usize {
+        self.ids
+            .iter()
+            .position(|x| x == id)
+            .expect("a node of this cluster")
+    }
+
+    /// A client request to node `i` that may take `timeout`. A paused node does not answer
+    /// until resumed (the client gives up at its deadline).
+    pub async fn request(
+        &self,
+        i: usize,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, CoreError> {
+        let ctx = RequestContext::client(timeout);
+        if !self.net.wait_running(&self.ids[i], ctx.deadline).await {
+            return Err(CoreError::DeadlineExceeded(timeout));
+        }
+        self.nodes[i].handle(request, ctx).await
+    }
+
+    /// Cuts the link between nodes `a` and `b` (both directions).
+    pub fn cut(&self, a: usize, b: usize) {
+        let l = link(&self.ids[a], &self.ids[b]);
+        self.net.faults.lock().cut.insert(l);
+    }
+
+    /// Cuts every link of node `a`.
+    pub fn isolate(&self, a: usize) {
+        for b in 0..self.ids.len() {
+            if b != a {
+                self.cut(a, b);
+            }
+        }
+    }
+
+    /// Loses each message with probability `per_mille / 1000`.
+    pub fn set_loss(&self, per_mille: u32) {
+        self.net.faults.lock().loss_per_mille = per_mille.min(1000);
+    }
+
+    /// Delays each message by a random time in `min_ms..=max_ms`.
+    pub fn set_delay(&self, min_ms: u64, max_ms: u64) {
+        self.net.faults.lock().delay_ms = (min_ms, max_ms.max(min_ms));
+    }
+
+    /// Pauses node `a` (it answers nothing until resumed).
+    pub fn pause(&self, a: usize) {
+        if let Some(tx) = self.net.paused.lock().get(&self.ids[a]) {
+            tx.send_replace(true);
+        }
+    }
+
+    /// Resumes node `a`.
+    pub fn resume(&self, a: usize) {
+        if let Some(tx) = self.net.paused.lock().get(&self.ids[a]) {
+            tx.send_replace(false);
+        }
+    }
+
+    /// Removes every cut, loss and delay, and resumes every node.
+    pub fn heal(&self) {
+        *self.net.faults.lock() = Faults::default();
+        for tx in self.net.paused.lock().values() {
+            tx.send_replace(false);
+        }
+    }
+
+    /// Shuts every node down (draining replication for at most `grace`).
+    pub async fn shutdown(&self, grace: Duration) {
+        for node in &self.nodes {
+            node.shutdown(grace).await;
+        }
+    }
+}

@@ -1,0 +1,345 @@
+//! [`Store`]: the engine's one writer.
+//!
+//! Every change to the node's data goes through here: local writes (which get a fresh
+//! version from the hybrid logical clock) and replicated mutations (whose versions are
+//! checked against the allowed clock drift before anything is applied). Each applied change
+//! is handed, as a [`Mutation`], to the registered [`MutationSink`]s. No other code holds a
+//! mutable path to the engine: the coordinator reads through [`Store::get`] and
+//! [`Store::get_versioned`], and the admin paths only read statistics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cache_core::{
+    Cache, CacheConfig, CacheStats, Clock, Condition, DeleteOutcome, InsertError, Lookup,
+    TouchOutcome, VersionedRead, WriteOptions, WriteOutcome,
+};
+use parking_lot::RwLock;
+
+use crate::clock::{ClockError, Hlc, NodeClock};
+use crate::error::CoreError;
+use crate::limits::Limits;
+use crate::mutation::{Mutation, MutationOp, MutationSink};
+
+/// How many times a local write whose fresh version lost to a stored one is retried (each
+/// retry first moves the clock past the stored version, so one retry normally suffices).
+const STALE_RETRIES: usize = 4;
+
+/// What a local write did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied; replicate this mutation.
+    Done(Mutation),
+    /// The write's condition did not hold (or, for touch, the key held no live value):
+    /// nothing changed.
+    NotApplied,
+}
+
+/// What [`Store::apply_replicated`] did with a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Mutations that changed the state.
+    pub applied: u32,
+    /// Mutations older than what is stored (already superseded): no change.
+    pub stale: u32,
+}
+
+/// The engine's only writer. See the module docs.
+pub struct Store {
+    cache: Arc<Cache<NodeClock>>,
+    hlc: Hlc,
+    limits: Limits,
+    sinks: RwLock<Vec<Arc<dyn MutationSink>>>,
+    /// Replicated versions refused for being too far ahead (`cache_versions_refused_total`).
+    versions_refused: AtomicU64,
+    /// Local writes retried because their fresh version was older than the stored one.
+    stale_retries: AtomicU64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("cache", &self.cache)
+            .field("hlc", &self.hlc)
+            .finish_non_exhaustive()
+    }
+}
+
+fn insert_error(e: InsertError) -> CoreError {
+    match e {
+        InsertError::EntryTooLarge { .. } | InsertError::KeyTooLong(_) => {
+            CoreError::TooLarge(e.to_string())
+        }
+        InsertError::OutOfMemory { .. } => CoreError::Full(e.to_string()),
+    }
+}
+
+fn clock_error(e: ClockError) -> CoreError {
+    match e {
+        ClockError::TooFarAhead { .. } => CoreError::VersionRefused(e.to_string()),
+        ClockError::Exhausted => CoreError::Internal(e.to_string()),
+    }
+}
+
+impl Store {
+    /// A store over a new engine built from `config`, reading time from `clock`, issuing
+    /// versions tagged for `node_id` and accepting observed versions up to `max_drift`
+    /// ahead of `clock`.
+    pub fn new(
+        node_id: &str,
+        config: CacheConfig,
+        clock: NodeClock,
+        limits: Limits,
+        max_drift: Duration,
+    ) -> Result<Self, cache_core::ConfigError> {
+        Ok(Self {
+            cache: Arc::new(Cache::with_clock(config, clock)?),
+            hlc: Hlc::new(node_id, max_drift),
+            limits,
+            sinks: RwLock::new(Vec::new()),
+            versions_refused: AtomicU64::new(0),
+            stale_retries: AtomicU64::new(0),
+        })
+    }
+
+    /// Registers a sink that hears every applied mutation from now on.
+    pub fn add_sink(&self, sink: Arc<dyn MutationSink>) {
+        self.sinks.write().push(sink);
+    }
+
+    /// The engine, read-only by convention: for statistics, the reaper and validation.
+    /// Writing through it bypasses versions and sinks; only the store writes.
+    pub fn engine(&self) -> &Arc<Cache<NodeClock>> {
+        &self.cache
+    }
+
+    /// The limits every key and value is checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The version clock.
+    pub fn hlc(&self) -> &Hlc {
+        &self.hlc
+    }
+
+    /// Unix milliseconds now, on the engine's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.cache.clock().now_ms()
+    }
+
+    /// Engine statistics.
+    pub fn stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Replicated versions refused for being too far ahead of the clock.
+    pub fn versions_refused(&self) -> u64 {
+        self.versions_refused.load(Ordering::Relaxed)
+    }
+
+    /// Local writes retried after losing to a stored version.
+    pub fn stale_retries(&self) -> u64 {
+        self.stale_retries.load(Ordering::Relaxed)
+    }
+
+    fn publish(&self, mutation: &Mutation) {
+        for sink in self.sinks.read().iter() {
+            sink.applied(mutation);
+        }
+    }
+
+    fn fresh_version(&self) -> Result<u64, CoreError> {
+        self.hlc.next(self.now_ms()).map_err(clock_error)
+    }
+
+    /// After a local write lost to `key`'s stored version: move the clock past it. A stored
+    /// version beyond the allowed drift cannot have been accepted by this store, but is
+    /// reported rather than trusted.
+    fn catch_up(&self, key: &[u8]) -> Result<(), CoreError> {
+        self.stale_retries.fetch_add(1, Ordering::Relaxed);
+        if let Some(stored) = self.cache.get_versioned(key) {
+            self.hlc
+                .observe(stored.version(), self.now_ms())
+                .map_err(clock_error)?;
+        }
+        Ok(())
+    }
+
+    /// The live value of `key`.
+    pub fn get(&self, key: &[u8]) -> Option<Lookup> {
+        self.cache.get_entry(key)
+    }
+
+    /// The live value of `key`, or the version of its remembered delete or expiry.
+    pub fn get_versioned(&self, key: &[u8]) -> Option<VersionedRead> {
+        self.cache.get_versioned(key)
+    }
+
+    /// A local write with a fresh version. A fresh version can only lose to a stored one if
+    /// this node's clock is behind it: then the clock moves past it and the write is tried
+    /// again — a write is never reported applied without having changed anything.
+    pub fn set(
+        &self,
+        key: &Bytes,
+        value: &Bytes,
+        ttl_ms: Option<u64>,
+        condition: Condition,
+    ) -> Result<Applied, CoreError> {
+        self.limits.check_key(key)?;
+        self.limits.check_value(value)?;
+        for _ in 0..STALE_RETRIES {
+            let version = self.fresh_version()?;
+            let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
+            let opts = WriteOptions {
+                version: Some(version),
+                expires_at,
+                condition,
+            };
+            match self.cache.write(key, value, opts).map_err(insert_error)? {
+                WriteOutcome::Stored => {
+                    let m = Mutation {
+                        key: key.clone(),
+                        version,
+                        op: MutationOp::Put {
+                            value: value.clone(),
+                            expires_at,
+                        },
+                    };
+                    self.publish(&m);
+                    return Ok(Applied::Done(m));
+                }
+                WriteOutcome::ConditionNotMet => return Ok(Applied::NotApplied),
+                WriteOutcome::Stale => self.catch_up(key)?,
+            }
+        }
+        Err(CoreError::Internal(format!(
+            "a local write lost to a stored version {STALE_RETRIES} times in a row"
+        )))
+    }
+
+    /// A local delete with a fresh version. Returns whether a live value was removed, and
+    /// the mutation to replicate. `tombstone = false` (a key with a single replica, where
+    /// no older copy can arrive late) removes the key without leaving a tombstone.
+    pub fn delete(&self, key: &Bytes, tombstone: bool) -> Result<(bool, Mutation), CoreError> {
+        self.limits.check_key(key)?;
+        for _ in 0..STALE_RETRIES {
+            let version = self.fresh_version()?;
+            let deleted = if tombstone {
+                match self.cache.delete_versioned(key, version) {
+                    DeleteOutcome::Deleted => true,
+                    DeleteOutcome::NotFound => false,
+                    DeleteOutcome::Stale => {
+                        self.catch_up(key)?;
+                        continue;
+                    }
+                }
+            } else {
+                self.cache.delete(key)
+            };
+            let m = Mutation {
+                key: key.clone(),
+                version,
+                op: MutationOp::Delete,
+            };
+            self.publish(&m);
+            return Ok((deleted, m));
+        }
+        Err(CoreError::Internal(format!(
+            "a local delete lost to a stored version {STALE_RETRIES} times in a row"
+        )))
+    }
+
+    /// Sets the expiry of a live value (`ttl_ms = None`: never expires) with a fresh version,
+    /// atomically: a concurrent write is never overwritten by the touch. The mutation
+    /// carries the value as stored, so replicas learn the new expiry through the same
+    /// last-writer-wins path as any write.
+    pub fn touch(&self, key: &Bytes, ttl_ms: Option<u64>) -> Result<Applied, CoreError> {
+        self.limits.check_key(key)?;
+        for _ in 0..STALE_RETRIES {
+            let version = self.fresh_version()?;
+            let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
+            let m = match self.cache.touch_versioned(key, expires_at, version) {
+                TouchOutcome::Touched(l) => Mutation {
+                    key: key.clone(),
+                    version,
+                    op: MutationOp::Put {
+                        value: l.value,
+                        expires_at: l.expires_at,
+                    },
+                },
+                TouchOutcome::Deleted => Mutation {
+                    key: key.clone(),
+                    version,
+                    op: MutationOp::Delete,
+                },
+                TouchOutcome::NotFound => return Ok(Applied::NotApplied),
+                TouchOutcome::Stale => {
+                    self.catch_up(key)?;
+                    continue;
+                }
+            };
+            self.publish(&m);
+            return Ok(Applied::Done(m));
+        }
+        Err(CoreError::Internal(format!(
+            "a local touch lost to a stored version {STALE_RETRIES} times in a row"
+        )))
+    }
+
+    /// Applies mutations from a peer (replication, repair) by last writer wins.
+    ///
+    /// The whole batch is checked first — key and value sizes against the limits, versions
+    /// against the allowed clock drift — and refused with no change if any entry fails, so
+    /// a forged version can neither pin a key nor move this node's clock. Then each entry is
+    /// applied, the clock observes its version, and sinks hear about the ones that changed
+    /// something.
+    pub fn apply_replicated(&self, mutations: &[Mutation]) -> Result<ApplyReport, CoreError> {
+        let now = self.now_ms();
+        for m in mutations {
+            self.limits.check_key(&m.key)?;
+            if let MutationOp::Put { value, .. } = &m.op {
+                self.limits.check_value(value)?;
+            }
+            if m.version == 0 {
+                return Err(CoreError::Invalid(
+                    "a replicated mutation must carry a version".into(),
+                ));
+            }
+            if let Err(e) = self.hlc.check(m.version, now) {
+                self.versions_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(clock_error(e));
+            }
+        }
+        let mut report = ApplyReport::default();
+        for m in mutations {
+            let fresh = match &m.op {
+                MutationOp::Delete => {
+                    self.cache.delete_versioned(&m.key, m.version) != DeleteOutcome::Stale
+                }
+                MutationOp::Put { value, expires_at } => {
+                    let opts = WriteOptions {
+                        version: Some(m.version),
+                        expires_at: *expires_at,
+                        condition: Condition::Always,
+                    };
+                    self.cache
+                        .write(&m.key, value, opts)
+                        .map_err(insert_error)?
+                        != WriteOutcome::Stale
+                }
+            };
+            // Checked above; cannot fail.
+            let _ = self.hlc.observe(m.version, now);
+            if fresh {
+                report.applied += 1;
+                self.publish(m);
+            } else {
+                report.stale += 1;
+            }
+        }
+        Ok(report)
+    }
+}

@@ -1,0 +1,68 @@
+//! [`PeerTransport`]: the only way the core reaches other nodes.
+//!
+//! The gRPC implementation lives in `cache-rpc` (on the separate peer listener); the
+//! simulated one in [`crate::sim`]. The core never sees a socket, a channel or a status
+//! code: it sends domain values and gets domain values or a [`PeerError`] back.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use cache_core::VersionedRead;
+use cluster_ring::NodeId;
+use tokio::time::Instant;
+
+use crate::error::PeerError;
+use crate::mutation::Mutation;
+use crate::request::{Request, Response};
+use crate::store::ApplyReport;
+
+/// What every peer call carries besides its payload.
+#[derive(Debug, Clone)]
+pub struct PeerCall {
+    /// The calling node.
+    pub from: NodeId,
+    /// The caller's ring fingerprint, so the callee can tell whether they agree.
+    pub ring_fingerprint: u64,
+    /// When the caller stops waiting; the transport must give up by then and the callee
+    /// should not start work after it.
+    pub deadline: Instant,
+}
+
+/// A successful peer answer with the peer's ring fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerReply<T> {
+    /// The answer.
+    pub body: T,
+    /// The peer's ring fingerprint (0 if unknown).
+    pub ring_fingerprint: u64,
+}
+
+/// Calls to other nodes. Implementations must return by `call.deadline`.
+pub trait PeerTransport: Send + Sync + 'static {
+    /// Hands `request` to node `to` to serve or coordinate. The callee never forwards it
+    /// again (it answers [`CoreError::WrongOwner`](crate::CoreError::WrongOwner) instead), so
+    /// no request loops.
+    fn forward(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        request: Request,
+    ) -> impl Future<Output = Result<PeerReply<Response>, PeerError>> + Send;
+
+    /// Applies `mutations` on node `to` (last writer wins).
+    fn replicate(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        mutations: Vec<Mutation>,
+    ) -> impl Future<Output = Result<PeerReply<ApplyReport>, PeerError>> + Send;
+
+    /// Reads `keys` on node `to` with their versions, tombstones and expiries included:
+    /// one answer per key, in order.
+    fn fetch(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        keys: Vec<Bytes>,
+    ) -> impl Future<Output = Result<PeerReply<Vec<Option<VersionedRead>>>, PeerError>> + Send;
+}

@@ -1,0 +1,497 @@
+//! The bugs the cluster-core issue reported, each reproduced in the simulator (or on the
+//! store) and now fixed. Time is paused: timeouts elapse instantly and deterministically.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cluster_core::sim::{SimCluster, SimConfig};
+use cluster_core::{
+    Condition, Consistency, CoreError, Mutation, MutationOp, MutationSink, NodeClock, PeerCall,
+    Request, Response, SetCommand, Store,
+};
+use parking_lot::Mutex;
+
+const T: Duration = Duration::from_millis(800);
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn set(key: &str, value: &str, c: Consistency) -> Request {
+    Request::Set {
+        cmd: SetCommand {
+            key: b(key),
+            value: b(value),
+            ttl_ms: None,
+            condition: Condition::Always,
+        },
+        consistency: Some(c),
+    }
+}
+
+fn set_ttl(key: &str, value: &str, ttl_ms: u64, c: Consistency) -> Request {
+    Request::Set {
+        cmd: SetCommand {
+            key: b(key),
+            value: b(value),
+            ttl_ms: Some(ttl_ms),
+            condition: Condition::Always,
+        },
+        consistency: Some(c),
+    }
+}
+
+fn get(key: &str, c: Consistency) -> Request {
+    Request::Get {
+        key: b(key),
+        consistency: Some(c),
+    }
+}
+
+fn del(key: &str, c: Consistency) -> Request {
+    Request::Delete {
+        key: b(key),
+        consistency: Some(c),
+    }
+}
+
+fn value(r: Result<Response, CoreError>) -> Option<Bytes> {
+    match r.expect("request succeeds") {
+        Response::Get(found) => found.map(|l| l.value),
+        other => panic!("not a get response: {other:?}"),
+    }
+}
+
+/// Replica indexes of `key`, primary first.
+fn replicas(c: &SimCluster, key: &str) -> Vec<usize> {
+    c.node(0)
+        .ring()
+        .load()
+        .replicas(key.as_bytes())
+        .iter()
+        .map(|id| c.index_of(id))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn quorum_get_after_delete_never_returns_the_deleted_value() {
+    let c = SimCluster::new(SimConfig::default());
+    for i in 0..200 {
+        let key = format!("k{i}");
+        let r = replicas(&c, &key);
+        // Set then delete at ONE through the primary; the replicas may not have either yet.
+        c.request(r[0], set(&key, "v", Consistency::One), T)
+            .await
+            .expect("set");
+        match c.request(r[0], del(&key, Consistency::One), T).await {
+            Ok(Response::Delete { deleted }) => assert!(deleted),
+            other => panic!("delete: {other:?}"),
+        }
+        for via in 0..3 {
+            assert_eq!(
+                value(c.request(via, get(&key, Consistency::Quorum), T).await),
+                None,
+                "key {key} via n{via}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn quorum_get_after_quorum_delete_with_a_replica_paused() {
+    let c = SimCluster::new(SimConfig::default());
+    for i in 0..30 {
+        let key = format!("p{i}");
+        let r = replicas(&c, &key);
+        c.request(r[0], set(&key, "old", Consistency::All), T)
+            .await
+            .expect("set at ALL");
+        // The last replica misses the delete.
+        c.pause(r[2]);
+        c.request(r[1], del(&key, Consistency::Quorum), T)
+            .await
+            .expect("quorum delete with one replica paused");
+        c.resume(r[2]);
+        // Whoever coordinates the read, it overlaps the delete's quorum.
+        c.pause(r[1]);
+        for via in [r[0], r[2]] {
+            assert_eq!(
+                value(c.request(via, get(&key, Consistency::Quorum), T).await),
+                None,
+                "key {key} via n{via}"
+            );
+        }
+        c.resume(r[1]);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn quorum_get_after_an_expiry_never_returns_an_older_value() {
+    let c = SimCluster::new(SimConfig::default());
+    let key = "expiring";
+    let r = replicas(&c, key);
+    c.request(r[0], set(key, "forever", Consistency::All), T)
+        .await
+        .expect("set at ALL");
+    // The newer write, with a TTL, reaches a quorum but not the paused replica.
+    c.pause(r[2]);
+    c.request(r[0], set_ttl(key, "brief", 1_000, Consistency::Quorum), T)
+        .await
+        .expect("quorum set");
+    assert_eq!(
+        value(c.request(r[0], get(key, Consistency::Quorum), T).await),
+        Some(b("brief"))
+    );
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for i in 0..3 {
+        // The reaper has run everywhere: expired versioned values are tombstones now.
+        let _ = c.node(i).store().engine().reap(1024);
+    }
+    c.resume(r[2]);
+    // The paused replica still holds "forever" (older version, no TTL).
+    for via in 0..3 {
+        assert_eq!(
+            value(c.request(via, get(key, Consistency::Quorum), T).await),
+            None,
+            "via n{via}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_reads_go_to_the_primary_so_one_writes_are_read_back() {
+    let c = SimCluster::new(SimConfig::default());
+    for i in 0..100 {
+        let key = format!("ryw{i}");
+        let via = i % 3;
+        c.request(via, set(&key, &format!("v{i}"), Consistency::One), T)
+            .await
+            .expect("set");
+        assert_eq!(
+            value(
+                c.request((via + 1) % 3, get(&key, Consistency::One), T)
+                    .await
+            ),
+            Some(b(&format!("v{i}"))),
+            "read-your-writes through another node at ONE"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn forged_far_future_versions_are_refused_and_counted() {
+    let c = SimCluster::new(SimConfig::default());
+    let node = c.node(0);
+    let before = node.store().hlc().last();
+    let from = c.ids()[1].clone();
+    for version in [u64::MAX, (node.store().now_ms() + 3_600_000) << 16] {
+        let call = PeerCall {
+            from: from.clone(),
+            ring_fingerprint: 0,
+            deadline: tokio::time::Instant::now() + T,
+        };
+        let forged = Mutation {
+            key: b("pinned"),
+            version,
+            op: MutationOp::Put {
+                value: b("evil"),
+                expires_at: None,
+            },
+        };
+        let err = node
+            .handle_replicate(&call, &[forged])
+            .expect_err("a forged version is refused");
+        assert!(matches!(err, CoreError::VersionRefused(_)), "{err}");
+    }
+    assert_eq!(node.stats().versions_refused, 2);
+    assert_eq!(node.store().hlc().last(), before, "the clock did not move");
+    // Writes keep working and are really stored.
+    for i in 0..600 {
+        let v = format!("v{i}");
+        match c.request(0, set("pinned", &v, Consistency::One), T).await {
+            Ok(Response::Set { stored }) => assert!(stored),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            value(c.request(0, get("pinned", Consistency::One), T).await),
+            Some(b(&v))
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_coordinator_write_advances_the_clock_and_is_really_stored() {
+    let c = SimCluster::new(SimConfig::default());
+    let key = "ahead";
+    let r = replicas(&c, key);
+    let primary = c.node(r[0]);
+    // A replica (with a clock 3 s ahead, within the allowed drift) wrote this version.
+    let ahead = (primary.store().now_ms() + 3_000) << 16;
+    let call = PeerCall {
+        from: c.ids()[r[1]].clone(),
+        ring_fingerprint: 0,
+        deadline: tokio::time::Instant::now() + T,
+    };
+    let m = Mutation {
+        key: b(key),
+        version: ahead,
+        op: MutationOp::Put {
+            value: b("from the future"),
+            expires_at: None,
+        },
+    };
+    primary.handle_replicate(&call, &[m]).expect("within drift");
+    // The primary's own fresh version is older; it must not answer stored for nothing.
+    match c.request(r[0], set(key, "mine", Consistency::One), T).await {
+        Ok(Response::Set { stored }) => assert!(stored),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        value(c.request(r[0], get(key, Consistency::One), T).await),
+        Some(b("mine"))
+    );
+
+    // A version the clock never observed (as after a restart that reloads data written by a
+    // clock that ran ahead): the fresh version loses, the store moves its clock past the
+    // stored one and writes again instead of acknowledging nothing.
+    let primary = c.node(replicas(&c, "unseen")[0]);
+    let unseen = (primary.store().now_ms() + 4_000) << 16;
+    let _ = primary.store().engine().write(
+        b"unseen",
+        b"old",
+        cache_core::WriteOptions::versioned(unseen),
+    );
+    match c
+        .request(0, set("unseen", "new", Consistency::One), T)
+        .await
+    {
+        Ok(Response::Set { stored }) => assert!(stored),
+        other => panic!("{other:?}"),
+    }
+    let stored = primary.store().get(b"unseen").expect("stored");
+    assert_eq!(stored.value, b("new"));
+    assert!(stored.version > unseen);
+    assert!(primary.stats().stale_retries >= 1);
+}
+
+#[test]
+fn touch_never_overwrites_a_concurrent_set() {
+    // Two threads race a Set loop against a Touch loop on one key. A touch that read the
+    // value and wrote it back under a second lock would sometimes restore an older value
+    // after the last Set; the atomic versioned touch cannot.
+    let store = Arc::new(
+        Store::new(
+            "n0",
+            cache_core::CacheConfig::new().with_max_bytes(1 << 20),
+            NodeClock::System,
+            cluster_core::Limits::default(),
+            Duration::from_secs(5),
+        )
+        .expect("valid"),
+    );
+    let key = b("raced");
+    let setter = {
+        let (store, key) = (Arc::clone(&store), key.clone());
+        std::thread::spawn(move || {
+            let mut last = Bytes::new();
+            for i in 0..20_000u32 {
+                last = Bytes::from(i.to_le_bytes().to_vec());
+                store
+                    .set(&key, &last, None, Condition::Always)
+                    .expect("set");
+            }
+            last
+        })
+    };
+    let toucher = {
+        let (store, key) = (Arc::clone(&store), key.clone());
+        std::thread::spawn(move || {
+            for i in 0..20_000u64 {
+                let _ = store.touch(&key, Some(60_000 + i)).expect("touch");
+            }
+        })
+    };
+    let last = setter.join().expect("setter");
+    toucher.join().expect("toucher");
+    assert_eq!(store.get(&key).map(|l| l.value), Some(last));
+    store.engine().validate().expect("valid");
+}
+
+/// Records every applied mutation.
+#[derive(Default)]
+struct Recorder(Mutex<Vec<Mutation>>);
+
+impl MutationSink for Recorder {
+    fn applied(&self, m: &Mutation) {
+        self.0.lock().push(m.clone());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_applied_mutation_reaches_the_sinks() {
+    let c = SimCluster::new(SimConfig::default());
+    let sinks: Vec<Arc<Recorder>> = (0..3)
+        .map(|i| {
+            let r = Arc::new(Recorder::default());
+            c.node(i).store().add_sink(r.clone());
+            r
+        })
+        .collect();
+    c.request(0, set("a", "1", Consistency::All), T)
+        .await
+        .expect("set");
+    c.request(1, del("a", Consistency::All), T)
+        .await
+        .expect("del");
+    for s in &sinks {
+        let seen = s.0.lock().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(matches!(seen[1].op, MutationOp::Delete));
+        assert!(seen[0].version < seen[1].version);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_the_queues_or_counts_what_it_could_not_deliver() {
+    // A paused peer: nothing can be delivered, so all of it is counted as dropped.
+    let c = SimCluster::new(SimConfig::default());
+    c.pause(2);
+    let mut writes = 0u64;
+    for i in 0..300 {
+        let key = format!("q{i}");
+        if replicas(&c, &key).contains(&2) && replicas(&c, &key)[0] == 0 {
+            c.request(0, set(&key, "v", Consistency::One), T)
+                .await
+                .expect("set");
+            writes += 1;
+        }
+    }
+    assert!(writes > 10);
+    c.node(0).shutdown(Duration::from_millis(500)).await;
+    let to2 = c
+        .node(0)
+        .queue_stats()
+        .into_iter()
+        .find(|q| q.peer == c.ids()[2])
+        .expect("a queue to n2");
+    assert_eq!(to2.sent + to2.dropped, writes, "{to2:?}");
+    assert!(to2.dropped > 0, "{to2:?}");
+
+    // A healthy peer: shutdown delivers everything queued within the grace period.
+    let c = SimCluster::new(SimConfig::default());
+    c.set_delay(20, 40);
+    let mut keys = Vec::new();
+    for i in 0..300 {
+        let key = format!("d{i}");
+        if replicas(&c, &key)[0] == 0 {
+            c.request(0, set(&key, "v", Consistency::One), Duration::from_secs(5))
+                .await
+                .expect("set");
+            keys.push(key);
+        }
+    }
+    c.node(0).shutdown(Duration::from_secs(5)).await;
+    for q in c.node(0).queue_stats() {
+        assert_eq!(q.dropped, 0, "{q:?}");
+    }
+    for key in keys {
+        for &i in &replicas(&c, &key) {
+            assert!(
+                c.node(i).store().get(key.as_bytes()).is_some(),
+                "{key} on n{i} after the drain"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn quorum_writes_return_on_the_fastest_majority() {
+    let c = SimCluster::new(SimConfig::default());
+    let key = "fast";
+    let r = replicas(&c, key);
+    c.pause(r[2]);
+    let start = tokio::time::Instant::now();
+    c.request(r[0], set(key, "v", Consistency::Quorum), T)
+        .await
+        .expect("quorum with one replica paused");
+    assert!(
+        start.elapsed() < Duration::from_millis(100),
+        "did not wait for the paused replica: {:?}",
+        start.elapsed()
+    );
+    // ALL cannot succeed, and says how far it got.
+    match c.request(r[0], set(key, "v2", Consistency::All), T).await {
+        Err(CoreError::Unavailable { acks, required, .. }) => {
+            assert_eq!((acks, required), (2, 3));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn batches_fall_back_key_by_key_when_a_primary_is_unreachable() {
+    let c = SimCluster::new(SimConfig::default());
+    let keys: Vec<String> = (0..60).map(|i| format!("m{i}")).collect();
+    let entries = keys
+        .iter()
+        .map(|k| SetCommand {
+            key: b(k),
+            value: b(k),
+            ttl_ms: None,
+            condition: Condition::Always,
+        })
+        .collect();
+    match c
+        .request(
+            0,
+            Request::MultiSet {
+                entries,
+                consistency: Some(Consistency::All),
+            },
+            T,
+        )
+        .await
+    {
+        Ok(Response::MultiSet(stored)) => assert!(stored.iter().all(|s| *s)),
+        other => panic!("{other:?}"),
+    }
+    // n1 unreachable from n0: its keys are read from their next replicas.
+    c.cut(0, 1);
+    let req = Request::MultiGet {
+        keys: keys.iter().map(|k| b(k)).collect(),
+    };
+    match c.request(0, req, Duration::from_secs(3)).await {
+        Ok(Response::MultiGet(found)) => {
+            for (k, f) in keys.iter().zip(found) {
+                assert_eq!(f.map(|l| l.value), Some(b(k)));
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn forwarded_requests_are_never_forwarded_again() {
+    let c = SimCluster::new(SimConfig {
+        core: cluster_core::CoreConfig {
+            replication_factor: 1,
+            ..SimConfig::default().core
+        },
+        ..SimConfig::default()
+    });
+    let key = "owned";
+    let r = replicas(&c, key);
+    let other = (r[0] + 1) % 3;
+    let call = PeerCall {
+        from: c.ids()[r[0]].clone(),
+        ring_fingerprint: 0,
+        deadline: tokio::time::Instant::now() + T,
+    };
+    let err = c
+        .node(other)
+        .handle_forward(call, get(key, Consistency::One))
+        .await
+        .expect_err("not a replica");
+    assert!(matches!(err, CoreError::WrongOwner { epoch: 1 }), "{err}");
+}

@@ -396,6 +396,56 @@ impl<C: Clock> Cache<C> {
             .write(hash, key, value, opts, &self.clock, self.tombstone_ttl_ms)
     }
 
+    /// A versioned write whose version is issued by `stamp` *while the key's shard lock is
+    /// held*, so that writes of one key are applied in the order of their versions. With a
+    /// monotonic `stamp` (a node's hybrid logical clock), a locally stamped write can only
+    /// be stale against a version the clock has not seen. Returns the outcome and the
+    /// version used.
+    pub fn write_stamped(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expires_at: Option<u64>,
+        condition: Condition,
+        stamp: impl FnOnce() -> u64,
+    ) -> Result<(WriteOutcome, u64), InsertError> {
+        let (hash, i) = self.locate(key);
+        let mut shard = self.shard(i).lock();
+        let version = stamp();
+        let opts = WriteOptions {
+            version: Some(version),
+            expires_at,
+            condition,
+        };
+        let outcome = shard.write(hash, key, value, opts, &self.clock, self.tombstone_ttl_ms)?;
+        Ok((outcome, version))
+    }
+
+    /// [`Cache::delete_versioned`] with the version issued by `stamp` under the shard lock
+    /// (see [`Cache::write_stamped`]).
+    pub fn delete_stamped(&self, key: &[u8], stamp: impl FnOnce() -> u64) -> (DeleteOutcome, u64) {
+        let (hash, i) = self.locate(key);
+        let mut shard = self.shard(i).lock();
+        let version = stamp();
+        let outcome = shard.delete(hash, key, Some(version), &self.clock, self.tombstone_ttl_ms);
+        (outcome, version)
+    }
+
+    /// [`Cache::touch_versioned`] with the version issued by `stamp` under the shard lock
+    /// (see [`Cache::write_stamped`]).
+    pub fn touch_stamped(
+        &self,
+        key: &[u8],
+        expires_at: Option<u64>,
+        stamp: impl FnOnce() -> u64,
+    ) -> (TouchOutcome, u64) {
+        let (hash, i) = self.locate(key);
+        let mut shard = self.shard(i).lock();
+        let version = stamp();
+        let outcome = shard.touch_versioned(hash, key, expires_at, version, &self.clock);
+        (outcome, version)
+    }
+
     /// Removes `key` unconditionally (no tombstone). Returns whether a live value was removed.
     pub fn delete(&self, key: &[u8]) -> bool {
         let (hash, i) = self.locate(key);

@@ -151,8 +151,24 @@ impl Store {
         }
     }
 
-    fn fresh_version(&self) -> Result<u64, CoreError> {
-        self.hlc.next(self.now_ms()).map_err(clock_error)
+    /// A stamp for the engine's `*_stamped` operations: the next version, issued under the
+    /// shard lock. An exhausted clock (unreachable before the year 10889) yields version 0,
+    /// which loses to anything stored, and is reported by [`Store::check_stamp`].
+    fn stamp<'a>(&'a self, exhausted: &'a std::cell::Cell<bool>) -> impl FnOnce() -> u64 + 'a {
+        move || match self.hlc.next(self.now_ms()) {
+            Ok(v) => v,
+            Err(_) => {
+                exhausted.set(true);
+                0
+            }
+        }
+    }
+
+    fn check_stamp(exhausted: &std::cell::Cell<bool>) -> Result<(), CoreError> {
+        if exhausted.get() {
+            return Err(clock_error(ClockError::Exhausted));
+        }
+        Ok(())
     }
 
     /// After a local write lost to `key`'s stored version: move the clock past it. A stored
@@ -191,14 +207,14 @@ impl Store {
         self.limits.check_key(key)?;
         self.limits.check_value(value)?;
         for _ in 0..STALE_RETRIES {
-            let version = self.fresh_version()?;
+            let exhausted = std::cell::Cell::new(false);
             let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
-            let opts = WriteOptions {
-                version: Some(version),
-                expires_at,
-                condition,
-            };
-            match self.cache.write(key, value, opts).map_err(insert_error)? {
+            let (outcome, version) = self
+                .cache
+                .write_stamped(key, value, expires_at, condition, self.stamp(&exhausted))
+                .map_err(insert_error)?;
+            Self::check_stamp(&exhausted)?;
+            match outcome {
                 WriteOutcome::Stored => {
                     let m = Mutation {
                         key: key.clone(),
@@ -226,18 +242,21 @@ impl Store {
     pub fn delete(&self, key: &Bytes, tombstone: bool) -> Result<(bool, Mutation), CoreError> {
         self.limits.check_key(key)?;
         for _ in 0..STALE_RETRIES {
-            let version = self.fresh_version()?;
-            let deleted = if tombstone {
-                match self.cache.delete_versioned(key, version) {
-                    DeleteOutcome::Deleted => true,
-                    DeleteOutcome::NotFound => false,
+            let exhausted = std::cell::Cell::new(false);
+            let (deleted, version) = if tombstone {
+                let (outcome, version) = self.cache.delete_stamped(key, self.stamp(&exhausted));
+                Self::check_stamp(&exhausted)?;
+                match outcome {
+                    DeleteOutcome::Deleted => (true, version),
+                    DeleteOutcome::NotFound => (false, version),
                     DeleteOutcome::Stale => {
                         self.catch_up(key)?;
                         continue;
                     }
                 }
             } else {
-                self.cache.delete(key)
+                let version = self.hlc.next(self.now_ms()).map_err(clock_error)?;
+                (self.cache.delete(key), version)
             };
             let m = Mutation {
                 key: key.clone(),
@@ -259,9 +278,13 @@ impl Store {
     pub fn touch(&self, key: &Bytes, ttl_ms: Option<u64>) -> Result<Applied, CoreError> {
         self.limits.check_key(key)?;
         for _ in 0..STALE_RETRIES {
-            let version = self.fresh_version()?;
+            let exhausted = std::cell::Cell::new(false);
             let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
-            let m = match self.cache.touch_versioned(key, expires_at, version) {
+            let (outcome, version) =
+                self.cache
+                    .touch_stamped(key, expires_at, self.stamp(&exhausted));
+            Self::check_stamp(&exhausted)?;
+            let m = match outcome {
                 TouchOutcome::Touched(l) => Mutation {
                     key: key.clone(),
                     version,
@@ -315,6 +338,9 @@ impl Store {
         }
         let mut report = ApplyReport::default();
         for m in mutations {
+            // Observe before applying: a local write stamped after this one was applied is
+            // then always newer (checked above; cannot fail).
+            let _ = self.hlc.observe(m.version, now);
             let fresh = match &m.op {
                 MutationOp::Delete => {
                     self.cache.delete_versioned(&m.key, m.version) != DeleteOutcome::Stale
@@ -331,8 +357,6 @@ impl Store {
                         != WriteOutcome::Stale
                 }
             };
-            // Checked above; cannot fail.
-            let _ = self.hlc.observe(m.version, now);
             if fresh {
                 report.applied += 1;
                 self.publish(m);

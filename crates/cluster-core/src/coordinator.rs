@@ -186,10 +186,26 @@ impl Placement {
 
 /// How a forward attempt ended without an answer.
 enum ForwardFailure {
-    /// A peer answered with this error: it is the answer.
+    /// This is the answer (a peer's error, or an outcome that cannot be known).
     Answer(CoreError),
-    /// No target could be reached.
+    /// No target did the work (or the request is idempotent): it may be served elsewhere.
     Unreachable(String),
+}
+
+impl Request {
+    /// Whether sending this request twice (after a timeout) gives the same state and the
+    /// same answer: reads, unconditional sets and deletes (whose `deleted` flag may then
+    /// under-report, never over-report). Conditional sets and touches are not.
+    fn idempotent(&self) -> bool {
+        match self {
+            Request::Get { .. } | Request::MultiGet { .. } | Request::Delete { .. } => true,
+            Request::Set { cmd, .. } => cmd.condition == cache_types::Condition::Always,
+            Request::MultiSet { entries, .. } => entries
+                .iter()
+                .all(|e| e.condition == cache_types::Condition::Always),
+            Request::Touch { .. } => false,
+        }
+    }
 }
 
 /// The cluster core of one node. See the module docs.
@@ -520,7 +536,7 @@ impl<T: PeerTransport> Coordinator<T> {
             )
             .await
             .unwrap_or_else(|_| {
-                Err(PeerError::Unreachable {
+                Err(PeerError::NoAnswer {
                     peer: target.to_string(),
                     detail: "no answer before the deadline".into(),
                 })
@@ -532,15 +548,27 @@ impl<T: PeerTransport> Coordinator<T> {
                     return check_response(target, request, reply.body)
                         .map_err(ForwardFailure::Answer);
                 }
-                Err(e) if e.try_next() => {
-                    self.peers.record(target, Err(e.to_string()));
+                Err(e) if e.may_retry_elsewhere(request.idempotent()) => {
+                    if !matches!(e, PeerError::Refused { .. }) {
+                        self.peers.record(target, Err(e.to_string()));
+                    }
                     last = e.to_string();
                 }
                 Err(PeerError::Refused { error, .. }) => {
                     self.peers.record(target, Ok(()));
                     return Err(ForwardFailure::Answer(error));
                 }
-                Err(e) => return Err(ForwardFailure::Unreachable(e.to_string())),
+                Err(e) => {
+                    self.peers.record(target, Err(e.to_string()));
+                    return Err(ForwardFailure::Answer(CoreError::Unavailable {
+                        acks: 0,
+                        required: 1,
+                        detail: format!(
+                            "{e}; the write may have been applied there, so its outcome is unknown \
+                             (a conditional write or touch is not re-sent elsewhere)"
+                        ),
+                    }));
+                }
             }
         }
         Err(ForwardFailure::Unreachable(last))
@@ -733,7 +761,7 @@ impl<T: PeerTransport> Coordinator<T> {
                     let result = tokio::time::timeout_at(deadline, fetch)
                         .await
                         .unwrap_or_else(|_| {
-                            Err(PeerError::Unreachable {
+                            Err(PeerError::NoAnswer {
                                 peer: peer.to_string(),
                                 detail: "no answer before the deadline".into(),
                             })
@@ -908,9 +936,9 @@ impl<T: PeerTransport> Coordinator<T> {
                 {
                     Ok(Response::MultiGet(found)) => Ok(found),
                     Ok(_) => Err(unexpected(&target, "another request's response")),
-                    Err(ForwardFailure::Answer(e)) if !is_retryable(&e) => Err(e),
+                    Err(ForwardFailure::Answer(e)) => Err(e),
                     // The primary is unreachable: each key goes its own way (next replicas).
-                    Err(_) => {
+                    Err(ForwardFailure::Unreachable(_)) => {
                         let mut out = Vec::with_capacity(batch.len());
                         for key in batch {
                             let p = self.place(state, &key);
@@ -979,10 +1007,10 @@ impl<T: PeerTransport> Coordinator<T> {
                 {
                     Ok(Response::MultiSet(stored)) => Ok(stored),
                     Ok(_) => Err(unexpected(&target, "another request's response")),
-                    Err(ForwardFailure::Answer(e)) if !is_retryable(&e) => Err(e),
-                    // The primary is unreachable: each entry goes its own way (the next
-                    // replica coordinates).
-                    Err(_) => {
+                    Err(ForwardFailure::Answer(e)) => Err(e),
+                    // The primary is unreachable (or did nothing, or the batch is
+                    // idempotent): each entry goes its own way (the next replica coordinates).
+                    Err(ForwardFailure::Unreachable(_)) => {
                         let mut out = Vec::with_capacity(idx.len());
                         for &i in &idx {
                             let p = self.place(state, &entries[i].key);
@@ -1118,17 +1146,6 @@ impl<T: PeerTransport> Coordinator<T> {
         keys.iter().try_for_each(|k| limits.check_key(k))?;
         Ok(keys.iter().map(|k| self.store.get_versioned(k)).collect())
     }
-}
-
-/// Errors after which trying another replica (or key by key) makes sense.
-fn is_retryable(e: &CoreError) -> bool {
-    matches!(
-        e,
-        CoreError::ShuttingDown
-            | CoreError::WrongOwner { .. }
-            | CoreError::Unavailable { .. }
-            | CoreError::DeadlineExceeded(_)
-    )
 }
 
 /// A forwarded request's answer must be of the request's kind and size.

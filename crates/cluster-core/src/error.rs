@@ -56,10 +56,19 @@ pub enum CoreError {
 /// Why a call to a peer failed, as the transport reports it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
-    /// The peer could not be reached or did not answer before the deadline: another
-    /// replica is worth trying.
+    /// The call never reached the peer (connection refused, unknown peer): nothing was
+    /// done there, so another replica is worth trying for any request.
     #[error("{peer} unreachable: {detail}")]
     Unreachable {
+        /// The peer.
+        peer: String,
+        /// What the transport saw.
+        detail: String,
+    },
+    /// The peer did not answer before the deadline (timeout, lost reply, paused peer): it
+    /// may or may not have done the work. Only idempotent requests may be re-sent elsewhere.
+    #[error("no answer from {peer}: {detail}")]
+    NoAnswer {
         /// The peer.
         peer: String,
         /// What the transport saw.
@@ -76,18 +85,20 @@ pub enum PeerError {
 }
 
 impl PeerError {
-    /// Whether trying another replica makes sense (the peer may be down, or is shutting
-    /// down, or disagrees about ownership).
-    pub fn try_next(&self) -> bool {
+    /// Whether the request may be sent to another replica after this failure. Always if
+    /// the peer certainly did nothing (unreachable, shutting down, not an owner); after an
+    /// ambiguous failure (no answer, or a partial failure there) only if the request is
+    /// `idempotent` — re-sending a conditional write or a touch could report the wrong
+    /// outcome of a write that did happen.
+    pub fn may_retry_elsewhere(&self, idempotent: bool) -> bool {
         match self {
             PeerError::Unreachable { .. } => true,
-            PeerError::Refused { error, .. } => matches!(
-                error,
-                CoreError::ShuttingDown
-                    | CoreError::WrongOwner { .. }
-                    | CoreError::DeadlineExceeded(_)
-                    | CoreError::Unavailable { .. }
-            ),
+            PeerError::NoAnswer { .. } => idempotent,
+            PeerError::Refused { error, .. } => match error {
+                CoreError::ShuttingDown | CoreError::WrongOwner { .. } => true,
+                CoreError::DeadlineExceeded(_) | CoreError::Unavailable { .. } => idempotent,
+                _ => false,
+            },
         }
     }
 }

@@ -149,9 +149,13 @@ impl SimNet {
             peer: to.to_string(),
             detail: detail.to_string(),
         };
+        let no_answer = |detail: &str| PeerError::NoAnswer {
+            peer: to.to_string(),
+            detail: detail.to_string(),
+        };
         let hang = |detail: &'static str| async move {
             tokio::time::sleep_until(deadline).await;
-            Err(unreachable(detail))
+            Err(no_answer(detail))
         };
         let callee = self.nodes.lock().get(to).and_then(Weak::upgrade);
         let Some(callee) = callee else {
@@ -165,20 +169,20 @@ impl SimNet {
         }
         tokio::time::sleep(self.delay()).await;
         if !self.wait_running(to, deadline).await {
-            return Err(unreachable("no answer before the deadline (paused)"));
+            return Err(no_answer("no answer before the deadline (paused)"));
         }
         let task = tokio::spawn(work(callee, call));
         let reply = match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(join)) => return Err(unreachable(&format!("callee task failed: {join}"))),
-            Err(_) => return Err(unreachable("no answer before the deadline")),
+            Ok(Err(join)) => return Err(no_answer(&format!("callee task failed: {join}"))),
+            Err(_) => return Err(no_answer("no answer before the deadline")),
         };
         if self.lost() {
             return hang("reply lost").await;
         }
         tokio::time::sleep(self.delay()).await;
         if Instant::now() > deadline {
-            return Err(unreachable("reply arrived after the deadline"));
+            return Err(no_answer("reply arrived after the deadline"));
         }
         reply.map_err(|error| PeerError::Refused {
             peer: to.to_string(),

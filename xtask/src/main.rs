@@ -10,6 +10,10 @@
 //!   know each other; Ctrl-C stops them all.
 //! - `cargo xtask bench net`: cache-node against redis-server over loopback, same workload,
 //!   server on CPU 0 and load generator on CPU 1 (see `docs/benchmarks.md`).
+//! - `cargo xtask sim --seeds N [--start S]`: the cluster core's randomized simulation over
+//!   seeds `S..S+N` (default 0), in release mode; a failure prints its seed and how to
+//!   replay it (`SIM_SEED=...`). CI runs the first 200 seeds in debug mode as part of the
+//!   test suite.
 //!
 //! Tasks are Rust rather than shell so they run the same everywhere cargo does.
 
@@ -30,13 +34,44 @@ fn main() -> Result<()> {
         ["bench", "net"] => net::bench_net(),
         ["bench", "cluster"] => net::bench_cluster(),
         ["cluster", "up", n] => cluster_up(n.parse().context("cluster up N: N is a number")?),
+        ["sim", "--seeds", n] => sim(n, "0"),
+        ["sim", "--seeds", n, "--start", s] | ["sim", "--start", s, "--seeds", n] => sim(n, s),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench engine | bench ring | bench net | bench cluster | cluster up N"
+                "usage: cargo xtask ci | bench engine | bench ring | bench net | bench cluster | cluster up N | sim --seeds N [--start S]"
             );
             bail!("unknown task {args:?}")
         }
     }
+}
+
+/// Runs the randomized cluster simulation over `count` seeds from `start`, in release mode.
+fn sim(count: &str, start: &str) -> Result<()> {
+    let count: u64 = count.parse().context("sim --seeds N: N is a number")?;
+    let start: u64 = start.parse().context("sim --start S: S is a number")?;
+    eprintln!("simulating seeds {start}..{}", start + count);
+    let began = std::time::Instant::now();
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "cluster-core",
+            "--test",
+            "random",
+            "--",
+            "--nocapture",
+        ])
+        .env("SIM_SEEDS", count.to_string())
+        .env("SIM_SEED_START", start.to_string())
+        .current_dir(root())
+        .status()
+        .context("cannot run cargo test")?;
+    if !status.success() {
+        bail!("the simulation failed ({status}); its seed is printed above");
+    }
+    eprintln!("{count} seeds passed in {:.1?}", began.elapsed());
+    Ok(())
 }
 
 /// The workspace root (xtask lives one level below it).

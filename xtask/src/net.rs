@@ -273,17 +273,23 @@ fn mib(b: u64) -> f64 {
 /// Starts an `n`-node release cluster on free ports with `--replication-factor rf`;
 /// returns the guards and the gRPC addresses.
 fn start_cluster(bin: &str, n: usize, rf: usize) -> Result<(Vec<Guard>, Vec<String>)> {
-    let ports: Vec<u16> = (0..2 * n).map(|_| free_port()).collect::<Result<_>>()?;
+    let ports: Vec<u16> = (0..3 * n).map(|_| free_port()).collect::<Result<_>>()?;
     let addrs: Vec<String> = (0..n)
-        .map(|i| format!("127.0.0.1:{}", ports[2 * i]))
+        .map(|i| format!("127.0.0.1:{}", ports[3 * i]))
         .collect();
-    let peers: Vec<String> = (0..n).map(|i| format!("node-{i}={}", addrs[i])).collect();
+    let peer_addrs: Vec<String> = (0..n)
+        .map(|i| format!("127.0.0.1:{}", ports[3 * i + 2]))
+        .collect();
+    let peers: Vec<String> = (0..n)
+        .map(|i| format!("node-{i}={}/{}", addrs[i], peer_addrs[i]))
+        .collect();
     let peers = peers.join(",");
     let mut guards = Vec::new();
     for i in 0..n {
         let mut child = Command::new(bin)
             .args(["--node-id", &format!("node-{i}"), "--listen", &addrs[i]])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", ports[2 * i + 1])])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", ports[3 * i + 1])])
+            .args(["--peer-listen", &peer_addrs[i]])
             .args([
                 "--peers",
                 &peers,

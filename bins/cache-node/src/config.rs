@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cache_core::CacheConfig;
-use cache_rpc::{ClusterConfig, Consistency, Limits, NodeConfig};
+use cache_rpc::{Consistency, CoreConfig, Limits, NodeConfig};
 use clap::{Parser, ValueEnum};
+use cluster_membership::default_peer_addr;
 use cluster_membership::parse_peers;
 use serde::Deserialize;
 
@@ -38,9 +39,14 @@ pub(crate) struct Args {
     /// This node's stable id [default: local].
     #[arg(long, env = "CACHE_NODE_ID")]
     node_id: Option<String>,
-    /// gRPC listen address [default: 127.0.0.1:7000].
+    /// gRPC listen address for clients [default: 127.0.0.1:7000].
     #[arg(long, env = "CACHE_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Peer listen address: node-to-node forwarding and replication only, so it can be
+    /// firewalled off from clients [default: the --listen IP, port + 100 (127.0.0.1:7100);
+    /// an ephemeral port if --listen uses port 0].
+    #[arg(long, env = "CACHE_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
     /// Admin HTTP listen address [default: 127.0.0.1:7080].
     #[arg(long, env = "CACHE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
@@ -75,7 +81,8 @@ pub(crate) struct Args {
     /// connected, so clients move away before connections close [default: 1s].
     #[arg(long, env = "CACHE_SHUTDOWN_NOTICE")]
     shutdown_notice: Option<String>,
-    /// Every cluster member, this node included: id=host:port,id=host:port,... Every node
+    /// Every cluster member, this node included: id=host:port[/host:peerport],... (the
+    /// client address, and the peer address if it is not the client port + 100). Every node
     /// must get the same list. Empty: a single node.
     #[arg(long, env = "CACHE_PEERS")]
     peers: Option<String>,
@@ -88,6 +95,14 @@ pub(crate) struct Args {
     /// Deadline of every call to another node, e.g. 500ms [default: 1s].
     #[arg(long, env = "CACHE_PEER_TIMEOUT")]
     peer_timeout: Option<String>,
+    /// Longest a client request may take, forwarding and replication included (a shorter
+    /// client deadline wins), e.g. 2s [default: 5s].
+    #[arg(long, env = "CACHE_REQUEST_TIMEOUT")]
+    request_timeout: Option<String>,
+    /// How far ahead of this node's clock a version from a peer may be; later ones are
+    /// refused and counted (cache_versions_refused_total), e.g. 5s [default: 5s].
+    #[arg(long, env = "CACHE_MAX_CLOCK_DRIFT")]
+    max_clock_drift: Option<String>,
     /// Entries each per-peer asynchronous replication queue holds before dropping
     /// (drops are counted in cache_replication_dropped_total) [default: 65536].
     #[arg(long, env = "CACHE_REPLICATION_QUEUE")]
@@ -106,6 +121,7 @@ pub(crate) struct Args {
 struct FileConfig {
     node_id: Option<String>,
     listen: Option<SocketAddr>,
+    peer_listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     max_memory: Option<String>,
     max_items: Option<u64>,
@@ -121,6 +137,8 @@ struct FileConfig {
     replication_factor: Option<usize>,
     write_consistency: Option<String>,
     peer_timeout: Option<String>,
+    request_timeout: Option<String>,
+    max_clock_drift: Option<String>,
     replication_queue: Option<usize>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
@@ -196,16 +214,16 @@ impl Args {
             ..dc
         };
         cache.validate().context("invalid cache settings")?;
-        let dk = ClusterConfig::default();
-        let cluster = ClusterConfig {
+        let dk = CoreConfig::default();
+        let cluster = CoreConfig {
             replication_factor: self
                 .replication_factor
                 .or(file.replication_factor)
                 .unwrap_or(dk.replication_factor),
             default_consistency: match self.write_consistency.or(file.write_consistency) {
-                Some(s) => Consistency::parse(&s).with_context(|| {
-                    format!("write-consistency: {s:?} is not one, quorum or all")
-                })?,
+                Some(s) => s
+                    .parse::<Consistency>()
+                    .with_context(|| format!("write-consistency: {s:?}"))?,
                 None => dk.default_consistency,
             },
             peer_timeout: match self.peer_timeout.or(file.peer_timeout) {
@@ -230,9 +248,31 @@ impl Args {
             Some(s) => parse_peers(&s).context("invalid --peers")?,
             None => Vec::new(),
         };
+        let request_timeout = match self.request_timeout.or(file.request_timeout) {
+            Some(s) => parse_duration("request-timeout", &s)?,
+            None => d.request_timeout,
+        };
+        let max_clock_drift = match self.max_clock_drift.or(file.max_clock_drift) {
+            Some(s) => parse_duration("max-clock-drift", &s)?,
+            None => d.max_clock_drift,
+        };
+        if request_timeout.is_zero() || max_clock_drift.is_zero() {
+            bail!("request-timeout and max-clock-drift must be greater than zero");
+        }
+        let listen = self.listen.or(file.listen).unwrap_or(d.listen);
+        let peer_listen = match self.peer_listen.or(file.peer_listen) {
+            Some(a) => a,
+            None if listen.port() == 0 => SocketAddr::new(listen.ip(), 0),
+            None => default_peer_addr(listen).with_context(|| {
+                format!("--listen port {} leaves no room for the default peer port (+100); set --peer-listen", listen.port())
+            })?,
+        };
         let node = NodeConfig {
             node_id: self.node_id.or(file.node_id).unwrap_or(d.node_id),
-            listen: self.listen.or(file.listen).unwrap_or(d.listen),
+            listen,
+            peer_listen,
+            request_timeout,
+            max_clock_drift,
             admin_listen: self
                 .admin_listen
                 .or(file.admin_listen)
@@ -300,6 +340,13 @@ mod tests {
         let r = args(&[]).resolve().expect("defaults are valid");
         assert_eq!(r.node.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(r.node.admin_listen.to_string(), "127.0.0.1:7080");
+        assert_eq!(r.node.peer_listen.to_string(), "127.0.0.1:7100");
+        let r = args(&["--listen", "127.0.0.1:0"]).resolve().expect("valid");
+        assert_eq!(r.node.peer_listen.port(), 0, "ephemeral follows ephemeral");
+        let r = args(&["--listen", "127.0.0.1:9000"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(r.node.peer_listen.to_string(), "127.0.0.1:9100");
         assert_eq!(r.node.cache.max_bytes, 1 << 30);
     }
 
@@ -334,6 +381,14 @@ mod tests {
             .resolve()
             .expect_err("bad size");
         assert!(format!("{err:#}").contains("max-memory"));
+        let err = args(&["--write-consistency", "most"])
+            .resolve()
+            .expect_err("bad consistency");
+        assert!(format!("{err:#}").contains("one, quorum, all"), "{err:#}");
+        let err = args(&["--listen", "127.0.0.1:65500"])
+            .resolve()
+            .expect_err("no default peer port");
+        assert!(format!("{err:#}").contains("--peer-listen"), "{err:#}");
         let err = args(&["--shards", "3"]).resolve().expect_err("bad shards");
         assert!(format!("{err:#}").contains("power of two"), "{err:#}");
     }

@@ -60,10 +60,11 @@ async fn run(config: cache_rpc::NodeConfig) -> anyhow::Result<()> {
     let node = Node::bind(config).await?;
     // The one startup line, on stdout so scripts and tests can read the bound ports.
     println!(
-        "cache-node {} node_id={} grpc={} admin={} max_memory={}",
+        "cache-node {} node_id={} grpc={} peer={} admin={} max_memory={}",
         env!("CARGO_PKG_VERSION"),
         node_id,
         node.grpc_addr(),
+        node.peer_addr(),
         node.admin_addr(),
         max_bytes
     );

@@ -1,26 +1,36 @@
 //! Multi-process cluster tests: real `cache-node` processes on loopback, static membership,
 //! forwarding, smart routing, replication at ONE/QUORUM/ALL, SIGKILL and SIGSTOP of nodes,
-//! hop-marker loop protection and ring-mismatch detection.
+//! loop protection for forwarded requests, the separate peer listener, forged versions
+//! from a peer, and ring-mismatch detection.
 
 use std::time::{Duration, Instant};
 
 use cache_client::{Client, ClusterClient, Consistency, Error};
 use cache_testkit::{Cluster, NodeProcess, metric};
 
-async fn plain(node: &NodeProcess, consistency: Consistency) -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(5))
-        .write_consistency(consistency)
-        .connect(node.addr())
-        .await
-        .expect("connect")
+/// `None`: the node's default.
+async fn plain(node: &NodeProcess, consistency: Option<Consistency>) -> Client {
+    let mut builder = Client::builder().timeout(Duration::from_secs(5));
+    if let Some(c) = consistency {
+        builder = builder.write_consistency(c);
+    }
+    builder.connect(node.addr()).await.expect("connect")
 }
 
-async fn smart(cluster: &Cluster, write: Consistency, read: Consistency) -> ClusterClient {
-    Client::builder()
-        .timeout(Duration::from_secs(5))
-        .write_consistency(write)
-        .read_consistency(read)
+/// `None`: the node's default for writes, the primary for reads.
+async fn smart(
+    cluster: &Cluster,
+    write: Option<Consistency>,
+    read: Option<Consistency>,
+) -> ClusterClient {
+    let mut builder = Client::builder().timeout(Duration::from_secs(5));
+    if let Some(c) = write {
+        builder = builder.write_consistency(c);
+    }
+    if let Some(c) = read {
+        builder = builder.read_consistency(c);
+    }
+    builder
         .connect_cluster(cluster.seeds())
         .await
         .expect("connect to the cluster")
@@ -38,7 +48,7 @@ fn value(i: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_answers_for_any_key() {
     let cluster = Cluster::start(3, &["--replication-factor", "2"]);
-    let writer = plain(&cluster.nodes[0], Consistency::All).await;
+    let writer = plain(&cluster.nodes[0], Some(Consistency::All)).await;
     for i in 0..60u32 {
         writer
             .set(format!("key-{i}"), value(i))
@@ -46,7 +56,7 @@ async fn any_node_answers_for_any_key() {
             .expect("write through node-0");
     }
     for node in &cluster.nodes {
-        let reader = plain(node, Consistency::Default).await;
+        let reader = plain(node, None).await;
         for i in 0..60u32 {
             let got = reader.get(format!("key-{i}")).await.expect("read");
             assert_eq!(
@@ -64,7 +74,7 @@ async fn any_node_answers_for_any_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smart_client_goes_straight_to_the_owner() {
     let cluster = Cluster::start(3, &["--replication-factor", "1"]);
-    let client = smart(&cluster, Consistency::Default, Consistency::Default).await;
+    let client = smart(&cluster, None, None).await;
     let members = client.members();
     assert_eq!(members.len(), 3);
     let total: f64 = members.iter().map(|m| m.share).sum();
@@ -85,7 +95,7 @@ async fn smart_client_goes_straight_to_the_owner() {
         );
     }
     // Through one address, node-0 must forward about two thirds of the requests.
-    let single = plain(&cluster.nodes[0], Consistency::Default).await;
+    let single = plain(&cluster.nodes[0], None).await;
     for k in &keys {
         assert!(single.get(k.clone()).await.expect("get").is_some());
     }
@@ -95,7 +105,7 @@ async fn smart_client_goes_straight_to_the_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_writes_survive_sigkill_of_a_primary() {
     let mut cluster = Cluster::start(3, &["--replication-factor", "2", "--peer-timeout", "500ms"]);
-    let client = smart(&cluster, Consistency::All, Consistency::Default).await;
+    let client = smart(&cluster, Some(Consistency::All), None).await;
     for i in 0..300u32 {
         client
             .set(format!("key-{i}"), value(i))
@@ -123,7 +133,7 @@ async fn all_writes_survive_sigkill_of_a_primary() {
         assert_eq!(got.as_deref(), Some(value(i).as_bytes()), "key-{i}");
     }
     for survivor in [&cluster.nodes[0], &cluster.nodes[2]] {
-        let reader = plain(survivor, Consistency::Default).await;
+        let reader = plain(survivor, None).await;
         for i in 0..300u32 {
             let got = reader
                 .get(format!("key-{i}"))
@@ -138,7 +148,12 @@ async fn all_writes_survive_sigkill_of_a_primary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_writes_lose_nothing_when_a_node_dies() {
     let cluster = Cluster::start(3, &["--replication-factor", "3", "--peer-timeout", "500ms"]);
-    let client = smart(&cluster, Consistency::Quorum, Consistency::Quorum).await;
+    let client = smart(
+        &cluster,
+        Some(Consistency::Quorum),
+        Some(Consistency::Quorum),
+    )
+    .await;
     for i in 0..300u32 {
         client
             .set(format!("key-{i}"), value(i))
@@ -154,7 +169,7 @@ async fn quorum_writes_lose_nothing_when_a_node_dies() {
         assert_eq!(got.as_deref(), Some(value(i).as_bytes()), "key-{i} lost");
     }
     // With one of three replicas gone, ALL can no longer be met: a clear UNAVAILABLE.
-    let all = plain(&cluster.nodes[0], Consistency::All).await;
+    let all = plain(&cluster.nodes[0], Some(Consistency::All)).await;
     let err = all
         .set("needs-all", "x")
         .await
@@ -168,7 +183,7 @@ async fn quorum_writes_lose_nothing_when_a_node_dies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_writes_lost_when_the_primary_dies_right_after_the_ack() {
     let cluster = Cluster::start(3, &["--replication-factor", "3", "--peer-timeout", "500ms"]);
-    let client = smart(&cluster, Consistency::One, Consistency::Quorum).await;
+    let client = smart(&cluster, Some(Consistency::One), Some(Consistency::Quorum)).await;
     let victim = "node-2";
     let keys: Vec<String> = (0..20_000u32)
         .map(|i| format!("one-{i}"))
@@ -204,7 +219,7 @@ async fn one_writes_lost_when_the_primary_dies_right_after_the_ack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_peer_does_not_block_other_keys() {
     let cluster = Cluster::start(3, &["--replication-factor", "1", "--peer-timeout", "2s"]);
-    let smart_view = smart(&cluster, Consistency::Default, Consistency::Default).await;
+    let smart_view = smart(&cluster, None, None).await;
     let owned_by = |id: &str| -> Vec<String> {
         (0..5_000u32)
             .map(|i| format!("k{i}"))
@@ -261,30 +276,36 @@ async fn a_stopped_peer_does_not_block_other_keys() {
     }
 }
 
+fn peer_request<T>(body: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(body);
+    req.set_timeout(Duration::from_secs(2));
+    req
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarded_request_is_never_forwarded_again() {
-    use cache_proto::v1::{GetRequest, cache_client::CacheClient};
+    use cache_proto::peer::v1::{ForwardRequest, forward_request, peer_client::PeerClient};
+    use cache_proto::v1::GetRequest;
     let cluster = Cluster::start(3, &["--replication-factor", "1"]);
-    let view = smart(&cluster, Consistency::Default, Consistency::Default).await;
+    let view = smart(&cluster, None, None).await;
     let key = (0..1000u32)
         .map(|i| format!("k{i}"))
         .find(|k| view.replicas_of(k.as_bytes())[0] != "node-0")
         .expect("some key is not node-0's");
-    let mut raw = CacheClient::connect(format!("http://{}", cluster.nodes[0].addr()))
+    let mut raw = PeerClient::connect(format!("http://{}", cluster.nodes[0].peer_addr()))
         .await
-        .expect("connect");
-    let mut req = tonic::Request::new(GetRequest {
-        key: key.into(),
-        consistency: 0,
-    });
-    req.metadata_mut().insert(
-        "x-cache-hop",
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
+        .expect("connect to the peer listener");
     let status = raw
-        .get(req)
+        .forward(peer_request(ForwardRequest {
+            from: "node-1".into(),
+            ring_fingerprint: 0,
+            request: Some(forward_request::Request::Get(GetRequest {
+                key: key.into(),
+                consistency: 0,
+            })),
+        }))
         .await
-        .expect_err("a hop-marked request for a foreign key");
+        .expect_err("a forwarded request for a foreign key");
     assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
     assert!(status.message().contains("ring epoch"), "{status:?}");
     assert_eq!(
@@ -294,9 +315,67 @@ async fn a_forwarded_request_is_never_forwarded_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_port_does_not_serve_the_peer_service() {
+    use cache_proto::peer::v1::{ReplicateRequest, peer_client::PeerClient};
+    let cluster = Cluster::start(2, &[]);
+    let mut wrong = PeerClient::connect(format!("http://{}", cluster.nodes[0].addr()))
+        .await
+        .expect("connect to the public port");
+    let status = wrong
+        .replicate(peer_request(ReplicateRequest {
+            from: "node-1".into(),
+            ring_fingerprint: 0,
+            mutations: Vec::new(),
+        }))
+        .await
+        .expect_err("no Peer service on the public port");
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_versions_from_a_peer_are_refused_and_counted() {
+    use cache_proto::peer::v1::{
+        Mutation, Put, ReplicateRequest, mutation, peer_client::PeerClient,
+    };
+    let cluster = Cluster::start(1, &[]);
+    let node = &cluster.nodes[0];
+    let mut peer = PeerClient::connect(format!("http://{}", node.peer_addr()))
+        .await
+        .expect("connect to the peer listener");
+    for version in [u64::MAX, 1 << 63] {
+        let status = peer
+            .replicate(peer_request(ReplicateRequest {
+                from: "node-9".into(),
+                ring_fingerprint: 0,
+                mutations: vec![Mutation {
+                    key: "pinned".into(),
+                    version,
+                    op: Some(mutation::Op::Put(Put {
+                        value: "evil".into(),
+                        expires_at_ms: None,
+                    })),
+                }],
+            }))
+            .await
+            .expect_err("a far-future version is refused");
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    }
+    assert_eq!(metric_of(node, "cache_versions_refused_total"), 2.0);
+    // The key was not pinned: writes are stored and read back.
+    let client = plain(node, None).await;
+    for i in 0..300u32 {
+        client.set("pinned", value(i)).await.expect("set");
+        assert_eq!(
+            client.get("pinned").await.expect("get").as_deref(),
+            Some(value(i).as_bytes())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_different_member_list_is_reported() {
     let ports: Vec<u16> = {
-        let ls: Vec<_> = (0..4)
+        let ls: Vec<_> = (0..6)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
             .collect();
         ls.iter()
@@ -305,9 +384,13 @@ async fn a_node_with_a_different_member_list_is_reported() {
     };
     let a = format!("127.0.0.1:{}", ports[0]);
     let b = format!("127.0.0.1:{}", ports[1]);
-    let good = format!("a={a},b={b}");
+    let (peer_a, peer_b) = (
+        format!("127.0.0.1:{}", ports[4]),
+        format!("127.0.0.1:{}", ports[5]),
+    );
+    let good = format!("a={a}/{peer_a},b={b}/{peer_b}");
     // b also lists a member that a does not know.
-    let bad = format!("a={a},b={b},ghost=127.0.0.1:9");
+    let bad = format!("a={a}/{peer_a},b={b}/{peer_b},ghost=127.0.0.1:9");
     let admin_a = format!("127.0.0.1:{}", ports[2]);
     let admin_b = format!("127.0.0.1:{}", ports[3]);
     let (Ok(node_a), Ok(node_b)) = (
@@ -318,6 +401,8 @@ async fn a_node_with_a_different_member_list_is_reported() {
             &a,
             "--admin-listen",
             &admin_a,
+            "--peer-listen",
+            &peer_a,
             "--peers",
             &good,
             "--replication-factor",
@@ -330,6 +415,8 @@ async fn a_node_with_a_different_member_list_is_reported() {
             &b,
             "--admin-listen",
             &admin_b,
+            "--peer-listen",
+            &peer_b,
             "--peers",
             &bad,
             "--replication-factor",
@@ -340,7 +427,7 @@ async fn a_node_with_a_different_member_list_is_reported() {
         eprintln!("could not bind the chosen ports; skipping");
         return;
     };
-    let client = plain(&node_a, Consistency::All).await;
+    let client = plain(&node_a, Some(Consistency::All)).await;
     // Some key with a as primary replicates to b, which compares fingerprints.
     for i in 0..50u32 {
         let _ = client.set(format!("k{i}"), "v").await;

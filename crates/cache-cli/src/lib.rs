@@ -60,7 +60,7 @@ pub struct Cli {
     /// like the SDK's cluster client. Without it, requests go to --addr, which forwards.
     #[arg(long, global = true, env = "CACHE_SEEDS", value_delimiter = ',')]
     seeds: Vec<String>,
-    /// Consistency: one, quorum or all (writes; reads use quorum for quorum and all).
+    /// Consistency of writes and reads: one, quorum or all.
     #[arg(long, global = true, value_parser = parse_consistency)]
     consistency: Option<Consistency>,
     /// Print JSON instead of human output.
@@ -136,13 +136,22 @@ enum Command {
     },
 }
 
-fn parse_consistency(s: &str) -> Result<Consistency, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "one" => Ok(Consistency::One),
-        "quorum" => Ok(Consistency::Quorum),
-        "all" => Ok(Consistency::All),
-        _ => Err(format!("{s:?} is not one, quorum or all")),
+/// The name of a member state as it came over the wire (`unknown` for a value this CLI
+/// does not know, from a newer node).
+fn member_state_name(raw: i32) -> &'static str {
+    use cache_client::proto::MemberState as S;
+    match S::try_from(raw) {
+        Ok(S::Alive) => "alive",
+        Ok(S::Suspect) => "suspect",
+        Ok(S::Dead) => "dead",
+        Ok(S::Left) => "left",
+        _ => "unknown",
     }
+}
+
+fn parse_consistency(s: &str) -> Result<Consistency, String> {
+    s.parse()
+        .map_err(|e: cache_types::UnknownValue| e.to_string())
 }
 
 /// Where the CLI sends requests: one node (which forwards), or the cluster directly.
@@ -510,13 +519,16 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
             for m in &i.members {
                 human.push_str(&format!(
                     "  {:<16} {:<22} {:<8} weight {}\n",
-                    m.id, m.rpc_addr, m.state, m.weight
+                    m.id,
+                    m.rpc_addr,
+                    member_state_name(m.state),
+                    m.weight
                 ));
             }
             let members: Vec<Value> = i
                 .members
                 .iter()
-                .map(|m| json!({ "id": m.id, "rpc_addr": m.rpc_addr, "state": m.state, "weight": m.weight }))
+                .map(|m| json!({ "id": m.id, "rpc_addr": m.rpc_addr, "state": member_state_name(m.state), "weight": m.weight }))
                 .collect();
             Outcome::ok(
                 human,
@@ -536,7 +548,7 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
             let (fingerprint, epoch, rf) = cluster.ring_summary();
             let rows: Vec<Value> = members
                 .iter()
-                .map(|m| json!({ "id": m.id, "addr": m.addr, "state": m.state, "weight": m.weight, "share": m.share }))
+                .map(|m| json!({ "id": m.id, "addr": m.addr, "state": m.state.as_str(), "weight": m.weight, "share": m.share }))
                 .collect();
             let mut human = String::new();
             if matches!(cli.command, Command::Ring) {

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use cache_proto::v1 as pb;
 use cluster_ring::{Member as RingMember, NodeId, Ring};
 
-use crate::{Client, ClientBuilder, Entry, Error, SetOptions};
+use crate::{Client, ClientBuilder, Entry, Error, MemberState, SetOptions};
 
 /// One member as the client sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,8 +25,8 @@ pub struct ClusterMember {
     pub id: String,
     /// Its address.
     pub addr: String,
-    /// "alive", "suspect", "dead" or "left".
-    pub state: String,
+    /// Its state as the answering node sees it.
+    pub state: MemberState,
     /// Ring weight.
     pub weight: u32,
     /// Its share of the key space as primary (0..1).
@@ -111,7 +111,7 @@ impl ClusterClient {
         let owners = info
             .members
             .iter()
-            .filter(|m| m.state == "alive" || m.state == "suspect")
+            .filter(|m| member_state(m.state).is_ok_and(MemberState::owns_keys))
             .map(|m| {
                 NodeId::new(m.id.clone())
                     .map(|id| RingMember::new(id, m.weight))
@@ -147,7 +147,7 @@ impl ClusterClient {
             members.push(ClusterMember {
                 id: m.id.clone(),
                 addr: m.rpc_addr.clone(),
-                state: m.state.clone(),
+                state: member_state(m.state)?,
                 weight: m.weight,
                 share: shares.get(&m.id).copied().unwrap_or(0.0),
             });
@@ -422,5 +422,18 @@ impl ClusterClient {
             }
         }
         out
+    }
+}
+
+/// A member state from the wire; an unknown value means the node is newer than this client.
+fn member_state(raw: i32) -> Result<MemberState, Error> {
+    match pb::MemberState::try_from(raw) {
+        Ok(pb::MemberState::Alive) => Ok(MemberState::Alive),
+        Ok(pb::MemberState::Suspect) => Ok(MemberState::Suspect),
+        Ok(pb::MemberState::Dead) => Ok(MemberState::Dead),
+        Ok(pb::MemberState::Left) => Ok(MemberState::Left),
+        _ => Err(Error::Cluster(format!(
+            "a member has unknown state {raw}: upgrade the client"
+        ))),
     }
 }

@@ -56,6 +56,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use cache_types::{Condition, Consistency, MemberState};
 pub use cluster::{ClusterClient, ClusterMember};
 
 use bytes::Bytes;
@@ -141,38 +142,14 @@ impl Error {
     }
 }
 
-/// How many replicas must apply a write (or be read) before the call returns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Consistency {
-    /// The node's default (`--write-consistency`; `One` unless configured) for writes,
-    /// `One` for reads.
-    #[default]
-    Default,
-    /// One replica: writes are acknowledged by the primary and copied asynchronously.
-    One,
-    /// A majority of the key's replicas. Reads return the newest version and repair.
-    Quorum,
-    /// Every replica (writes only; reads treat it as `Quorum`).
-    All,
-}
-
-impl Consistency {
-    fn to_pb(self) -> i32 {
-        let c = match self {
-            Consistency::Default => pb::Consistency::Default,
-            Consistency::One => pb::Consistency::One,
-            Consistency::Quorum => pb::Consistency::Quorum,
-            Consistency::All => pb::Consistency::All,
-        };
-        c as i32
-    }
-
-    fn read_pb(self) -> i32 {
-        match self {
-            Consistency::Quorum | Consistency::All => pb::Consistency::Quorum as i32,
-            _ => pb::Consistency::Default as i32,
-        }
-    }
+/// Wire value of a consistency; `None` asks for the node's default.
+fn consistency_pb(c: Option<Consistency>) -> i32 {
+    (match c {
+        None => pb::Consistency::Default,
+        Some(Consistency::One) => pb::Consistency::One,
+        Some(Consistency::Quorum) => pb::Consistency::Quorum,
+        Some(Consistency::All) => pb::Consistency::All,
+    }) as i32
 }
 
 /// Options of [`Client::set_with`].
@@ -182,8 +159,9 @@ pub struct SetOptions {
     pub ttl: Option<Duration>,
     /// Presence condition.
     pub condition: Condition,
-    /// Write consistency; `Default` uses the client's ([`ClientBuilder::write_consistency`]).
-    pub consistency: Consistency,
+    /// Write consistency; `None` uses the client's ([`ClientBuilder::write_consistency`]),
+    /// or else the node's default.
+    pub consistency: Option<Consistency>,
 }
 
 impl SetOptions {
@@ -212,18 +190,6 @@ impl SetOptions {
     }
 }
 
-/// When a set applies.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Condition {
-    /// Always.
-    #[default]
-    Always,
-    /// Only if the key holds no live value.
-    IfAbsent,
-    /// Only if the key holds a live value.
-    IfPresent,
-}
-
 /// A value with its metadata, from [`Client::get_entry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -242,8 +208,8 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     retries: u32,
     backoff: Duration,
-    write_consistency: Consistency,
-    read_consistency: Consistency,
+    write_consistency: Option<Consistency>,
+    read_consistency: Option<Consistency>,
     spread_reads: bool,
 }
 
@@ -254,8 +220,8 @@ impl Default for ClientBuilder {
             connect_timeout: Duration::from_secs(2),
             retries: 3,
             backoff: Duration::from_millis(20),
-            write_consistency: Consistency::Default,
-            read_consistency: Consistency::Default,
+            write_consistency: None,
+            read_consistency: None,
             spread_reads: false,
         }
     }
@@ -288,13 +254,14 @@ impl ClientBuilder {
 
     /// Consistency of writes that do not name one (default: the node's default).
     pub fn write_consistency(mut self, c: Consistency) -> Self {
-        self.write_consistency = c;
+        self.write_consistency = Some(c);
         self
     }
 
-    /// Consistency of reads (`Quorum` reads a majority and repairs; default: one replica).
+    /// Consistency of reads (`Quorum` reads a majority, `All` every replica, and both
+    /// repair; default: the key's primary).
     pub fn read_consistency(mut self, c: Consistency) -> Self {
-        self.read_consistency = c;
+        self.read_consistency = Some(c);
         self
     }
 
@@ -438,7 +405,7 @@ impl Client {
     /// The value of `key` with its TTL and version, or `None` on a miss.
     pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
         let key = key.into();
-        let consistency = self.cfg.read_consistency.read_pb();
+        let consistency = consistency_pb(self.cfg.read_consistency);
         let resp = self
             .call(true, |mut c, t| {
                 let key = key.clone();
@@ -489,7 +456,7 @@ impl Client {
     /// Removes `key`; returns whether it held a live value.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
-        let consistency = self.cfg.write_consistency.to_pb();
+        let consistency = consistency_pb(self.cfg.write_consistency);
         let resp = self
             .call(true, |mut c, t| {
                 let key = key.clone();
@@ -507,12 +474,17 @@ impl Client {
     pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
         let key = key.into();
         let ttl_ms = ttl.map_or(0, |t| duration_ms(t).max(1));
+        let consistency = consistency_pb(self.cfg.write_consistency);
         let resp = self
             .call(true, |mut c, t| {
                 let key = key.clone();
                 async move {
-                    c.touch(with_timeout(pb::TouchRequest { key, ttl_ms }, t))
-                        .await
+                    let req = pb::TouchRequest {
+                        key,
+                        ttl_ms,
+                        consistency,
+                    };
+                    c.touch(with_timeout(req, t)).await
                 }
             })
             .await?;
@@ -554,9 +526,9 @@ impl Client {
         };
         let entries: Vec<pb::SetRequest> = entries
             .into_iter()
-            .map(|(k, v)| set_request(k.into(), v.into(), options, Consistency::Default))
+            .map(|(k, v)| set_request(k.into(), v.into(), options, None))
             .collect();
-        let consistency = self.cfg.write_consistency.to_pb();
+        let consistency = consistency_pb(self.cfg.write_consistency);
         let resp = self
             .call(true, |mut c, t| {
                 let entries = entries.clone();
@@ -616,15 +588,10 @@ fn set_request(
     key: Bytes,
     value: Bytes,
     options: SetOptions,
-    client_default: Consistency,
+    client_default: Option<Consistency>,
 ) -> pb::SetRequest {
-    let consistency = if options.consistency == Consistency::Default {
-        client_default
-    } else {
-        options.consistency
-    };
     pb::SetRequest {
-        consistency: consistency.to_pb(),
+        consistency: consistency_pb(options.consistency.or(client_default)),
         key,
         value,
         // A sub-millisecond TTL still expires (rounded up to 1 ms), rather than meaning "never".
@@ -687,14 +654,14 @@ mod tests {
             Bytes::from_static(b"k"),
             Bytes::new(),
             SetOptions::ttl(Duration::from_micros(10)),
-            Consistency::Default,
+            None,
         );
         assert_eq!(r.ttl_ms, 1);
         let r = set_request(
             Bytes::from_static(b"k"),
             Bytes::new(),
             SetOptions::default(),
-            Consistency::All,
+            Some(Consistency::All),
         );
         assert_eq!(r.ttl_ms, 0);
         assert_eq!(

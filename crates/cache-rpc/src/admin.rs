@@ -42,11 +42,15 @@ pub(crate) fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Route
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let shared = &state.shared;
+    let store = shared.core.store();
     shared.metrics.publish(
-        &shared.cache.stats(),
-        shared.cache.config().max_bytes,
+        &store.stats(),
+        store.engine().config().max_bytes,
         shared.started.elapsed(),
     );
+    shared
+        .metrics
+        .publish_core(&shared.core.stats(), &shared.core.queue_stats());
     (
         [(
             header::CONTENT_TYPE,
@@ -58,7 +62,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
-    if state.shared.shutting_down.load(Ordering::Relaxed) {
+    if state.shared.core.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
@@ -73,7 +77,7 @@ fn escape(s: &str) -> String {
 
 async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
     let shared = &state.shared;
-    let stats = shared.cache.stats();
+    let stats = shared.core.store().stats();
     let total = shared.requests.load(Ordering::Relaxed);
     let now = Instant::now();
     let rate = {
@@ -96,10 +100,10 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
     } else {
         format!("{:.1} %", 100.0 * stats.hits as f64 / lookups as f64)
     };
-    let max = shared.cache.config().max_bytes;
+    let max = shared.core.store().engine().config().max_bytes;
     let up = shared.started.elapsed().as_secs();
-    let cluster = &shared.cluster;
-    let state = cluster.state();
+    let cluster = &shared.core;
+    let state = cluster.ring().load();
     let shares: std::collections::HashMap<String, f64> = state
         .ring
         .shares()
@@ -111,15 +115,16 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
         .members
         .iter()
         .map(|m| {
-            let me = if m.id == cluster.local_id {
+            let me = if *cluster.local_id() == m.id {
                 " (this node)"
             } else {
                 ""
             };
             format!(
-                "<tr><td>{}{me}</td><td>{}</td><td>{}</td><td>{:.1} %</td></tr>",
+                "<tr><td>{}{me}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} %</td></tr>",
                 escape(&m.id),
                 m.rpc_addr,
+                m.peer_addr,
                 m.state,
                 shares.get(&m.id).copied().unwrap_or(0.0) * 100.0
             )
@@ -131,7 +136,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
         .map(|(id, h)| {
             format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                escape(id),
+                escape(id.as_str()),
                 h.ok,
                 h.failed,
                 escape(h.last_error.as_deref().unwrap_or("ok"))
@@ -139,10 +144,17 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
         })
         .collect();
     let queues: String = cluster
-        .queue_depths()
+        .queue_stats()
         .iter()
-        .map(|(id, depth, cap)| {
-            format!("<tr><td>{}</td><td>{depth} of {cap}</td></tr>", escape(id))
+        .map(|q| {
+            format!(
+                "<tr><td>{}</td><td>{} of {}</td><td>{}</td><td>{}</td></tr>",
+                escape(q.peer.as_str()),
+                q.depth,
+                q.capacity,
+                q.sent,
+                q.dropped
+            )
         })
         .collect();
     let mismatches: String = cluster
@@ -151,7 +163,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
         .map(|(id, fp)| {
             format!(
                 "<p><b>RING MISMATCH</b>: {} builds ring {fp:016x}, this node {:016x}. Start every node with the same --peers.</p>",
-                escape(id),
+                escape(id.as_str()),
                 state.ring.fingerprint()
             )
         })
@@ -174,17 +186,17 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 </table>\
 <h2>Cluster</h2>{mismatches}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
 replication drops are counted in <code>cache_replication_dropped_total</code></p>\
-<table><tr><th>member</th><th>address</th><th>state</th><th>key space (primary)</th></tr>{members}</table>\
+<table><tr><th>member</th><th>address</th><th>peer address</th><th>state</th><th>key space (primary)</th></tr>{members}</table>\
 <h3>Peer channels</h3><table><tr><th>peer</th><th>calls ok</th><th>failed</th><th>last</th></tr>{peers}</table>\
-<h3>Replication queues</h3><table><tr><th>peer</th><th>depth</th></tr>{queues}</table>\
+<h3>Replication queues</h3><table><tr><th>peer</th><th>depth</th><th>sent</th><th>dropped</th></tr>{queues}</table>\
 <p><a href=\"/metrics\">/metrics</a> · <a href=\"/healthz\">/healthz</a> · <a href=\"/readyz\">/readyz</a></p>\
 </body></html>\n",
-        node = escape(&cluster.local_id),
+        node = escape(cluster.local_id().as_str()),
         epoch = state.epoch,
         fingerprint = state.ring.fingerprint(),
         rf = state.replication_factor,
         version = env!("CARGO_PKG_VERSION"),
-        state = if shared.shutting_down.load(Ordering::Relaxed) {
+        state = if shared.core.is_shutting_down() {
             "shutting down"
         } else {
             "serving"

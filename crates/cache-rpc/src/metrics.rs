@@ -31,7 +31,7 @@ pub const OPS: [&str; 8] = [
 ];
 
 /// The outcomes that appear in the `result` label.
-pub const RESULTS: [&str; 9] = [
+pub const RESULTS: [&str; 13] = [
     "ok",
     "hit",
     "miss",
@@ -40,6 +40,10 @@ pub const RESULTS: [&str; 9] = [
     "out_of_range",
     "resource_exhausted",
     "unavailable",
+    "wrong_owner",
+    "version_refused",
+    "deadline_exceeded",
+    "shutting_down",
     "internal",
 ];
 
@@ -89,6 +93,23 @@ pub struct NodeMetrics {
     forwarded: Counter,
     read_repairs: Counter,
     mismatches: Counter,
+    versions_refused: Counter,
+    stale_retries: Counter,
+    /// Per-peer replication series, registered when a peer's queue first appears.
+    replication: parking_lot::Mutex<std::collections::BTreeMap<String, ReplicationSeries>>,
+}
+
+/// Per-peer replication metric handles.
+#[derive(Clone)]
+struct ReplicationSeries {
+    /// `cache_replication_dropped_total{peer}`
+    dropped: Counter,
+    /// `cache_replication_sent_total{peer}`
+    sent: Counter,
+    /// `cache_replication_queue_depth{peer}`
+    depth: Gauge,
+    /// `cache_replication_lag_seconds{peer}`: age of the oldest entry of the last batch sent.
+    lag: Gauge,
 }
 
 impl std::fmt::Debug for NodeMetrics {
@@ -166,6 +187,9 @@ impl NodeMetrics {
             forwarded,
             read_repairs,
             mismatches,
+            versions_refused: c("cache_versions_refused_total"),
+            stale_retries: c("cache_stale_write_retries_total"),
+            replication: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             items,
             bytes,
             max_bytes,
@@ -190,36 +214,40 @@ impl NodeMetrics {
         self.recorder.handle()
     }
 
-    /// Counts a request this node forwarded to another node.
-    pub fn forwarded(&self) {
-        self.forwarded.increment(1);
-    }
-
-    /// Counts a stale replica repaired by a QUORUM read.
-    pub fn read_repair(&self) {
-        self.read_repairs.increment(1);
-    }
-
-    /// Counts a peer call whose ring fingerprint differed from ours.
-    pub fn fingerprint_mismatch(&self) {
-        self.mismatches.increment(1);
-    }
-
-    /// The replication series of one peer (registered on first use).
-    pub fn replication_series(&self, peer: &str) -> crate::cluster::ReplicationSeries {
-        let r: &dyn Recorder = &self.recorder;
-        let label = || vec![Label::new("peer", peer.to_string())];
-        crate::cluster::ReplicationSeries {
-            dropped: counter(r, "cache_replication_dropped_total", label()),
-            sent: counter(r, "cache_replication_sent_total", label()),
-            depth: r.register_gauge(
-                &Key::from_parts("cache_replication_queue_depth", label()),
-                &META,
-            ),
-            lag: r.register_gauge(
-                &Key::from_parts("cache_replication_lag_seconds", label()),
-                &META,
-            ),
+    /// Copies the cluster core's counters and each peer's replication queue into the
+    /// exported series (called on each scrape).
+    pub fn publish_core(
+        &self,
+        stats: &cluster_core::CoreStats,
+        queues: &[cluster_core::QueueStats],
+    ) {
+        self.forwarded.absolute(stats.forwarded);
+        self.read_repairs.absolute(stats.read_repairs);
+        self.mismatches.absolute(stats.fingerprint_mismatches);
+        self.versions_refused.absolute(stats.versions_refused);
+        self.stale_retries.absolute(stats.stale_retries);
+        let mut series = self.replication.lock();
+        for q in queues {
+            let s = series.entry(q.peer.to_string()).or_insert_with(|| {
+                let r: &dyn Recorder = &self.recorder;
+                let label = || vec![Label::new("peer", q.peer.to_string())];
+                ReplicationSeries {
+                    dropped: counter(r, "cache_replication_dropped_total", label()),
+                    sent: counter(r, "cache_replication_sent_total", label()),
+                    depth: r.register_gauge(
+                        &Key::from_parts("cache_replication_queue_depth", label()),
+                        &META,
+                    ),
+                    lag: r.register_gauge(
+                        &Key::from_parts("cache_replication_lag_seconds", label()),
+                        &META,
+                    ),
+                }
+            });
+            s.dropped.absolute(q.dropped);
+            s.sent.absolute(q.sent);
+            s.depth.set(q.depth as f64);
+            s.lag.set(q.lag_ms as f64 / 1000.0);
         }
     }
 

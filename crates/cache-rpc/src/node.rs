@@ -1,40 +1,51 @@
-//! A whole node: engine + reaper + gRPC server (Cache, health, reflection) + admin HTTP
-//! (`/metrics`, `/healthz`, `/readyz`, `/status`), with graceful shutdown.
+//! A whole node: the cluster core (store, engine, reaper, replication) behind three
+//! listeners — the public gRPC API (`cache.v1.Cache`, health, reflection), the peer listener
+//! (`cache.peer.v1.Peer` only, so it can be firewalled) and admin HTTP (`/metrics`,
+//! `/healthz`, `/readyz`, `/status`) — with graceful shutdown.
 //!
-//! [`Node::bind`] binds both listeners (so "address in use" is reported before anything
-//! starts) and [`Node::run`] serves until the shutdown future completes, then drains in two
-//! phases: first, for a short notice period (`shutdown_notice`, 1 s by default), every new
-//! request is answered `UNAVAILABLE` and health/readiness report not serving, so
-//! clients move on using the connections they have; then the listeners close, in-flight
-//! requests finish within the rest of the grace period, the reaper stops, and `run` returns.
-//! This is the usual load-balancer-friendly order: fail readiness first, stop later.
+//! [`Node::bind`] binds every listener (so "address in use" is reported before anything
+//! starts) and [`Node::run`] serves until the shutdown future completes, then drains in
+//! phases, all within `shutdown_grace`:
+//!
+//! 1. For the notice period (`shutdown_notice`, 1 s by default) every new client request is
+//!    answered `UNAVAILABLE` and health/readiness report not serving, so clients move on
+//!    using the connections they have. Peer traffic is still served.
+//! 2. The public and admin listeners close; in-flight client requests finish.
+//! 3. The replication queues drain to the peers with whatever grace is left; what cannot be
+//!    delivered is counted in `cache_replication_dropped_total`. Then the peer listener
+//!    closes, every owned background task is awaited, and the reaper stops.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
-use cache_core::{Cache, CacheConfig, Reaper};
-use cache_proto::v1::{cache_server::CacheServer, peer_server::PeerServer};
+use cache_core::{CacheConfig, Reaper};
+use cache_proto::peer::v1::peer_server::PeerServer;
+use cache_proto::v1::cache_server::CacheServer;
+use cluster_core::{Coordinator, CoreConfig, Limits, NodeClock, RingView, Store};
 use cluster_membership::{Membership, PeerSpec, StaticMembership};
+use cluster_ring::NodeId;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 
-use crate::cluster::{Cluster, ClusterConfig};
-use crate::limits::Limits;
 use crate::metrics::NodeMetrics;
 use crate::service::{CacheService, PeerService, Shared};
+use crate::transport::GrpcTransport;
 
 /// Everything a node needs to start. The binary fills it from flags, env and file.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// This node's stable id.
     pub node_id: String,
-    /// gRPC listen address (port 0 picks a free port).
+    /// Public gRPC listen address (port 0 picks a free port).
     pub listen: SocketAddr,
+    /// Peer listener address (node-to-node traffic only; port 0 picks a free port).
+    pub peer_listen: SocketAddr,
     /// Admin HTTP listen address (port 0 picks a free port).
     pub admin_listen: SocketAddr,
     /// The engine's configuration.
@@ -45,7 +56,7 @@ pub struct NodeConfig {
     pub reaper_interval: Duration,
     /// Slots examined per shard lock by the reaper.
     pub reaper_budget: usize,
-    /// How long in-flight requests get to finish after shutdown starts.
+    /// How long shutdown may take in all (in-flight requests, then the replication drain).
     pub shutdown_grace: Duration,
     /// The first part of the grace period, during which the node stays connected but
     /// answers `UNAVAILABLE` and fails readiness (capped at `shutdown_grace`).
@@ -53,7 +64,11 @@ pub struct NodeConfig {
     /// Every member of the cluster, this node included (`--peers`); empty for a single node.
     pub peers: Vec<PeerSpec>,
     /// Replication and peer settings.
-    pub cluster: ClusterConfig,
+    pub cluster: CoreConfig,
+    /// How far ahead of this node's clock a peer's version may be before it is refused.
+    pub max_clock_drift: Duration,
+    /// Longest a client request may take (a shorter client deadline wins).
+    pub request_timeout: Duration,
 }
 
 impl Default for NodeConfig {
@@ -61,6 +76,7 @@ impl Default for NodeConfig {
         Self {
             node_id: "local".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
             cache: CacheConfig::default(),
             limits: Limits::default(),
@@ -69,7 +85,9 @@ impl Default for NodeConfig {
             shutdown_grace: Duration::from_secs(10),
             shutdown_notice: Duration::from_secs(1),
             peers: Vec::new(),
-            cluster: ClusterConfig::default(),
+            cluster: CoreConfig::default(),
+            max_clock_drift: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -99,7 +117,7 @@ pub enum NodeError {
     /// The reaper thread could not be started.
     #[error("cannot start the reaper thread: {0}")]
     Reaper(std::io::Error),
-    /// The gRPC server failed while running.
+    /// A gRPC server failed while running.
     #[error("gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
     /// Reflection could not be set up (the embedded descriptor is broken: a build bug).
@@ -111,30 +129,59 @@ pub enum NodeError {
 }
 
 /// A node with its listeners bound, ready to [`Node::run`].
-#[derive(Debug)]
 pub struct Node {
     shared: Arc<Shared>,
     config: NodeConfig,
     grpc: TcpListener,
+    peer: TcpListener,
     admin: TcpListener,
     prometheus: PrometheusHandle,
+    /// Keeps the membership (and so its background work) alive.
+    _membership: Arc<dyn Membership>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("config", &self.config)
+            .field("core", &self.shared.core)
+            .finish_non_exhaustive()
+    }
+}
+
+fn local_addr(
+    l: &TcpListener,
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<SocketAddr, NodeError> {
+    l.local_addr()
+        .map_err(|source| NodeError::Bind { addr, what, source })
 }
 
 impl Node {
-    /// Builds the engine and binds both listeners. Fails fast, before serving anything.
+    /// Builds the core and binds every listener. Fails fast, before serving anything.
     pub async fn bind(config: NodeConfig) -> Result<Self, NodeError> {
-        let cache = Arc::new(Cache::new(config.cache.clone())?);
+        let node_id = NodeId::new(config.node_id.clone())?;
+        let store = Store::new(
+            &config.node_id,
+            config.cache.clone(),
+            NodeClock::System,
+            config.limits,
+            config.max_clock_drift,
+        )?;
         let grpc = bind(config.listen, "gRPC").await?;
+        let peer = bind(config.peer_listen, "peer").await?;
         let admin = bind(config.admin_listen, "admin HTTP").await?;
-        let grpc_addr = grpc.local_addr().map_err(|source| NodeError::Bind {
-            addr: config.listen,
-            what: "gRPC",
-            source,
-        })?;
+        let grpc_addr = local_addr(&grpc, config.listen, "gRPC")?;
+        let peer_addr = local_addr(&peer, config.peer_listen, "peer")?;
         let metrics = Arc::new(NodeMetrics::register(crate::metrics::recorder()));
         let prometheus = metrics.handle();
         let membership: Arc<dyn Membership> = if config.peers.is_empty() {
-            Arc::new(StaticMembership::single(&config.node_id, grpc_addr))
+            Arc::new(StaticMembership::single(
+                &config.node_id,
+                grpc_addr,
+                peer_addr,
+            ))
         } else {
             Arc::new(StaticMembership::new(
                 &config.node_id,
@@ -142,28 +189,58 @@ impl Node {
             )?)
         };
         membership.join()?;
-        let cluster = Cluster::start(membership, config.cluster.clone(), Arc::clone(&metrics))?;
+        let mut views = membership.view();
+        let first = views.borrow_and_update().clone();
+        if let Some(me) = first.member(&config.node_id)
+            && me.peer_addr.port() != peer_addr.port()
+        {
+            tracing::warn!(
+                listed = %me.peer_addr,
+                bound = %peer_addr,
+                "--peers gives this node a peer address other than the one it listens on; \
+                 peers will not reach it (set --peer-listen or id=addr/peer_addr)"
+            );
+        }
+        let ring = Arc::new(RingView::new(first, config.cluster.replication_factor)?);
+        let transport = Arc::new(GrpcTransport::new(
+            Arc::clone(&ring),
+            config.cluster.peer_timeout,
+            config.limits.max_response_bytes(),
+        ));
+        let core = Arc::new(Coordinator::new(
+            node_id,
+            Arc::new(store),
+            ring,
+            transport,
+            config.cluster.clone(),
+        ));
+        core.follow(views);
         let shared = Arc::new(Shared {
-            cache,
-            limits: config.limits,
+            core,
             metrics,
-            shutting_down: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             started: Instant::now(),
-            cluster,
+            request_timeout: config.request_timeout,
         });
         Ok(Self {
             shared,
             config,
             grpc,
+            peer,
             admin,
             prometheus,
+            _membership: membership,
         })
     }
 
-    /// The bound gRPC address (useful with port 0).
+    /// The bound public gRPC address (useful with port 0).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The bound peer address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer.local_addr().unwrap_or(self.config.peer_listen)
     }
 
     /// The bound admin HTTP address.
@@ -171,9 +248,9 @@ impl Node {
         self.admin.local_addr().unwrap_or(self.config.admin_listen)
     }
 
-    /// The engine (for embedding and tests).
-    pub fn cache(&self) -> &Arc<Cache> {
-        &self.shared.cache
+    /// The cluster core (for embedding and tests).
+    pub fn core(&self) -> &Arc<crate::service::NodeCore> {
+        &self.shared.core
     }
 
     /// Serves until `shutdown` completes, then shuts down gracefully (see the module docs).
@@ -185,11 +262,18 @@ impl Node {
             shared,
             config,
             grpc,
+            peer,
             admin,
             prometheus,
+            _membership,
         } = self;
-        let reaper = Reaper::spawn(&shared.cache, config.reaper_interval, config.reaper_budget)
-            .map_err(NodeError::Reaper)?;
+        let core = Arc::clone(&shared.core);
+        let reaper = Reaper::spawn(
+            core.store().engine(),
+            config.reaper_interval,
+            config.reaper_budget,
+        )
+        .map_err(NodeError::Reaper)?;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<CacheServer<CacheService>>().await;
@@ -204,29 +288,50 @@ impl Node {
             .max_decoding_message_size(config.limits.max_response_bytes())
             .max_encoding_message_size(config.limits.max_response_bytes());
 
-        // One shutdown signal fans out to both servers.
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let drain_started = {
-            let shared = Arc::clone(&shared);
-            let health = health.clone();
+        let tasks = TaskTracker::new();
+        let stop_tasks = CancellationToken::new();
+        let public_stop = CancellationToken::new();
+        let peer_stop = CancellationToken::new();
+
+        // Phase 1 on the shutdown signal: refuse new client requests, fail readiness, keep
+        // the connections for the notice period; then close the public listeners.
+        {
+            let (core, health, public_stop, stop_tasks) = (
+                Arc::clone(&core),
+                health.clone(),
+                public_stop.clone(),
+                stop_tasks.clone(),
+            );
             let notice = config.shutdown_notice.min(config.shutdown_grace);
-            async move {
-                shutdown.await;
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    () = stop_tasks.cancelled() => return,
+                }
                 tracing::info!(
                     "shutdown requested: refusing new requests, draining in-flight ones"
                 );
-                // Phase 1: stay connected but answer UNAVAILABLE (and fail health/readiness),
-                // so clients learn to go elsewhere on the connection they already have.
-                shared.shutting_down.store(true, Ordering::SeqCst);
+                core.begin_shutdown();
                 health.set_not_serving::<CacheServer<CacheService>>().await;
                 tokio::time::sleep(notice).await;
-                // Phase 2: close the listeners and let HTTP/2 connections finish.
-                let _ = stop_tx.send(true);
-            }
-        };
-        tokio::spawn(drain_started);
+                public_stop.cancel();
+            });
+        }
+        // Histogram samples accumulate in the recorder until drained; drain them on a
+        // timer too, so a node nobody scrapes does not grow without bound.
+        {
+            let (prometheus, stop_tasks) = (prometheus.clone(), stop_tasks.clone());
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => prometheus.run_upkeep(),
+                        () = stop_tasks.cancelled() => return,
+                    }
+                }
+            });
+        }
 
-        let grpc_stop = wait_for(stop_rx.clone());
         let grpc_server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -234,55 +339,60 @@ impl Node {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            .add_service(peer_service)
             .serve_with_incoming_shutdown(
                 // Our own listener (bound early to report errors), so the server's
                 // tcp_nodelay does not apply: set it per accepted socket here, or Nagle's
                 // algorithm adds tens of milliseconds to multi-segment requests.
                 TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                grpc_stop,
+                public_stop.clone().cancelled_owned(),
             );
-
-        // Histogram samples accumulate in the recorder until drained; drain them on a
-        // timer too, so a node nobody scrapes does not grow without bound.
-        let upkeep = {
-            let prometheus = prometheus.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tick.tick().await;
-                    prometheus.run_upkeep();
-                }
-            })
-        };
+        let peer_server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(peer_service)
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(peer).with_nodelay(Some(true)),
+                peer_stop.clone().cancelled_owned(),
+            );
+        let peer_server = tasks.spawn(peer_server);
         let admin_router = crate::admin::router(Arc::clone(&shared), prometheus);
-        let admin_stop = wait_for(stop_rx.clone());
-        let admin_server = async move {
-            axum::serve(admin, admin_router)
-                .with_graceful_shutdown(admin_stop)
-                .await
-                .map_err(NodeError::Admin)
-        };
+        let admin_server = axum::serve(admin, admin_router)
+            .with_graceful_shutdown(public_stop.clone().cancelled_owned());
 
+        // Phase 2: the public servers end once the listeners closed and in-flight requests
+        // finished — or the grace period ends first.
         let grace = config.shutdown_grace;
-        let mut stop_seen = stop_rx;
-        let servers = async {
+        let public = async {
             tokio::try_join!(
                 async { grpc_server.await.map_err(NodeError::from) },
-                admin_server
+                async { admin_server.await.map_err(NodeError::Admin) }
             )
         };
-        tokio::pin!(servers);
-        let result = tokio::select! {
-            r = &mut servers => r.map(drop),
-            () = async { let _ = stop_seen.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
+        let mut result = tokio::select! {
+            r = public => r.map(drop),
+            () = async { public_stop.cancelled().await; tokio::time::sleep(grace).await } => {
                 tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish within the shutdown grace period; exiting anyway");
                 Ok(())
             }
         };
-        upkeep.abort();
+        // Phase 3: drain replication with what is left of the grace, then close the peer
+        // listener and await every owned task.
+        let left = grace
+            .saturating_sub(config.shutdown_notice.min(grace))
+            .max(Duration::from_millis(100));
+        core.shutdown(left).await;
+        peer_stop.cancel();
+        stop_tasks.cancel();
+        match tokio::time::timeout(Duration::from_secs(1), peer_server).await {
+            Ok(Ok(Err(e))) if result.is_ok() => result = Err(e.into()),
+            _ => {}
+        }
+        tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         drop(reaper);
-        tracing::info!("node stopped");
+        let dropped: u64 = core.queue_stats().iter().map(|q| q.dropped).sum();
+        tracing::info!(replication_dropped_total = dropped, "node stopped");
         result
     }
 }
@@ -292,9 +402,4 @@ async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, NodeE
     TcpListener::bind(addr)
         .await
         .map_err(|source| NodeError::Bind { addr, what, source })
-}
-
-/// Resolves when the watch flips to `true` (or its sender is gone).
-async fn wait_for(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }

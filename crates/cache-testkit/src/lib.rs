@@ -64,6 +64,8 @@ pub struct NodeProcess {
     child: Child,
     /// The gRPC address it bound.
     pub grpc: SocketAddr,
+    /// The peer listener address it bound.
+    pub peer: SocketAddr,
     /// The admin HTTP address it bound.
     pub admin: SocketAddr,
     /// Where its stderr (logs) goes.
@@ -123,13 +125,16 @@ impl NodeProcess {
                 .find_map(|w| w.strip_prefix(name))
                 .and_then(|v| v.parse().ok())
         };
-        let (Some(grpc), Some(admin)) = (field("grpc="), field("admin=")) else {
+        let (Some(grpc), Some(peer), Some(admin)) =
+            (field("grpc="), field("peer="), field("admin="))
+        else {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("no grpc=/admin= in startup line {line:?}"));
+            return Err(format!("no grpc=/peer=/admin= in startup line {line:?}"));
         };
         let node = Self {
             grpc,
+            peer,
             admin,
             child,
             log,
@@ -157,6 +162,11 @@ impl NodeProcess {
     /// `host:port` of the gRPC server, as clients take it.
     pub fn addr(&self) -> String {
         self.grpc.to_string()
+    }
+
+    /// `host:port` of the peer listener (node-to-node traffic).
+    pub fn peer_addr(&self) -> String {
+        self.peer.to_string()
     }
 
     /// The child's process id.
@@ -244,7 +254,7 @@ impl Cluster {
         let mut last = String::new();
         for _ in 0..5 {
             let ports: Vec<u16> = {
-                let listeners: Vec<std::net::TcpListener> = (0..2 * n)
+                let listeners: Vec<std::net::TcpListener> = (0..3 * n)
                     .map(|_| {
                         std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")
                     })
@@ -255,15 +265,22 @@ impl Cluster {
                     .collect()
             };
             let peers: Vec<String> = (0..n)
-                .map(|i| format!("node-{i}=127.0.0.1:{}", ports[2 * i]))
+                .map(|i| {
+                    format!(
+                        "node-{i}=127.0.0.1:{}/127.0.0.1:{}",
+                        ports[3 * i],
+                        ports[3 * i + 2]
+                    )
+                })
                 .collect();
             let peers = peers.join(",");
             let mut nodes = Vec::new();
             for i in 0..n {
-                let (id, listen, admin) = (
+                let (id, listen, admin, peer) = (
                     format!("node-{i}"),
-                    format!("127.0.0.1:{}", ports[2 * i]),
-                    format!("127.0.0.1:{}", ports[2 * i + 1]),
+                    format!("127.0.0.1:{}", ports[3 * i]),
+                    format!("127.0.0.1:{}", ports[3 * i + 1]),
+                    format!("127.0.0.1:{}", ports[3 * i + 2]),
                 );
                 let mut full = vec![
                     "--node-id",
@@ -272,6 +289,8 @@ impl Cluster {
                     &listen,
                     "--admin-listen",
                     &admin,
+                    "--peer-listen",
+                    &peer,
                     "--peers",
                     &peers,
                 ];

@@ -445,3 +445,43 @@ async fn a_node_with_a_different_member_list_is_reported() {
     assert!(status.contains("RING MISMATCH"), "{status}");
     assert!(node_b.log().contains("RING MISMATCH"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_counts_the_replication_it_could_not_deliver() {
+    let mut cluster = Cluster::start(
+        2,
+        &["--replication-factor", "2", "--shutdown-notice", "0s", "--shutdown-grace", "1s"],
+    );
+    // The peer is paused: nothing queued for it can be delivered.
+    cluster.nodes[1].signal("STOP");
+    let client = plain(&cluster.nodes[0], Some(Consistency::One)).await;
+    let view_keys: Vec<String> = (0..200u32).map(|i| format!("q{i}")).collect();
+    let mut written = 0;
+    for key in &view_keys {
+        // Keys whose primary is node-1 would be forwarded to the paused node.
+        if client.set(key.clone(), "v").await.is_ok() {
+            written += 1;
+        }
+        if written >= 20 {
+            break;
+        }
+    }
+    assert!(written >= 20, "node-0 coordinates enough keys");
+    cluster.nodes[0].signal("TERM");
+    let status = cluster.nodes[0]
+        .wait_exit(Duration::from_secs(10))
+        .expect("node-0 exits within its grace period");
+    assert!(status.success(), "{status:?}");
+    let log = cluster.nodes[0].log();
+    let dropped: u64 = log
+        .lines()
+        .find_map(|l| {
+            l.split("replication_dropped_total=")
+                .nth(1)
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no drop count in the last log line:\n{log}"));
+    assert!(dropped >= 20, "every undelivered copy is counted: {dropped}\n{log}");
+    cluster.nodes[1].signal("CONT");
+}

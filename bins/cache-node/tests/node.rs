@@ -195,6 +195,77 @@ async fn limits_are_errors_not_panics() {
 }
 
 #[tokio::test]
+async fn unknown_enum_values_are_invalid_argument() {
+    use cache_proto::v1::{
+        DeleteRequest, GetRequest, MultiSetRequest, SetRequest, TouchRequest,
+        cache_client::CacheClient,
+    };
+    let node = NodeProcess::start(&[]);
+    let mut raw = CacheClient::connect(format!("http://{}", node.addr()))
+        .await
+        .expect("connect");
+    for bad in [4, 7, -5, i32::MAX] {
+        let set = SetRequest {
+            key: "k".into(),
+            value: "v".into(),
+            consistency: bad,
+            ..Default::default()
+        };
+        let checks = [
+            raw.get(GetRequest {
+                key: "k".into(),
+                consistency: bad,
+            })
+            .await
+            .map(drop),
+            raw.set(set.clone()).await.map(drop),
+            raw.set(SetRequest {
+                consistency: 0,
+                condition: bad,
+                ..set.clone()
+            })
+            .await
+            .map(drop),
+            raw.delete(DeleteRequest {
+                key: "k".into(),
+                consistency: bad,
+            })
+            .await
+            .map(drop),
+            raw.touch(TouchRequest {
+                key: "k".into(),
+                ttl_ms: 0,
+                consistency: bad,
+            })
+            .await
+            .map(drop),
+            raw.multi_set(MultiSetRequest {
+                entries: vec![set.clone()],
+                consistency: 0,
+            })
+            .await
+            .map(drop),
+        ];
+        for (i, r) in checks.into_iter().enumerate() {
+            let status = r.expect_err("an unknown enum value is refused");
+            assert_eq!(status.code(), Code::InvalidArgument, "check {i}, value {bad}: {status:?}");
+        }
+    }
+    assert_eq!(
+        raw.get(GetRequest {
+            key: "k".into(),
+            consistency: 0
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .found,
+        false,
+        "nothing was written"
+    );
+}
+
+#[tokio::test]
 async fn full_without_eviction_is_resource_exhausted() {
     let node = NodeProcess::start(&[
         "--max-memory",

@@ -450,7 +450,14 @@ async fn a_node_with_a_different_member_list_is_reported() {
 async fn shutdown_counts_the_replication_it_could_not_deliver() {
     let mut cluster = Cluster::start(
         2,
-        &["--replication-factor", "2", "--shutdown-notice", "0s", "--shutdown-grace", "1s"],
+        &[
+            "--replication-factor",
+            "2",
+            "--shutdown-notice",
+            "0s",
+            "--shutdown-grace",
+            "1s",
+        ],
     );
     // The peer is paused: nothing queued for it can be delivered.
     cluster.nodes[1].signal("STOP");
@@ -482,6 +489,9 @@ async fn shutdown_counts_the_replication_it_could_not_deliver() {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or_else(|| panic!("no drop count in the last log line:\n{log}"));
-    assert!(dropped >= 20, "every undelivered copy is counted: {dropped}\n{log}");
+    assert!(
+        dropped >= 20,
+        "every undelivered copy is counted: {dropped}\n{log}"
+    );
     cluster.nodes[1].signal("CONT");
 }

@@ -8,8 +8,9 @@
 //! - `cargo xtask bench cluster`: a 3-node cluster: smart vs one-address client, RF 1 vs 3.
 //! - `cargo xtask cluster up N`: N local nodes (gRPC 127.0.0.1:7000.., admin :7080..) that
 //!   know each other; Ctrl-C stops them all.
-//! - `cargo xtask bench net`: cache-node against redis-server over loopback, same workload,
-//!   server on CPU 0 and load generator on CPU 1 (see `docs/benchmarks.md`).
+//! - `cargo xtask bench net [--baseline BIN]`: cache-node against redis-server over loopback,
+//!   same workload, server on CPU 0 and load generator on CPU 1 (see `docs/benchmarks.md`);
+//!   with `--baseline`, also against another cache-node binary (an older build).
 //! - `cargo xtask sim --seeds N [--start S]`: the cluster core's randomized simulation over
 //!   seeds `S..S+N` (default 0), in release mode; a failure prints its seed and how to
 //!   replay it (`SIM_SEED=...`). CI runs the first 200 seeds in debug mode as part of the
@@ -31,14 +32,15 @@ fn main() -> Result<()> {
         ["ci"] => ci(),
         ["bench", "engine"] => bench_engine(),
         ["bench", "ring"] => bench_ring(),
-        ["bench", "net"] => net::bench_net(),
+        ["bench", "net"] => net::bench_net(None),
+        ["bench", "net", "--baseline", bin] => net::bench_net(Some(bin)),
         ["bench", "cluster"] => net::bench_cluster(),
         ["cluster", "up", n] => cluster_up(n.parse().context("cluster up N: N is a number")?),
         ["sim", "--seeds", n] => sim(n, "0"),
         ["sim", "--seeds", n, "--start", s] | ["sim", "--start", s, "--seeds", n] => sim(n, s),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench engine | bench ring | bench net | bench cluster | cluster up N | sim --seeds N [--start S]"
+                "usage: cargo xtask ci | bench engine | bench ring | bench net [--baseline BIN] | bench cluster | cluster up N | sim --seeds N [--start S]"
             );
             bail!("unknown task {args:?}")
         }

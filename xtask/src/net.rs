@@ -156,7 +156,9 @@ fn f(v: &Value, path: &[&str]) -> f64 {
     path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
 }
 
-pub(crate) fn bench_net() -> Result<()> {
+/// `baseline`: another `cache-node` binary (an older build) measured with the same workload
+/// in the same run, for before/after ratios.
+pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
     let node_bin = build_release()?;
     let node_bin = node_bin.as_str();
 
@@ -189,11 +191,27 @@ pub(crate) fn bench_net() -> Result<()> {
         "| scenario | cache-node keys/s | p99 ms | redis-server keys/s | p99 ms | node ÷ redis |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    let mut baseline_rows = Vec::new();
     for (name, extra) in scenarios {
         let args: Vec<&str> = common.iter().chain(extra.iter()).copied().collect();
         let (node, grpc) = start_node(node_bin)?;
         let ours = bench(&format!("grpc://{grpc}"), &args)?;
         drop(node);
+        if let Some(bin) = baseline {
+            let (old, grpc) = start_node(bin)?;
+            let before = bench(&format!("grpc://{grpc}"), &args)?;
+            drop(old);
+            let (ok, bk) = (
+                f(&ours, &["keys_per_second"]),
+                f(&before, &["keys_per_second"]),
+            );
+            baseline_rows.push(format!(
+                "| {name} | {ok:.0} | {:.3} | {bk:.0} | {:.3} | {:.2} |",
+                f(&ours, &["get", "p99_ms"]),
+                f(&before, &["get", "p99_ms"]),
+                ok / bk
+            ));
+        }
         let theirs = match start_redis()? {
             Some((redis, addr)) => {
                 let v = bench(&format!("redis://{addr}"), &args)?;
@@ -217,6 +235,16 @@ pub(crate) fn bench_net() -> Result<()> {
                 "| {name} | {ok:.0} | {:.3} | - | - | - |",
                 f(&ours, &["get", "p99_ms"])
             ),
+        }
+    }
+    if let Some(bin) = baseline {
+        println!("\nthis build vs the baseline {bin}, same workload, same run\n");
+        println!(
+            "| scenario | this build keys/s | p99 ms | baseline keys/s | p99 ms | this ÷ baseline |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        for row in baseline_rows {
+            println!("{row}");
         }
     }
 

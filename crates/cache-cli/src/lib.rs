@@ -139,14 +139,7 @@ enum Command {
 /// The name of a member state as it came over the wire (`unknown` for a value this CLI
 /// does not know, from a newer node).
 fn member_state_name(raw: i32) -> &'static str {
-    use cache_client::proto::MemberState as S;
-    match S::try_from(raw) {
-        Ok(S::Alive) => "alive",
-        Ok(S::Suspect) => "suspect",
-        Ok(S::Dead) => "dead",
-        Ok(S::Left) => "left",
-        _ => "unknown",
-    }
+    cache_proto::convert::member_state_from_pb(raw).map_or("unknown", |s| s.as_str())
 }
 
 fn parse_consistency(s: &str) -> Result<Consistency, String> {

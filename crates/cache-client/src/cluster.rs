@@ -427,13 +427,9 @@ impl ClusterClient {
 
 /// A member state from the wire; an unknown value means the node is newer than this client.
 fn member_state(raw: i32) -> Result<MemberState, Error> {
-    match pb::MemberState::try_from(raw) {
-        Ok(pb::MemberState::Alive) => Ok(MemberState::Alive),
-        Ok(pb::MemberState::Suspect) => Ok(MemberState::Suspect),
-        Ok(pb::MemberState::Dead) => Ok(MemberState::Dead),
-        Ok(pb::MemberState::Left) => Ok(MemberState::Left),
-        _ => Err(Error::Cluster(format!(
+    cache_proto::convert::member_state_from_pb(raw).map_err(|raw| {
+        Error::Cluster(format!(
             "a member has unknown state {raw}: upgrade the client"
-        ))),
-    }
+        ))
+    })
 }

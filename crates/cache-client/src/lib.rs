@@ -142,15 +142,7 @@ impl Error {
     }
 }
 
-/// Wire value of a consistency; `None` asks for the node's default.
-fn consistency_pb(c: Option<Consistency>) -> i32 {
-    (match c {
-        None => pb::Consistency::Default,
-        Some(Consistency::One) => pb::Consistency::One,
-        Some(Consistency::Quorum) => pb::Consistency::Quorum,
-        Some(Consistency::All) => pb::Consistency::All,
-    }) as i32
-}
+use cache_proto::convert::{condition_to_pb, consistency_to_pb as consistency_pb};
 
 /// Options of [`Client::set_with`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -596,11 +588,7 @@ fn set_request(
         value,
         // A sub-millisecond TTL still expires (rounded up to 1 ms), rather than meaning "never".
         ttl_ms: options.ttl.map_or(0, |t| duration_ms(t).max(1)),
-        condition: match options.condition {
-            Condition::Always => pb::Condition::Always,
-            Condition::IfAbsent => pb::Condition::IfAbsent,
-            Condition::IfPresent => pb::Condition::IfPresent,
-        } as i32,
+        condition: condition_to_pb(options.condition),
     }
 }
 

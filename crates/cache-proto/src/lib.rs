@@ -27,3 +27,73 @@ pub mod peer {
 /// The encoded `FileDescriptorSet` of `cache.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/cache_v1_descriptor.bin"));
+
+/// The one mapping between the shared vocabulary (`cache-types`) and the wire enums, used by
+/// the node and the SDK alike. Decoding is strict: an unknown wire value is an `Err` carrying
+/// it, never a silent default.
+pub mod convert {
+    use cache_types::{Condition, Consistency, MemberState};
+
+    use crate::v1 as pb;
+
+    /// A consistency on the wire; `None` is `CONSISTENCY_DEFAULT` (the node's default).
+    pub fn consistency_to_pb(c: Option<Consistency>) -> i32 {
+        (match c {
+            None => pb::Consistency::Default,
+            Some(Consistency::One) => pb::Consistency::One,
+            Some(Consistency::Quorum) => pb::Consistency::Quorum,
+            Some(Consistency::All) => pb::Consistency::All,
+        }) as i32
+    }
+
+    /// A consistency from the wire; `Err(raw)` for an unknown value.
+    pub fn consistency_from_pb(raw: i32) -> Result<Option<Consistency>, i32> {
+        match pb::Consistency::try_from(raw) {
+            Ok(pb::Consistency::Default) => Ok(None),
+            Ok(pb::Consistency::One) => Ok(Some(Consistency::One)),
+            Ok(pb::Consistency::Quorum) => Ok(Some(Consistency::Quorum)),
+            Ok(pb::Consistency::All) => Ok(Some(Consistency::All)),
+            Err(_) => Err(raw),
+        }
+    }
+
+    /// A condition on the wire.
+    pub fn condition_to_pb(c: Condition) -> i32 {
+        (match c {
+            Condition::Always => pb::Condition::Always,
+            Condition::IfAbsent => pb::Condition::IfAbsent,
+            Condition::IfPresent => pb::Condition::IfPresent,
+        }) as i32
+    }
+
+    /// A condition from the wire; `Err(raw)` for an unknown value.
+    pub fn condition_from_pb(raw: i32) -> Result<Condition, i32> {
+        match pb::Condition::try_from(raw) {
+            Ok(pb::Condition::Always) => Ok(Condition::Always),
+            Ok(pb::Condition::IfAbsent) => Ok(Condition::IfAbsent),
+            Ok(pb::Condition::IfPresent) => Ok(Condition::IfPresent),
+            Err(_) => Err(raw),
+        }
+    }
+
+    /// A member state on the wire.
+    pub fn member_state_to_pb(s: MemberState) -> i32 {
+        (match s {
+            MemberState::Alive => pb::MemberState::Alive,
+            MemberState::Suspect => pb::MemberState::Suspect,
+            MemberState::Dead => pb::MemberState::Dead,
+            MemberState::Left => pb::MemberState::Left,
+        }) as i32
+    }
+
+    /// A member state from the wire; `Err(raw)` for an unknown (or unspecified) value.
+    pub fn member_state_from_pb(raw: i32) -> Result<MemberState, i32> {
+        match pb::MemberState::try_from(raw) {
+            Ok(pb::MemberState::Alive) => Ok(MemberState::Alive),
+            Ok(pb::MemberState::Suspect) => Ok(MemberState::Suspect),
+            Ok(pb::MemberState::Dead) => Ok(MemberState::Dead),
+            Ok(pb::MemberState::Left) => Ok(MemberState::Left),
+            _ => Err(raw),
+        }
+    }
+}

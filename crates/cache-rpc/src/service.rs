@@ -289,7 +289,7 @@ impl cache_server::Cache for CacheService {
                         .map(|m| pb::Member {
                             id: m.id.clone(),
                             rpc_addr: m.rpc_addr.to_string(),
-                            state: wire::member_state(m.state) as i32,
+                            state: cache_proto::convert::member_state_to_pb(m.state),
                             weight: m.weight,
                         })
                         .collect(),

@@ -6,11 +6,12 @@
 
 use bytes::Bytes;
 use cache_core::{Lookup, VersionedRead};
+use cache_proto::convert::{self, condition_to_pb, consistency_to_pb};
 use cache_proto::peer::v1 as peer;
 use cache_proto::v1 as pb;
 use cluster_core::{
-    Condition, Consistency, CoreError, MemberState, Mutation, MutationOp, PeerError, Request,
-    Response, SetCommand,
+    Condition, Consistency, CoreError, Mutation, MutationOp, PeerError, Request, Response,
+    SetCommand,
 };
 use tonic::{Code, Status};
 
@@ -20,55 +21,20 @@ pub const ERROR_KIND_HEADER: &str = "x-cache-error";
 
 /// From the wire: `DEFAULT` is `None` (the node's default); unknown values are refused.
 pub fn consistency(raw: i32) -> Result<Option<Consistency>, CoreError> {
-    match pb::Consistency::try_from(raw) {
-        Ok(pb::Consistency::Default) => Ok(None),
-        Ok(pb::Consistency::One) => Ok(Some(Consistency::One)),
-        Ok(pb::Consistency::Quorum) => Ok(Some(Consistency::Quorum)),
-        Ok(pb::Consistency::All) => Ok(Some(Consistency::All)),
-        Err(_) => Err(CoreError::Invalid(format!(
+    convert::consistency_from_pb(raw).map_err(|raw| {
+        CoreError::Invalid(format!(
             "unknown consistency {raw}; expected 0 (default), 1 (one), 2 (quorum) or 3 (all)"
-        ))),
-    }
-}
-
-/// To the wire.
-pub fn consistency_to_pb(c: Option<Consistency>) -> i32 {
-    (match c {
-        None => pb::Consistency::Default,
-        Some(Consistency::One) => pb::Consistency::One,
-        Some(Consistency::Quorum) => pb::Consistency::Quorum,
-        Some(Consistency::All) => pb::Consistency::All,
-    }) as i32
+        ))
+    })
 }
 
 /// From the wire; unknown values are refused.
 pub fn condition(raw: i32) -> Result<Condition, CoreError> {
-    match pb::Condition::try_from(raw) {
-        Ok(pb::Condition::Always) => Ok(Condition::Always),
-        Ok(pb::Condition::IfAbsent) => Ok(Condition::IfAbsent),
-        Ok(pb::Condition::IfPresent) => Ok(Condition::IfPresent),
-        Err(_) => Err(CoreError::Invalid(format!(
+    convert::condition_from_pb(raw).map_err(|raw| {
+        CoreError::Invalid(format!(
             "unknown condition {raw}; expected 0 (always), 1 (if absent) or 2 (if present)"
-        ))),
-    }
-}
-
-fn condition_to_pb(c: Condition) -> i32 {
-    (match c {
-        Condition::Always => pb::Condition::Always,
-        Condition::IfAbsent => pb::Condition::IfAbsent,
-        Condition::IfPresent => pb::Condition::IfPresent,
-    }) as i32
-}
-
-/// A member state for `ClusterInfo`.
-pub fn member_state(s: MemberState) -> pb::MemberState {
-    match s {
-        MemberState::Alive => pb::MemberState::Alive,
-        MemberState::Suspect => pb::MemberState::Suspect,
-        MemberState::Dead => pb::MemberState::Dead,
-        MemberState::Left => pb::MemberState::Left,
-    }
+        ))
+    })
 }
 
 fn ttl(ttl_ms: u64) -> Option<u64> {

@@ -870,6 +870,29 @@ impl<T: PeerTransport> Coordinator<T> {
         Ok(reply.body)
     }
 
+    /// Groups a batch's keys (by index) under the node that handles each: this node for the
+    /// keys it serves (primary, or any replica for a forwarded batch), else each key's
+    /// primary. A forwarded batch with a key this node does not replicate is refused whole.
+    fn group_by_coordinator<'k>(
+        &self,
+        state: &Arc<RingState>,
+        keys: impl Iterator<Item = &'k Bytes>,
+        ctx: RequestContext,
+    ) -> Result<BTreeMap<NodeId, Vec<usize>>, CoreError> {
+        let mut groups: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.enumerate() {
+            let p = self.place(state, k);
+            if p.is_primary() || (ctx.forwarded && p.is_replica()) {
+                groups.entry(self.local.clone()).or_default().push(i);
+            } else if ctx.forwarded {
+                return Err(self.wrong_owner(state));
+            } else {
+                groups.entry(p.replicas[0].clone()).or_default().push(i);
+            }
+        }
+        Ok(groups)
+    }
+
     /// The one scatter/gather: runs `per_target(target, indexes)` for every group at once
     /// and places each group's answers at their indexes. A group answering the wrong
     /// number of results is an error.
@@ -908,17 +931,7 @@ impl<T: PeerTransport> Coordinator<T> {
         ctx: RequestContext,
     ) -> Result<Response, CoreError> {
         let mut results: Vec<Option<Option<Lookup>>> = vec![None; keys.len()];
-        let mut groups: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
-        for (i, k) in keys.iter().enumerate() {
-            let p = self.place(state, k);
-            if p.is_primary() || (ctx.forwarded && p.is_replica()) {
-                groups.entry(self.local.clone()).or_default().push(i);
-            } else if ctx.forwarded {
-                return Err(self.wrong_owner(state));
-            } else {
-                groups.entry(p.replicas[0].clone()).or_default().push(i);
-            }
-        }
+        let groups = self.group_by_coordinator(state, keys.iter(), ctx)?;
         let keys = &keys;
         Self::scatter(
             groups,
@@ -977,17 +990,7 @@ impl<T: PeerTransport> Coordinator<T> {
         ctx: RequestContext,
     ) -> Result<Response, CoreError> {
         let mut results: Vec<Option<bool>> = vec![None; entries.len()];
-        let mut groups: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
-        for (i, e) in entries.iter().enumerate() {
-            let p = self.place(state, &e.key);
-            if p.is_primary() || (ctx.forwarded && p.is_replica()) {
-                groups.entry(self.local.clone()).or_default().push(i);
-            } else if ctx.forwarded {
-                return Err(self.wrong_owner(state));
-            } else {
-                groups.entry(p.replicas[0].clone()).or_default().push(i);
-            }
-        }
+        let groups = self.group_by_coordinator(state, entries.iter().map(|e| &e.key), ctx)?;
         let entries = &entries;
         Self::scatter(
             groups,

@@ -112,3 +112,44 @@ impl RingView {
         self.changes.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cluster_membership::{Member, MemberState};
+
+    fn view(epoch: u64, ids: &[&str]) -> MembershipView {
+        MembershipView {
+            epoch,
+            members: ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| Member {
+                    id: (*id).to_string(),
+                    rpc_addr: ([127, 0, 0, 1], 7000 + i as u16).into(),
+                    peer_addr: ([127, 0, 0, 1], 7100 + i as u16).into(),
+                    state: MemberState::Alive,
+                    incarnation: 0,
+                    weight: 1,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn updates_swap_the_ring_and_announce_old_and_new() {
+        let ring = RingView::new(view(1, &["a", "b"]), 3).expect("ring");
+        assert_eq!(ring.load().replication_factor, 2, "capped at the members");
+        let mut changes = ring.subscribe();
+        ring.update(view(2, &["a", "b", "c"])).expect("ring");
+        let change = changes.try_recv().expect("a change");
+        assert_eq!((change.old.epoch, change.new.epoch), (1, 2));
+        assert_eq!(change.new.ring.members().len(), 3);
+        assert_eq!(ring.load().epoch, 2);
+        assert_eq!(ring.load().replication_factor, 3);
+        // A view that forms no ring is refused; the old one stays.
+        assert!(ring.update(view(3, &[])).is_err());
+        assert_eq!(ring.load().epoch, 2);
+        assert!(changes.try_recv().is_err(), "no change announced");
+    }
+}

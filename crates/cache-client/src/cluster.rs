@@ -2,13 +2,13 @@
 //!
 //! It bootstraps from seed addresses through `ClusterInfo`, builds the same ring as the
 //! nodes with `cluster-ring` (and checks the fingerprint to be sure), and keeps one
-//! [`Client`] per member. Each request goes to the key's primary (or, for reads with
-//! `spread_reads`, to one of its replicas); if that node is unreachable, to the next replica.
+//! [`Client`] per member. Each request goes to the key's primary — reads too, since the
+//! nodes serve `One` reads at the primary — and, if that node is unreachable, to the next
+//! replica.
 //! Batches are split per primary and sent in parallel. Every answer carries the node's ring
 //! epoch; when it differs from the client's, the client refreshes its view.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -49,8 +49,6 @@ pub struct ClusterClient {
     builder: ClientBuilder,
     seeds: Arc<RwLock<Vec<String>>>,
     view: Arc<RwLock<Arc<View>>>,
-    /// Round-robin position for spread reads.
-    next: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for ClusterClient {
@@ -77,7 +75,6 @@ impl ClusterClient {
             builder,
             seeds: Arc::new(RwLock::new(seeds)),
             view: Arc::new(RwLock::new(Arc::new(view))),
-            next: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -205,18 +202,14 @@ impl ClusterClient {
 
     /// Runs `op` against the key's replicas in order until one answers; refreshes the view
     /// if the node reports a different epoch, or once if it says it is the wrong node.
-    async fn routed<T, F, Fut>(&self, key: &[u8], read: bool, op: F) -> Result<T, Error>
+    async fn routed<T, F, Fut>(&self, key: &[u8], op: F) -> Result<T, Error>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
         for attempt in 0..2 {
             let view = self.view();
-            let mut order = self.replicas_of(key);
-            if read && self.builder.spread_reads && order.len() > 1 {
-                let k = self.next.fetch_add(1, Ordering::Relaxed) % order.len();
-                order.rotate_left(k);
-            }
+            let order = self.replicas_of(key);
             let mut last = None;
             for id in &order {
                 let Some(client) = view.nodes.get(id) else {
@@ -258,7 +251,7 @@ impl ClusterClient {
     /// The value of `key` with its TTL and version.
     pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
         let key = key.into();
-        self.routed(&key, true, |c| {
+        self.routed(&key, |c| {
             let key = key.clone();
             async move { c.get_entry(key).await }
         })
@@ -280,7 +273,7 @@ impl ClusterClient {
         options: SetOptions,
     ) -> Result<bool, Error> {
         let (key, value) = (key.into(), value.into());
-        self.routed(&key, false, |c| {
+        self.routed(&key, |c| {
             let (key, value) = (key.clone(), value.clone());
             async move { c.set_with(key, value, options).await }
         })
@@ -290,7 +283,7 @@ impl ClusterClient {
     /// Removes `key`; returns whether it held a live value.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
-        self.routed(&key, false, |c| {
+        self.routed(&key, |c| {
             let key = key.clone();
             async move { c.delete(key).await }
         })
@@ -300,7 +293,7 @@ impl ClusterClient {
     /// Sets the TTL of a live key; returns whether it existed.
     pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
         let key = key.into();
-        self.routed(&key, false, |c| {
+        self.routed(&key, |c| {
             let key = key.clone();
             async move { c.touch(key, ttl).await }
         })

@@ -202,7 +202,6 @@ pub struct ClientBuilder {
     backoff: Duration,
     write_consistency: Option<Consistency>,
     read_consistency: Option<Consistency>,
-    spread_reads: bool,
 }
 
 impl Default for ClientBuilder {
@@ -214,7 +213,6 @@ impl Default for ClientBuilder {
             backoff: Duration::from_millis(20),
             write_consistency: None,
             read_consistency: None,
-            spread_reads: false,
         }
     }
 }
@@ -254,13 +252,6 @@ impl ClientBuilder {
     /// repair; default: the key's primary).
     pub fn read_consistency(mut self, c: Consistency) -> Self {
         self.read_consistency = Some(c);
-        self
-    }
-
-    /// [`ClusterClient`] only: spread `One` reads over a key's replicas instead of always
-    /// reading the primary (more read throughput; a replica may lag the primary briefly).
-    pub fn spread_reads(mut self, spread: bool) -> Self {
-        self.spread_reads = spread;
         self
     }
 

@@ -74,7 +74,8 @@ pub struct CoreConfig {
     pub peer_timeout: Duration,
     /// Mutations each per-peer asynchronous replication queue holds before dropping.
     pub queue_capacity: usize,
-    /// Most mutations sent in one replicate call.
+    /// Most mutations sent in one replicate call (capped at
+    /// [`MAX_MUTATIONS_PER_CALL`](crate::replication::MAX_MUTATIONS_PER_CALL)).
     pub batch_max: usize,
 }
 
@@ -254,6 +255,7 @@ impl<T: PeerTransport> Coordinator<T> {
             ReplicationConfig {
                 queue_capacity: config.queue_capacity,
                 batch_max: config.batch_max,
+                batch_bytes_max: store.limits().max_request_bytes(),
                 peer_timeout: config.peer_timeout,
             },
         ));
@@ -930,8 +932,14 @@ impl<T: PeerTransport> Coordinator<T> {
         keys: Vec<Bytes>,
         ctx: RequestContext,
     ) -> Result<Response, CoreError> {
-        let mut results: Vec<Option<Option<Lookup>>> = vec![None; keys.len()];
         let groups = self.group_by_coordinator(state, keys.iter(), ctx)?;
+        if groups.len() == 1 && groups.contains_key(&self.local) {
+            // Every key is served here (a single node, or a batch routed by the ring): no
+            // scatter, no intermediate vectors — this is the hot path of a smart client.
+            let found: Vec<Option<Lookup>> = keys.iter().map(|k| self.store.get(k)).collect();
+            return self.check_response_size(found);
+        }
+        let mut results: Vec<Option<Option<Lookup>>> = vec![None; keys.len()];
         let keys = &keys;
         Self::scatter(
             groups,
@@ -971,15 +979,19 @@ impl<T: PeerTransport> Coordinator<T> {
             &mut results,
         )
         .await?;
-        let results: Vec<Option<Lookup>> = results.into_iter().map(Option::flatten).collect();
-        let total: usize = results.iter().flatten().map(|l| l.value.len()).sum();
+        self.check_response_size(results.into_iter().map(Option::flatten).collect())
+    }
+
+    /// A `MultiGet` answer, unless its values add up to more than a response may carry.
+    fn check_response_size(&self, found: Vec<Option<Lookup>>) -> Result<Response, CoreError> {
+        let total: usize = found.iter().flatten().map(|l| l.value.len()).sum();
         let max = self.store.limits().max_response_bytes();
         if total > max {
             return Err(CoreError::TooLarge(format!(
                 "values add up to {total} bytes, over the response limit of {max} bytes; split the batch"
             )));
         }
-        Ok(Response::MultiGet(results))
+        Ok(Response::MultiGet(found))
     }
 
     async fn multi_set(
@@ -989,8 +1001,17 @@ impl<T: PeerTransport> Coordinator<T> {
         consistency: Consistency,
         ctx: RequestContext,
     ) -> Result<Response, CoreError> {
-        let mut results: Vec<Option<bool>> = vec![None; entries.len()];
         let groups = self.group_by_coordinator(state, entries.iter().map(|e| &e.key), ctx)?;
+        if groups.len() == 1
+            && let Some(idx) = groups.get(&self.local)
+        {
+            // Every entry is coordinated here: no scatter.
+            let stored = self
+                .multi_set_here(state, &entries, idx, consistency, ctx)
+                .await?;
+            return Ok(Response::MultiSet(stored));
+        }
+        let mut results: Vec<Option<bool>> = vec![None; entries.len()];
         let entries = &entries;
         Self::scatter(
             groups,
@@ -1133,7 +1154,13 @@ impl<T: PeerTransport> Coordinator<T> {
         mutations: &[Mutation],
     ) -> Result<ApplyReport, CoreError> {
         self.check_fingerprint(&call.from, call.ring_fingerprint);
-        self.store.limits().check_batch(mutations.len().max(1))?;
+        if mutations.len() > crate::replication::MAX_MUTATIONS_PER_CALL {
+            return Err(CoreError::TooLarge(format!(
+                "{} mutations in one call, over the limit of {}",
+                mutations.len(),
+                crate::replication::MAX_MUTATIONS_PER_CALL
+            )));
+        }
         self.store.apply_replicated(mutations)
     }
 

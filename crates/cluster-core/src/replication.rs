@@ -22,13 +22,21 @@ use crate::mutation::Mutation;
 use crate::ring::RingView;
 use crate::transport::{PeerCall, PeerTransport};
 
+/// Most mutations one replicate call may carry: a protocol constant, the same on every
+/// node, so a receiver never refuses a sender's batch for its count (its own `--max-batch`
+/// is for client requests).
+pub const MAX_MUTATIONS_PER_CALL: usize = 4096;
+
 /// Replication queue settings.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplicationConfig {
     /// Mutations each per-peer queue holds before dropping.
     pub queue_capacity: usize,
-    /// Most mutations sent in one replicate call.
+    /// Most mutations sent in one replicate call (capped at [`MAX_MUTATIONS_PER_CALL`]).
     pub batch_max: usize,
+    /// Most key and value bytes in one replicate call (a single larger mutation still goes
+    /// alone), so a batch stays within the peer message limit.
+    pub batch_bytes_max: usize,
     /// Deadline of each replicate call.
     pub peer_timeout: Duration,
 }
@@ -147,6 +155,7 @@ impl<T: PeerTransport> Replicator<T> {
             counters: Arc::clone(&counters),
             cancel: self.cancel.clone(),
             drain_until: Arc::clone(&self.drain_until),
+            held: Mutex::new(None),
         };
         self.tracker.spawn(sender.run(rx));
         PeerQueue { tx, counters }
@@ -189,6 +198,8 @@ struct Sender<T: PeerTransport> {
     counters: Arc<QueueCounters>,
     cancel: CancellationToken,
     drain_until: Arc<Mutex<Option<Instant>>>,
+    /// A mutation taken from the queue that did not fit the last batch's byte bound.
+    held: Mutex<Option<Queued>>,
 }
 
 impl<T: PeerTransport> Sender<T> {
@@ -196,10 +207,14 @@ impl<T: PeerTransport> Sender<T> {
         let mut batch = Vec::new();
         // Normal operation: wait for a mutation, take what else is ready, send.
         loop {
-            let first = tokio::select! {
-                biased;
-                () = self.cancel.cancelled() => break,
-                q = rx.recv() => q,
+            let held = self.held.lock().take();
+            let first = match held {
+                Some(q) => Some(q),
+                None => tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => break,
+                    q = rx.recv() => q,
+                },
             };
             let Some(first) = first else { break };
             batch.push(first);
@@ -217,7 +232,7 @@ impl<T: PeerTransport> Sender<T> {
             }
             let now = Instant::now();
             if now >= until {
-                let left = batch.len() + rx.len();
+                let left = batch.len() + rx.len() + usize::from(self.held.lock().take().is_some());
                 self.counters
                     .dropped
                     .fetch_add(left as u64, Ordering::Relaxed);
@@ -235,12 +250,27 @@ impl<T: PeerTransport> Sender<T> {
         }
     }
 
+    /// Adds queued mutations to `batch` up to the count and byte bounds. A mutation that
+    /// would cross the byte bound waits in `self.held` for the next batch.
     fn fill(&self, rx: &mut mpsc::Receiver<Queued>, batch: &mut Vec<Queued>) {
-        while batch.len() < self.config.batch_max.max(1) {
-            match rx.try_recv() {
-                Ok(q) => batch.push(q),
-                Err(_) => break,
+        let max = self.config.batch_max.clamp(1, MAX_MUTATIONS_PER_CALL);
+        let mut bytes: usize = batch.iter().map(|q| q.mutation.size()).sum();
+        let mut held = self.held.lock();
+        while batch.len() < max {
+            let next = match held.take() {
+                Some(q) => q,
+                None => match rx.try_recv() {
+                    Ok(q) => q,
+                    Err(_) => break,
+                },
+            };
+            let size = next.mutation.size();
+            if !batch.is_empty() && bytes.saturating_add(size) > self.config.batch_bytes_max {
+                *held = Some(next);
+                break;
             }
+            bytes = bytes.saturating_add(size);
+            batch.push(next);
         }
     }
 

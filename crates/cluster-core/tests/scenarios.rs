@@ -495,3 +495,49 @@ async fn forwarded_requests_are_never_forwarded_again() {
         .expect_err("not a replica");
     assert!(matches!(err, CoreError::WrongOwner { epoch: 1 }), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn replication_batches_stay_within_the_message_limit() {
+    // Values of 200 KiB: a replication batch holds about one (the byte bound is one maximal
+    // request), yet every copy arrives and none is dropped.
+    let limits = cluster_core::Limits {
+        max_value_bytes: 200 << 10,
+        ..cluster_core::Limits::default()
+    };
+    let c = SimCluster::new(SimConfig {
+        limits,
+        ..SimConfig::default()
+    });
+    let mut keys = Vec::new();
+    for i in 0..40 {
+        let key = format!("big{i}");
+        if replicas(&c, &key)[0] == 0 {
+            let value = Bytes::from(vec![b'x'; 200 << 10]);
+            let req = Request::Set {
+                cmd: SetCommand {
+                    key: b(&key),
+                    value,
+                    ttl_ms: None,
+                    condition: Condition::Always,
+                },
+                consistency: Some(Consistency::One),
+            };
+            c.request(0, req, T).await.expect("set");
+            keys.push(key);
+        }
+    }
+    assert!(keys.len() >= 5);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for q in c.node(0).queue_stats() {
+        assert_eq!(q.dropped, 0, "{q:?}");
+        assert_eq!(q.sent, keys.len() as u64, "{q:?}");
+    }
+    for key in &keys {
+        for &i in &replicas(&c, key) {
+            assert!(
+                c.node(i).store().get(key.as_bytes()).is_some(),
+                "{key} on n{i}"
+            );
+        }
+    }
+}

@@ -192,6 +192,7 @@ fn random_consistency(rng: &mut SimRng) -> Consistency {
 /// One client: sequential random requests to random nodes.
 async fn client(
     id: usize,
+    nodes: u64,
     cluster: Rc<SimCluster>,
     rng: Rc<RefCell<SimRng>>,
     history: Rc<RefCell<Vec<Record>>>,
@@ -199,7 +200,7 @@ async fn client(
     for seq in 0..OPS_PER_CLIENT {
         let (via, key, pause, choice, consistency, ttl, condition) = {
             let mut g = rng.borrow_mut();
-            let via = g.below(3) as usize;
+            let via = g.below(nodes) as usize;
             let key = g.below(KEYS as u64) as usize;
             let pause = 1 + g.below(15);
             let choice = g.below(100);
@@ -359,15 +360,20 @@ fn applied(yes: bool) -> Effect {
 }
 
 /// Random faults until `done`.
-async fn faults(cluster: Rc<SimCluster>, rng: Rc<RefCell<SimRng>>, done: Rc<RefCell<bool>>) {
+async fn faults(
+    nodes: u64,
+    cluster: Rc<SimCluster>,
+    rng: Rc<RefCell<SimRng>>,
+    done: Rc<RefCell<bool>>,
+) {
     while !*done.borrow() {
         let (wait, action, a, b, amount) = {
             let mut g = rng.borrow_mut();
             (
                 5 + g.below(60),
                 g.below(8),
-                g.below(3) as usize,
-                g.below(3) as usize,
+                g.below(nodes) as usize,
+                g.below(nodes) as usize,
                 g.below(150),
             )
         };
@@ -416,22 +422,32 @@ fn run_seed(seed: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let base = Instant::now();
+        // 3 to 5 nodes, replication factor 2 or 3: with more nodes than replicas, requests
+        // reach nodes that do not replicate their key and are forwarded.
+        let nodes = 3 + seed % 3;
+        let replication_factor = if seed % 7 == 3 { 2 } else { 3 };
+        let defaults = SimConfig::default();
         let cluster = Rc::new(SimCluster::new(SimConfig {
             seed,
-            ..SimConfig::default()
+            nodes: usize::try_from(nodes).expect("small"),
+            core: cluster_core::CoreConfig {
+                replication_factor,
+                ..defaults.core.clone()
+            },
+            ..defaults
         }));
         let rng = Rc::new(RefCell::new(SimRng::new(seed)));
         let history = Rc::new(RefCell::new(Vec::new()));
         let done = Rc::new(RefCell::new(false));
         let clients = (0..CLIENTS).map(|id| {
-            client(id, Rc::clone(&cluster), Rc::clone(&rng), Rc::clone(&history))
+            client(id, nodes, Rc::clone(&cluster), Rc::clone(&rng), Rc::clone(&history))
         });
         let run = async {
             let results = futures_util::future::join_all(clients).await;
             *done.borrow_mut() = true;
             results
         };
-        let (results, ()) = tokio::join!(run, faults(Rc::clone(&cluster), Rc::clone(&rng), Rc::clone(&done)));
+        let (results, ()) = tokio::join!(run, faults(nodes, Rc::clone(&cluster), Rc::clone(&rng), Rc::clone(&done)));
         for r in results {
             r?;
         }
@@ -439,7 +455,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         cluster.heal();
         tokio::time::sleep(Duration::from_secs(2)).await;
         for key in 0..KEYS {
-            let via = rng.borrow_mut().below(3) as usize;
+            let via = rng.borrow_mut().below(nodes) as usize;
             let start = Instant::now();
             let result = cluster
                 .request(via, Request::Get { key: key_name(key), consistency: Some(Consistency::Quorum) }, TIMEOUT)
@@ -478,7 +494,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
             }
         }
         cluster.shutdown(Duration::from_millis(200)).await;
-        for i in 0..3 {
+        for i in 0..cluster.ids().len() {
             cluster
                 .node(i)
                 .store()

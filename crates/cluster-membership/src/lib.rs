@@ -8,8 +8,9 @@
 //! Implementations:
 //! - [`StaticMembership`]: the member list given at start-up (`--peers`). Every member is
 //!   `Alive` forever; [`Membership::leave`] marks the local node `Left`.
-//! - Coordinator and SWIM gossip come later, behind the same trait; the states `Suspect`,
-//!   `Dead` and `Left` and the per-member `incarnation` exist for them.
+//! - [`swim`]: the SWIM + Lifeguard gossip protocol as a sans-I/O state machine (the
+//!   runtime that drives it over UDP comes next); its tests drive it over a simulated
+//!   network. Coordinator membership comes later, behind the same trait.
 //!
 //! ```
 //! use cluster_membership::{Membership, MemberState, StaticMembership, parse_peers};
@@ -23,6 +24,8 @@
 //! ```
 
 #![forbid(unsafe_code)]
+
+pub mod swim;
 
 use std::net::SocketAddr;
 

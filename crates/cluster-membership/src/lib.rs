@@ -8,9 +8,10 @@
 //! Implementations:
 //! - [`StaticMembership`]: the member list given at start-up (`--peers`). Every member is
 //!   `Alive` forever; [`Membership::leave`] marks the local node `Left`.
-//! - [`swim`]: the SWIM + Lifeguard gossip protocol as a sans-I/O state machine (the
-//!   runtime that drives it over UDP comes next); its tests drive it over a simulated
-//!   network. Coordinator membership comes later, behind the same trait.
+//! - [`swim`]: the SWIM + Lifeguard gossip protocol as a sans-I/O state machine; its tests
+//!   drive it over a simulated network.
+//! - [`GossipMembership`] ([`gossip`]): that state machine over UDP (and TCP for push-pull).
+//!   Coordinator membership comes later, behind the same trait.
 //!
 //! ```
 //! use cluster_membership::{Membership, MemberState, StaticMembership, parse_peers};
@@ -25,7 +26,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod gossip;
 pub mod swim;
+
+pub use gossip::{GossipConfig, GossipMembership};
 
 use std::net::SocketAddr;
 
@@ -51,6 +55,25 @@ pub enum MembershipError {
     /// The local node's id is not in the member list.
     #[error("the local node {0:?} is not in the member list; add it to --peers")]
     LocalMissing(String),
+    /// The gossip socket could not be bound.
+    #[error("cannot listen for gossip on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        reason: String,
+    },
+}
+
+/// A seed for a member's protocol randomness: its id mixed with the start time, so members
+/// (and restarts) do not probe in lockstep.
+fn swim_seed(id: &str) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) ^ nanos
 }
 
 pub use cache_types::MemberState;

@@ -1,0 +1,296 @@
+//! [`GossipMembership`]: the [`Swim`] state machine driven over the network — datagrams over
+//! UDP, push-pull (whole member lists) over TCP on the same port — publishing every view
+//! change through the [`Membership`] watch.
+//!
+//! Three owned tasks: the UDP receiver, the TCP acceptor, and the timer (sleeps until
+//! [`Swim::next_wakeup`]). A fourth retries joining — resolving the `--join` host names
+//! again at every attempt, so a Kubernetes headless service works — until another member is
+//! known. All stop when the membership is dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::swim::wire::MAX_MESSAGE_BYTES;
+use crate::swim::{Outgoing, Swim, SwimConfig, SwimStats, Update};
+use crate::{Membership, MembershipError, MembershipView};
+
+/// How long one reliable (TCP) send may take.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often joining is retried while no other member is known.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+
+/// Settings of a gossip member.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// This member: id, addresses (the gossip one is where others reach it), weight.
+    pub identity: Update,
+    /// Where to bind the gossip socket (UDP and TCP, same port).
+    pub bind: SocketAddr,
+    /// Seed members' gossip addresses (`host:port`), resolved at every attempt.
+    pub join: Vec<String>,
+    /// Protocol settings.
+    pub swim: SwimConfig,
+}
+
+/// Shared state of the tasks.
+struct Shared {
+    swim: Mutex<Swim>,
+    udp: UdpSocket,
+    start: Instant,
+    views: watch::Sender<MembershipView>,
+    cancel: CancellationToken,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Sends what the state machine produced, and publishes a changed view.
+    fn flush(self: &Arc<Self>) {
+        let (out, view) = {
+            let mut swim = self.swim.lock();
+            (swim.drain_outgoing(), swim.take_view_change())
+        };
+        for o in out {
+            self.send(o);
+        }
+        if let Some(view) = view {
+            self.views.send_replace(view);
+        }
+    }
+
+    fn send(self: &Arc<Self>, o: Outgoing) {
+        if o.reliable {
+            let cancel = self.cancel.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    r = tokio::time::timeout(STREAM_TIMEOUT, send_stream(o.to, &o.bytes)) => {
+                        if !matches!(r, Ok(Ok(()))) {
+                            tracing::debug!(to = %o.to, "gossip push-pull send failed");
+                        }
+                    }
+                }
+            });
+        } else if let Err(e) = self.udp.try_send_to(&o.bytes, o.to) {
+            tracing::debug!(to = %o.to, error = %e, "gossip datagram not sent");
+        }
+    }
+
+    fn handle(self: &Arc<Self>, bytes: &[u8]) {
+        let now = self.now();
+        let result = self.swim.lock().handle_message(bytes, now);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "gossip message refused");
+        }
+        self.flush();
+    }
+}
+
+async fn send_stream(to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(to).await?;
+    let len = u32::try_from(bytes.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    s.write_all(&len.to_be_bytes()).await?;
+    s.write_all(bytes).await?;
+    s.shutdown().await
+}
+
+async fn read_stream(mut s: TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_MESSAGE_BYTES {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Membership by SWIM gossip. Dropping it stops its tasks (without leaving: call
+/// [`Membership::leave`] first for a graceful exit).
+pub struct GossipMembership {
+    local: String,
+    shared: Arc<Shared>,
+    gossip_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for GossipMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipMembership")
+            .field("local", &self.local)
+            .field("gossip_addr", &self.gossip_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for GossipMembership {
+    fn drop(&mut self) {
+        self.shared.cancel.cancel();
+    }
+}
+
+impl GossipMembership {
+    /// Binds the gossip socket and starts the member's tasks. Must be called within a
+    /// tokio runtime. If `config.identity.addrs.gossip` has port 0, the bound port is used.
+    pub async fn start(config: GossipConfig) -> Result<Self, MembershipError> {
+        let bind_err = |e: std::io::Error| MembershipError::Bind {
+            addr: config.bind,
+            reason: e.to_string(),
+        };
+        let udp = UdpSocket::bind(config.bind).await.map_err(bind_err)?;
+        let bound = udp.local_addr().map_err(bind_err)?;
+        let tcp = TcpListener::bind(bound).await.map_err(bind_err)?;
+        let mut identity = config.identity.clone();
+        if identity.addrs.gossip.port() == 0 {
+            identity.addrs.gossip.set_port(bound.port());
+        }
+        if identity.id.is_empty() || identity.id.len() > 255 {
+            return Err(MembershipError::BadPeer {
+                entry: identity.id,
+                reason: "the node id must be 1 to 255 bytes".into(),
+            });
+        }
+        let gossip_addr = identity.addrs.gossip;
+        let seed = crate::swim_seed(&identity.id);
+        let swim = Swim::new(config.swim.clone(), identity.clone(), seed, 0);
+        let (views, _) = watch::channel(swim.view());
+        let shared = Arc::new(Shared {
+            swim: Mutex::new(swim),
+            udp,
+            start: Instant::now(),
+            views,
+            cancel: CancellationToken::new(),
+        });
+        // UDP receiver.
+        {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    tokio::select! {
+                        () = shared.cancel.cancelled() => return,
+                        r = shared.udp.recv_from(&mut buf) => match r {
+                            Ok((n, _from)) => shared.handle(&buf[..n]),
+                            Err(e) => tracing::debug!(error = %e, "gossip receive failed"),
+                        },
+                    }
+                }
+            });
+        }
+        // TCP acceptor (push-pull).
+        {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        () = shared.cancel.cancelled() => return,
+                        a = tcp.accept() => a,
+                    };
+                    let Ok((stream, _)) = accepted else { continue };
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        if let Ok(Ok(bytes)) =
+                            tokio::time::timeout(STREAM_TIMEOUT, read_stream(stream)).await
+                        {
+                            shared.handle(&bytes);
+                        }
+                    });
+                }
+            });
+        }
+        // Timers.
+        {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                loop {
+                    let wake = shared.swim.lock().next_wakeup();
+                    let at = shared.start + Duration::from_millis(wake);
+                    tokio::select! {
+                        () = shared.cancel.cancelled() => return,
+                        () = tokio::time::sleep_until(at) => {}
+                    }
+                    let now = shared.now();
+                    shared.swim.lock().tick(now);
+                    shared.flush();
+                }
+            });
+        }
+        // Joining, retried until another member is known.
+        if !config.join.is_empty() {
+            let shared = Arc::clone(&shared);
+            let join = config.join.clone();
+            tokio::spawn(async move {
+                loop {
+                    let known = shared.views.borrow().members.len() > 1;
+                    if known {
+                        return;
+                    }
+                    let mut seeds = Vec::new();
+                    for host in &join {
+                        match tokio::net::lookup_host(host.as_str()).await {
+                            Ok(addrs) => seeds.extend(addrs),
+                            Err(e) => {
+                                tracing::warn!(seed = %host, error = %e, "cannot resolve a --join seed")
+                            }
+                        }
+                    }
+                    if !seeds.is_empty() {
+                        let now = shared.now();
+                        shared.swim.lock().join(&seeds, now);
+                        shared.flush();
+                    }
+                    tokio::select! {
+                        () = shared.cancel.cancelled() => return,
+                        () = tokio::time::sleep(JOIN_RETRY) => {}
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            local: identity.id,
+            shared,
+            gossip_addr,
+        })
+    }
+
+    /// The gossip address others use for this member.
+    pub fn gossip_addr(&self) -> SocketAddr {
+        self.gossip_addr
+    }
+
+    /// Protocol counters (for metrics).
+    pub fn stats(&self) -> SwimStats {
+        self.shared.swim.lock().stats()
+    }
+}
+
+impl Membership for GossipMembership {
+    fn local_id(&self) -> &str {
+        &self.local
+    }
+
+    fn view(&self) -> watch::Receiver<MembershipView> {
+        self.shared.views.subscribe()
+    }
+
+    fn join(&self) -> Result<(), MembershipError> {
+        Ok(())
+    }
+
+    fn leave(&self) -> Result<(), MembershipError> {
+        let now = self.shared.now();
+        self.shared.swim.lock().leave(now);
+        self.shared.flush();
+        Ok(())
+    }
+}

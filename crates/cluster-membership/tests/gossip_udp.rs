@@ -1,0 +1,132 @@
+//! The gossip runtime over real UDP and TCP sockets on loopback: members find each other
+//! through one seed, a stopped member is declared dead, a leaving one is seen left.
+//! Waits poll with a deadline; nothing sleeps a fixed time to pass.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cache_types::MemberState;
+use cluster_membership::swim::{Addrs, SwimConfig, Update};
+use cluster_membership::{GossipConfig, GossipMembership, Membership};
+
+fn config(i: usize, join: Vec<String>) -> GossipConfig {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    GossipConfig {
+        identity: Update {
+            id: format!("g{i}"),
+            addrs: Addrs {
+                gossip: any,
+                rpc: SocketAddr::from(([127, 0, 0, 1], 7000)),
+                peer: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            },
+            weight: 1,
+            incarnation: 0,
+            state: MemberState::Alive,
+            suspected_by: None,
+        },
+        bind: any,
+        join,
+        swim: SwimConfig {
+            cluster_name: "test".into(),
+            probe_interval: Duration::from_millis(200),
+            probe_timeout: Duration::from_millis(80),
+            gossip_interval: Duration::from_millis(50),
+            ..SwimConfig::default()
+        },
+    }
+}
+
+async fn wait_for(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < deadline,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    start.elapsed()
+}
+
+fn states(m: &GossipMembership) -> Vec<(String, MemberState)> {
+    m.view()
+        .borrow()
+        .members
+        .iter()
+        .map(|x| (x.id.clone(), x.state))
+        .collect()
+}
+
+fn sees(m: &GossipMembership, id: &str, state: MemberState) -> bool {
+    states(m).iter().any(|(i, s)| i == id && *s == state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_join_detect_a_stopped_member_and_see_a_leave() {
+    let seed = GossipMembership::start(config(0, Vec::new()))
+        .await
+        .expect("seed starts");
+    let join = vec![seed.gossip_addr().to_string()];
+    let mut others = Vec::new();
+    for i in 1..4 {
+        others.push(
+            GossipMembership::start(config(i, join.clone()))
+                .await
+                .expect("member starts"),
+        );
+    }
+    let all_alive = |m: &GossipMembership| {
+        let s = states(m);
+        s.len() == 4 && s.iter().all(|(_, st)| *st == MemberState::Alive)
+    };
+    wait_for(
+        "4 members alive everywhere",
+        Duration::from_secs(10),
+        || all_alive(&seed) && others.iter().all(&all_alive),
+    )
+    .await;
+
+    // Stop g3 without leaving (its tasks end: it answers nothing, like a killed process).
+    let stopped = others.pop().expect("g3");
+    drop(stopped);
+    let took = wait_for("g3 declared dead", Duration::from_secs(15), || {
+        sees(&seed, "g3", MemberState::Dead)
+            && others.iter().all(|m| sees(m, "g3", MemberState::Dead))
+    })
+    .await;
+    eprintln!("a stopped member was seen dead by the 3 others after {took:?}");
+
+    // g2 leaves gracefully.
+    others[1].leave().expect("leave");
+    wait_for("g2 seen left", Duration::from_secs(5), || {
+        sees(&seed, "g2", MemberState::Left) && sees(&others[0], "g2", MemberState::Left)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_join_address_is_retried_not_fatal() {
+    // The seed is not up yet: the member keeps retrying, then finds it.
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("port");
+    let port = probe.local_addr().expect("addr").port();
+    drop(probe);
+    let seed_addr = format!("127.0.0.1:{port}");
+    let late = GossipMembership::start(config(
+        1,
+        vec![seed_addr.clone(), "no-such-host.invalid:1".into()],
+    ))
+    .await
+    .expect("starts although no seed answers");
+    let mut seed_config = config(0, Vec::new());
+    seed_config.bind = seed_addr.parse().expect("addr");
+    let Ok(seed) = GossipMembership::start(seed_config).await else {
+        eprintln!("the chosen port was taken meanwhile; nothing to test on this run");
+        return;
+    };
+    wait_for(
+        "joined once the seed came up",
+        Duration::from_secs(10),
+        || sees(&late, "g0", MemberState::Alive) && sees(&seed, "g1", MemberState::Alive),
+    )
+    .await;
+}

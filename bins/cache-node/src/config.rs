@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cache_core::CacheConfig;
-use cache_rpc::{Consistency, CoreConfig, Limits, NodeConfig};
+use cache_rpc::{Consistency, CoreConfig, Limits, MembershipMode, NodeConfig};
 use clap::{Parser, ValueEnum};
 use cluster_membership::default_peer_addr;
 use cluster_membership::parse_peers;
@@ -86,6 +86,26 @@ pub(crate) struct Args {
     /// must get the same list. Empty: a single node.
     #[arg(long, env = "CACHE_PEERS")]
     peers: Option<String>,
+    /// How members find each other: `static` (--peers, or a single node) or `gossip`
+    /// (SWIM: --join seeds, failure detection) [default: static].
+    #[arg(long, env = "CACHE_MEMBERSHIP")]
+    membership: Option<String>,
+    /// Gossip listen address, UDP and TCP (gossip only) [default: the --listen IP, port +
+    /// 200 (127.0.0.1:7200); an ephemeral port if --listen uses port 0].
+    #[arg(long, env = "CACHE_GOSSIP_LISTEN")]
+    gossip_listen: Option<SocketAddr>,
+    /// Gossip addresses of members to join through, host:port,... (gossip only); host names
+    /// are resolved again at every attempt. Empty: this node starts a new cluster.
+    #[arg(long, env = "CACHE_JOIN")]
+    join: Option<String>,
+    /// Only nodes with the same cluster name form a cluster (gossip only)
+    /// [default: cache-cluster].
+    #[arg(long, env = "CACHE_CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// The IP other nodes and clients use to reach this node, when --listen binds a
+    /// wildcard address (gossip only).
+    #[arg(long, env = "CACHE_ADVERTISE")]
+    advertise: Option<std::net::IpAddr>,
     /// Replicas of each key, capped at the member count [default: 3].
     #[arg(long, env = "CACHE_REPLICATION_FACTOR")]
     replication_factor: Option<usize>,
@@ -134,6 +154,11 @@ struct FileConfig {
     shutdown_grace: Option<String>,
     shutdown_notice: Option<String>,
     peers: Option<String>,
+    membership: Option<String>,
+    gossip_listen: Option<SocketAddr>,
+    join: Option<String>,
+    cluster_name: Option<String>,
+    advertise: Option<std::net::IpAddr>,
     replication_factor: Option<usize>,
     write_consistency: Option<String>,
     peer_timeout: Option<String>,
@@ -267,7 +292,56 @@ impl Args {
                 format!("--listen port {} leaves no room for the default peer port (+100); set --peer-listen", listen.port())
             })?,
         };
+        let membership = match self
+            .membership
+            .or(file.membership)
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("static") => MembershipMode::Static,
+            Some("gossip") => {
+                if !peers.is_empty() {
+                    bail!("--peers is for static membership; with gossip, name seeds with --join");
+                }
+                let listen = match self.gossip_listen.or(file.gossip_listen) {
+                    Some(a) => a,
+                    None if listen.port() == 0 => SocketAddr::new(listen.ip(), 0),
+                    None => {
+                        let port = listen.port().checked_add(200).with_context(|| {
+                            format!("--listen port {} leaves no room for the default gossip port (+200); set --gossip-listen", listen.port())
+                        })?;
+                        SocketAddr::new(listen.ip(), port)
+                    }
+                };
+                let join = self
+                    .join
+                    .or(file.join)
+                    .map(|j| {
+                        j.split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let cluster_name = self
+                    .cluster_name
+                    .or(file.cluster_name)
+                    .unwrap_or_else(|| "cache-cluster".into());
+                if cluster_name.len() > 64 {
+                    bail!("cluster-name must be at most 64 bytes");
+                }
+                MembershipMode::Gossip {
+                    listen,
+                    join,
+                    cluster_name,
+                    advertise: self.advertise.or(file.advertise),
+                }
+            }
+            Some(other) => bail!("membership: {other:?} is not static or gossip"),
+        };
         let node = NodeConfig {
+            membership,
             node_id: self.node_id.or(file.node_id).unwrap_or(d.node_id),
             listen,
             peer_listen,

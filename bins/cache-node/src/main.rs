@@ -59,8 +59,12 @@ async fn run(config: cache_rpc::NodeConfig) -> anyhow::Result<()> {
     let node_id = config.node_id.clone();
     let node = Node::bind(config).await?;
     // The one startup line, on stdout so scripts and tests can read the bound ports.
+    let gossip = node
+        .gossip_addr()
+        .map(|a| format!(" gossip={a}"))
+        .unwrap_or_default();
     println!(
-        "cache-node {} node_id={} grpc={} peer={} admin={} max_memory={}",
+        "cache-node {} node_id={} grpc={} peer={} admin={}{gossip} max_memory={}",
         env!("CARGO_PKG_VERSION"),
         node_id,
         node.grpc_addr(),

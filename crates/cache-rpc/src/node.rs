@@ -25,7 +25,8 @@ use cache_core::{CacheConfig, Reaper};
 use cache_proto::peer::v1::peer_server::PeerServer;
 use cache_proto::v1::cache_server::CacheServer;
 use cluster_core::{Coordinator, CoreConfig, Limits, NodeClock, RingView, Store};
-use cluster_membership::{Membership, PeerSpec, StaticMembership};
+use cluster_membership::swim::{Addrs, SwimConfig, Update};
+use cluster_membership::{GossipConfig, GossipMembership, Membership, PeerSpec, StaticMembership};
 use cluster_ring::NodeId;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -36,6 +37,26 @@ use tonic::transport::server::TcpIncoming;
 use crate::metrics::NodeMetrics;
 use crate::service::{CacheService, PeerService, Shared};
 use crate::transport::GrpcTransport;
+
+/// How the node learns who is in the cluster.
+#[derive(Debug, Clone, Default)]
+pub enum MembershipMode {
+    /// The member list given at start-up (`--peers`; a single node without it).
+    #[default]
+    Static,
+    /// SWIM gossip: members find each other through seeds and detect failures.
+    Gossip {
+        /// Where to listen for gossip (UDP, and TCP for push-pull; port 0 picks one).
+        listen: SocketAddr,
+        /// Seed members' gossip addresses (`host:port`), resolved at every attempt.
+        join: Vec<String>,
+        /// Only members with the same name form a cluster.
+        cluster_name: String,
+        /// The IP others should use to reach this node (all three addresses), when the
+        /// listeners bind a wildcard address.
+        advertise: Option<std::net::IpAddr>,
+    },
+}
 
 /// Everything a node needs to start. The binary fills it from flags, env and file.
 #[derive(Debug, Clone)]
@@ -63,6 +84,8 @@ pub struct NodeConfig {
     pub shutdown_notice: Duration,
     /// Every member of the cluster, this node included (`--peers`); empty for a single node.
     pub peers: Vec<PeerSpec>,
+    /// Static membership or gossip.
+    pub membership: MembershipMode,
     /// Replication and peer settings.
     pub cluster: CoreConfig,
     /// How far ahead of this node's clock a peer's version may be before it is refused.
@@ -85,6 +108,7 @@ impl Default for NodeConfig {
             shutdown_grace: Duration::from_secs(10),
             shutdown_notice: Duration::from_secs(1),
             peers: Vec::new(),
+            membership: MembershipMode::Static,
             cluster: CoreConfig::default(),
             max_clock_drift: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
@@ -111,9 +135,13 @@ pub enum NodeError {
     /// The member list does not form a ring (bad node id, ...).
     #[error("invalid cluster membership")]
     Ring(#[from] cluster_ring::RingError),
-    /// The member list is invalid.
-    #[error("invalid --peers")]
+    /// The member list is invalid, or gossip could not start.
+    #[error("membership")]
     Membership(#[from] cluster_membership::MembershipError),
+    /// The addresses cannot be advertised as they are (a wildcard bind without
+    /// `--advertise`, or gossip combined with `--peers`).
+    #[error("{0}")]
+    Advertise(String),
     /// The reaper thread could not be started.
     #[error("cannot start the reaper thread: {0}")]
     Reaper(std::io::Error),
@@ -136,8 +164,10 @@ pub struct Node {
     peer: TcpListener,
     admin: TcpListener,
     prometheus: PrometheusHandle,
-    /// Keeps the membership (and so its background work) alive.
-    _membership: Arc<dyn Membership>,
+    /// Keeps the membership (and so its background work) alive; left on shutdown.
+    membership: Arc<dyn Membership>,
+    /// The gossip address, in gossip mode.
+    gossip_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Node {
@@ -176,17 +206,60 @@ impl Node {
         let peer_addr = local_addr(&peer, config.peer_listen, "peer")?;
         let metrics = Arc::new(NodeMetrics::register(crate::metrics::recorder()));
         let prometheus = metrics.handle();
-        let membership: Arc<dyn Membership> = if config.peers.is_empty() {
-            Arc::new(StaticMembership::single(
-                &config.node_id,
-                grpc_addr,
-                peer_addr,
-            ))
-        } else {
-            Arc::new(StaticMembership::new(
+        let mut gossip_addr = None;
+        let membership: Arc<dyn Membership> = match &config.membership {
+            MembershipMode::Static if config.peers.is_empty() => Arc::new(
+                StaticMembership::single(&config.node_id, grpc_addr, peer_addr),
+            ),
+            MembershipMode::Static => Arc::new(StaticMembership::new(
                 &config.node_id,
                 config.peers.clone(),
-            )?)
+            )?),
+            MembershipMode::Gossip {
+                listen,
+                join,
+                cluster_name,
+                advertise,
+            } => {
+                if !config.peers.is_empty() {
+                    return Err(NodeError::Advertise(
+                        "--peers is for static membership; with gossip, name seeds with --join"
+                            .into(),
+                    ));
+                }
+                let ip = match advertise {
+                    Some(ip) => *ip,
+                    None if grpc_addr.ip().is_unspecified() => {
+                        return Err(NodeError::Advertise(format!(
+                            "--listen {grpc_addr} is a wildcard address: set --advertise to the IP other nodes and clients should use"
+                        )));
+                    }
+                    None => grpc_addr.ip(),
+                };
+                let gossip = GossipMembership::start(GossipConfig {
+                    identity: Update {
+                        id: config.node_id.clone(),
+                        addrs: Addrs {
+                            gossip: SocketAddr::new(ip, listen.port()),
+                            rpc: SocketAddr::new(ip, grpc_addr.port()),
+                            peer: SocketAddr::new(ip, peer_addr.port()),
+                        },
+                        weight: 1,
+                        incarnation: 0,
+                        state: cluster_membership::MemberState::Alive,
+                        suspected_by: None,
+                    },
+                    bind: *listen,
+                    join: join.clone(),
+                    swim: SwimConfig {
+                        cluster_name: cluster_name.clone(),
+                        ..SwimConfig::default()
+                    },
+                })
+                .await?;
+                gossip_addr = Some(gossip.gossip_addr());
+                Arc::new(gossip)
+            }
         };
         membership.join()?;
         let mut views = membership.view();
@@ -229,8 +302,14 @@ impl Node {
             peer,
             admin,
             prometheus,
-            _membership: membership,
+            membership,
+            gossip_addr,
         })
+    }
+
+    /// The gossip address others use for this node, in gossip mode.
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.gossip_addr
     }
 
     /// The bound public gRPC address (useful with port 0).
@@ -265,7 +344,8 @@ impl Node {
             peer,
             admin,
             prometheus,
-            _membership,
+            membership,
+            gossip_addr,
         } = self;
         let core = Arc::clone(&shared.core);
         let reaper = Reaper::spawn(
@@ -296,11 +376,12 @@ impl Node {
         // Phase 1 on the shutdown signal: refuse new client requests, fail readiness, keep
         // the connections for the notice period; then close the public listeners.
         {
-            let (core, health, public_stop, stop_tasks) = (
+            let (core, health, public_stop, stop_tasks, membership) = (
                 Arc::clone(&core),
                 health.clone(),
                 public_stop.clone(),
                 stop_tasks.clone(),
+                Arc::clone(&membership),
             );
             let notice = config.shutdown_notice.min(config.shutdown_grace);
             tasks.spawn(async move {
@@ -312,6 +393,12 @@ impl Node {
                     "shutdown requested: refusing new requests, draining in-flight ones"
                 );
                 core.begin_shutdown();
+                if gossip_addr.is_some() {
+                    // Tell the cluster before the listeners close, so peers stop routing here.
+                    if let Err(e) = membership.leave() {
+                        tracing::warn!(error = %e, "could not announce the leave");
+                    }
+                }
                 health.set_not_serving::<CacheServer<CacheService>>().await;
                 tokio::time::sleep(notice).await;
                 public_stop.cancel();
@@ -393,6 +480,7 @@ impl Node {
         drop(reaper);
         let dropped: u64 = core.queue_stats().iter().map(|q| q.dropped).sum();
         tracing::info!(replication_dropped_total = dropped, "node stopped");
+        drop(membership);
         result
     }
 }

@@ -66,6 +66,8 @@ pub struct NodeProcess {
     pub grpc: SocketAddr,
     /// The peer listener address it bound.
     pub peer: SocketAddr,
+    /// The gossip address it bound (gossip membership only).
+    pub gossip: Option<SocketAddr>,
     /// The admin HTTP address it bound.
     pub admin: SocketAddr,
     /// Where its stderr (logs) goes.
@@ -135,6 +137,7 @@ impl NodeProcess {
         let node = Self {
             grpc,
             peer,
+            gossip: field("gossip="),
             admin,
             child,
             log,
@@ -308,6 +311,44 @@ impl Cluster {
             }
         }
         panic!("could not start a {n}-node cluster in 5 attempts; last error: {last}");
+    }
+
+    /// Starts `n` nodes named `node-0…` with `--membership gossip` on ephemeral ports:
+    /// `node-0` starts the cluster, the others join through it. Waits until each is ready
+    /// (not until they see each other: tests poll for that).
+    pub fn start_gossip(n: usize, args: &[&str]) -> Self {
+        let mut cluster = Self { nodes: Vec::new() };
+        for _ in 0..n {
+            cluster.add_gossip_node(args);
+        }
+        cluster
+    }
+
+    /// Starts one more gossip node, `node-{len}`, joining through `node-0`.
+    pub fn add_gossip_node(&mut self, args: &[&str]) -> &NodeProcess {
+        let id = format!("node-{}", self.nodes.len());
+        let join = self
+            .nodes
+            .first()
+            .and_then(|n| n.gossip)
+            .map(|a| a.to_string());
+        let mut full = vec![
+            "--node-id",
+            &id,
+            "--membership",
+            "gossip",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ];
+        if let Some(join) = &join {
+            full.extend_from_slice(&["--join", join]);
+        }
+        full.extend_from_slice(args);
+        self.nodes
+            .push(NodeProcess::spawn(&full).unwrap_or_else(|e| panic!("{e}")));
+        self.nodes.last().expect("just pushed")
     }
 
     /// The node with id `id` (`node-3` is index 3).

@@ -96,6 +96,24 @@ impl Shared {
     }
 }
 
+/// Binds UDP and TCP on the same port. With port 0 the OS picks the UDP port, which TCP may
+/// already use elsewhere: then both are dropped and another port is tried.
+async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener, SocketAddr)> {
+    let mut last = None;
+    for _ in 0..20 {
+        let udp = UdpSocket::bind(addr).await?;
+        let bound = udp.local_addr()?;
+        match TcpListener::bind(bound).await {
+            Ok(tcp) => return Ok((udp, tcp, bound)),
+            Err(e) if addr.port() == 0 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()))
+}
+
 async fn send_stream(to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
     let mut s = TcpStream::connect(to).await?;
     let len = u32::try_from(bytes.len()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
@@ -147,9 +165,7 @@ impl GossipMembership {
             addr: config.bind,
             reason: e.to_string(),
         };
-        let udp = UdpSocket::bind(config.bind).await.map_err(bind_err)?;
-        let bound = udp.local_addr().map_err(bind_err)?;
-        let tcp = TcpListener::bind(bound).await.map_err(bind_err)?;
+        let (udp, tcp, bound) = bind_pair(config.bind).await.map_err(bind_err)?;
         let mut identity = config.identity.clone();
         if identity.addrs.gossip.port() == 0 {
             identity.addrs.gossip.set_port(bound.port());

@@ -1,0 +1,167 @@
+//! Gossip membership with real `cache-node` processes on loopback: members find each other
+//! through one seed, a `kill -9`ed node is declared dead by the others, a new node joins a
+//! running cluster and serves, and a SIGTERMed node leaves gracefully. Every wait polls
+//! `ClusterInfo` with a deadline; every child is killed on drop.
+
+use std::time::{Duration, Instant};
+
+use cache_client::{Client, Consistency};
+use cache_proto::v1::{ClusterInfoRequest, MemberState, cache_client::CacheClient};
+use cache_testkit::{Cluster, NodeProcess};
+
+/// (id, state) of every member in `node`'s view.
+async fn view(node: &NodeProcess) -> Vec<(String, MemberState)> {
+    let Ok(mut c) = CacheClient::connect(format!("http://{}", node.addr())).await else {
+        return Vec::new();
+    };
+    let Ok(info) = c.cluster_info(ClusterInfoRequest {}).await else {
+        return Vec::new();
+    };
+    info.into_inner()
+        .members
+        .into_iter()
+        .map(|m| {
+            let state = MemberState::try_from(m.state).unwrap_or(MemberState::Unspecified);
+            (m.id, state)
+        })
+        .collect()
+}
+
+async fn state_of(node: &NodeProcess, id: &str) -> Option<MemberState> {
+    view(node)
+        .await
+        .into_iter()
+        .find(|(i, _)| i == id)
+        .map(|(_, s)| s)
+}
+
+async fn wait_until<F, Fut>(what: &str, deadline: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(
+            start.elapsed() < deadline,
+            "{what}: not within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    start.elapsed()
+}
+
+async fn all_alive(nodes: &[&NodeProcess], n: usize) -> bool {
+    for node in nodes {
+        let v = view(node).await;
+        if v.len() != n || v.iter().any(|(_, s)| *s != MemberState::Alive) {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
+    let mut cluster = Cluster::start_gossip(5, &["--replication-factor", "3"]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    let took = wait_until(
+        "5 members alive everywhere",
+        Duration::from_secs(20),
+        || all_alive(&live, 5),
+    )
+    .await;
+    eprintln!("5 gossip nodes saw each other alive after {took:?}");
+
+    // Data flows through the gossip-built ring.
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .write_consistency(Consistency::Quorum)
+        .connect_cluster(cluster.seeds())
+        .await
+        .expect("cluster client");
+    for i in 0..50u32 {
+        client.set(format!("k{i}"), "v").await.expect("quorum set");
+    }
+
+    // kill -9 node-4: the other four declare it dead.
+    cluster.nodes[4].signal("KILL");
+    let survivors: Vec<&NodeProcess> = cluster.nodes[..4].iter().collect();
+    let detected = wait_until(
+        "node-4 dead everywhere",
+        Duration::from_secs(20),
+        || async {
+            for n in &survivors {
+                if state_of(n, "node-4").await != Some(MemberState::Dead) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    eprintln!("kill -9 detected by all 4 survivors after {detected:?}");
+    for n in &survivors {
+        for id in ["node-0", "node-1", "node-2", "node-3"] {
+            assert_eq!(
+                state_of(n, id).await,
+                Some(MemberState::Alive),
+                "no false positive"
+            );
+        }
+    }
+
+    // A 6th node joins the running cluster without restarting anyone.
+    cluster.add_gossip_node(&["--replication-factor", "3"]);
+    let joined = wait_until(
+        "node-5 alive everywhere",
+        Duration::from_secs(20),
+        || async {
+            for i in [0, 1, 2, 3, 5] {
+                if state_of(&cluster.nodes[i], "node-5").await != Some(MemberState::Alive) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    eprintln!("node-5 seen alive by every member after {joined:?}");
+    // Every key is still readable at QUORUM (two of its three replicas are up, whatever
+    // the new ring says), through a client that bootstraps from the new node.
+    let fresh = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .read_consistency(Consistency::Quorum)
+        .connect_cluster(vec![cluster.nodes[5].addr()])
+        .await
+        .expect("cluster client through the new node");
+    assert!(
+        fresh.members().iter().any(|m| m.id == "node-5"),
+        "the ring-aware client sees the new node"
+    );
+    client
+        .set("after-join", "v")
+        .await
+        .expect("write after the join");
+    assert_eq!(
+        fresh.get("after-join").await.expect("read").as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigtermed_gossip_node_leaves_gracefully() {
+    let mut cluster = Cluster::start_gossip(3, &["--shutdown-notice", "0s"]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until("3 alive", Duration::from_secs(20), || all_alive(&live, 3)).await;
+    cluster.nodes[2].signal("TERM");
+    let status = cluster.nodes[2]
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits");
+    assert!(status.success());
+    wait_until("node-2 seen left", Duration::from_secs(10), || async {
+        state_of(&cluster.nodes[0], "node-2").await == Some(MemberState::Left)
+            && state_of(&cluster.nodes[1], "node-2").await == Some(MemberState::Left)
+    })
+    .await;
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cache_client::{Client, Consistency};
 use cache_proto::v1::{ClusterInfoRequest, MemberState, cache_client::CacheClient};
-use cache_testkit::{Cluster, NodeProcess};
+use cache_testkit::{Cluster, NodeProcess, metric};
 
 /// (id, state) of every member in `node`'s view.
 async fn view(node: &NodeProcess) -> Vec<(String, MemberState)> {
@@ -101,6 +101,13 @@ async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
     )
     .await;
     eprintln!("kill -9 detected by all 4 survivors after {detected:?}");
+    let (_, text) = cluster.nodes[0].http_get("/metrics").expect("metrics");
+    assert_eq!(
+        metric(&text, "cache_members{state=\"dead\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(metric(&text, "cache_members{state=\"alive\"}"), Some(4.0));
     for n in &survivors {
         for id in ["node-0", "node-1", "node-2", "node-3"] {
             assert_eq!(

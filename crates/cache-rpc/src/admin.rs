@@ -51,6 +51,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     shared
         .metrics
         .publish_core(&shared.core.stats(), &shared.core.queue_stats());
+    shared
+        .metrics
+        .publish_membership(&shared.core.ring().load().view, &shared.core.peer_health());
     (
         [(
             header::CONTENT_TYPE,

@@ -97,6 +97,10 @@ pub struct NodeMetrics {
     stale_retries: Counter,
     /// Per-peer replication series, registered when a peer's queue first appears.
     replication: parking_lot::Mutex<std::collections::BTreeMap<String, ReplicationSeries>>,
+    /// `cache_members{state}`, indexed alive, suspect, dead, left.
+    members: Vec<Gauge>,
+    /// `cache_peer_up{peer}`, registered when a peer is first called.
+    peer_up: parking_lot::Mutex<std::collections::BTreeMap<String, Gauge>>,
 }
 
 /// Per-peer replication metric handles.
@@ -190,6 +194,16 @@ impl NodeMetrics {
             versions_refused: c("cache_versions_refused_total"),
             stale_retries: c("cache_stale_write_retries_total"),
             replication: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+            members: ["alive", "suspect", "dead", "left"]
+                .iter()
+                .map(|state| {
+                    recorder_ref.register_gauge(
+                        &Key::from_parts("cache_members", vec![Label::new("state", *state)]),
+                        &META,
+                    )
+                })
+                .collect(),
+            peer_up: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             items,
             bytes,
             max_bytes,
@@ -248,6 +262,41 @@ impl NodeMetrics {
             s.sent.absolute(q.sent);
             s.depth.set(q.depth as f64);
             s.lag.set(q.lag_ms as f64 / 1000.0);
+        }
+    }
+
+    /// Copies the membership view (members by state) and each peer's health (1 = calls
+    /// succeed, 0 = skipped after a failure) into the exported series (on each scrape).
+    pub fn publish_membership(
+        &self,
+        view: &cluster_membership::MembershipView,
+        peers: &[(cluster_ring::NodeId, cluster_core::PeerHealth)],
+    ) {
+        use cluster_membership::MemberState;
+        for (i, state) in [
+            MemberState::Alive,
+            MemberState::Suspect,
+            MemberState::Dead,
+            MemberState::Left,
+        ]
+        .iter()
+        .enumerate()
+        {
+            let n = view.members.iter().filter(|m| m.state == *state).count();
+            self.members[i].set(n as f64);
+        }
+        let now = tokio::time::Instant::now();
+        let mut up = self.peer_up.lock();
+        for (peer, health) in peers {
+            let g = up.entry(peer.to_string()).or_insert_with(|| {
+                let r: &dyn Recorder = &self.recorder;
+                r.register_gauge(
+                    &Key::from_parts("cache_peer_up", vec![Label::new("peer", peer.to_string())]),
+                    &META,
+                )
+            });
+            let down = health.unhealthy_until.is_some_and(|t| now < t);
+            g.set(if down { 0.0 } else { 1.0 });
         }
     }
 

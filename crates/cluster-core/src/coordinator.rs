@@ -119,6 +119,10 @@ pub struct PeerHealth {
     pub failed: u64,
     /// The last failure, if the last call failed.
     pub last_error: Option<String>,
+    /// After a failed call the peer is skipped, while another replica can serve, until
+    /// this time (one peer timeout later): a hung peer costs one timeout per backoff
+    /// period, not one per request. A successful call clears it.
+    pub unhealthy_until: Option<Instant>,
 }
 
 /// Counters of the core, copied into `/metrics` when it is scraped.
@@ -137,9 +141,11 @@ pub struct CoreStats {
 }
 
 /// Peer bookkeeping shared with background tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Peers {
     health: Mutex<BTreeMap<NodeId, PeerHealth>>,
+    /// How long a peer is skipped after a failed call.
+    backoff: Duration,
     /// Peers whose ring fingerprint differs from ours: peer → their fingerprint.
     mismatches: Mutex<BTreeMap<NodeId, u64>>,
     mismatch_count: AtomicU64,
@@ -153,12 +159,24 @@ impl Peers {
             Ok(()) => {
                 h.ok += 1;
                 h.last_error = None;
+                h.unhealthy_until = None;
             }
             Err(e) => {
                 h.failed += 1;
                 h.last_error = Some(e);
+                h.unhealthy_until = Some(Instant::now() + self.backoff);
             }
         }
+    }
+
+    /// Whether a recent call to `peer` failed (and the backoff has not passed).
+    fn recently_failed(&self, peer: &NodeId) -> bool {
+        let now = Instant::now();
+        self.health
+            .lock()
+            .get(peer)
+            .and_then(|h| h.unhealthy_until)
+            .is_some_and(|until| now < until)
     }
 }
 
@@ -248,6 +266,7 @@ impl<T: PeerTransport> Coordinator<T> {
         transport: Arc<T>,
         config: CoreConfig,
     ) -> Self {
+        let peer_timeout = config.peer_timeout;
         let replicator = Arc::new(Replicator::new(
             local.clone(),
             Arc::clone(&transport),
@@ -266,7 +285,12 @@ impl<T: PeerTransport> Coordinator<T> {
             transport,
             replicator,
             config,
-            peers: Arc::new(Peers::default()),
+            peers: Arc::new(Peers {
+                health: Mutex::new(BTreeMap::new()),
+                backoff: peer_timeout,
+                mismatches: Mutex::new(BTreeMap::new()),
+                mismatch_count: AtomicU64::new(0),
+            }),
             forwarded: AtomicU64::new(0),
             read_repairs: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
@@ -506,7 +530,10 @@ impl<T: PeerTransport> Coordinator<T> {
         if ctx.forwarded {
             return Err(self.wrong_owner(&p.state));
         }
-        match self.forward_first(p.ahead(), &request, ctx).await {
+        match self
+            .forward_first(p.ahead(), &request, ctx, !p.is_replica())
+            .await
+        {
             Ok(response) => Ok(response),
             Err(ForwardFailure::Unreachable(_)) if p.is_replica() => {
                 self.serve_here(p, request, ctx).await
@@ -520,15 +547,44 @@ impl<T: PeerTransport> Coordinator<T> {
         }
     }
 
-    /// Sends `request` to the first of `targets` that answers (skipping this node).
+    /// Whether `peer` should be avoided: a recent call failed, or membership suspects it.
+    fn unhealthy(&self, peer: &NodeId) -> bool {
+        self.peers.recently_failed(peer)
+            || self
+                .ring
+                .load()
+                .view
+                .member(peer)
+                .is_some_and(|m| m.state == cache_types::MemberState::Suspect)
+    }
+
+    /// Sends `request` to the first of `targets` that answers (skipping this node), healthy
+    /// targets first. Unhealthy ones are tried last, and only if `try_unhealthy` (that is,
+    /// when nothing else can serve the request).
     async fn forward_first(
         &self,
         targets: &[NodeId],
         request: &Request,
         ctx: RequestContext,
+        try_unhealthy: bool,
     ) -> Result<Response, ForwardFailure> {
         let mut last = String::from("no reachable replica");
-        for target in targets.iter().filter(|t| **t != self.local) {
+        let (healthy, unhealthy): (Vec<&NodeId>, Vec<&NodeId>) = targets
+            .iter()
+            .filter(|t| **t != self.local)
+            .partition(|t| !self.unhealthy(t));
+        if !unhealthy.is_empty() {
+            last = format!(
+                "{} skipped: a recent call failed or it is suspect",
+                unhealthy[0]
+            );
+        }
+        let order: Vec<&NodeId> = if try_unhealthy {
+            healthy.into_iter().chain(unhealthy).collect()
+        } else {
+            healthy
+        };
+        for target in order {
             self.forwarded.fetch_add(1, Ordering::Relaxed);
             let call = self.call(ctx.deadline);
             let deadline = call.deadline;
@@ -952,7 +1008,7 @@ impl<T: PeerTransport> Coordinator<T> {
                     keys: batch.clone(),
                 };
                 match self
-                    .forward_first(std::slice::from_ref(&target), &request, ctx)
+                    .forward_first(std::slice::from_ref(&target), &request, ctx, false)
                     .await
                 {
                     Ok(Response::MultiGet(found)) => Ok(found),
@@ -1026,7 +1082,7 @@ impl<T: PeerTransport> Coordinator<T> {
                     consistency: Some(consistency),
                 };
                 match self
-                    .forward_first(std::slice::from_ref(&target), &request, ctx)
+                    .forward_first(std::slice::from_ref(&target), &request, ctx, false)
                     .await
                 {
                     Ok(Response::MultiSet(stored)) => Ok(stored),

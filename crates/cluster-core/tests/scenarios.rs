@@ -541,3 +541,47 @@ async fn replication_batches_stay_within_the_message_limit() {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_primary_costs_one_timeout_not_one_per_request() {
+    let c = SimCluster::new(SimConfig::default());
+    let key = "hung";
+    let r = replicas(&c, key);
+    c.request(r[0], set(key, "v", Consistency::All), T)
+        .await
+        .expect("set at ALL");
+    c.pause(r[0]);
+    // Twenty reads through the second replica: the first waits one peer timeout (200 ms)
+    // for the paused primary, then serves locally; the rest skip the primary at once.
+    let start = tokio::time::Instant::now();
+    for _ in 0..20 {
+        assert_eq!(
+            value(c.request(r[1], get(key, Consistency::One), T).await),
+            Some(b("v"))
+        );
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(450),
+        "20 reads took {took:?}: the hung primary was waited for more than once per backoff"
+    );
+    // Writes too (a plain set fails over to the next replica).
+    let start = tokio::time::Instant::now();
+    for i in 0..20 {
+        c.request(r[1], set(key, &format!("w{i}"), Consistency::Quorum), T)
+            .await
+            .expect("quorum write with the primary paused");
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        start.elapsed()
+    );
+    // Once the primary is back, it is used again after the backoff.
+    c.resume(r[0]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        value(c.request(r[1], get(key, Consistency::Quorum), T).await),
+        Some(b("w19"))
+    );
+}

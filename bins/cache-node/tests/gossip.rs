@@ -80,9 +80,30 @@ async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
         .connect_cluster(cluster.seeds())
         .await
         .expect("cluster client");
+    let info_calls = |c: &Cluster| -> f64 {
+        c.nodes[..5]
+            .iter()
+            .map(|n| {
+                let (_, text) = n.http_get("/metrics").expect("metrics");
+                metric(
+                    &text,
+                    "cache_requests_total{op=\"cluster_info\",result=\"ok\"}",
+                )
+                .unwrap_or(0.0)
+            })
+            .sum()
+    };
+    let before = info_calls(&cluster);
     for i in 0..50u32 {
         client.set(format!("k{i}"), "v").await.expect("quorum set");
     }
+    // Nodes that agree report the same ring epoch, so the client does not refresh its view
+    // on every answer.
+    let refreshes = info_calls(&cluster) - before;
+    assert!(
+        refreshes <= 2.0,
+        "{refreshes} ClusterInfo calls for 50 writes"
+    );
 
     // kill -9 node-4: the other four declare it dead.
     cluster.nodes[4].signal("KILL");

@@ -427,3 +427,22 @@ fn other_clusters_and_garbage_are_refused() {
     assert_eq!(a.stats().messages_refused, 2);
     assert_eq!(a.view().members.len(), 1, "nothing was learned");
 }
+
+#[test]
+fn members_that_agree_report_the_same_epoch() {
+    let mut net = Net::new(5, 23);
+    net.start(0, None);
+    for i in 1..5 {
+        net.start(i, Some(0));
+    }
+    net.run_until_true(30_000, |n| n.all_alive(0..5))
+        .expect("converged");
+    let epochs: Vec<u64> = net.live().map(|(_, n)| n.view().epoch).collect();
+    assert!(epochs.windows(2).all(|w| w[0] == w[1]), "{epochs:?}");
+    net.nodes[2] = None;
+    net.run_until_true(30_000, |n| n.all_see(2, &[MemberState::Dead]))
+        .expect("dead");
+    let after: Vec<u64> = net.live().map(|(_, n)| n.view().epoch).collect();
+    assert!(after.windows(2).all(|w| w[0] == w[1]), "{after:?}");
+    assert_ne!(after[0], epochs[0], "a ring change changes the epoch");
+}

@@ -235,7 +235,6 @@ pub struct Swim {
     outbox: Vec<Outgoing>,
     seeds: Vec<SocketAddr>,
     leaving: bool,
-    epoch: u64,
     view_dirty: bool,
     stats: SwimStats,
 }
@@ -264,7 +263,6 @@ impl Swim {
             outbox: Vec::new(),
             seeds: Vec::new(),
             leaving: false,
-            epoch: 1,
             view_dirty: true,
             stats: SwimStats::default(),
         }
@@ -306,11 +304,14 @@ impl Swim {
         self.members.get(id).map(|r| r.update.state)
     }
 
-    /// The current view (members sorted by id), with an epoch that grows with every
-    /// change this node sees.
+    /// The current view (members sorted by id). Its epoch is a hash of what routing depends
+    /// on — the key-owning members with their addresses and weights — so two nodes that
+    /// agree report the same epoch and a client can compare the epochs of any two nodes
+    /// (a per-node counter would differ between nodes that agree, and make ring-aware
+    /// clients refresh on every answer).
     pub fn view(&self) -> MembershipView {
         MembershipView {
-            epoch: self.epoch,
+            epoch: self.content_epoch(),
             members: self
                 .updates()
                 .into_iter()
@@ -324,6 +325,24 @@ impl Swim {
                 })
                 .collect(),
         }
+    }
+
+    fn content_epoch(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        for u in self.updates().iter().filter(|u| u.state.owns_keys()) {
+            eat(u.id.as_bytes());
+            eat(&[0xff]);
+            eat(u.addrs.rpc.to_string().as_bytes());
+            eat(u.addrs.peer.to_string().as_bytes());
+            eat(&u.weight.to_be_bytes());
+        }
+        // Never 0 (clients read 0 as "unknown"), and within i64 for JSON consumers.
+        (h >> 1).max(1)
     }
 
     /// The view, if it changed since the last call.
@@ -542,7 +561,6 @@ impl Swim {
             .retain(|_, r| r.update.state.owns_keys() || now.saturating_sub(r.since) < reap);
         if self.members.len() != before {
             self.view_dirty = true;
-            self.epoch += 1;
         }
         self.relays.retain(|_, r| r.expires > now);
         debug_assert!(
@@ -859,7 +877,6 @@ impl Swim {
         );
         if state_changed || addr_changed {
             self.view_dirty = true;
-            self.epoch += 1;
         }
         self.enqueue_broadcast(u);
     }

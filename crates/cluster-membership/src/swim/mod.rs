@@ -363,6 +363,11 @@ impl Swim {
     /// are remembered and tried again at each push-pull round while they are not members,
     /// so a partition or a restart of every member heals.
     pub fn join(&mut self, seeds: &[SocketAddr], now: u64) {
+        // Announce this member through gossip too, not only through the seeds' push-pull
+        // (memberlist does the same): members learn of it from whoever it talks to.
+        if !self.broadcasts.iter().any(|b| b.update.id == self.me.id) {
+            self.enqueue_broadcast(self.me.clone());
+        }
         self.seeds = seeds
             .iter()
             .copied()
@@ -521,10 +526,12 @@ impl Swim {
         if now >= self.next_gossip_at {
             self.next_gossip_at = now + ms(self.config.gossip_interval);
             if !self.broadcasts.is_empty() {
+                // Only members that can pass the news on: a dead member would waste one
+                // of an update's few transmissions.
                 let mut targets: Vec<SocketAddr> = self
                     .members
                     .values()
-                    .filter(|r| r.update.state != MemberState::Left)
+                    .filter(|r| r.update.state.owns_keys())
                     .map(|r| r.update.addrs.gossip)
                     .collect();
                 self.rng.shuffle(&mut targets);

@@ -193,3 +193,39 @@ async fn a_sigtermed_gossip_node_leaves_gracefully() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_aware_client_follows_joins_and_deaths_without_requests() {
+    let mut cluster = Cluster::start_gossip(3, &[]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until("3 alive", Duration::from_secs(20), || all_alive(&live, 3)).await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect_cluster(vec![cluster.nodes[0].addr()])
+        .await
+        .expect("cluster client");
+    let owners = |c: &cache_client::ClusterClient| -> Vec<String> {
+        let mut v: Vec<String> = c
+            .members()
+            .into_iter()
+            .filter(|m| m.state.owns_keys())
+            .map(|m| m.id)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(owners(&client), ["node-0", "node-1", "node-2"]);
+    // A join reaches the client through WatchCluster alone: no request is made.
+    cluster.add_gossip_node(&[]);
+    let took = wait_until("client sees node-3", Duration::from_secs(10), || async {
+        owners(&client) == ["node-0", "node-1", "node-2", "node-3"]
+    })
+    .await;
+    eprintln!("the client saw the join {took:?} after node-3 started");
+    // And a death: node-2 leaves the client's ring once the cluster declares it dead.
+    cluster.nodes[2].signal("KILL");
+    wait_until("client drops node-2", Duration::from_secs(20), || async {
+        owners(&client) == ["node-0", "node-1", "node-3"]
+    })
+    .await;
+}

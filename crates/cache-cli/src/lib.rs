@@ -541,7 +541,7 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
             let (fingerprint, epoch, rf) = cluster.ring_summary();
             let rows: Vec<Value> = members
                 .iter()
-                .map(|m| json!({ "id": m.id, "addr": m.addr, "state": m.state.as_str(), "weight": m.weight, "share": m.share }))
+                .map(|m| json!({ "id": m.id, "addr": m.addr, "state": m.state.as_str(), "incarnation": m.incarnation, "weight": m.weight, "share": m.share }))
                 .collect();
             let mut human = String::new();
             if matches!(cli.command, Command::Ring) {
@@ -550,15 +550,16 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
                 ));
             }
             human.push_str(&format!(
-                "{:<16} {:<22} {:<8} {:>6} {:>9}\n",
-                "id", "address", "state", "weight", "key space"
+                "{:<16} {:<22} {:<8} {:>11} {:>6} {:>9}\n",
+                "id", "address", "state", "incarnation", "weight", "key space"
             ));
             for m in &members {
                 human.push_str(&format!(
-                    "{:<16} {:<22} {:<8} {:>6} {:>8.1}%\n",
+                    "{:<16} {:<22} {:<8} {:>11} {:>6} {:>8.1}%\n",
                     m.id,
                     m.addr,
                     m.state,
+                    m.incarnation,
                     m.weight,
                     m.share * 100.0
                 ));

@@ -27,6 +27,8 @@ pub struct ClusterMember {
     pub addr: String,
     /// Its state as the answering node sees it.
     pub state: MemberState,
+    /// Its incarnation (gossip; 0 with static membership).
+    pub incarnation: u64,
     /// Ring weight.
     pub weight: u32,
     /// Its share of the key space as primary (0..1).
@@ -49,6 +51,8 @@ pub struct ClusterClient {
     builder: ClientBuilder,
     seeds: Arc<RwLock<Vec<String>>>,
     view: Arc<RwLock<Arc<View>>>,
+    /// Dropped with the last clone: the watcher task sees its receiver close and stops.
+    _watching: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 impl std::fmt::Debug for ClusterClient {
@@ -71,11 +75,73 @@ impl ClusterClient {
             return Err(Error::Cluster("no seed addresses given".into()));
         }
         let view = Self::fetch_view(&builder, &seeds).await?;
-        Ok(Self {
+        let (watching, alive) = tokio::sync::watch::channel(());
+        let client = Self {
             builder,
             seeds: Arc::new(RwLock::new(seeds)),
             view: Arc::new(RwLock::new(Arc::new(view))),
-        })
+            _watching: Arc::new(watching),
+        };
+        client.spawn_watcher(alive);
+        Ok(client)
+    }
+
+    /// Follows the cluster: a `WatchCluster` stream from one member (or seed) at a time,
+    /// each view swapped in as it arrives; on a broken stream, the next address after a
+    /// short pause. Stops when the last clone of this client is dropped.
+    fn spawn_watcher(&self, mut alive: tokio::sync::watch::Receiver<()>) {
+        let view = Arc::downgrade(&self.view);
+        let seeds = Arc::clone(&self.seeds);
+        let builder = self.builder.clone();
+        tokio::spawn(async move {
+            let mut turn = 0usize;
+            loop {
+                let Some(holder) = view.upgrade() else { return };
+                let mut addrs: Vec<String> = holder
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .members
+                    .iter()
+                    .filter(|m| m.state.owns_keys())
+                    .map(|m| m.addr.clone())
+                    .collect();
+                addrs.extend(
+                    seeds
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .cloned(),
+                );
+                drop(holder);
+                let addr = addrs[turn % addrs.len().max(1)].clone();
+                turn += 1;
+                let watched = async {
+                    let client = builder.clone().retries(0).connect_lazy(addr)?;
+                    let mut stream = client.watch_cluster().await?;
+                    while let Some(info) = stream.message().await.map_err(|s| {
+                        Error::Unavailable(format!("cluster watch ended: {}", s.message()))
+                    })? {
+                        let Some(holder) = view.upgrade() else {
+                            return Ok(());
+                        };
+                        let previous =
+                            Arc::clone(&holder.read().unwrap_or_else(|e| e.into_inner()));
+                        if let Ok(next) = Self::build_view_from(&builder, info, Some(&previous)) {
+                            *holder.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+                        }
+                    }
+                    Ok::<(), Error>(())
+                };
+                tokio::select! {
+                    _ = alive.changed() => return,
+                    _ = watched => {}
+                }
+                tokio::select! {
+                    _ = alive.changed() => return,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+        });
     }
 
     /// Asks each seed in turn for `ClusterInfo` and builds a view from the first answer.
@@ -98,6 +164,16 @@ impl ClusterClient {
     }
 
     fn build_view(builder: &ClientBuilder, info: pb::ClusterInfoResponse) -> Result<View, Error> {
+        Self::build_view_from(builder, info, None)
+    }
+
+    /// Builds a view, reusing `previous`'s connection to each member whose address did not
+    /// change.
+    fn build_view_from(
+        builder: &ClientBuilder,
+        info: pb::ClusterInfoResponse,
+        previous: Option<&View>,
+    ) -> Result<View, Error> {
         if info.ring_format_version != cluster_ring::FORMAT_VERSION {
             return Err(Error::Cluster(format!(
                 "the nodes use ring format {}, this client {}: upgrade the client",
@@ -134,17 +210,26 @@ impl ClusterClient {
         let mut members = Vec::new();
         for m in &info.members {
             // Per-node clients do not retry: failing over to the next replica is faster.
-            nodes.insert(
-                m.id.clone(),
-                builder
+            let reused = previous.and_then(|p| {
+                let same_addr = p
+                    .members
+                    .iter()
+                    .any(|o| o.id == m.id && o.addr == m.rpc_addr);
+                same_addr.then(|| p.nodes.get(&m.id).cloned()).flatten()
+            });
+            let client = match reused {
+                Some(c) => c,
+                None => builder
                     .clone()
                     .retries(0)
                     .connect_lazy(m.rpc_addr.clone())?,
-            );
+            };
+            nodes.insert(m.id.clone(), client);
             members.push(ClusterMember {
                 id: m.id.clone(),
                 addr: m.rpc_addr.clone(),
                 state: member_state(m.state)?,
+                incarnation: m.incarnation,
                 weight: m.weight,
                 share: shares.get(&m.id).copied().unwrap_or(0.0),
             });

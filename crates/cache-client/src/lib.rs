@@ -547,6 +547,18 @@ impl Client {
         })
         .await
     }
+
+    /// The cluster view now, then each time it changes, until the stream ends (the node
+    /// shuts down or the connection breaks). Only the opening call has a deadline.
+    pub async fn watch_cluster(&self) -> Result<tonic::Streaming<pb::ClusterInfoResponse>, Error> {
+        let mut c = self.inner.clone();
+        let t = self.cfg.connect_timeout;
+        match tokio::time::timeout(t, c.watch_cluster(pb::ClusterInfoRequest {})).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(Error::from_status(status, &self.addr, t)),
+            Err(_) => Err(Error::TimedOut(t)),
+        }
+    }
 }
 
 fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {

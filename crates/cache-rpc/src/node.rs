@@ -294,6 +294,7 @@ impl Node {
             requests: AtomicU64::new(0),
             started: Instant::now(),
             request_timeout: config.request_timeout,
+            stopping: CancellationToken::new(),
         });
         Ok(Self {
             shared,
@@ -376,6 +377,7 @@ impl Node {
         // Phase 1 on the shutdown signal: refuse new client requests, fail readiness, keep
         // the connections for the notice period; then close the public listeners.
         {
+            let shared_stopping = shared.stopping.clone();
             let (core, health, public_stop, stop_tasks, membership) = (
                 Arc::clone(&core),
                 health.clone(),
@@ -393,6 +395,7 @@ impl Node {
                     "shutdown requested: refusing new requests, draining in-flight ones"
                 );
                 core.begin_shutdown();
+                shared_stopping.cancel();
                 if gossip_addr.is_some() {
                     // Tell the cluster before the listeners close, so peers stop routing here.
                     if let Err(e) = membership.leave() {

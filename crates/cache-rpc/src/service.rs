@@ -38,6 +38,8 @@ pub struct Shared {
     pub started: Instant,
     /// Longest a client request may take (a shorter `grpc-timeout` wins).
     pub request_timeout: Duration,
+    /// Cancelled when shutdown begins: ends the open `WatchCluster` streams.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Parses a `grpc-timeout` header value (`<up to 8 digits><H|M|S|m|u|n>`).
@@ -278,31 +280,72 @@ impl cache_server::Cache for CacheService {
         _request: tonic::Request<pb::ClusterInfoRequest>,
     ) -> Result<tonic::Response<pb::ClusterInfoResponse>, Status> {
         self.observe(Op::ClusterInfo, async {
-            let state = self.core().ring().load();
-            Ok((
-                pb::ClusterInfoResponse {
-                    node_id: self.core().local_id().to_string(),
-                    members: state
-                        .view
-                        .members
-                        .iter()
-                        .map(|m| pb::Member {
-                            id: m.id.clone(),
-                            rpc_addr: m.rpc_addr.to_string(),
-                            state: cache_proto::convert::member_state_to_pb(m.state),
-                            weight: m.weight,
-                        })
-                        .collect(),
-                    vnodes_per_weight: state.ring.vnodes_per_weight(),
-                    ring_format_version: cluster_ring::FORMAT_VERSION,
-                    ring_fingerprint: state.ring.fingerprint(),
-                    replication_factor: u32::try_from(state.replication_factor).unwrap_or(u32::MAX),
-                    ring_epoch: state.epoch,
-                },
-                "ok",
-            ))
+            Ok((self.cluster_info_of(&self.core().ring().load()), "ok"))
         })
         .await
+    }
+
+    type WatchClusterStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::ClusterInfoResponse, Status>> + Send>,
+    >;
+
+    async fn watch_cluster(
+        &self,
+        _request: tonic::Request<pb::ClusterInfoRequest>,
+    ) -> Result<tonic::Response<Self::WatchClusterStream>, Status> {
+        let changes = self.core().ring().subscribe();
+        let first = self.cluster_info_of(&self.core().ring().load());
+        let stopping = self.shared.stopping.clone();
+        let this = self.clone();
+        let stream = futures_util::stream::unfold(
+            (Some(first), changes, this, stopping),
+            |(first, mut changes, this, stopping)| async move {
+                if let Some(first) = first {
+                    return Some((Ok(first), (None, changes, this, stopping)));
+                }
+                // Ends when the node shuts down, so open watches never hold up shutdown.
+                let next = tokio::select! {
+                    () = stopping.cancelled() => return None,
+                    r = changes.recv() => r,
+                };
+                let info = match next {
+                    Ok(change) => this.cluster_info_of(&change.new),
+                    // Fell behind: the current view says it all.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        this.cluster_info_of(&this.core().ring().load())
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                };
+                Some((Ok(info), (None, changes, this, stopping)))
+            },
+        );
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+impl CacheService {
+    /// `ClusterInfo` of one ring state.
+    fn cluster_info_of(&self, state: &cluster_core::RingState) -> pb::ClusterInfoResponse {
+        pb::ClusterInfoResponse {
+            node_id: self.core().local_id().to_string(),
+            members: state
+                .view
+                .members
+                .iter()
+                .map(|m| pb::Member {
+                    id: m.id.clone(),
+                    rpc_addr: m.rpc_addr.to_string(),
+                    state: cache_proto::convert::member_state_to_pb(m.state),
+                    weight: m.weight,
+                    incarnation: m.incarnation,
+                })
+                .collect(),
+            vnodes_per_weight: state.ring.vnodes_per_weight(),
+            ring_format_version: cluster_ring::FORMAT_VERSION,
+            ring_fingerprint: state.ring.fingerprint(),
+            replication_factor: u32::try_from(state.replication_factor).unwrap_or(u32::MAX),
+            ring_epoch: state.epoch,
+        }
     }
 }
 

@@ -5,8 +5,10 @@
 //! [`Client`] per member. Each request goes to the key's primary — reads too, since the
 //! nodes serve `One` reads at the primary — and, if that node is unreachable, to the next
 //! replica.
-//! Batches are split per primary and sent in parallel. Every answer carries the node's ring
-//! epoch; when it differs from the client's, the client refreshes its view.
+//! Batches are split per primary and sent in parallel. The client keeps a `WatchCluster`
+//! stream open and swaps in every new view as it arrives (joins, deaths, leaves); every
+//! answer also carries the node's ring epoch, and when it differs from the client's, the
+//! client refreshes its view — the fallback if the watch is down.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};

@@ -129,6 +129,22 @@ async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
         "{text}"
     );
     assert_eq!(metric(&text, "cache_members{state=\"alive\"}"), Some(4.0));
+    assert!(metric(&text, "cache_gossip_probes_total").is_some_and(|v| v > 0.0));
+    assert!(metric(&text, "cache_gossip_messages_received_total").is_some_and(|v| v > 0.0));
+    let deaths: f64 = survivors
+        .iter()
+        .map(|n| {
+            let (_, t) = n.http_get("/metrics").expect("metrics");
+            metric(&t, "cache_gossip_deaths_total").unwrap_or(0.0)
+        })
+        .sum();
+    assert!(deaths >= 1.0, "some survivor declared the death itself");
+    assert!(
+        survivors
+            .iter()
+            .any(|n| n.log().contains("member declared dead")),
+        "the death is logged"
+    );
     for n in &survivors {
         for id in ["node-0", "node-1", "node-2", "node-3"] {
             assert_eq!(

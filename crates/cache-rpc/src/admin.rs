@@ -54,6 +54,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     shared
         .metrics
         .publish_membership(&shared.core.ring().load().view, &shared.core.peer_health());
+    if let Some(gossip) = shared.membership.0.gossip_stats() {
+        shared.metrics.publish_gossip(&gossip);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -124,11 +127,12 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
                 ""
             };
             format!(
-                "<tr><td>{}{me}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} %</td></tr>",
+                "<tr><td>{}{me}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} %</td></tr>",
                 escape(&m.id),
                 m.rpc_addr,
                 m.peer_addr,
                 m.state,
+                m.incarnation,
                 shares.get(&m.id).copied().unwrap_or(0.0) * 100.0
             )
         })
@@ -189,7 +193,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 </table>\
 <h2>Cluster</h2>{mismatches}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
 replication drops are counted in <code>cache_replication_dropped_total</code></p>\
-<table><tr><th>member</th><th>address</th><th>peer address</th><th>state</th><th>key space (primary)</th></tr>{members}</table>\
+<table><tr><th>member</th><th>address</th><th>peer address</th><th>state</th><th>incarnation</th><th>key space (primary)</th></tr>{members}</table>\
 <h3>Peer channels</h3><table><tr><th>peer</th><th>calls ok</th><th>failed</th><th>last</th></tr>{peers}</table>\
 <h3>Replication queues</h3><table><tr><th>peer</th><th>depth</th><th>sent</th><th>dropped</th></tr>{queues}</table>\
 <p><a href=\"/metrics\">/metrics</a> · <a href=\"/healthz\">/healthz</a> · <a href=\"/readyz\">/readyz</a></p>\

@@ -101,6 +101,9 @@ pub struct NodeMetrics {
     members: Vec<Gauge>,
     /// `cache_peer_up{peer}`, registered when a peer is first called.
     peer_up: parking_lot::Mutex<std::collections::BTreeMap<String, Gauge>>,
+    /// Gossip counters (gossip membership only): messages and bytes in/out, refused
+    /// messages, probes, suspicions, refutations, deaths, suspicion-to-dead milliseconds.
+    gossip: [Counter; 10],
 }
 
 /// Per-peer replication metric handles.
@@ -204,6 +207,18 @@ impl NodeMetrics {
                 })
                 .collect(),
             peer_up: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+            gossip: [
+                c("cache_gossip_messages_received_total"),
+                c("cache_gossip_bytes_received_total"),
+                c("cache_gossip_messages_refused_total"),
+                c("cache_gossip_messages_sent_total"),
+                c("cache_gossip_bytes_sent_total"),
+                c("cache_gossip_probes_total"),
+                c("cache_gossip_suspicions_total"),
+                c("cache_gossip_refutations_total"),
+                c("cache_gossip_deaths_total"),
+                c("cache_gossip_suspicion_to_dead_milliseconds_total"),
+            ],
             items,
             bytes,
             max_bytes,
@@ -297,6 +312,25 @@ impl NodeMetrics {
             });
             let down = health.unhealthy_until.is_some_and(|t| now < t);
             g.set(if down { 0.0 } else { 1.0 });
+        }
+    }
+
+    /// Copies the gossip protocol's counters (on each scrape).
+    pub fn publish_gossip(&self, s: &cluster_membership::swim::SwimStats) {
+        let values = [
+            s.messages_in,
+            s.bytes_in,
+            s.messages_refused,
+            s.messages_out,
+            s.bytes_out,
+            s.probes,
+            s.suspicions,
+            s.refutations,
+            s.deaths,
+            s.suspicion_to_dead_ms,
+        ];
+        for (counter, v) in self.gossip.iter().zip(values) {
+            counter.absolute(v);
         }
     }
 

@@ -295,6 +295,7 @@ impl Node {
             started: Instant::now(),
             request_timeout: config.request_timeout,
             stopping: CancellationToken::new(),
+            membership: crate::service::MembershipHandle(Arc::clone(&membership)),
         });
         Ok(Self {
             shared,

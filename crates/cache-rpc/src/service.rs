@@ -40,6 +40,20 @@ pub struct Shared {
     pub request_timeout: Duration,
     /// Cancelled when shutdown begins: ends the open `WatchCluster` streams.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// The membership, for its gossip counters.
+    pub membership: MembershipHandle,
+}
+
+/// The node's membership behind a `Debug` name.
+#[derive(Clone)]
+pub struct MembershipHandle(pub Arc<dyn cluster_membership::Membership>);
+
+impl std::fmt::Debug for MembershipHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Membership")
+            .field(&self.0.local_id())
+            .finish()
+    }
 }
 
 /// Parses a `grpc-timeout` header value (`<up to 8 digits><H|M|S|m|u|n>`).

@@ -64,7 +64,8 @@ impl Shared {
             self.send(o);
         }
         if let Some(view) = view {
-            self.views.send_replace(view);
+            let old = self.views.send_replace(view.clone());
+            log_changes(&old, &view);
         }
     }
 
@@ -112,6 +113,34 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener,
         }
     }
     Err(last.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()))
+}
+
+/// One log line per member whose state (or address) changed between two views. Each line
+/// is a real transition, so a flapping member logs at most once per change.
+fn log_changes(old: &MembershipView, new: &MembershipView) {
+    for m in &new.members {
+        match old.member(&m.id) {
+            None => {
+                tracing::info!(member = %m.id, state = %m.state, addr = %m.rpc_addr, "member joined")
+            }
+            Some(o) if o.state != m.state => {
+                if matches!(m.state, crate::MemberState::Dead) {
+                    tracing::warn!(member = %m.id, from = %o.state, incarnation = m.incarnation, "member declared dead");
+                } else {
+                    tracing::info!(member = %m.id, from = %o.state, to = %m.state, incarnation = m.incarnation, "member state changed");
+                }
+            }
+            Some(o) if o.rpc_addr != m.rpc_addr || o.peer_addr != m.peer_addr => {
+                tracing::info!(member = %m.id, addr = %m.rpc_addr, "member changed address");
+            }
+            Some(_) => {}
+        }
+    }
+    for o in &old.members {
+        if new.member(&o.id).is_none() {
+            tracing::info!(member = %o.id, "member forgotten (reaped)");
+        }
+    }
 }
 
 async fn send_stream(to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
@@ -301,6 +330,10 @@ impl Membership for GossipMembership {
 
     fn join(&self) -> Result<(), MembershipError> {
         Ok(())
+    }
+
+    fn gossip_stats(&self) -> Option<SwimStats> {
+        Some(self.stats())
     }
 
     fn leave(&self) -> Result<(), MembershipError> {

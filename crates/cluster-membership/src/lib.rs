@@ -130,6 +130,11 @@ pub trait Membership: Send + Sync + 'static {
 
     /// Announces that the local node is leaving: it is marked `Left` in the view.
     fn leave(&self) -> Result<(), MembershipError>;
+
+    /// Gossip protocol counters, for metrics (`None` for memberships without gossip).
+    fn gossip_stats(&self) -> Option<swim::SwimStats> {
+        None
+    }
 }
 
 /// How far above the client port a member's peer listener is when `--peers` does not name

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cache_core::CacheConfig;
-use cache_rpc::{Consistency, CoreConfig, Limits, MembershipMode, NodeConfig};
+use cache_rpc::{Consistency, CoreConfig, Limits, MembershipMode, NetworkProtocol, NodeConfig};
 use clap::{Parser, ValueEnum};
 use cluster_membership::default_peer_addr;
 use cluster_membership::parse_peers;
@@ -86,8 +86,10 @@ pub(crate) struct Args {
     /// must get the same list. Empty: a single node.
     #[arg(long, env = "CACHE_PEERS")]
     peers: Option<String>,
-    /// How members find each other: `static` (--peers, or a single node) or `gossip`
-    /// (SWIM: --join seeds, failure detection) [default: static].
+    /// How members find each other: `static` (--peers, or a single node), `gossip` (SWIM:
+    /// --join seeds, failure detection, no single point of failure) or `coordinator` (one
+    /// node keeps the list: started without --coordinator it is the coordinator; the others
+    /// give --coordinator) [default: static].
     #[arg(long, env = "CACHE_MEMBERSHIP")]
     membership: Option<String>,
     /// Gossip listen address, UDP and TCP (gossip only) [default: the --listen IP, port +
@@ -98,6 +100,10 @@ pub(crate) struct Args {
     /// are resolved again at every attempt. Empty: this node starts a new cluster.
     #[arg(long, env = "CACHE_JOIN")]
     join: Option<String>,
+    /// The coordinator's gossip address, host:port (coordinator membership only); without
+    /// it this node is the coordinator.
+    #[arg(long, env = "CACHE_COORDINATOR")]
+    coordinator: Option<String>,
     /// Only nodes with the same cluster name form a cluster (gossip only)
     /// [default: cache-cluster].
     #[arg(long, env = "CACHE_CLUSTER_NAME")]
@@ -157,6 +163,7 @@ struct FileConfig {
     membership: Option<String>,
     gossip_listen: Option<SocketAddr>,
     join: Option<String>,
+    coordinator: Option<String>,
     cluster_name: Option<String>,
     advertise: Option<std::net::IpAddr>,
     replication_factor: Option<usize>,
@@ -300,10 +307,21 @@ impl Args {
             .as_deref()
         {
             None | Some("static") => MembershipMode::Static,
-            Some("gossip") => {
+            Some(mode @ ("gossip" | "coordinator")) => {
                 if !peers.is_empty() {
-                    bail!("--peers is for static membership; with gossip, name seeds with --join");
+                    bail!(
+                        "--peers is for static membership; with {mode}, name seeds with --join or --coordinator"
+                    );
                 }
+                let coordinator = self.coordinator.or(file.coordinator);
+                let protocol = if mode == "gossip" {
+                    if coordinator.is_some() {
+                        bail!("--coordinator is for --membership coordinator");
+                    }
+                    NetworkProtocol::Gossip
+                } else {
+                    NetworkProtocol::Coordinator { coordinator }
+                };
                 let listen = match self.gossip_listen.or(file.gossip_listen) {
                     Some(a) => a,
                     None if listen.port() == 0 => SocketAddr::new(listen.ip(), 0),
@@ -331,14 +349,15 @@ impl Args {
                 if cluster_name.len() > 64 {
                     bail!("cluster-name must be at most 64 bytes");
                 }
-                MembershipMode::Gossip {
+                MembershipMode::Network {
+                    protocol,
                     listen,
                     join,
                     cluster_name,
                     advertise: self.advertise.or(file.advertise),
                 }
             }
-            Some(other) => bail!("membership: {other:?} is not static or gossip"),
+            Some(other) => bail!("membership: {other:?} is not static, gossip or coordinator"),
         };
         let node = NodeConfig {
             membership,

@@ -245,3 +245,60 @@ async fn a_ring_aware_client_follows_joins_and_deaths_without_requests() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_members_register_detect_a_kill_and_admit_a_new_node() {
+    let mut cluster = Cluster::start_coordinated(4, &[]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until("4 registered everywhere", Duration::from_secs(20), || {
+        all_alive(&live, 4)
+    })
+    .await;
+    cluster.nodes[3].signal("KILL");
+    let took = wait_until(
+        "node-3 dead everywhere",
+        Duration::from_secs(20),
+        || async {
+            for n in &cluster.nodes[..3] {
+                if state_of(n, "node-3").await != Some(MemberState::Dead) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    eprintln!("coordinator mode: kill -9 seen dead everywhere after {took:?}");
+    cluster.add_gossip_node(&[]);
+    wait_until(
+        "node-4 registered everywhere",
+        Duration::from_secs(20),
+        || async {
+            for i in [0, 1, 2, 4] {
+                if state_of(&cluster.nodes[i], "node-4").await != Some(MemberState::Alive) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    // The coordinator dies: members keep serving with their last view, and say so.
+    cluster.nodes[0].signal("KILL");
+    wait_until(
+        "coordinator reported down",
+        Duration::from_secs(20),
+        || async {
+            let (_, text) = cluster.nodes[1].http_get("/metrics").expect("metrics");
+            metric(&text, "cache_coordinator_up") == Some(0.0)
+        },
+    )
+    .await;
+    assert_eq!(
+        state_of(&cluster.nodes[1], "node-2").await,
+        Some(MemberState::Alive)
+    );
+    let (_, status) = cluster.nodes[1].http_get("/status").expect("status");
+    assert!(status.contains("COORDINATOR UNREACHABLE"), "{status}");
+    assert!(cluster.nodes[1].log().contains("coordinator unreachable"));
+}

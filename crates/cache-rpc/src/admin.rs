@@ -57,6 +57,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     if let Some(gossip) = shared.membership.0.gossip_stats() {
         shared.metrics.publish_gossip(&gossip);
     }
+    if let Some(up) = shared.membership.0.coordinator_up() {
+        shared.metrics.publish_coordinator(up);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -164,6 +167,12 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
             )
         })
         .collect();
+    let coordinator = match shared.membership.0.coordinator_up() {
+        Some(false) => {
+            "<p><b>COORDINATOR UNREACHABLE</b>: this node keeps its last member list until the coordinator is back (coordinator membership has a single point of failure; gossip does not).</p>"
+        }
+        _ => "",
+    };
     let mismatches: String = cluster
         .mismatches()
         .iter()
@@ -191,7 +200,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 <tr><th>evictions</th><td>{evictions}</td></tr>\
 <tr><th>expirations</th><td>{expired}</td></tr>\
 </table>\
-<h2>Cluster</h2>{mismatches}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
+<h2>Cluster</h2>{coordinator}{mismatches}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
 replication drops are counted in <code>cache_replication_dropped_total</code></p>\
 <table><tr><th>member</th><th>address</th><th>peer address</th><th>state</th><th>incarnation</th><th>key space (primary)</th></tr>{members}</table>\
 <h3>Peer channels</h3><table><tr><th>peer</th><th>calls ok</th><th>failed</th><th>last</th></tr>{peers}</table>\

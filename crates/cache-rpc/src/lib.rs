@@ -25,6 +25,6 @@ pub mod transport;
 pub mod wire;
 
 pub use cluster_core::{Consistency, CoreConfig, Limits};
-pub use node::{MembershipMode, Node, NodeConfig, NodeError};
+pub use node::{MembershipMode, NetworkProtocol, Node, NodeConfig, NodeError};
 pub use service::{CacheService, PeerService};
 pub use transport::GrpcTransport;

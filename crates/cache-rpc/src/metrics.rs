@@ -104,6 +104,8 @@ pub struct NodeMetrics {
     /// Gossip counters (gossip membership only): messages and bytes in/out, refused
     /// messages, probes, suspicions, refutations, deaths, suspicion-to-dead milliseconds.
     gossip: [Counter; 10],
+    /// `cache_coordinator_up`: 1 while the coordinator is reachable (coordinator mode).
+    coordinator_up: Gauge,
 }
 
 /// Per-peer replication metric handles.
@@ -219,6 +221,7 @@ impl NodeMetrics {
                 c("cache_gossip_deaths_total"),
                 c("cache_gossip_suspicion_to_dead_milliseconds_total"),
             ],
+            coordinator_up: g("cache_coordinator_up"),
             items,
             bytes,
             max_bytes,
@@ -313,6 +316,11 @@ impl NodeMetrics {
             let down = health.unhealthy_until.is_some_and(|t| now < t);
             g.set(if down { 0.0 } else { 1.0 });
         }
+    }
+
+    /// Whether the coordinator is reachable (coordinator membership; on each scrape).
+    pub fn publish_coordinator(&self, up: bool) {
+        self.coordinator_up.set(if up { 1.0 } else { 0.0 });
     }
 
     /// Copies the gossip protocol's counters (on each scrape).

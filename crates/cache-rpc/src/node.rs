@@ -26,7 +26,10 @@ use cache_proto::peer::v1::peer_server::PeerServer;
 use cache_proto::v1::cache_server::CacheServer;
 use cluster_core::{Coordinator, CoreConfig, Limits, NodeClock, RingView, Store};
 use cluster_membership::swim::{Addrs, SwimConfig, Update};
-use cluster_membership::{GossipConfig, GossipMembership, Membership, PeerSpec, StaticMembership};
+use cluster_membership::{
+    GossipConfig, GossipMembership, Membership, PeerSpec, ProtocolConfig, RegistryConfig,
+    StaticMembership,
+};
 use cluster_ring::NodeId;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -44,9 +47,11 @@ pub enum MembershipMode {
     /// The member list given at start-up (`--peers`; a single node without it).
     #[default]
     Static,
-    /// SWIM gossip: members find each other through seeds and detect failures.
-    Gossip {
-        /// Where to listen for gossip (UDP, and TCP for push-pull; port 0 picks one).
+    /// Members find each other over the network (`--membership gossip|coordinator`).
+    Network {
+        /// SWIM gossip, or a coordinator's registry.
+        protocol: NetworkProtocol,
+        /// Where to listen (UDP, and TCP for whole lists; port 0 picks one).
         listen: SocketAddr,
         /// Seed members' gossip addresses (`host:port`), resolved at every attempt.
         join: Vec<String>,
@@ -55,6 +60,19 @@ pub enum MembershipMode {
         /// The IP others should use to reach this node (all three addresses), when the
         /// listeners bind a wildcard address.
         advertise: Option<std::net::IpAddr>,
+    },
+}
+
+/// The network membership protocols.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkProtocol {
+    /// SWIM gossip: no single point of failure.
+    Gossip,
+    /// A coordinator's registry: `coordinator` is its gossip address (`host:port`), or
+    /// `None` on the coordinator itself.
+    Coordinator {
+        /// The coordinator's address; `None`: this node is the coordinator.
+        coordinator: Option<String>,
     },
 }
 
@@ -215,7 +233,8 @@ impl Node {
                 &config.node_id,
                 config.peers.clone(),
             )?),
-            MembershipMode::Gossip {
+            MembershipMode::Network {
+                protocol,
                 listen,
                 join,
                 cluster_name,
@@ -251,9 +270,20 @@ impl Node {
                     },
                     bind: *listen,
                     join: join.clone(),
-                    swim: SwimConfig {
-                        cluster_name: cluster_name.clone(),
-                        ..SwimConfig::default()
+                    protocol: match protocol {
+                        NetworkProtocol::Gossip => ProtocolConfig::Swim(SwimConfig {
+                            cluster_name: cluster_name.clone(),
+                            ..SwimConfig::default()
+                        }),
+                        NetworkProtocol::Coordinator { coordinator } => {
+                            ProtocolConfig::Coordinator {
+                                config: RegistryConfig {
+                                    cluster_name: cluster_name.clone(),
+                                    ..RegistryConfig::default()
+                                },
+                                coordinator: coordinator.clone(),
+                            }
+                        }
                     },
                 })
                 .await?;

@@ -243,6 +243,8 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 pub struct Cluster {
     /// The nodes, `node-0` … `node-{n-1}`.
     pub nodes: Vec<NodeProcess>,
+    /// `static`, `gossip` or `coordinator`.
+    mode: &'static str,
 }
 
 impl Cluster {
@@ -307,7 +309,10 @@ impl Cluster {
                 }
             }
             if nodes.len() == n {
-                return Self { nodes };
+                return Self {
+                    nodes,
+                    mode: "static",
+                };
             }
         }
         panic!("could not start a {n}-node cluster in 5 attempts; last error: {last}");
@@ -317,33 +322,57 @@ impl Cluster {
     /// `node-0` starts the cluster, the others join through it. Waits until each is ready
     /// (not until they see each other: tests poll for that).
     pub fn start_gossip(n: usize, args: &[&str]) -> Self {
-        let mut cluster = Self { nodes: Vec::new() };
+        Self::start_network("gossip", n, args)
+    }
+
+    /// Like [`Cluster::start_gossip`] with `--membership coordinator`: `node-0` is the
+    /// coordinator, the others name it with `--coordinator`.
+    pub fn start_coordinated(n: usize, args: &[&str]) -> Self {
+        Self::start_network("coordinator", n, args)
+    }
+
+    fn start_network(mode: &'static str, n: usize, args: &[&str]) -> Self {
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            mode,
+        };
         for _ in 0..n {
             cluster.add_gossip_node(args);
         }
         cluster
     }
 
-    /// Starts one more gossip node, `node-{len}`, joining through `node-0`.
+    /// Starts one more node, `node-{len}`, with the cluster's network membership (gossip by
+    /// default), joining through `node-0` (or naming it as the coordinator).
     pub fn add_gossip_node(&mut self, args: &[&str]) -> &NodeProcess {
         let id = format!("node-{}", self.nodes.len());
-        let join = self
+        let first = self
             .nodes
             .first()
             .and_then(|n| n.gossip)
             .map(|a| a.to_string());
+        let mode = if self.mode == "coordinator" {
+            "coordinator"
+        } else {
+            "gossip"
+        };
         let mut full = vec![
             "--node-id",
             &id,
             "--membership",
-            "gossip",
+            mode,
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
         ];
-        if let Some(join) = &join {
-            full.extend_from_slice(&["--join", join]);
+        if let Some(first) = &first {
+            let flag = if mode == "coordinator" {
+                "--coordinator"
+            } else {
+                "--join"
+            };
+            full.extend_from_slice(&[flag, first]);
         }
         full.extend_from_slice(args);
         self.nodes

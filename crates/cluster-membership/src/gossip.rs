@@ -1,6 +1,7 @@
-//! [`GossipMembership`]: the [`Swim`] state machine driven over the network — datagrams over
-//! UDP, push-pull (whole member lists) over TCP on the same port — publishing every view
-//! change through the [`Membership`] watch.
+//! [`GossipMembership`]: a membership [`Protocol`] — SWIM gossip ([`Swim`]) or coordinator
+//! membership ([`Registry`]) — driven over the network: datagrams over UDP, push-pull (whole
+//! member lists) over TCP on the same port; every view change is published through the
+//! [`Membership`] watch.
 //!
 //! Three owned tasks: the UDP receiver, the TCP acceptor, and the timer (sleeps until
 //! [`Swim::next_wakeup`]). A fourth retries joining — resolving the `--join` host names
@@ -18,9 +19,25 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::registry::{Registry, RegistryConfig};
 use crate::swim::wire::MAX_MESSAGE_BYTES;
 use crate::swim::{Outgoing, Swim, SwimConfig, SwimStats, Update};
-use crate::{Membership, MembershipError, MembershipView};
+use crate::{Membership, MembershipError, MembershipView, Protocol};
+
+/// Which protocol the runtime drives.
+#[derive(Debug, Clone)]
+pub enum ProtocolConfig {
+    /// SWIM gossip.
+    Swim(SwimConfig),
+    /// Coordinator membership: `coordinator` is the coordinator's gossip address
+    /// (`host:port`, resolved at start), or `None` on the coordinator itself.
+    Coordinator {
+        /// Settings.
+        config: RegistryConfig,
+        /// The coordinator's gossip address; `None`: this node is the coordinator.
+        coordinator: Option<String>,
+    },
+}
 
 /// How long one reliable (TCP) send may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,13 +53,13 @@ pub struct GossipConfig {
     pub bind: SocketAddr,
     /// Seed members' gossip addresses (`host:port`), resolved at every attempt.
     pub join: Vec<String>,
-    /// Protocol settings.
-    pub swim: SwimConfig,
+    /// The protocol and its settings.
+    pub protocol: ProtocolConfig,
 }
 
 /// Shared state of the tasks.
 struct Shared {
-    swim: Mutex<Swim>,
+    swim: Mutex<Box<dyn Protocol>>,
     udp: UdpSocket,
     start: Instant,
     views: watch::Sender<MembershipView>,
@@ -206,8 +223,38 @@ impl GossipMembership {
             });
         }
         let gossip_addr = identity.addrs.gossip;
-        let seed = crate::swim_seed(&identity.id);
-        let swim = Swim::new(config.swim.clone(), identity.clone(), seed, 0);
+        let swim: Box<dyn Protocol> = match &config.protocol {
+            ProtocolConfig::Swim(swim) => Box::new(Swim::new(
+                swim.clone(),
+                identity.clone(),
+                crate::swim_seed(&identity.id),
+                0,
+            )),
+            ProtocolConfig::Coordinator {
+                config: registry,
+                coordinator,
+            } => {
+                let coordinator = match coordinator {
+                    None => None,
+                    Some(host) => Some(
+                        tokio::net::lookup_host(host.as_str())
+                            .await
+                            .ok()
+                            .and_then(|mut a| a.next())
+                            .ok_or_else(|| MembershipError::BadPeer {
+                                entry: host.clone(),
+                                reason: "cannot resolve the coordinator's address".into(),
+                            })?,
+                    ),
+                };
+                Box::new(Registry::new(
+                    registry.clone(),
+                    identity.clone(),
+                    coordinator,
+                    0,
+                ))
+            }
+        };
         let (views, _) = watch::channel(swim.view());
         let shared = Arc::new(Shared {
             swim: Mutex::new(swim),
@@ -334,6 +381,10 @@ impl Membership for GossipMembership {
 
     fn gossip_stats(&self) -> Option<SwimStats> {
         Some(self.stats())
+    }
+
+    fn coordinator_up(&self) -> Option<bool> {
+        self.shared.swim.lock().coordinator_up()
     }
 
     fn leave(&self) -> Result<(), MembershipError> {

@@ -27,9 +27,77 @@
 #![forbid(unsafe_code)]
 
 pub mod gossip;
+pub mod registry;
 pub mod swim;
 
-pub use gossip::{GossipConfig, GossipMembership};
+pub use gossip::{GossipConfig, GossipMembership, ProtocolConfig};
+pub use registry::{Registry, RegistryConfig};
+
+/// A membership protocol as a sans-I/O state machine: fed received bytes and the time,
+/// it returns messages to send and publishes views. [`swim::Swim`] (gossip) and
+/// [`Registry`] (coordinator) implement it; [`GossipMembership`] drives either over the
+/// network, and tests drive them over simulated ones.
+pub trait Protocol: Send + std::fmt::Debug + 'static {
+    /// Handles received bytes; a refused message changes nothing.
+    fn handle_message(&mut self, bytes: &[u8], now: u64) -> Result<(), swim::DecodeError>;
+    /// Advances timers to `now` (milliseconds).
+    fn tick(&mut self, now: u64);
+    /// The latest time `tick` should be called next.
+    fn next_wakeup(&self) -> u64;
+    /// Messages to send now.
+    fn drain_outgoing(&mut self) -> Vec<swim::Outgoing>;
+    /// The view, if it changed since the last call.
+    fn take_view_change(&mut self) -> Option<MembershipView>;
+    /// The current view.
+    fn view(&self) -> MembershipView;
+    /// Starts joining through `seeds`.
+    fn join(&mut self, seeds: &[std::net::SocketAddr], now: u64);
+    /// Leaves gracefully.
+    fn leave(&mut self, now: u64);
+    /// Counters.
+    fn stats(&self) -> swim::SwimStats;
+    /// Whether the coordinator is reachable (`None` for protocols without one).
+    fn coordinator_up(&self) -> Option<bool> {
+        None
+    }
+}
+
+/// A view of `updates`, with an epoch that is a hash of what routing depends on — the
+/// key-owning members with their addresses and weights — so two nodes that agree report
+/// the same epoch and a client can compare the epochs of any two nodes (a per-node counter
+/// would differ between nodes that agree, and make ring-aware clients refresh on every
+/// answer).
+pub fn view_of(mut updates: Vec<swim::Update>) -> MembershipView {
+    updates.sort_by(|a, b| a.id.cmp(&b.id));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for u in updates.iter().filter(|u| u.state.owns_keys()) {
+        eat(u.id.as_bytes());
+        eat(&[0xff]);
+        eat(u.addrs.rpc.to_string().as_bytes());
+        eat(u.addrs.peer.to_string().as_bytes());
+        eat(&u.weight.to_be_bytes());
+    }
+    MembershipView {
+        // Never 0 (clients read 0 as "unknown"), and within i64 for JSON consumers.
+        epoch: (h >> 1).max(1),
+        members: updates
+            .into_iter()
+            .map(|u| Member {
+                id: u.id,
+                rpc_addr: u.addrs.rpc,
+                peer_addr: u.addrs.peer,
+                state: u.state,
+                incarnation: u.incarnation,
+                weight: u.weight,
+            })
+            .collect(),
+    }
+}
 
 use std::net::SocketAddr;
 
@@ -133,6 +201,11 @@ pub trait Membership: Send + Sync + 'static {
 
     /// Gossip protocol counters, for metrics (`None` for memberships without gossip).
     fn gossip_stats(&self) -> Option<swim::SwimStats> {
+        None
+    }
+
+    /// Whether the coordinator is reachable (`None` unless coordinator membership).
+    fn coordinator_up(&self) -> Option<bool> {
         None
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cache_types::MemberState;
 use cluster_membership::swim::{Addrs, SwimConfig, Update};
-use cluster_membership::{GossipConfig, GossipMembership, Membership};
+use cluster_membership::{GossipConfig, GossipMembership, Membership, ProtocolConfig};
 
 fn config(i: usize, join: Vec<String>) -> GossipConfig {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
@@ -26,13 +26,13 @@ fn config(i: usize, join: Vec<String>) -> GossipConfig {
         },
         bind: any,
         join,
-        swim: SwimConfig {
+        protocol: ProtocolConfig::Swim(SwimConfig {
             cluster_name: "test".into(),
             probe_interval: Duration::from_millis(200),
             probe_timeout: Duration::from_millis(80),
             gossip_interval: Duration::from_millis(50),
             ..SwimConfig::default()
-        },
+        }),
     }
 }
 
@@ -129,4 +129,66 @@ async fn a_bad_join_address_is_retried_not_fatal() {
         || sees(&late, "g0", MemberState::Alive) && sees(&seed, "g1", MemberState::Alive),
     )
     .await;
+}
+
+fn coordinator_config(i: usize, coordinator: Option<String>) -> GossipConfig {
+    let mut c = config(i, Vec::new());
+    c.protocol = ProtocolConfig::Coordinator {
+        config: cluster_membership::RegistryConfig {
+            cluster_name: "test".into(),
+            heartbeat_interval: Duration::from_millis(100),
+            dead_after: Duration::from_millis(600),
+            ..cluster_membership::RegistryConfig::default()
+        },
+        coordinator,
+    };
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_membership_registers_detects_and_survives_its_coordinator() {
+    let coordinator = GossipMembership::start(coordinator_config(0, None))
+        .await
+        .expect("coordinator starts");
+    let addr = Some(coordinator.gossip_addr().to_string());
+    let mut members = Vec::new();
+    for i in 1..4 {
+        members.push(
+            GossipMembership::start(coordinator_config(i, addr.clone()))
+                .await
+                .expect("member starts"),
+        );
+    }
+    let all_alive = |m: &GossipMembership| {
+        let s = states(m);
+        s.len() == 4 && s.iter().all(|(_, st)| *st == MemberState::Alive)
+    };
+    wait_for("4 registered everywhere", Duration::from_secs(10), || {
+        all_alive(&coordinator) && members.iter().all(&all_alive)
+    })
+    .await;
+    assert_eq!(members[0].coordinator_up(), Some(true));
+
+    // A member stops heartbeating: the coordinator marks it dead and tells the others.
+    drop(members.pop());
+    wait_for("g3 dead everywhere", Duration::from_secs(10), || {
+        sees(&coordinator, "g3", MemberState::Dead)
+            && members.iter().all(|m| sees(m, "g3", MemberState::Dead))
+    })
+    .await;
+
+    // The coordinator dies: members keep their last view and report it.
+    drop(coordinator);
+    wait_for("coordinator reported down", Duration::from_secs(10), || {
+        members.iter().all(|m| m.coordinator_up() == Some(false))
+    })
+    .await;
+    assert!(
+        sees(&members[0], "g1", MemberState::Alive),
+        "the last view is kept"
+    );
+    assert!(
+        sees(&members[0], "g0", MemberState::Alive),
+        "the last view is kept"
+    );
 }

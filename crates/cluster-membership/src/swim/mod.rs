@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use cache_types::MemberState;
 
-use crate::{Member, MembershipView};
+use crate::MembershipView;
 pub use wire::{Addrs, Body, DecodeError, Message, Update};
 
 /// Protocol settings. The defaults suit a LAN (memberlist's LAN profile, with a shorter
@@ -304,45 +304,10 @@ impl Swim {
         self.members.get(id).map(|r| r.update.state)
     }
 
-    /// The current view (members sorted by id). Its epoch is a hash of what routing depends
-    /// on — the key-owning members with their addresses and weights — so two nodes that
-    /// agree report the same epoch and a client can compare the epochs of any two nodes
-    /// (a per-node counter would differ between nodes that agree, and make ring-aware
-    /// clients refresh on every answer).
+    /// The current view (members sorted by id), with a content epoch (see
+    /// [`crate::view_of`]).
     pub fn view(&self) -> MembershipView {
-        MembershipView {
-            epoch: self.content_epoch(),
-            members: self
-                .updates()
-                .into_iter()
-                .map(|u| Member {
-                    id: u.id,
-                    rpc_addr: u.addrs.rpc,
-                    peer_addr: u.addrs.peer,
-                    state: u.state,
-                    incarnation: u.incarnation,
-                    weight: u.weight,
-                })
-                .collect(),
-        }
-    }
-
-    fn content_epoch(&self) -> u64 {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |bytes: &[u8]| {
-            for b in bytes {
-                h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-            }
-        };
-        for u in self.updates().iter().filter(|u| u.state.owns_keys()) {
-            eat(u.id.as_bytes());
-            eat(&[0xff]);
-            eat(u.addrs.rpc.to_string().as_bytes());
-            eat(u.addrs.peer.to_string().as_bytes());
-            eat(&u.weight.to_be_bytes());
-        }
-        // Never 0 (clients read 0 as "unknown"), and within i64 for JSON consumers.
-        (h >> 1).max(1)
+        crate::view_of(self.updates())
     }
 
     /// The view, if it changed since the last call.
@@ -906,5 +871,43 @@ impl Swim {
             self.enqueue_broadcast(self.me.clone());
             self.view_dirty = true;
         }
+    }
+}
+
+impl crate::Protocol for Swim {
+    fn handle_message(&mut self, bytes: &[u8], now: u64) -> Result<(), DecodeError> {
+        Swim::handle_message(self, bytes, now)
+    }
+
+    fn tick(&mut self, now: u64) {
+        Swim::tick(self, now);
+    }
+
+    fn next_wakeup(&self) -> u64 {
+        Swim::next_wakeup(self)
+    }
+
+    fn drain_outgoing(&mut self) -> Vec<Outgoing> {
+        Swim::drain_outgoing(self)
+    }
+
+    fn take_view_change(&mut self) -> Option<MembershipView> {
+        Swim::take_view_change(self)
+    }
+
+    fn view(&self) -> MembershipView {
+        Swim::view(self)
+    }
+
+    fn join(&mut self, seeds: &[SocketAddr], now: u64) {
+        Swim::join(self, seeds, now);
+    }
+
+    fn leave(&mut self, now: u64) {
+        Swim::leave(self, now);
+    }
+
+    fn stats(&self) -> SwimStats {
+        Swim::stats(self)
     }
 }

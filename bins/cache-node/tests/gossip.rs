@@ -302,3 +302,53 @@ async fn coordinator_members_register_detect_a_kill_and_admit_a_new_node() {
     assert!(status.contains("COORDINATOR UNREACHABLE"), "{status}");
     assert!(cluster.nodes[1].log().contains("coordinator unreachable"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_starved_cluster_declares_nobody_dead() {
+    let cluster = Cluster::start_gossip(3, &[]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until("3 alive", Duration::from_secs(20), || all_alive(&live, 3)).await;
+    // A busy loop on every core beside the nodes, for 60 s.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let burners: Vec<_> = (0..cores)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut checks = 0;
+    while Instant::now() < until {
+        for n in &cluster.nodes {
+            for (id, state) in view(n).await {
+                assert!(
+                    matches!(state, MemberState::Alive | MemberState::Suspect),
+                    "{id} declared {state:?} while the CPU was starved"
+                );
+            }
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for b in burners {
+        b.join().expect("burner");
+    }
+    let refutations: f64 = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            let (_, t) = n.http_get("/metrics").expect("metrics");
+            metric(&t, "cache_gossip_refutations_total").unwrap_or(0.0)
+        })
+        .sum();
+    eprintln!(
+        "60 s of starved CPU: {checks} checks, nobody dead, {refutations} refuted suspicions"
+    );
+}

@@ -6,6 +6,8 @@
 //!   lru+Mutex, then one table of ratios.
 //! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
 //! - `cargo xtask bench cluster`: a 3-node cluster: smart vs one-address client, RF 1 vs 3.
+//! - `cargo xtask bench pause`: `QUORUM` latency with one of 3 replicas SIGSTOPped vs all
+//!   healthy, same run.
 //! - `cargo xtask cluster up N`: N local nodes (gRPC 127.0.0.1:7000.., admin :7080..) that
 //!   know each other; Ctrl-C stops them all.
 //! - `cargo xtask bench net [--baseline BIN]`: cache-node against redis-server over loopback,
@@ -35,12 +37,13 @@ fn main() -> Result<()> {
         ["bench", "net"] => net::bench_net(None),
         ["bench", "net", "--baseline", bin] => net::bench_net(Some(bin)),
         ["bench", "cluster"] => net::bench_cluster(),
+        ["bench", "pause"] => net::bench_pause(),
         ["cluster", "up", n] => cluster_up(n.parse().context("cluster up N: N is a number")?),
         ["sim", "--seeds", n] => sim(n, "0"),
         ["sim", "--seeds", n, "--start", s] | ["sim", "--start", s, "--seeds", n] => sim(n, s),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench engine | bench ring | bench net [--baseline BIN] | bench cluster | cluster up N | sim --seeds N [--start S]"
+                "usage: cargo xtask ci | bench engine | bench ring | bench net [--baseline BIN] | bench cluster | bench pause | cluster up N | sim --seeds N [--start S]"
             );
             bail!("unknown task {args:?}")
         }

@@ -398,3 +398,66 @@ pub(crate) fn bench_cluster() -> Result<()> {
     );
     Ok(())
 }
+
+/// `QUORUM` latency with one replica paused (SIGSTOP) against all healthy, same run: a
+/// 3-node cluster with RF 3, requests through node-0 (which forwards and coordinates), a
+/// 1:1 get:set mix at `--consistency quorum`; then node-2 is stopped and the same load runs
+/// again.
+pub(crate) fn bench_pause() -> Result<()> {
+    let node_bin = build_release()?;
+    let (guards, addrs) = start_cluster(&node_bin, 3, 3)?;
+    let target = format!("grpc://{}", addrs[0]);
+    let common = [
+        "--keys",
+        "20000",
+        "--value-size",
+        "64",
+        "--concurrency",
+        "16",
+        "--connections",
+        "2",
+        "--ratio",
+        "1:1",
+        "--consistency",
+        "quorum",
+        "--duration",
+        "8s",
+        "--warmup",
+        "2s",
+    ];
+    let mut first: Vec<&str> = common.to_vec();
+    first.push("--prefill");
+    let healthy = bench(&target, &first)?;
+    let paused_pid = guards[2].0.id().to_string();
+    let stop = Command::new("kill").args(["-STOP", &paused_pid]).status()?;
+    if !stop.success() {
+        bail!("could not SIGSTOP node-2");
+    }
+    let paused = bench(&target, &common);
+    let _ = Command::new("kill").args(["-CONT", &paused_pid]).status();
+    let paused = paused?;
+    drop(guards);
+    println!(
+        "\nQUORUM reads and writes (1:1) through node-0 of 3 (RF 3), 16 in flight: all healthy vs node-2 SIGSTOPped\n"
+    );
+    println!("| scenario | keys/s | get p99 ms | set p99 ms | get max ms | set max ms | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (name, v) in [("all healthy", &healthy), ("node-2 paused", &paused)] {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.3} | {:.1} | {:.1} | {:.0} |",
+            f(v, &["keys_per_second"]),
+            f(v, &["get", "p99_ms"]),
+            f(v, &["set", "p99_ms"]),
+            f(v, &["get", "max_ms"]),
+            f(v, &["set", "max_ms"]),
+            f(v, &["errors"]),
+        );
+    }
+    println!(
+        "\npaused ÷ healthy: get p99 {:.2}, set p99 {:.2}, throughput {:.2}",
+        f(&paused, &["get", "p99_ms"]) / f(&healthy, &["get", "p99_ms"]),
+        f(&paused, &["set", "p99_ms"]) / f(&healthy, &["set", "p99_ms"]),
+        f(&paused, &["keys_per_second"]) / f(&healthy, &["keys_per_second"]),
+    );
+    Ok(())
+}

@@ -67,6 +67,10 @@ struct Args {
     /// Per-request deadline.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Consistency of gRPC reads and writes: `one`, `quorum` or `all` [default: the node's
+    /// default for writes, the primary for reads].
+    #[arg(long)]
+    consistency: Option<cache_types::Consistency>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -148,17 +152,23 @@ enum Conn {
 }
 
 impl Conn {
-    async fn open(target: &str, timeout: Duration) -> Result<Self> {
+    async fn open(
+        target: &str,
+        timeout: Duration,
+        consistency: Option<cache_types::Consistency>,
+    ) -> Result<Self> {
+        let mut builder = cache_client::Client::builder().timeout(timeout);
+        if let Some(c) = consistency {
+            builder = builder.write_consistency(c).read_consistency(c);
+        }
         if let Some(seeds) = target.strip_prefix("grpc+cluster://") {
-            let client = cache_client::Client::builder()
-                .timeout(timeout)
+            let client = builder
                 .connect_cluster(seeds.split(','))
                 .await
                 .with_context(|| format!("connecting to the cluster {target}"))?;
             Ok(Self::Cluster(client))
         } else if let Some(addr) = target.strip_prefix("grpc://") {
-            let client = cache_client::Client::builder()
-                .timeout(timeout)
+            let client = builder
                 .retries(0)
                 .connect(addr)
                 .await
@@ -396,7 +406,7 @@ async fn main() -> Result<()> {
     }
     let mut conns = Vec::new();
     for _ in 0..args.connections {
-        conns.push(Conn::open(&args.target, args.timeout).await?);
+        conns.push(Conn::open(&args.target, args.timeout, args.consistency).await?);
     }
     if args.prefill {
         let t = Instant::now();
@@ -479,8 +489,8 @@ async fn main() -> Result<()> {
         "get_hit_ratio": if total.get.is_empty() { 0.0 } else { total.hits as f64 / (total.get.len() as f64 * args.batch as f64) },
         "errors": total.errors,
         "first_error": total.first_error,
-        "get": { "count": total.get.len(), "p50_ms": percentile_ms(&total.get, 0.5), "p99_ms": percentile_ms(&total.get, 0.99), "p999_ms": percentile_ms(&total.get, 0.999) },
-        "set": { "count": total.set.len(), "p50_ms": percentile_ms(&total.set, 0.5), "p99_ms": percentile_ms(&total.set, 0.99), "p999_ms": percentile_ms(&total.set, 0.999) },
+        "get": { "count": total.get.len(), "p50_ms": percentile_ms(&total.get, 0.5), "p99_ms": percentile_ms(&total.get, 0.99), "p999_ms": percentile_ms(&total.get, 0.999), "max_ms": total.get.max() as f64 / 1000.0 },
+        "set": { "count": total.set.len(), "p50_ms": percentile_ms(&total.set, 0.5), "p99_ms": percentile_ms(&total.set, 0.99), "p999_ms": percentile_ms(&total.set, 0.999), "max_ms": total.set.max() as f64 / 1000.0 },
     });
     if args.json {
         println!("{summary}");

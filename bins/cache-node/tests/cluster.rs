@@ -495,3 +495,49 @@ async fn shutdown_counts_the_replication_it_could_not_deliver() {
     );
     cluster.nodes[1].signal("CONT");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_client_keeps_its_deadline_and_skips_a_paused_node() {
+    let cluster = Cluster::start(3, &["--replication-factor", "3"]);
+    let writer = smart(&cluster, Some(Consistency::All), None).await;
+    let keys: Vec<String> = (0..300u32).map(|i| format!("d{i}")).collect();
+    writer
+        .set_many(keys.iter().map(|k| (k.clone(), "v")), None)
+        .await
+        .expect("written to all replicas");
+    let client = Client::builder()
+        .timeout(Duration::from_millis(500))
+        .connect_cluster(cluster.seeds())
+        .await
+        .expect("cluster client");
+    cluster.nodes[1].signal("STOP");
+    // The first batch may time out (node-1 is not known to be down yet), but it answers by
+    // its deadline, not after one timeout per key.
+    let start = Instant::now();
+    let first = client.get_many(keys.clone()).await;
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "get_many took {took:?} with a 500 ms deadline"
+    );
+    // Then node-1 is skipped: every key is read from its other replicas, quickly.
+    let start = Instant::now();
+    let values = match client.get_many(keys.clone()).await {
+        Ok(v) => v,
+        Err(e) => panic!(
+            "second batch: {e:?} after {:?}; first {first:?} in {took:?}",
+            start.elapsed()
+        ),
+    };
+    let second = start.elapsed();
+    assert!(values.iter().all(|v| v.as_deref() == Some(&b"v"[..])));
+    eprintln!(
+        "paused node: first get_many {took:?} ({}), second {second:?}",
+        if first.is_ok() { "ok" } else { "timed out" }
+    );
+    assert!(
+        second < Duration::from_millis(500),
+        "second get_many took {second:?}"
+    );
+    cluster.nodes[1].signal("CONT");
+}

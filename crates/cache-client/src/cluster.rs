@@ -55,6 +55,10 @@ pub struct ClusterClient {
     view: Arc<RwLock<Arc<View>>>,
     /// Dropped with the last clone: the watcher task sees its receiver close and stops.
     _watching: Arc<tokio::sync::watch::Sender<()>>,
+    /// Members whose last call failed (unreachable or timed out) → until when they are
+    /// skipped while another replica can serve: a hung node costs one timeout per
+    /// backoff period, not one per request.
+    unhealthy: Arc<RwLock<HashMap<String, tokio::time::Instant>>>,
 }
 
 impl std::fmt::Debug for ClusterClient {
@@ -83,6 +87,7 @@ impl ClusterClient {
             seeds: Arc::new(RwLock::new(seeds)),
             view: Arc::new(RwLock::new(Arc::new(view))),
             _watching: Arc::new(watching),
+            unhealthy: Arc::new(RwLock::new(HashMap::new())),
         };
         client.spawn_watcher(alive);
         Ok(client)
@@ -245,6 +250,51 @@ impl ClusterClient {
         })
     }
 
+    /// Notes the outcome of a call to member `id`.
+    fn record(&self, id: &str, ok: bool) {
+        let mut unhealthy = self.unhealthy.write().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            unhealthy.remove(id);
+        } else {
+            let backoff = self.builder.timeout.max(Duration::from_millis(500));
+            unhealthy.insert(id.to_string(), tokio::time::Instant::now() + backoff);
+        }
+    }
+
+    fn is_healthy(&self, id: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        self.unhealthy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .is_none_or(|until| now >= *until)
+    }
+
+    /// `key`'s replicas, healthy ones first (ring order within each group).
+    fn replicas_by_health(&self, key: &[u8]) -> Vec<String> {
+        let (healthy, unhealthy): (Vec<String>, Vec<String>) = self
+            .replicas_of(key)
+            .into_iter()
+            .partition(|id| self.is_healthy(id));
+        healthy.into_iter().chain(unhealthy).collect()
+    }
+
+    /// Runs `f` within the client's deadline: the whole call, failovers and batch
+    /// fallbacks included, answers by then.
+    async fn within_deadline<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        tokio::time::timeout(self.builder.timeout, f)
+            .await
+            .unwrap_or(Err(Error::TimedOut(self.builder.timeout)))
+    }
+
+    /// The deadline of a call starting now.
+    fn deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.builder.timeout
+    }
+
     fn view(&self) -> Arc<View> {
         Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -289,21 +339,40 @@ impl ClusterClient {
 
     /// Runs `op` against the key's replicas in order until one answers; refreshes the view
     /// if the node reports a different epoch, or once if it says it is the wrong node.
-    async fn routed<T, F, Fut>(&self, key: &[u8], op: F) -> Result<T, Error>
+    async fn routed<T, F, Fut>(
+        &self,
+        key: &[u8],
+        deadline: tokio::time::Instant,
+        op: F,
+    ) -> Result<T, Error>
     where
         F: Fn(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
         for attempt in 0..2 {
             let view = self.view();
-            let order = self.replicas_of(key);
+            let order = self.replicas_by_health(key);
             let mut last = None;
-            for id in &order {
+            for (n, id) in order.iter().enumerate() {
                 let Some(client) = view.nodes.get(id) else {
                     continue;
                 };
-                match op(client.clone()).await {
+                // While other replicas remain, an attempt gets half of what is left of the
+                // deadline, so a hung replica is recorded and the next one still has time.
+                let left = self
+                    .builder
+                    .timeout
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                if left.is_zero() {
+                    return Err(Error::TimedOut(self.builder.timeout));
+                }
+                let budget = if n + 1 < order.len() { left / 2 } else { left };
+                let outcome = tokio::time::timeout(budget, op(client.within(budget)))
+                    .await
+                    .unwrap_or(Err(Error::TimedOut(budget)));
+                match outcome {
                     Ok(v) => {
+                        self.record(id, true);
                         let seen = client.last_ring_epoch();
                         if seen != 0 && seen != view.epoch {
                             // Stale view: refresh for the next call (best effort).
@@ -311,7 +380,10 @@ impl ClusterClient {
                         }
                         return Ok(v);
                     }
-                    Err(e) if retryable(&e) => last = Some(e),
+                    Err(e) if retryable(&e) => {
+                        self.record(id, false);
+                        last = Some(e);
+                    }
                     Err(e @ Error::WrongNode(_)) => {
                         last = Some(e);
                         break;
@@ -338,10 +410,10 @@ impl ClusterClient {
     /// The value of `key` with its TTL and version.
     pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
         let key = key.into();
-        self.routed(&key, |c| {
+        self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let key = key.clone();
             async move { c.get_entry(key).await }
-        })
+        }))
         .await
     }
 
@@ -360,39 +432,40 @@ impl ClusterClient {
         options: SetOptions,
     ) -> Result<bool, Error> {
         let (key, value) = (key.into(), value.into());
-        self.routed(&key, |c| {
+        self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let (key, value) = (key.clone(), value.clone());
             async move { c.set_with(key, value, options).await }
-        })
+        }))
         .await
     }
 
     /// Removes `key`; returns whether it held a live value.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
-        self.routed(&key, |c| {
+        self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let key = key.clone();
             async move { c.delete(key).await }
-        })
+        }))
         .await
     }
 
     /// Sets the TTL of a live key; returns whether it existed.
     pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
         let key = key.into();
-        self.routed(&key, |c| {
+        self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let key = key.clone();
             async move { c.touch(key, ttl).await }
-        })
+        }))
         .await
     }
 
-    /// Groups keys by primary: primary id → indices.
+    /// Groups keys by the node to send them to: the primary, or the first healthy replica
+    /// if the primary recently failed. Target id → indices.
     fn by_primary(&self, keys: &[Bytes]) -> BTreeMap<String, Vec<usize>> {
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, k) in keys.iter().enumerate() {
-            if let Some(primary) = self.replicas_of(k).into_iter().next() {
-                groups.entry(primary).or_default().push(i);
+            if let Some(target) = self.replicas_by_health(k).into_iter().next() {
+                groups.entry(target).or_default().push(i);
             }
         }
         groups
@@ -405,6 +478,15 @@ impl ClusterClient {
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<Bytes>>, Error> {
         let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
+        self.within_deadline(self.get_many_inner(keys, self.deadline()))
+            .await
+    }
+
+    async fn get_many_inner(
+        &self,
+        keys: Vec<Bytes>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<Option<Bytes>>, Error> {
         let mut out = vec![None; keys.len()];
         let view = self.view();
         let mut set = tokio::task::JoinSet::new();
@@ -413,16 +495,27 @@ impl ClusterClient {
             let client = view.nodes.get(&primary).cloned();
             let group: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
             set.spawn(async move {
+                // Half the budget for the group's node; the rest for the key-by-key fallback.
+                let half = deadline.saturating_duration_since(tokio::time::Instant::now()) / 2;
                 let direct = match client {
-                    Some(c) => c.get_many(group.clone()).await,
+                    Some(c) => tokio::time::timeout(half, c.within(half).get_many(group.clone()))
+                        .await
+                        .unwrap_or(Err(Error::TimedOut(half))),
                     None => Err(Error::Unavailable(format!("unknown member {primary}"))),
                 };
+                this.record(&primary, !matches!(&direct, Err(e) if retryable(e)));
                 let values = match direct {
                     Ok(v) => Ok(v),
                     Err(e) if retryable(&e) || matches!(e, Error::WrongNode(_)) => {
                         let mut v = Vec::with_capacity(group.len());
                         for k in group {
-                            match this.get(k).await {
+                            let read = this
+                                .routed(&k, deadline, |c| {
+                                    let k = k.clone();
+                                    async move { c.get(k).await }
+                                })
+                                .await;
+                            match read {
                                 Ok(x) => v.push(x),
                                 Err(e) => return (idx, Err(e)),
                             }
@@ -455,6 +548,16 @@ impl ClusterClient {
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
+        self.within_deadline(self.set_many_inner(entries, ttl, self.deadline()))
+            .await
+    }
+
+    async fn set_many_inner(
+        &self,
+        entries: Vec<(Bytes, Bytes)>,
+        ttl: Option<Duration>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), Error> {
         let keys: Vec<Bytes> = entries.iter().map(|(k, _)| k.clone()).collect();
         let view = self.view();
         let mut set = tokio::task::JoinSet::new();
@@ -463,21 +566,27 @@ impl ClusterClient {
             let client = view.nodes.get(&primary).cloned();
             let group: Vec<(Bytes, Bytes)> = idx.iter().map(|&i| entries[i].clone()).collect();
             set.spawn(async move {
+                let half = deadline.saturating_duration_since(tokio::time::Instant::now()) / 2;
                 let direct = match client {
-                    Some(c) => c.set_many(group.clone(), ttl).await,
+                    Some(c) => {
+                        tokio::time::timeout(half, c.within(half).set_many(group.clone(), ttl))
+                            .await
+                            .unwrap_or(Err(Error::TimedOut(half)))
+                    }
                     None => Err(Error::Unavailable(format!("unknown member {primary}"))),
                 };
+                this.record(&primary, !matches!(&direct, Err(e) if retryable(e)));
                 match direct {
                     Err(e) if retryable(&e) || matches!(e, Error::WrongNode(_)) => {
+                        let options = SetOptions {
+                            ttl,
+                            ..SetOptions::default()
+                        };
                         for (k, v) in group {
-                            this.set_with(
-                                k,
-                                v,
-                                SetOptions {
-                                    ttl,
-                                    ..SetOptions::default()
-                                },
-                            )
+                            this.routed(&k, deadline, |c| {
+                                let (k, v) = (k.clone(), v.clone());
+                                async move { c.set_with(k, v, options).await }
+                            })
                             .await?;
                         }
                         Ok(())

@@ -330,6 +330,14 @@ impl Client {
         ClientBuilder::default()
     }
 
+    /// The same connection with another call deadline (sent to the node as `grpc-timeout`,
+    /// so the node plans its own forwarding within it).
+    pub(crate) fn within(&self, timeout: Duration) -> Client {
+        let mut c = self.clone();
+        c.cfg.timeout = timeout;
+        c
+    }
+
     /// Connects with the defaults.
     pub async fn connect(addr: impl Into<String>) -> Result<Self, Error> {
         Self::builder().connect(addr).await

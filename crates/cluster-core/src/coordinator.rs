@@ -531,7 +531,7 @@ impl<T: PeerTransport> Coordinator<T> {
             return Err(self.wrong_owner(&p.state));
         }
         match self
-            .forward_first(p.ahead(), &request, ctx, !p.is_replica())
+            .forward_first(p.ahead(), &request, ctx, !p.is_replica(), p.is_replica())
             .await
         {
             Ok(response) => Ok(response),
@@ -560,13 +560,15 @@ impl<T: PeerTransport> Coordinator<T> {
 
     /// Sends `request` to the first of `targets` that answers (skipping this node), healthy
     /// targets first. Unhealthy ones are tried last, and only if `try_unhealthy` (that is,
-    /// when nothing else can serve the request).
+    /// when nothing else can serve the request). `fallback`: the caller can still serve the
+    /// request another way if every target fails (so no attempt may use the whole budget).
     async fn forward_first(
         &self,
         targets: &[NodeId],
         request: &Request,
         ctx: RequestContext,
         try_unhealthy: bool,
+        fallback: bool,
     ) -> Result<Response, ForwardFailure> {
         let mut last = String::from("no reachable replica");
         let (healthy, unhealthy): (Vec<&NodeId>, Vec<&NodeId>) = targets
@@ -584,9 +586,20 @@ impl<T: PeerTransport> Coordinator<T> {
         } else {
             healthy
         };
-        for target in order {
+        let count = order.len();
+        for (n, target) in order.into_iter().enumerate() {
             self.forwarded.fetch_add(1, Ordering::Relaxed);
-            let call = self.call(ctx.deadline);
+            // While a fallback remains (another target, or serving here), an attempt gets
+            // half of what is left of the request's deadline: a hung peer is then recorded
+            // (and skipped next time) and the fallback still has time to answer.
+            let now = Instant::now();
+            let left = ctx.deadline.saturating_duration_since(now);
+            let budget = if n + 1 < count || fallback {
+                left / 2
+            } else {
+                left
+            };
+            let call = self.call(now + budget);
             let deadline = call.deadline;
             let outcome = tokio::time::timeout_at(
                 deadline,
@@ -1008,7 +1021,7 @@ impl<T: PeerTransport> Coordinator<T> {
                     keys: batch.clone(),
                 };
                 match self
-                    .forward_first(std::slice::from_ref(&target), &request, ctx, false)
+                    .forward_first(std::slice::from_ref(&target), &request, ctx, false, true)
                     .await
                 {
                     Ok(Response::MultiGet(found)) => Ok(found),
@@ -1082,7 +1095,7 @@ impl<T: PeerTransport> Coordinator<T> {
                     consistency: Some(consistency),
                 };
                 match self
-                    .forward_first(std::slice::from_ref(&target), &request, ctx, false)
+                    .forward_first(std::slice::from_ref(&target), &request, ctx, false, true)
                     .await
                 {
                     Ok(Response::MultiSet(stored)) => Ok(stored),

@@ -143,15 +143,7 @@ impl Registry {
 
 impl Protocol for Registry {
     fn handle_message(&mut self, bytes: &[u8], now: u64) -> Result<(), wire::DecodeError> {
-        let msg = match wire::decode(&self.config.cluster_name, bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                self.stats.messages_refused += 1;
-                return Err(e);
-            }
-        };
-        self.stats.messages_in += 1;
-        self.stats.bytes_in += bytes.len() as u64;
+        let msg = crate::swim::decode_counted(&self.config.cluster_name, bytes, &mut self.stats)?;
         let Body::PushPull { reply, members } = msg.body else {
             return Ok(()); // coordinator membership uses push-pull only
         };

@@ -203,6 +203,25 @@ struct Broadcast {
     transmits: u32,
 }
 
+/// Decodes a received message and counts it in `stats` (received, or refused).
+pub(crate) fn decode_counted(
+    cluster: &str,
+    bytes: &[u8],
+    stats: &mut SwimStats,
+) -> Result<Message, DecodeError> {
+    match wire::decode(cluster, bytes) {
+        Ok(m) => {
+            stats.messages_in += 1;
+            stats.bytes_in += bytes.len() as u64;
+            Ok(m)
+        }
+        Err(e) => {
+            stats.messages_refused += 1;
+            Err(e)
+        }
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -719,15 +738,7 @@ impl Swim {
 
     /// Handles received bytes. A refused message changes nothing and is counted.
     pub fn handle_message(&mut self, bytes: &[u8], now: u64) -> Result<(), DecodeError> {
-        let msg = match wire::decode(&self.config.cluster_name, bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                self.stats.messages_refused += 1;
-                return Err(e);
-            }
-        };
-        self.stats.messages_in += 1;
-        self.stats.bytes_in += bytes.len() as u64;
+        let msg = decode_counted(&self.config.cluster_name, bytes, &mut self.stats)?;
         for u in msg.updates {
             self.apply(u, now);
         }

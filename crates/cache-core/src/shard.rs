@@ -490,24 +490,10 @@ impl Shard {
 
     /// Looks `key` up, counting a hit or a miss; a hit becomes the most recently used entry.
     pub(crate) fn get<C: Clock>(&mut self, hash: u64, key: &[u8], clock: &C) -> Option<Lookup> {
-        let mut now = Now::new(clock);
-        let Some(idx) = self.find_settled(hash, key, &mut now) else {
-            self.counters.misses += 1;
-            return None;
-        };
-        let node = self.node(idx);
-        if node.tombstone {
-            self.counters.misses += 1;
-            return None;
+        match self.get_versioned(hash, key, clock)? {
+            VersionedRead::Live(lookup) => Some(lookup),
+            VersionedRead::Dead { .. } => None,
         }
-        let lookup = Lookup {
-            value: node.value(),
-            version: node.version,
-            expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
-        };
-        self.move_to_front(idx);
-        self.counters.hits += 1;
-        Some(lookup)
     }
 
     /// Writes `key` = `value` under `opts`. See [`Cache::write`](crate::Cache::write).

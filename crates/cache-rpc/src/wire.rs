@@ -4,7 +4,6 @@
 //! Enum fields are validated: an unknown `consistency`, `condition` or mutation kind is
 //! [`CoreError::Invalid`] (`INVALID_ARGUMENT`), never a silent default.
 
-use bytes::Bytes;
 use cache_core::{Lookup, VersionedRead};
 use cache_proto::convert::{self, condition_to_pb, consistency_to_pb};
 use cache_proto::peer::v1 as peer;
@@ -415,14 +414,10 @@ fn is_connect_error(status: &Status) -> bool {
     false
 }
 
-/// A key for logs: its ring hash, never the key (keys may be secrets).
-pub fn key_hash(key: &Bytes) -> u64 {
-    cluster_ring::key_hash(key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     #[test]
     fn unknown_enum_values_are_invalid() {

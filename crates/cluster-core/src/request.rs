@@ -66,20 +66,6 @@ pub enum Request {
     },
 }
 
-impl Request {
-    /// The request's name, for logs and metrics (`get`, `set`, ...).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Request::Get { .. } => "get",
-            Request::Set { .. } => "set",
-            Request::Delete { .. } => "delete",
-            Request::Touch { .. } => "touch",
-            Request::MultiGet { .. } => "multi_get",
-            Request::MultiSet { .. } => "multi_set",
-        }
-    }
-}
-
 /// The answer to a [`Request`], variant for variant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {

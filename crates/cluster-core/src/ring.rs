@@ -52,11 +52,6 @@ impl RingState {
             .collect()
     }
 
-    /// The client-facing address of member `id`.
-    pub fn rpc_addr(&self, id: &str) -> Option<SocketAddr> {
-        self.view.member(id).map(|m| m.rpc_addr)
-    }
-
     /// The peer-listener address of member `id`.
     pub fn peer_addr(&self, id: &str) -> Option<SocketAddr> {
         self.view.member(id).map(|m| m.peer_addr)

@@ -44,35 +44,8 @@ use crate::ring::RingView;
 use crate::store::{ApplyReport, Store};
 use crate::transport::{PeerCall, PeerReply, PeerTransport};
 
-/// A small, fast, seedable generator (SplitMix64): the simulator's only source of chance.
-#[derive(Debug, Clone)]
-pub struct SimRng(u64);
-
-impl SimRng {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (`0` if `n == 0`).
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-
-    /// `true` with probability `per_mille / 1000`.
-    pub fn chance(&mut self, per_mille: u32) -> bool {
-        self.below(1000) < u64::from(per_mille)
-    }
-}
+/// The simulator's only source of chance (the protocols' generator, so seeds replay).
+pub type SimRng = cluster_membership::SplitMix64;
 
 /// The network's current faults.
 #[derive(Debug, Default)]

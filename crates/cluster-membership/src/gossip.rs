@@ -3,10 +3,11 @@
 //! member lists) over TCP on the same port; every view change is published through the
 //! [`Membership`] watch.
 //!
-//! Three owned tasks: the UDP receiver, the TCP acceptor, and the timer (sleeps until
-//! [`Swim::next_wakeup`]). A fourth retries joining — resolving the `--join` host names
+//! Three tasks: the UDP receiver, the TCP acceptor, and the timer (sleeps until the
+//! protocol's next wakeup). A fourth retries joining — resolving the `--join` host names
 //! again at every attempt, so a Kubernetes headless service works — until another member is
-//! known. All stop when the membership is dropped.
+//! known. Each selects on one cancellation token, cancelled when the membership is dropped;
+//! a reliable (TCP) send is a short task of its own, bounded by a 2 s timeout.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -28,10 +28,12 @@
 
 pub mod gossip;
 pub mod registry;
+pub mod rng;
 pub mod swim;
 
 pub use gossip::{GossipConfig, GossipMembership, ProtocolConfig};
 pub use registry::{Registry, RegistryConfig};
+pub use rng::SplitMix64;
 
 /// A membership protocol as a sans-I/O state machine: fed received bytes and the time,
 /// it returns messages to send and publishes views. [`swim::Swim`] (gossip) and

@@ -7,23 +7,8 @@ use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 
 use cache_types::MemberState;
+use cluster_membership::SplitMix64;
 use cluster_membership::swim::{Addrs, Outgoing, Swim, SwimConfig, Update};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-}
 
 fn addr(i: usize) -> SocketAddr {
     let port = 10_000 + u16::try_from(i).expect("small cluster");
@@ -56,7 +41,7 @@ struct Net {
     loss_per_mille: u64,
     queue: BinaryHeap<InFlight>,
     seq: u64,
-    rng: Rng,
+    rng: SplitMix64,
     now: u64,
     config: SwimConfig,
 }
@@ -70,7 +55,7 @@ impl Net {
             loss_per_mille: 0,
             queue: BinaryHeap::new(),
             seq: 0,
-            rng: Rng(seed),
+            rng: SplitMix64::new(seed),
             now: 0,
             config: SwimConfig::default(),
         }
@@ -78,7 +63,12 @@ impl Net {
 
     /// Starts member `i` (fresh state, incarnation 0) and joins it through member `seed`.
     fn start(&mut self, i: usize, seed: Option<usize>) {
-        let mut swim = Swim::new(self.config.clone(), identity(i), self.rng.next(), self.now);
+        let mut swim = Swim::new(
+            self.config.clone(),
+            identity(i),
+            self.rng.next_u64(),
+            self.now,
+        );
         if let Some(s) = seed {
             swim.join(&[addr(s)], self.now);
         }

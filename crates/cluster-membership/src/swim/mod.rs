@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use cache_types::MemberState;
 
-use crate::MembershipView;
+use crate::{MembershipView, SplitMix64};
 pub use wire::{Addrs, Body, DecodeError, Message, Update};
 
 /// Protocol settings. The defaults suit a LAN: memberlist's LAN profile with a shorter probe
@@ -138,35 +138,6 @@ pub struct SwimStats {
     pub suspicion_to_dead_ms: u64,
 }
 
-/// A seeded SplitMix64 generator: the state machine's only source of chance.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        if n == 0 {
-            0
-        } else {
-            (self.next() % n as u64) as usize
-        }
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i + 1);
-            v.swap(i, j);
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Suspicion {
     started: u64,
@@ -252,7 +223,8 @@ pub struct Swim {
     relays: BTreeMap<u64, Relay>,
     broadcasts: Vec<Broadcast>,
     awareness: u32,
-    rng: Rng,
+    /// The state machine's only source of chance.
+    rng: SplitMix64,
     outbox: Vec<Outgoing>,
     seeds: Vec<SocketAddr>,
     leaving: bool,
@@ -265,8 +237,8 @@ impl Swim {
     pub fn new(config: SwimConfig, mut me: Update, seed: u64, now: u64) -> Self {
         me.state = MemberState::Alive;
         me.suspected_by = None;
-        let mut rng = Rng(seed ^ 0x5157_1a3b_0000_0001);
-        let jitter = rng.below(ms(config.probe_interval).max(1) as usize) as u64;
+        let mut rng = SplitMix64::new(seed ^ 0x5157_1a3b_0000_0001);
+        let jitter = rng.below(ms(config.probe_interval).max(1));
         Self {
             next_probe_at: now + jitter,
             next_gossip_at: now + ms(config.gossip_interval),
@@ -302,11 +274,6 @@ impl Swim {
     /// Counters.
     pub fn stats(&self) -> SwimStats {
         self.stats
-    }
-
-    /// The local-health multiplier minus one (0 = healthy).
-    pub fn awareness(&self) -> u32 {
-        self.awareness
     }
 
     /// Every known member's latest update, this node included, sorted by id.
@@ -543,7 +510,7 @@ impl Swim {
                 .collect();
             candidates.extend(self.seeds.iter().filter(|s| !known.contains(s)));
             if !candidates.is_empty() && !self.leaving {
-                let to = candidates[self.rng.below(candidates.len())];
+                let to = candidates[self.rng.index(candidates.len())];
                 self.push_pull(to, false, now);
             }
         }
@@ -849,7 +816,7 @@ impl Swim {
         };
         if existing.is_none() {
             // A new member joins the current probe pass at a random place.
-            let at = self.rng.below(self.probe_order.len() + 1);
+            let at = self.rng.index(self.probe_order.len() + 1);
             self.probe_order.insert(at, u.id.clone());
         }
         self.members.insert(

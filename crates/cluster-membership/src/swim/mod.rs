@@ -666,29 +666,32 @@ impl Swim {
 
     /// Sends `body` to `to` as a datagram, piggybacking as many pending updates as fit.
     fn send(&mut self, to: SocketAddr, body: Body, _now: u64) {
-        let mut msg = Message {
+        let msg = Message {
             from: self.me.id.clone(),
             from_addr: self.me.addrs.gossip,
             body,
             updates: Vec::new(),
         };
-        let mut budget = self
-            .config
-            .max_datagram
-            .saturating_sub(wire::header_len(&self.config.cluster_name, &msg));
+        // Encoded once: the head, then as many pending updates (fewest-sent first) as fit
+        // the datagram; an update that does not fit is cut off again and waits.
+        let mut bytes = wire::encode_head(&self.config.cluster_name, &msg);
+        let count_at = bytes.len();
+        bytes.extend_from_slice(&[0, 0]);
+        let mut count: u16 = 0;
         let limit = self.retransmit_limit();
         self.broadcasts.sort_by_key(|b| b.transmits);
         for b in &mut self.broadcasts {
-            let len = wire::update_len(&b.update);
-            if len > budget {
+            let mark = bytes.len();
+            wire::put_update(&mut bytes, &b.update);
+            if bytes.len() > self.config.max_datagram || usize::from(count) >= wire::MAX_MEMBERS {
+                bytes.truncate(mark);
                 continue;
             }
-            budget -= len;
+            count += 1;
             b.transmits += 1;
-            msg.updates.push(b.update.clone());
         }
+        bytes[count_at..count_at + 2].copy_from_slice(&count.to_be_bytes());
         self.broadcasts.retain(|b| b.transmits < limit);
-        let bytes = wire::encode(&self.config.cluster_name, &msg);
         self.count_out(bytes.len());
         self.outbox.push(Outgoing {
             to,

@@ -171,15 +171,10 @@ pub fn put_update(out: &mut Vec<u8>, u: &Update) {
     }
 }
 
-/// The bytes of one update (for piggyback budgeting).
-pub fn update_len(u: &Update) -> usize {
-    let mut v = Vec::with_capacity(96);
-    put_update(&mut v, u);
-    v.len()
-}
-
-/// Encodes `msg` for `cluster`, with the piggybacked updates already in `msg.updates`.
-pub fn encode(cluster: &str, msg: &Message) -> Vec<u8> {
+/// Encodes everything of `msg` before its piggybacked updates (magic, version, cluster,
+/// sender, body). A sender appends the update count and the updates itself, so it can stop
+/// adding updates when a datagram is full without encoding anything twice.
+pub fn encode_head(cluster: &str, msg: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
@@ -217,21 +212,18 @@ pub fn encode(cluster: &str, msg: &Message) -> Vec<u8> {
         }
         Body::Gossip => out.push(4),
     }
+    out
+}
+
+/// Encodes `msg` for `cluster`, with the piggybacked updates in `msg.updates`.
+pub fn encode(cluster: &str, msg: &Message) -> Vec<u8> {
+    let mut out = encode_head(cluster, msg);
     let n = msg.updates.len().min(MAX_MEMBERS);
     out.extend_from_slice(&(n as u16).to_be_bytes());
     for u in &msg.updates[..n] {
         put_update(&mut out, u);
     }
     out
-}
-
-/// The size of a message header for budgeting piggybacked updates: everything but them.
-pub fn header_len(cluster: &str, msg: &Message) -> usize {
-    let bare = Message {
-        updates: Vec::new(),
-        ..msg.clone()
-    };
-    encode(cluster, &bare).len()
 }
 
 /// A cursor over received bytes; every read is bounds-checked.

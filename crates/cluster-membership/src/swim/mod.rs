@@ -26,7 +26,8 @@
 //!   random members every `gossip_interval`); each update is sent at most
 //!   `retransmit_mult × ceil(log10(n + 1))` times, fewest-sent first, within the datagram
 //!   budget.
-//! - **Push-pull**: on join and every `push_pull_interval`, a node exchanges its whole list
+//! - **Push-pull**: on join and every `push_pull_interval` (scaled up beyond 32 members, as
+//!   memberlist does, since each exchange carries the whole list), a node exchanges its whole list
 //!   with a random member (over the reliable path): this heals what gossip missed, and
 //!   merges the two halves of a healed partition. Dead members not yet reaped, and the join
 //!   seeds, stay candidates so a partition can heal.
@@ -72,7 +73,9 @@ pub struct SwimConfig {
     pub gossip_interval: Duration,
     /// Members per gossip tick.
     pub gossip_nodes: usize,
-    /// How often the whole member list is exchanged with one member.
+    /// How often the whole member list is exchanged with one member, up to 32 members;
+    /// beyond that it is multiplied by `1 + ceil(log2(n / 32))` so that push-pull bytes
+    /// per member stay roughly flat as the list grows.
     pub push_pull_interval: Duration,
     /// How long dead and left members are remembered (and still gossiped to).
     pub reap_after: Duration,
@@ -214,6 +217,13 @@ pub struct Swim {
     config: SwimConfig,
     me: Update,
     members: BTreeMap<String, Record>,
+    /// Other members that own keys (alive or suspect): kept as members change so that
+    /// `n()` costs nothing per message (it is read on every send).
+    live: usize,
+    /// Members under suspicion: the only ones with a suspicion deadline.
+    suspects: BTreeSet<String>,
+    /// When dead and left members are next reaped.
+    next_reap_at: u64,
     probe: Option<Probe>,
     probe_order: Vec<String>,
     next_probe_at: u64,
@@ -246,6 +256,9 @@ impl Swim {
             config,
             me,
             members: BTreeMap::new(),
+            live: 0,
+            suspects: BTreeSet::new(),
+            next_reap_at: now,
             probe: None,
             probe_order: Vec::new(),
             seq: 0,
@@ -380,12 +393,16 @@ impl Swim {
             }
             t = t.min(p.sent_at + ms(self.config.probe_interval) * scale);
         }
-        for r in self.members.values() {
-            if let Some(deadline) = self.suspicion_deadline(r) {
+        for id in &self.suspects {
+            if let Some(deadline) = self
+                .members
+                .get(id)
+                .and_then(|r| self.suspicion_deadline(r))
+            {
                 t = t.min(deadline);
             }
         }
-        t
+        t.min(self.next_reap_at)
     }
 
     fn live_others(&self) -> Vec<String> {
@@ -397,11 +414,19 @@ impl Swim {
     }
 
     fn n(&self) -> usize {
-        1 + self
-            .members
-            .values()
-            .filter(|r| r.update.state.owns_keys())
-            .count()
+        1 + self.live
+    }
+
+    /// The push-pull period for the current size (memberlist's `pushPullScale`).
+    fn push_pull_period(&self) -> u64 {
+        const THRESHOLD: f64 = 32.0;
+        let base = ms(self.config.push_pull_interval);
+        let n = self.n() as f64;
+        if n <= THRESHOLD {
+            return base;
+        }
+        let mult = (n.log2() - THRESHOLD.log2()).ceil() + 1.0;
+        base.saturating_mul(mult as u64)
     }
 
     fn retransmit_limit(&self) -> u32 {
@@ -417,13 +442,14 @@ impl Swim {
             * n.log10().max(1.0)
             * ms(self.config.probe_interval) as f64;
         let max = f64::from(self.config.suspicion_max_mult) * min;
-        let k = self
-            .config
-            .indirect_checks
-            .min(self.n().saturating_sub(2))
-            .max(1) as f64;
+        // Confirmations expected before the minimum applies: memberlist's
+        // `suspicion_mult - 2`, none when too few members could confirm.
+        let k = self.config.suspicion_mult.saturating_sub(2) as usize;
+        if k == 0 || self.n().saturating_sub(2) < k {
+            return min as u64;
+        }
         let c = confirmations as f64;
-        let frac = ((c + 1.0).ln() / (k + 1.0).ln()).min(1.0);
+        let frac = ((c + 1.0).ln() / (k as f64 + 1.0).ln()).min(1.0);
         (max - (max - min) * frac).max(min) as u64
     }
 
@@ -465,8 +491,9 @@ impl Swim {
         // timeouts: repeat until none is due.
         loop {
             let expired: Vec<String> = self
-                .members
-                .values()
+                .suspects
+                .iter()
+                .filter_map(|id| self.members.get(id))
                 .filter(|r| self.suspicion_deadline(r).is_some_and(|d| now >= d))
                 .map(|r| r.update.id.clone())
                 .collect();
@@ -495,7 +522,7 @@ impl Swim {
         }
         // Push-pull with one member (or a seed that is not a member).
         if now >= self.next_push_pull_at {
-            self.next_push_pull_at = now + ms(self.config.push_pull_interval);
+            self.next_push_pull_at = now + self.push_pull_period();
             let mut candidates: Vec<SocketAddr> = self
                 .members
                 .values()
@@ -514,15 +541,26 @@ impl Swim {
                 self.push_pull(to, false, now);
             }
         }
-        // Forget the long dead, and stale relays.
-        let reap = ms(self.config.reap_after);
-        let before = self.members.len();
-        self.members
-            .retain(|_, r| r.update.state.owns_keys() || now.saturating_sub(r.since) < reap);
-        if self.members.len() != before {
-            self.view_dirty = true;
+        // Forget the long dead (once a probe period: it walks every member), and stale
+        // relays. Only dead and left members go, so `live` and `suspects` do not change.
+        if now >= self.next_reap_at {
+            self.next_reap_at = now + ms(self.config.probe_interval).max(1);
+            let reap = ms(self.config.reap_after);
+            let before = self.members.len();
+            self.members
+                .retain(|_, r| r.update.state.owns_keys() || now.saturating_sub(r.since) < reap);
+            if self.members.len() != before {
+                self.view_dirty = true;
+            }
+            self.relays.retain(|_, r| r.expires > now);
+            debug_assert_eq!(
+                self.live,
+                self.members
+                    .values()
+                    .filter(|r| r.update.state.owns_keys())
+                    .count()
+            );
         }
-        self.relays.retain(|_, r| r.expires > now);
         debug_assert!(
             self.next_wakeup() > now,
             "tick must move every timer past now ({now}): probe {} gossip {} push-pull {} probe in flight {:?} suspicions {:?}",
@@ -684,8 +722,10 @@ impl Swim {
             let mark = bytes.len();
             wire::put_update(&mut bytes, &b.update);
             if bytes.len() > self.config.max_datagram || usize::from(count) >= wire::MAX_MEMBERS {
+                // Full: the rest wait for the next message (encoding them all only to cut
+                // them off again costs O(pending) per datagram, felt at 1 000 members).
                 bytes.truncate(mark);
-                continue;
+                break;
             }
             count += 1;
             b.transmits += 1;
@@ -821,6 +861,19 @@ impl Swim {
             // A new member joins the current probe pass at a random place.
             let at = self.rng.index(self.probe_order.len() + 1);
             self.probe_order.insert(at, u.id.clone());
+        }
+        let was_live = existing.is_some_and(|r| r.update.state.owns_keys());
+        if was_live != u.state.owns_keys() {
+            if was_live {
+                self.live -= 1;
+            } else {
+                self.live += 1;
+            }
+        }
+        if u.state == MemberState::Suspect {
+            self.suspects.insert(u.id.clone());
+        } else {
+            self.suspects.remove(&u.id);
         }
         self.members.insert(
             u.id.clone(),

@@ -151,6 +151,17 @@ pub struct Entry {
     pub expires_at: Option<u64>,
 }
 
+/// A versioned key as [`Cache::scan_versions`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyVersion {
+    /// The key.
+    pub key: Bytes,
+    /// Its version (never `0`: unversioned entries are not listed).
+    pub version: u64,
+    /// A live value (`false`: a tombstone or an expired value still remembered).
+    pub live: bool,
+}
+
 /// How [`Cache::write`] stores a value.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteOptions {
@@ -628,13 +639,35 @@ impl<C: Clock> Cache<C> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn scan(&self, cursor: ScanCursor, budget: usize) -> (Vec<Entry>, Option<ScanCursor>) {
+        self.scan_shards(cursor, |shard, slot, out| {
+            shard.scan(slot, budget, &self.clock, out)
+        })
+    }
+
+    /// Every versioned key with its version, live or dead, in chunks (as [`Cache::scan`]):
+    /// what anti-entropy compares between replicas. A dead entry is a tombstone or an
+    /// expired versioned value still remembered (see [`VersionedRead::Dead`]); unversioned
+    /// entries are left out. Values are not copied.
+    pub fn scan_versions(
+        &self,
+        cursor: ScanCursor,
+        budget: usize,
+    ) -> (Vec<KeyVersion>, Option<ScanCursor>) {
+        self.scan_shards(cursor, |shard, slot, out| {
+            shard.scan_versions(slot, budget, &self.clock, out)
+        })
+    }
+
+    /// The cursor walk shared by the scans: `step` examines one chunk of one shard.
+    fn scan_shards<T>(
+        &self,
+        cursor: ScanCursor,
+        step: impl Fn(&Shard, usize, &mut Vec<T>) -> Option<usize>,
+    ) -> (Vec<T>, Option<ScanCursor>) {
         let mut out = Vec::new();
         let mut cursor = cursor;
         while cursor.shard < self.shards.len() {
-            let next =
-                self.shard(cursor.shard)
-                    .lock()
-                    .scan(cursor.slot, budget, &self.clock, &mut out);
+            let next = step(&self.shard(cursor.shard).lock(), cursor.slot, &mut out);
             cursor = match next {
                 Some(slot) => ScanCursor { slot, ..cursor },
                 None => ScanCursor {

@@ -18,7 +18,7 @@ use hashbrown::HashTable;
 use crate::clock::Clock;
 use crate::error::InsertError;
 use crate::{
-    Condition, DeleteOutcome, Entry, Lookup, TouchOutcome, VersionedRead, WriteOptions,
+    Condition, DeleteOutcome, Entry, KeyVersion, Lookup, TouchOutcome, VersionedRead, WriteOptions,
     WriteOutcome,
 };
 
@@ -877,6 +877,48 @@ impl Shard {
                     expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
                 });
             }
+        }
+        (end < self.slots.len()).then_some(end)
+    }
+
+    /// Like [`Shard::scan`] for anti-entropy: every versioned entry's key and version, live
+    /// or dead, classified as [`Shard::get_versioned`] would (an expired versioned value is
+    /// dead at its version until its tombstone time runs out; an expired tombstone and an
+    /// unversioned entry are left out). Changes nothing.
+    pub(crate) fn scan_versions<C: Clock>(
+        &self,
+        from: usize,
+        budget: usize,
+        clock: &C,
+        out: &mut Vec<KeyVersion>,
+    ) -> Option<usize> {
+        let mut now = Now::new(clock);
+        let end = self.slots.len().min(from.saturating_add(budget.max(1)));
+        for slot in self.slots.get(from..end).unwrap_or_default() {
+            let Slot::Occupied(node) = slot else {
+                continue;
+            };
+            if node.version == 0 {
+                continue;
+            }
+            let live = if !node.is_expired(&mut now) {
+                !node.tombstone
+            } else if node.tombstone
+                || now.get()
+                    >= node
+                        .expires_at
+                        .saturating_add(self.tombstone_ttl_ms)
+                        .min(NEVER - 1)
+            {
+                continue;
+            } else {
+                false
+            };
+            out.push(KeyVersion {
+                key: node.data.slice(..node.key_len as usize),
+                version: node.version,
+                live,
+            });
         }
         (end < self.slots.len()).then_some(end)
     }

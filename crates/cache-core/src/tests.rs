@@ -1019,3 +1019,62 @@ fn versioned_touch_is_atomic_and_respects_versions() {
     );
     cache.validate().expect("valid");
 }
+
+#[test]
+fn scan_versions_lists_what_get_versioned_would_answer() {
+    let config = CacheConfig::new()
+        .with_max_bytes(1 << 20)
+        .with_shards(4)
+        .with_tombstone_ttl(Duration::from_millis(100));
+    let (cache, clock) = manual_cache(config);
+    let _ = cache.write(b"live", b"v", WriteOptions::versioned(5));
+    let _ = cache.write(b"dead", b"v", WriteOptions::versioned(6));
+    let _ = cache.delete_versioned(b"dead", 7);
+    let _ = cache.write(
+        b"expiring",
+        b"v",
+        WriteOptions::versioned(8).expires_at(START_MS + 10),
+    );
+    cache.set(b"unversioned", b"v").expect("fits");
+    let all = |cache: &Cache<ManualClock>| {
+        let (mut seen, mut cursor) = (Vec::new(), Some(ScanCursor::default()));
+        while let Some(c) = cursor {
+            let (chunk, next) = cache.scan_versions(c, 1);
+            seen.extend(chunk);
+            cursor = next;
+        }
+        let mut seen: Vec<(Vec<u8>, u64, bool)> = seen
+            .into_iter()
+            .map(|kv| (kv.key.to_vec(), kv.version, kv.live))
+            .collect();
+        seen.sort();
+        seen
+    };
+    assert_eq!(
+        all(&cache),
+        vec![
+            (b"dead".to_vec(), 7, false),
+            (b"expiring".to_vec(), 8, true),
+            (b"live".to_vec(), 5, true),
+        ]
+    );
+    // Expired: dead at its version (as get_versioned says), without settling anything.
+    clock.advance_ms(10);
+    assert_eq!(
+        all(&cache),
+        vec![
+            (b"dead".to_vec(), 7, false),
+            (b"expiring".to_vec(), 8, false),
+            (b"live".to_vec(), 5, true),
+        ]
+    );
+    for (key, version, live) in all(&cache) {
+        let read = cache.get_versioned(&key).expect("listed keys are known");
+        assert_eq!(read.version(), version);
+        assert_eq!(matches!(read, crate::VersionedRead::Live(_)), live);
+    }
+    // Past the tombstone time both are gone.
+    clock.advance_ms(200);
+    assert_eq!(all(&cache), vec![(b"live".to_vec(), 5, true)]);
+    cache.validate().expect("valid");
+}

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cache_client::{Client, Consistency};
+use cache_client::{Client, ClusterClient, Consistency};
 use cache_proto::v1::{ClusterInfoRequest, MemberState, cache_client::CacheClient};
 use cache_testkit::{Cluster, NodeProcess, metric};
 
@@ -350,5 +350,96 @@ async fn a_cpu_starved_cluster_declares_nobody_dead() {
         .sum();
     eprintln!(
         "60 s of starved CPU: {checks} checks, nobody dead, {refutations} refuted suspicions"
+    );
+}
+
+/// One `QUORUM` set-then-get per step against a ring-aware client, recording each step's
+/// latency and whether it failed.
+async fn quorum_steps(client: &ClusterClient, until: Instant, i: &mut u64) -> (Vec<Duration>, u32) {
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    while Instant::now() < until {
+        let key = format!("p{}", *i % 300);
+        *i += 1;
+        let start = Instant::now();
+        let ok = client.set(key.clone(), "v").await.is_ok()
+            && client.get(key).await.is_ok_and(|v| v.is_some());
+        latencies.push(start.elapsed());
+        if !ok {
+            errors += 1;
+        }
+    }
+    (latencies, errors)
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() * 99 / 100).copied().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_for_ten_seconds_under_quorum_load_costs_few_timeouts_and_comes_back() {
+    let cluster = Cluster::start_gossip(5, &["--replication-factor", "3"]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until("5 alive", Duration::from_secs(20), || all_alive(&live, 5)).await;
+    let timeout = Duration::from_secs(2);
+    let client = Client::builder()
+        .timeout(timeout)
+        .read_consistency(Consistency::Quorum)
+        .write_consistency(Consistency::Quorum)
+        .connect_cluster(cluster.seeds())
+        .await
+        .expect("cluster client");
+    let mut i = 0;
+    let (healthy, healthy_errors) =
+        quorum_steps(&client, Instant::now() + Duration::from_secs(3), &mut i).await;
+    assert_eq!(healthy_errors, 0, "errors with every node healthy");
+
+    // SIGSTOP node-4 (a replica of ~3/5 of the keys, the primary of ~1/5) for 10 s.
+    cluster.nodes[4].signal("STOP");
+    let (paused, paused_errors) =
+        quorum_steps(&client, Instant::now() + Duration::from_secs(10), &mut i).await;
+    cluster.nodes[4].signal("CONT");
+    // A hung node costs at most a timeout per probe interval, not one per request: only a
+    // handful of steps may wait for it (an attempt gets half the deadline while another
+    // replica remains), then it is skipped (call outcome, then gossip suspicion and death).
+    let slow = paused.iter().filter(|d| **d >= timeout / 4).count();
+    eprintln!(
+        "QUORUM set+get: healthy {} steps p99 {:?}; node-4 paused 10 s: {} steps p99 {:?}, \
+         {slow} steps ≥ {:?}, {paused_errors} errors",
+        healthy.len(),
+        p99(healthy.clone()),
+        paused.len(),
+        p99(paused.clone()),
+        timeout / 4,
+    );
+    assert_eq!(
+        paused_errors, 0,
+        "QUORUM needs 2 of 3 replicas; 4 of 5 nodes are up"
+    );
+    assert!(
+        slow <= 6,
+        "{slow} of {} steps waited for the paused node",
+        paused.len()
+    );
+    assert!(
+        paused.len() * 4 >= healthy.len() * 10 / 3,
+        "throughput collapsed while paused: {} steps in 10 s vs {} in 3 s",
+        paused.len(),
+        healthy.len()
+    );
+
+    // After SIGCONT node-4 refutes whatever was said about it and is alive everywhere.
+    let back = wait_until(
+        "node-4 alive again everywhere",
+        Duration::from_secs(30),
+        || all_alive(&live, 5),
+    )
+    .await;
+    eprintln!("node-4 alive everywhere {back:?} after SIGCONT");
+    let (_, text) = cluster.nodes[4].http_get("/metrics").expect("metrics");
+    assert!(
+        metric(&text, "cache_gossip_refutations_total").is_some_and(|v| v >= 1.0),
+        "node-4 refuted the suspicion or death: {text}"
     );
 }

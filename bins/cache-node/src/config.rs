@@ -133,6 +133,15 @@ pub(crate) struct Args {
     /// (drops are counted in cache_replication_dropped_total) [default: 65536].
     #[arg(long, env = "CACHE_REPLICATION_QUEUE")]
     replication_queue: Option<usize>,
+    /// Time between anti-entropy rounds, in which replicas compare digests and exchange what
+    /// differs; a ring change starts a round at once. `0` turns anti-entropy off (then a
+    /// restarted node is never caught up) [default: 15s].
+    #[arg(long, env = "CACHE_ANTI_ENTROPY_INTERVAL")]
+    anti_entropy_interval: Option<String>,
+    /// Bytes per second anti-entropy and rebalancing may move (pulled plus pushed), e.g.
+    /// 16MiB; `0`: unthrottled [default: 64MiB].
+    #[arg(long, env = "CACHE_SYNC_RATE")]
+    sync_rate: Option<String>,
     /// Log format [default: pretty].
     #[arg(long, env = "CACHE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -172,6 +181,8 @@ struct FileConfig {
     request_timeout: Option<String>,
     max_clock_drift: Option<String>,
     replication_queue: Option<usize>,
+    anti_entropy_interval: Option<String>,
+    sync_rate: Option<String>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
 }
@@ -291,6 +302,22 @@ impl Args {
         if request_timeout.is_zero() || max_clock_drift.is_zero() {
             bail!("request-timeout and max-clock-drift must be greater than zero");
         }
+        let anti_entropy = {
+            let default = cache_rpc::SyncConfig::default();
+            let interval = match self.anti_entropy_interval.or(file.anti_entropy_interval) {
+                Some(s) => parse_duration("anti-entropy-interval", &s)?,
+                None => default.interval,
+            };
+            let bytes_per_sec = match self.sync_rate.or(file.sync_rate) {
+                Some(s) => parse_size("sync-rate", &s)?,
+                None => default.bytes_per_sec,
+            };
+            (!interval.is_zero()).then_some(cache_rpc::SyncConfig {
+                interval,
+                bytes_per_sec,
+                ..default
+            })
+        };
         let listen = self.listen.or(file.listen).unwrap_or(d.listen);
         let peer_listen = match self.peer_listen.or(file.peer_listen) {
             Some(a) => a,
@@ -387,6 +414,7 @@ impl Args {
             },
             peers,
             cluster,
+            anti_entropy,
         };
         Ok(Resolved {
             node,

@@ -541,3 +541,148 @@ async fn the_cluster_client_keeps_its_deadline_and_skips_a_paused_node() {
     );
     cluster.nodes[1].signal("CONT");
 }
+
+/// Each key's version on `node` itself (its peer API's `Fetch`: no routing), `None` if the
+/// node does not know the key.
+async fn local_versions(node: &NodeProcess, keys: &[String]) -> Vec<Option<u64>> {
+    use cache_proto::peer::v1::{FetchRequest, peer_client::PeerClient, versioned_entry::State};
+    let mut peer = PeerClient::connect(format!("http://{}", node.peer_addr()))
+        .await
+        .expect("connect to the peer listener");
+    let reply = peer
+        .fetch(peer_request(FetchRequest {
+            from: "test".into(),
+            ring_fingerprint: 0,
+            keys: keys.iter().map(|k| k.clone().into()).collect(),
+        }))
+        .await
+        .expect("fetch")
+        .into_inner();
+    reply
+        .entries
+        .into_iter()
+        .map(|e| {
+            e.state.map(|s| match s {
+                State::Live(l) => l.version,
+                State::DeadVersion(v) => v,
+            })
+        })
+        .collect()
+}
+
+/// Keys whose version differs between the nodes (every node replicates every key: RF 3 on
+/// 3 nodes), or that some node lacks.
+async fn divergent_keys(cluster: &Cluster, keys: &[String]) -> usize {
+    let mut per_node = Vec::new();
+    for node in &cluster.nodes {
+        per_node.push(local_versions(node, keys).await);
+    }
+    (0..keys.len())
+        .filter(|&i| {
+            per_node.iter().any(|v| v[i].is_none())
+                || per_node.windows(2).any(|w| w[0][i] != w[1][i])
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replica_holds_every_key_again_soon_after_sigcont() {
+    let cluster = Cluster::start(
+        3,
+        &["--replication-factor", "3", "--anti-entropy-interval", "5s"],
+    );
+    let client = smart(&cluster, Some(Consistency::One), None).await;
+    let keys: Vec<String> = (0..600).map(|i| format!("pause-{i}")).collect();
+    for k in &keys {
+        client.set(k.clone(), "v1").await.expect("set");
+    }
+    cluster.nodes[2].signal("STOP");
+    let stopped = Instant::now();
+    while stopped.elapsed() < Duration::from_secs(5) {
+        for k in &keys {
+            client
+                .set(k.clone(), "v2")
+                .await
+                .expect("set while node-2 is paused");
+        }
+    }
+    cluster.nodes[2].signal("CONT");
+    let resumed = Instant::now();
+    let before = divergent_keys(&cluster, &keys).await;
+    let mut now = before;
+    while now > 0 {
+        assert!(
+            resumed.elapsed() < Duration::from_secs(30),
+            "{now} of {} keys still divergent 30 s after SIGCONT ({before} right after)",
+            keys.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        now = divergent_keys(&cluster, &keys).await;
+    }
+    eprintln!(
+        "after SIGCONT: {before} of {} keys divergent; 0 after {:?}",
+        keys.len(),
+        resumed.elapsed()
+    );
+    assert!(
+        before > 0,
+        "the pause left nothing to repair: the test would prove nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_empty_misses_nothing_and_takes_no_if_absent_write() {
+    use cache_client::{Condition, SetOptions};
+    let mut cluster = Cluster::start(3, &["--replication-factor", "3"]);
+    let client = smart(&cluster, Some(Consistency::Quorum), None).await;
+    let keys: Vec<String> = (0..300).map(|i| format!("restart-{i}")).collect();
+    for k in &keys {
+        client.set(k.clone(), "v").await.expect("set");
+    }
+    cluster.nodes[1].restart();
+    // Reads at ONE go to each key's primary, node-1 for about a third of them.
+    let client = smart(&cluster, Some(Consistency::Quorum), None).await;
+    let mut misses = 0;
+    for k in &keys {
+        if client.get(k.clone()).await.expect("get").is_none() {
+            misses += 1;
+        }
+    }
+    let mut stored = 0;
+    for k in &keys {
+        let options = SetOptions {
+            condition: Condition::IfAbsent,
+            ..SetOptions::default()
+        };
+        if client
+            .set_with(k.clone(), "late", options)
+            .await
+            .expect("set if absent")
+        {
+            stored += 1;
+        }
+    }
+    assert_eq!(misses, 0, "reads missed keys the other replicas hold");
+    assert_eq!(stored, 0, "IF_ABSENT stored over existing keys");
+    // It catches up: every key on every node, and it says it is synced.
+    let start = Instant::now();
+    while divergent_keys(&cluster, &keys).await > 0
+        || metric_of(&cluster.nodes[1], "cache_sync_syncing") != 0.0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node-1 did not catch up within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "restarted node-1 synced {:?} after it was ready",
+        start.elapsed()
+    );
+    assert!(
+        metric_of(
+            &cluster.nodes[1],
+            "cache_sync_keys_total{direction=\"pulled\"}"
+        ) > 0.0
+    );
+}

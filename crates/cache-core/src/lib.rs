@@ -160,6 +160,8 @@ pub struct KeyVersion {
     pub version: u64,
     /// A live value (`false`: a tombstone or an expired value still remembered).
     pub live: bool,
+    /// The value's length in bytes (`0` when dead).
+    pub value_len: usize,
 }
 
 /// How [`Cache::write`] stores a value.

@@ -918,6 +918,11 @@ impl Shard {
                 key: node.data.slice(..node.key_len as usize),
                 version: node.version,
                 live,
+                value_len: if live {
+                    node.data.len() - node.key_len as usize
+                } else {
+                    0
+                },
             });
         }
         (end < self.slots.len()).then_some(end)

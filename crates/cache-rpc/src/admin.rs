@@ -51,6 +51,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     shared
         .metrics
         .publish_core(&shared.core.stats(), &shared.core.queue_stats());
+    shared.metrics.publish_sync(&shared.core.sync_status());
     shared
         .metrics
         .publish_membership(&shared.core.ring().load().view, &shared.core.peer_health());
@@ -167,6 +168,24 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
             )
         })
         .collect();
+    let sync = cluster.sync_status();
+    let sync = format!(
+        "<p>anti-entropy: <b>{}</b> ({} of {} peers synced for this ring); {} rounds, {} failed \
+         exchanges, {} keys pulled, {} pushed, {} bytes moved; last round took {} ms</p>",
+        if sync.syncing {
+            "SYNCING — local misses are read through from other replicas"
+        } else {
+            "synced"
+        },
+        sync.peers_synced,
+        sync.peers_total,
+        sync.rounds,
+        sync.failures,
+        sync.keys_pulled,
+        sync.keys_pushed,
+        sync.bytes_moved,
+        sync.last_round_ms,
+    );
     let coordinator = match shared.membership.0.coordinator_up() {
         Some(false) => {
             "<p><b>COORDINATOR UNREACHABLE</b>: this node keeps its last member list until the coordinator is back (coordinator membership has a single point of failure; gossip does not).</p>"
@@ -200,7 +219,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 <tr><th>evictions</th><td>{evictions}</td></tr>\
 <tr><th>expirations</th><td>{expired}</td></tr>\
 </table>\
-<h2>Cluster</h2>{coordinator}{mismatches}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
+<h2>Cluster</h2>{coordinator}{mismatches}{sync}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
 replication drops are counted in <code>cache_replication_dropped_total</code></p>\
 <table><tr><th>member</th><th>address</th><th>peer address</th><th>state</th><th>incarnation</th><th>key space (primary)</th></tr>{members}</table>\
 <h3>Peer channels</h3><table><tr><th>peer</th><th>calls ok</th><th>failed</th><th>last</th></tr>{peers}</table>\

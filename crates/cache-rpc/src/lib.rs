@@ -24,7 +24,7 @@ pub mod service;
 pub mod transport;
 pub mod wire;
 
-pub use cluster_core::{Consistency, CoreConfig, Limits};
+pub use cluster_core::{Consistency, CoreConfig, Limits, SyncConfig};
 pub use node::{MembershipMode, NetworkProtocol, Node, NodeConfig, NodeError};
 pub use service::{CacheService, PeerService};
 pub use transport::GrpcTransport;

@@ -69,6 +69,19 @@ fn gauge(r: &dyn Recorder, name: &'static str) -> Gauge {
     r.register_gauge(&Key::from_name(name), &META)
 }
 
+/// The anti-entropy series.
+struct SyncSeries {
+    syncing: Gauge,
+    peers_synced: Gauge,
+    peers_total: Gauge,
+    rounds: Counter,
+    failures: Counter,
+    pulled: Counter,
+    pushed: Counter,
+    bytes: Counter,
+    last_round: Gauge,
+}
+
 /// Every metric the node exports, as ready handles.
 pub struct NodeMetrics {
     /// Kept to register per-peer series when a peer is first used.
@@ -95,6 +108,7 @@ pub struct NodeMetrics {
     mismatches: Counter,
     versions_refused: Counter,
     stale_retries: Counter,
+    sync: SyncSeries,
     /// Per-peer replication series, registered when a peer's queue first appears.
     replication: parking_lot::Mutex<std::collections::BTreeMap<String, ReplicationSeries>>,
     /// `cache_members{state}`, indexed alive, suspect, dead, left.
@@ -198,6 +212,25 @@ impl NodeMetrics {
             mismatches,
             versions_refused: c("cache_versions_refused_total"),
             stale_retries: c("cache_stale_write_retries_total"),
+            sync: SyncSeries {
+                syncing: g("cache_sync_syncing"),
+                peers_synced: g("cache_sync_peers_synced"),
+                peers_total: g("cache_sync_peers"),
+                rounds: c("cache_sync_rounds_total"),
+                failures: c("cache_sync_failures_total"),
+                pulled: counter(
+                    recorder_ref,
+                    "cache_sync_keys_total",
+                    vec![Label::new("direction", "pulled")],
+                ),
+                pushed: counter(
+                    recorder_ref,
+                    "cache_sync_keys_total",
+                    vec![Label::new("direction", "pushed")],
+                ),
+                bytes: c("cache_sync_bytes_total"),
+                last_round: g("cache_sync_last_round_seconds"),
+            },
             replication: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             members: ["alive", "suspect", "dead", "left"]
                 .iter()
@@ -281,6 +314,21 @@ impl NodeMetrics {
             s.depth.set(q.depth as f64);
             s.lag.set(q.lag_ms as f64 / 1000.0);
         }
+    }
+
+    /// Copies the anti-entropy progress and counters into the exported series (on each
+    /// scrape): `cache_sync_syncing` is 1 while local misses are not authoritative.
+    pub fn publish_sync(&self, status: &cluster_core::SyncStatus) {
+        let s = &self.sync;
+        s.syncing.set(if status.syncing { 1.0 } else { 0.0 });
+        s.peers_synced.set(status.peers_synced as f64);
+        s.peers_total.set(status.peers_total as f64);
+        s.rounds.absolute(status.rounds);
+        s.failures.absolute(status.failures);
+        s.pulled.absolute(status.keys_pulled);
+        s.pushed.absolute(status.keys_pushed);
+        s.bytes.absolute(status.bytes_moved);
+        s.last_round.set(status.last_round_ms as f64 / 1000.0);
     }
 
     /// Copies the membership view (members by state) and each peer's health (1 = calls

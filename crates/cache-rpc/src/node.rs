@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use cache_core::{CacheConfig, Reaper};
 use cache_proto::peer::v1::peer_server::PeerServer;
 use cache_proto::v1::cache_server::CacheServer;
-use cluster_core::{Coordinator, CoreConfig, Limits, NodeClock, RingView, Store};
+use cluster_core::{Coordinator, CoreConfig, Limits, NodeClock, RingView, Store, SyncConfig};
 use cluster_membership::swim::{Addrs, SwimConfig, Update};
 use cluster_membership::{
     GossipConfig, GossipMembership, Membership, PeerSpec, ProtocolConfig, RegistryConfig,
@@ -110,6 +110,8 @@ pub struct NodeConfig {
     pub max_clock_drift: Duration,
     /// Longest a client request may take (a shorter client deadline wins).
     pub request_timeout: Duration,
+    /// Anti-entropy and range sync (`None`: off; a restarted node then stays empty).
+    pub anti_entropy: Option<SyncConfig>,
 }
 
 impl Default for NodeConfig {
@@ -130,6 +132,7 @@ impl Default for NodeConfig {
             cluster: CoreConfig::default(),
             max_clock_drift: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            anti_entropy: Some(SyncConfig::default()),
         }
     }
 }
@@ -318,6 +321,9 @@ impl Node {
             config.cluster.clone(),
         ));
         core.follow(views);
+        if let Some(sync) = config.anti_entropy {
+            core.start_anti_entropy(sync);
+        }
         let shared = Arc::new(Shared {
             core,
             metrics,

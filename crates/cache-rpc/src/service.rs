@@ -457,6 +457,29 @@ impl peer_server::Peer for PeerService {
             ring_fingerprint: self.fingerprint(),
         }))
     }
+
+    async fn sync(
+        &self,
+        request: tonic::Request<peer::SyncRequest>,
+    ) -> Result<tonic::Response<peer::SyncResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let call = self.call(&metadata, req.from, req.ring_fingerprint)?;
+        let reply = self
+            .shared
+            .core
+            .handle_sync(
+                &call,
+                cluster_core::SyncRequest {
+                    digests: req.digests,
+                },
+            )
+            .await
+            .map_err(|e| wire::status(&e))?;
+        Ok(tonic::Response::new(wire::sync_reply_to_pb(
+            reply,
+            self.fingerprint(),
+        )))
+    }
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use cache_core::VersionedRead;
 use cache_proto::peer::v1::{self as peer, peer_client::PeerClient};
 use cluster_core::{
     ApplyReport, Mutation, PeerCall, PeerError, PeerReply, PeerTransport, Request, Response,
-    RingView,
+    RingView, SyncReply, SyncRequest,
 };
 use cluster_ring::NodeId;
 use parking_lot::Mutex;
@@ -184,6 +184,26 @@ impl PeerTransport for GrpcTransport {
             .await?;
         Ok(PeerReply {
             body: reply.entries.into_iter().map(wire::versioned).collect(),
+            ring_fingerprint: reply.ring_fingerprint,
+        })
+    }
+
+    async fn sync(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        request: SyncRequest,
+    ) -> Result<PeerReply<SyncReply>, PeerError> {
+        let body = peer::SyncRequest {
+            from: call.from.to_string(),
+            ring_fingerprint: call.ring_fingerprint,
+            digests: request.digests,
+        };
+        let reply = self
+            .call(to, &call, body, |mut c, r| async move { c.sync(r).await })
+            .await?;
+        Ok(PeerReply {
+            body: wire::sync_reply(&reply),
             ring_fingerprint: reply.ring_fingerprint,
         })
     }

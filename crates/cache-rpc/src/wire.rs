@@ -10,7 +10,7 @@ use cache_proto::peer::v1 as peer;
 use cache_proto::v1 as pb;
 use cluster_core::{
     Condition, Consistency, CoreError, Mutation, MutationOp, PeerError, Request, Response,
-    SetCommand,
+    SetCommand, SyncEntry, SyncReply,
 };
 use tonic::{Code, Status};
 
@@ -309,6 +309,41 @@ pub fn versioned(entry: peer::VersionedEntry) -> Option<VersionedRead> {
         }),
         State::DeadVersion(version) => VersionedRead::Dead { version },
     })
+}
+
+/// A sync answer from the wire (bounded and checked by the coordinator before use).
+pub fn sync_reply(reply: &peer::SyncResponse) -> SyncReply {
+    SyncReply {
+        differing: reply.differing.clone(),
+        covered: reply.covered,
+        entries: reply
+            .entries
+            .iter()
+            .map(|e| SyncEntry {
+                key: e.key.clone(),
+                version: e.version,
+                value_len: e.value_len,
+            })
+            .collect(),
+    }
+}
+
+/// A sync answer for the wire.
+pub fn sync_reply_to_pb(reply: SyncReply, ring_fingerprint: u64) -> peer::SyncResponse {
+    peer::SyncResponse {
+        differing: reply.differing,
+        covered: reply.covered,
+        entries: reply
+            .entries
+            .into_iter()
+            .map(|e| peer::SyncEntry {
+                key: e.key,
+                version: e.version,
+                value_len: e.value_len,
+            })
+            .collect(),
+        ring_fingerprint,
+    }
 }
 
 /// The short name of an error kind, for the [`ERROR_KIND_HEADER`] and metric labels.

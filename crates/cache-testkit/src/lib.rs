@@ -72,6 +72,8 @@ pub struct NodeProcess {
     pub admin: SocketAddr,
     /// Where its stderr (logs) goes.
     log: PathBuf,
+    /// The flags it was started with, for [`NodeProcess::restart`].
+    args: Vec<String>,
 }
 
 impl NodeProcess {
@@ -141,9 +143,21 @@ impl NodeProcess {
             admin,
             child,
             log,
+            args: args.iter().map(|a| (*a).to_string()).collect(),
         };
         node.wait_ready(START_DEADLINE);
         Ok(node)
+    }
+
+    /// `kill -9`s the node and starts it again with the same flags (same ports when they
+    /// were given explicitly, as [`Cluster::start`] does): a crash and restart, empty —
+    /// there is no persistence yet. Waits until the new process is ready.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let fresh = Self::spawn(&args).unwrap_or_else(|e| panic!("restart: {e}"));
+        *self = fresh;
     }
 
     /// Polls `/readyz` until 200, panicking after `deadline`.

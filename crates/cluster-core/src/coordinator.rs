@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cache_core::{Lookup, VersionedRead};
-use cache_types::Consistency;
+use cache_types::{Condition, Consistency};
 use cluster_membership::MembershipView;
 use cluster_ring::NodeId;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -239,6 +239,7 @@ pub struct Coordinator<T: PeerTransport> {
     forwarded: AtomicU64,
     read_repairs: AtomicU64,
     shutting_down: AtomicBool,
+    sync: crate::sync::SyncState,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -294,6 +295,7 @@ impl<T: PeerTransport> Coordinator<T> {
             forwarded: AtomicU64::new(0),
             read_repairs: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            sync: crate::sync::SyncState::new(),
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
         }
@@ -426,6 +428,27 @@ impl<T: PeerTransport> Coordinator<T> {
         }
     }
 
+    pub(crate) fn sync_state(&self) -> &crate::sync::SyncState {
+        &self.sync
+    }
+
+    pub(crate) fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    pub(crate) fn transport(&self) -> &Arc<T> {
+        &self.transport
+    }
+
+    /// A peer call from this node, due by `deadline` (at most one peer timeout away).
+    pub(crate) fn peer_call(&self, deadline: Instant) -> PeerCall {
+        self.call(deadline)
+    }
+
     fn call(&self, deadline: Instant) -> PeerCall {
         PeerCall {
             from: self.local.clone(),
@@ -547,6 +570,70 @@ impl<T: PeerTransport> Coordinator<T> {
         }
     }
 
+    /// Whether `peer` should be avoided (see `unhealthy`), for the sync module.
+    pub(crate) fn is_unhealthy(&self, peer: &NodeId) -> bool {
+        self.unhealthy(peer)
+    }
+
+    /// Records a failed call to `peer` (it is skipped for a while).
+    pub(crate) fn note_peer_failure(&self, peer: &NodeId, what: &str) {
+        self.peers.record(peer, Err(what.to_string()));
+    }
+
+    /// Local reads of `keys`; while this node is syncing, the misses are read through from
+    /// other replicas (a local miss is not authoritative then).
+    async fn local_reads(
+        &self,
+        state: &RingState,
+        keys: &[Bytes],
+        deadline: Instant,
+    ) -> Vec<Option<Lookup>> {
+        let mut found: Vec<Option<Lookup>> = keys.iter().map(|k| self.store.get(k)).collect();
+        if state.replication_factor <= 1 || !self.is_syncing() {
+            return found;
+        }
+        let missed: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+        if missed.is_empty() {
+            return found;
+        }
+        let missing: Vec<Bytes> = missed.iter().map(|&i| keys[i].clone()).collect();
+        let remote = self.read_through(state, &missing, deadline).await;
+        for (i, r) in missed.into_iter().zip(remote) {
+            if let Some(Some(VersionedRead::Live(l))) = r {
+                found[i] = Some(l);
+            }
+        }
+        found
+    }
+
+    /// Before a decision that depends on the key's presence (a conditional write, a touch)
+    /// on a syncing node: reads the key from another replica and applies it here. Refused
+    /// if no other replica answers — the node does not decide on a copy that may be missing.
+    async fn settle_before_deciding(
+        &self,
+        p: &Placement,
+        key: &Bytes,
+        ctx: RequestContext,
+    ) -> Result<(), CoreError> {
+        if p.replicas.len() <= 1 || !self.is_syncing() {
+            return Ok(());
+        }
+        let answers = self
+            .read_through(&p.state, std::slice::from_ref(key), ctx.deadline)
+            .await;
+        if answers.first().is_some_and(Option::is_some) {
+            return Ok(());
+        }
+        Err(CoreError::Unavailable {
+            acks: 0,
+            required: 1,
+            detail: "this node is syncing (it restarted or the ring changed) and no other replica \
+                     answered; a conditional write or touch is not decided on a copy that may be \
+                     incomplete"
+                .into(),
+        })
+    }
+
     /// Whether `peer` should be avoided: a recent call failed, or membership suspects it.
     fn unhealthy(&self, peer: &NodeId) -> bool {
         self.peers.recently_failed(peer)
@@ -657,7 +744,10 @@ impl<T: PeerTransport> Coordinator<T> {
             Request::Get { key, consistency } => {
                 let consistency = consistency.unwrap_or(Consistency::One);
                 if consistency == Consistency::One || p.replicas.len() <= 1 {
-                    Ok(Response::Get(self.store.get(&key)))
+                    let found = self
+                        .local_reads(&p.state, std::slice::from_ref(&key), ctx.deadline)
+                        .await;
+                    Ok(Response::Get(found.into_iter().next().flatten()))
                 } else {
                     Ok(Response::Get(
                         self.quorum_read(p, &key, consistency, ctx).await?,
@@ -665,6 +755,9 @@ impl<T: PeerTransport> Coordinator<T> {
                 }
             }
             Request::Set { cmd, consistency } => {
+                if cmd.condition != Condition::Always {
+                    self.settle_before_deciding(p, &cmd.key, ctx).await?;
+                }
                 let stored =
                     match self
                         .store
@@ -690,6 +783,7 @@ impl<T: PeerTransport> Coordinator<T> {
                 ttl_ms,
                 consistency,
             } => {
+                self.settle_before_deciding(p, &key, ctx).await?;
                 let found = match self.store.touch(&key, ttl_ms)? {
                     Applied::Done(m) => {
                         self.replicate(p, m, consistency.unwrap_or(default), ctx)
@@ -1005,7 +1099,7 @@ impl<T: PeerTransport> Coordinator<T> {
         if groups.len() == 1 && groups.contains_key(&self.local) {
             // Every key is served here (a single node, or a batch routed by the ring): no
             // scatter, no intermediate vectors — this is the hot path of a smart client.
-            let found: Vec<Option<Lookup>> = keys.iter().map(|k| self.store.get(k)).collect();
+            let found = self.local_reads(state, &keys, ctx.deadline).await;
             return self.check_response_size(found);
         }
         let mut results: Vec<Option<Option<Lookup>>> = vec![None; keys.len()];
@@ -1015,7 +1109,7 @@ impl<T: PeerTransport> Coordinator<T> {
             |target, idx| async move {
                 let batch: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
                 if target == self.local {
-                    return Ok(batch.iter().map(|k| self.store.get(k)).collect());
+                    return Ok(self.local_reads(state, &batch, ctx.deadline).await);
                 }
                 let request = Request::MultiGet {
                     keys: batch.clone(),
@@ -1144,6 +1238,10 @@ impl<T: PeerTransport> Coordinator<T> {
         let mut needs: Vec<(Vec<NodeId>, usize, usize)> = Vec::new();
         for (n, &i) in idx.iter().enumerate() {
             let e = &entries[i];
+            if e.condition != Condition::Always {
+                let p = self.place(state, &e.key);
+                self.settle_before_deciding(&p, &e.key, ctx).await?;
+            }
             let applied = self
                 .store
                 .set(&e.key, &e.value, e.ttl_ms, e.condition)

@@ -17,6 +17,8 @@
 //! - [`coordinator`]: [`Coordinator`]: routing, forwarding once, write coordination per
 //!   consistency, quorum reads with repair, the one scatter/gather for batches, peer ingress.
 //! - [`replication`]: the bounded, batching per-peer queues and their owned sender tasks.
+//! - [`sync`]: anti-entropy and range sync (digests per segment, pull and push what
+//!   differs), and the *syncing* state of a node that has not caught up yet.
 //! - [`ring`]: [`RingView`]: the ring from each membership view, swapped atomically, with a
 //!   stream of [`RingChange`]s.
 //! - [`transport`]: [`PeerTransport`], the seam to other nodes.
@@ -40,6 +42,7 @@ pub mod request;
 pub mod ring;
 pub mod sim;
 pub mod store;
+pub mod sync;
 pub mod transport;
 
 pub use cache_types::{Condition, Consistency, MemberState};
@@ -52,4 +55,5 @@ pub use replication::QueueStats;
 pub use request::{Request, Response, SetCommand};
 pub use ring::{RingChange, RingState, RingView};
 pub use store::{Applied, ApplyReport, Store};
+pub use sync::{SyncConfig, SyncEntry, SyncReply, SyncRequest, SyncStatus};
 pub use transport::{PeerCall, PeerReply, PeerTransport};

@@ -14,7 +14,8 @@
 //!   (a lost reply means B did the work but A never hears of it).
 //! - [`SimCluster::set_delay`]: each message takes a random time in the range.
 //! - [`SimCluster::pause`]: B stops working (like `SIGSTOP`): calls reach it but wait until
-//!   [`SimCluster::resume`]; A gives up at its deadline, and B then still does the work.
+//!   [`SimCluster::resume`]; A gives up at its deadline, and B then still does the work. B's
+//!   own calls (its queues, its anti-entropy) wait too.
 //! - [`SimCluster::heal`] undoes cuts, loss and delay.
 //!
 //! The callee's work runs in its own task, so a caller that gives up does not cancel it —
@@ -42,6 +43,7 @@ use crate::mutation::Mutation;
 use crate::request::{Request, Response};
 use crate::ring::RingView;
 use crate::store::{ApplyReport, Store};
+use crate::sync::{SyncConfig, SyncReply, SyncRequest};
 use crate::transport::{PeerCall, PeerReply, PeerTransport};
 
 /// The simulator's only source of chance (the protocols' generator, so seeds replay).
@@ -130,6 +132,11 @@ impl SimNet {
             tokio::time::sleep_until(deadline).await;
             Err(no_answer(detail))
         };
+        // A paused node sends nothing either (like SIGSTOP): its background work (queues,
+        // anti-entropy) waits until it is resumed.
+        if !self.wait_running(&call.from, deadline).await {
+            return Err(no_answer("the caller is paused"));
+        }
         let callee = self.nodes.lock().get(to).and_then(Weak::upgrade);
         let Some(callee) = callee else {
             return Err(unreachable("connection refused (node is down)"));
@@ -190,6 +197,7 @@ trait SimNode: Send + Sync + std::fmt::Debug {
         call: PeerCall,
         keys: Vec<Bytes>,
     ) -> Work<PeerReply<Vec<Option<VersionedRead>>>>;
+    fn sync(self: Arc<Self>, call: PeerCall, request: SyncRequest) -> Work<PeerReply<SyncReply>>;
 }
 
 impl SimNode for Coordinator<SimTransport> {
@@ -224,6 +232,16 @@ impl SimNode for Coordinator<SimTransport> {
     ) -> Work<PeerReply<Vec<Option<VersionedRead>>>> {
         Box::pin(async move {
             let body = self.handle_fetch(&call, &keys)?;
+            Ok(PeerReply {
+                body,
+                ring_fingerprint: self.ring().load().ring.fingerprint(),
+            })
+        })
+    }
+
+    fn sync(self: Arc<Self>, call: PeerCall, request: SyncRequest) -> Work<PeerReply<SyncReply>> {
+        Box::pin(async move {
+            let body = self.handle_sync(&call, request).await?;
             Ok(PeerReply {
                 body,
                 ring_fingerprint: self.ring().load().ring.fingerprint(),
@@ -265,6 +283,17 @@ impl PeerTransport for SimTransport {
             .carry(to, call, |callee, call| callee.fetch(call, keys))
             .await
     }
+
+    async fn sync(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        request: SyncRequest,
+    ) -> Result<PeerReply<SyncReply>, PeerError> {
+        self.net
+            .carry(to, call, |callee, call| callee.sync(call, request))
+            .await
+    }
 }
 
 /// Settings of a simulated cluster.
@@ -282,6 +311,8 @@ pub struct SimConfig {
     pub limits: Limits,
     /// Allowed drift of observed versions.
     pub max_drift: Duration,
+    /// Anti-entropy on every node (`None`: off, as before it existed).
+    pub sync: Option<SyncConfig>,
 }
 
 impl Default for SimConfig {
@@ -296,6 +327,7 @@ impl Default for SimConfig {
             cache: CacheConfig::new().with_max_bytes(64 << 20).with_shards(4),
             limits: Limits::default(),
             max_drift: Duration::from_secs(5),
+            sync: None,
         }
     }
 }
@@ -309,66 +341,132 @@ pub struct SimCluster {
     net: Arc<SimNet>,
     nodes: Vec<Arc<Coordinator<SimTransport>>>,
     ids: Vec<NodeId>,
+    config: SimConfig,
+    /// The membership view every node follows (static membership: the test changes it).
+    view: MembershipView,
+}
+
+fn sim_member(i: usize, id: &NodeId) -> Member {
+    let port = 7000 + u16::try_from(i).expect("a simulated cluster is small");
+    Member {
+        id: id.to_string(),
+        rpc_addr: ([127, 0, 0, 1], port).into(),
+        peer_addr: ([127, 0, 0, 1], port + 100).into(),
+        state: MemberState::Alive,
+        incarnation: 0,
+        weight: 1,
+    }
 }
 
 impl SimCluster {
     /// Starts `config.nodes` nodes that all know each other (static membership).
     pub fn new(config: SimConfig) -> Self {
         let net = Arc::new(SimNet::new(config.seed));
-        let ids: Vec<NodeId> = (0..config.nodes)
-            .map(|i| NodeId::new(format!("n{i}")).expect("short ids are valid"))
-            .collect();
+        let ids: Vec<NodeId> = (0..config.nodes).map(Self::id).collect();
         let members = ids
             .iter()
             .enumerate()
-            .map(|(i, id)| {
-                let port = 7000 + u16::try_from(i).expect("a simulated cluster is small");
-                Member {
-                    id: id.to_string(),
-                    rpc_addr: ([127, 0, 0, 1], port).into(),
-                    peer_addr: ([127, 0, 0, 1], port + 100).into(),
-                    state: MemberState::Alive,
-                    incarnation: 0,
-                    weight: 1,
-                }
-            })
+            .map(|(i, id)| sim_member(i, id))
             .collect();
         let view = MembershipView { epoch: 1, members };
-        let nodes: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                let store = Store::new(
-                    id,
-                    config.cache.clone(),
-                    NodeClock::tokio(SIM_EPOCH_MS),
-                    config.limits,
-                    config.max_drift,
-                )
-                .expect("the simulator's cache config is valid");
-                let ring = RingView::new(view.clone(), config.core.replication_factor)
-                    .expect("simulated members form a ring");
-                Arc::new(Coordinator::new(
-                    id.clone(),
-                    Arc::new(store),
-                    Arc::new(ring),
-                    Arc::new(SimTransport {
-                        net: Arc::clone(&net),
-                    }),
-                    config.core.clone(),
-                ))
-            })
-            .collect();
-        {
-            let mut registry = net.nodes.lock();
-            let mut paused = net.paused.lock();
-            for (id, node) in ids.iter().zip(&nodes) {
-                let weak: Weak<dyn SimNode> =
-                    Arc::downgrade(node) as Weak<Coordinator<SimTransport>>;
-                registry.insert(id.clone(), weak);
-                paused.insert(id.clone(), watch::channel(false).0);
+        let mut cluster = Self {
+            net,
+            nodes: Vec::new(),
+            ids: ids.clone(),
+            config,
+            view,
+        };
+        for id in &ids {
+            let node = cluster.make_node(id);
+            cluster.nodes.push(node);
+        }
+        cluster
+    }
+
+    fn id(i: usize) -> NodeId {
+        NodeId::new(format!("n{i}")).expect("short ids are valid")
+    }
+
+    /// A fresh (empty) node `id` following the current view, registered on the network.
+    fn make_node(&self, id: &NodeId) -> Arc<Coordinator<SimTransport>> {
+        let config = &self.config;
+        let store = Store::new(
+            id,
+            config.cache.clone(),
+            NodeClock::tokio(SIM_EPOCH_MS),
+            config.limits,
+            config.max_drift,
+        )
+        .expect("the simulator's cache config is valid");
+        let ring = RingView::new(self.view.clone(), config.core.replication_factor)
+            .expect("simulated members form a ring");
+        let node = Arc::new(Coordinator::new(
+            id.clone(),
+            Arc::new(store),
+            Arc::new(ring),
+            Arc::new(SimTransport {
+                net: Arc::clone(&self.net),
+            }),
+            config.core.clone(),
+        ));
+        if let Some(sync) = config.sync {
+            node.start_anti_entropy(sync);
+        }
+        let weak: Weak<dyn SimNode> = Arc::downgrade(&node) as Weak<Coordinator<SimTransport>>;
+        self.net.nodes.lock().insert(id.clone(), weak);
+        self.net
+            .paused
+            .lock()
+            .entry(id.clone())
+            .or_insert_with(|| watch::channel(false).0);
+        node
+    }
+
+    /// Gives every running node the current view (a membership change).
+    fn publish_view(&mut self) {
+        self.view.epoch += 1;
+        for node in &self.nodes {
+            node.ring()
+                .update(self.view.clone())
+                .expect("simulated members form a ring");
+        }
+    }
+
+    /// Kills node `a` and starts it again empty with the same id (a restart without
+    /// persistence): the old one stops answering at once.
+    pub async fn restart_empty(&mut self, a: usize) {
+        let old = Arc::clone(&self.nodes[a]);
+        self.net.nodes.lock().remove(&self.ids[a]);
+        old.shutdown(Duration::ZERO).await;
+        let id = self.ids[a].clone();
+        self.nodes[a] = self.make_node(&id);
+    }
+
+    /// Starts a new, empty node and adds it to every node's view (a join); returns its
+    /// index.
+    pub fn join(&mut self) -> usize {
+        let i = self.ids.len();
+        let id = Self::id(i);
+        self.view.members.push(sim_member(i, &id));
+        self.ids.push(id.clone());
+        let node = self.make_node(&id);
+        self.nodes.push(node);
+        self.publish_view();
+        i
+    }
+
+    /// Kills node `a` (it stops answering) and, as membership would after detecting it,
+    /// marks it dead in every other node's view.
+    pub async fn kill_and_declare_dead(&mut self, a: usize) {
+        self.net.nodes.lock().remove(&self.ids[a]);
+        self.nodes[a].shutdown(Duration::ZERO).await;
+        let id = self.ids[a].to_string();
+        for m in &mut self.view.members {
+            if m.id == id {
+                m.state = MemberState::Dead;
             }
         }
-        Self { net, nodes, ids }
+        self.publish_view();
     }
 
     /// Node `i`.

@@ -15,6 +15,7 @@ use crate::error::PeerError;
 use crate::mutation::Mutation;
 use crate::request::{Request, Response};
 use crate::store::ApplyReport;
+use crate::sync::{SyncReply, SyncRequest};
 
 /// What every peer call carries besides its payload.
 #[derive(Debug, Clone)]
@@ -65,4 +66,13 @@ pub trait PeerTransport: Send + Sync + 'static {
         call: PeerCall,
         keys: Vec<Bytes>,
     ) -> impl Future<Output = Result<PeerReply<Vec<Option<VersionedRead>>>, PeerError>> + Send;
+
+    /// Anti-entropy: compares this node's digests of the keys it shares with node `to`, and
+    /// gets back what differs with `to`'s versions (see [`crate::sync`]).
+    fn sync(
+        &self,
+        to: &NodeId,
+        call: PeerCall,
+        request: SyncRequest,
+    ) -> impl Future<Output = Result<PeerReply<SyncReply>, PeerError>> + Send;
 }

@@ -17,7 +17,9 @@
 //!   member **dead**. The timeout follows Lifeguard: it starts at
 //!   `suspicion_max_mult × min` and shrinks towards
 //!   `min = suspicion_mult × max(1, log10 n) × probe_interval` as independent members
-//!   confirm the suspicion (logarithmically in the number of confirmations).
+//!   confirm the suspicion (logarithmically in the number of confirmations; the minimum is
+//!   reached with `suspicion_mult - 2` confirmations, memberlist's rule, or at once when
+//!   fewer members could confirm).
 //! - **Local health** (Lifeguard's awareness): a node whose own probes fail (or that has to
 //!   refute a suspicion about itself) is probably the slow one; its probe interval and
 //!   timeout are multiplied by `awareness + 1` (up to `awareness_max`), so a starved node
@@ -51,7 +53,7 @@ pub use wire::{Addrs, Body, DecodeError, Message, Update};
 
 /// Protocol settings. The defaults suit a LAN: memberlist's LAN profile with a shorter probe
 /// interval and a suspicion multiplier of 3 instead of 4, for faster detection on small
-/// clusters (measured: median 2.8 s on 5 real nodes, and no false death with 10 % loss in
+/// clusters (measured: median 2.3 s, max 2.5 s on 5 real nodes, and no false death with 10 % loss in
 /// simulation or with every core busy beside real nodes — see `docs/benchmarks.md`).
 #[derive(Debug, Clone)]
 pub struct SwimConfig {

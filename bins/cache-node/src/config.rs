@@ -133,6 +133,11 @@ pub(crate) struct Args {
     /// (drops are counted in cache_replication_dropped_total) [default: 65536].
     #[arg(long, env = "CACHE_REPLICATION_QUEUE")]
     replication_queue: Option<usize>,
+    /// Key and value bytes of hints kept for each unreachable peer (hinted handoff: writes
+    /// it missed, delivered when it answers again; beyond this they are dropped, counted in
+    /// cache_hints_dropped_total, and left to anti-entropy), e.g. 64MiB [default: 64MiB].
+    #[arg(long, env = "CACHE_HINTS_MEMORY")]
+    hints_memory: Option<String>,
     /// Time between anti-entropy rounds, in which replicas compare digests and exchange what
     /// differs; a ring change starts a round at once. `0` turns anti-entropy off (then a
     /// restarted node is never caught up) [default: 15s].
@@ -181,6 +186,7 @@ struct FileConfig {
     request_timeout: Option<String>,
     max_clock_drift: Option<String>,
     replication_queue: Option<usize>,
+    hints_memory: Option<String>,
     anti_entropy_interval: Option<String>,
     sync_rate: Option<String>,
     log_format: Option<LogFormat>,
@@ -277,6 +283,11 @@ impl Args {
                 .replication_queue
                 .or(file.replication_queue)
                 .unwrap_or(dk.queue_capacity),
+            hint_bytes_max: match self.hints_memory.or(file.hints_memory) {
+                Some(s) => usize::try_from(parse_size("hints-memory", &s)?)
+                    .context("hints-memory is too large for this machine")?,
+                None => dk.hint_bytes_max,
+            },
             ..dk
         };
         if cluster.replication_factor == 0

@@ -159,12 +159,14 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
         .iter()
         .map(|q| {
             format!(
-                "<tr><td>{}</td><td>{} of {}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{} of {}</td><td>{}</td><td>{}</td><td>{} pending ({} delivered)</td></tr>",
                 escape(q.peer.as_str()),
                 q.depth,
                 q.capacity,
                 q.sent,
-                q.dropped
+                q.dropped,
+                q.hints_pending,
+                q.hints_delivered
             )
         })
         .collect();
@@ -223,7 +225,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 replication drops are counted in <code>cache_replication_dropped_total</code></p>\
 <table><tr><th>member</th><th>address</th><th>peer address</th><th>state</th><th>incarnation</th><th>key space (primary)</th></tr>{members}</table>\
 <h3>Peer channels</h3><table><tr><th>peer</th><th>calls ok</th><th>failed</th><th>last</th></tr>{peers}</table>\
-<h3>Replication queues</h3><table><tr><th>peer</th><th>depth</th><th>sent</th><th>dropped</th></tr>{queues}</table>\
+<h3>Replication queues</h3><table><tr><th>peer</th><th>depth</th><th>sent</th><th>dropped</th><th>hints</th></tr>{queues}</table>\
 <p><a href=\"/metrics\">/metrics</a> · <a href=\"/healthz\">/healthz</a> · <a href=\"/readyz\">/readyz</a></p>\
 </body></html>\n",
         node = escape(cluster.local_id().as_str()),

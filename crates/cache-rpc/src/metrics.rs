@@ -133,6 +133,12 @@ struct ReplicationSeries {
     depth: Gauge,
     /// `cache_replication_lag_seconds{peer}`: age of the oldest entry of the last batch sent.
     lag: Gauge,
+    /// `cache_hints_stored_total{peer}`, `..._delivered_total`, `..._dropped_total`, and
+    /// the `cache_hints_pending{peer}` gauge: hinted handoff.
+    hints_stored: Counter,
+    hints_delivered: Counter,
+    hints_dropped: Counter,
+    hints_pending: Gauge,
 }
 
 impl std::fmt::Debug for NodeMetrics {
@@ -307,12 +313,21 @@ impl NodeMetrics {
                         &Key::from_parts("cache_replication_lag_seconds", label()),
                         &META,
                     ),
+                    hints_stored: counter(r, "cache_hints_stored_total", label()),
+                    hints_delivered: counter(r, "cache_hints_delivered_total", label()),
+                    hints_dropped: counter(r, "cache_hints_dropped_total", label()),
+                    hints_pending: r
+                        .register_gauge(&Key::from_parts("cache_hints_pending", label()), &META),
                 }
             });
             s.dropped.absolute(q.dropped);
             s.sent.absolute(q.sent);
             s.depth.set(q.depth as f64);
             s.lag.set(q.lag_ms as f64 / 1000.0);
+            s.hints_stored.absolute(q.hints_stored);
+            s.hints_delivered.absolute(q.hints_delivered);
+            s.hints_dropped.absolute(q.hints_dropped);
+            s.hints_pending.set(q.hints_pending as f64);
         }
     }
 

@@ -77,6 +77,9 @@ pub struct CoreConfig {
     /// Most mutations sent in one replicate call (capped at
     /// [`MAX_MUTATIONS_PER_CALL`](crate::replication::MAX_MUTATIONS_PER_CALL)).
     pub batch_max: usize,
+    /// Most key and value bytes of hints kept for one unreachable peer (hinted handoff; the
+    /// count is bounded by `queue_capacity`).
+    pub hint_bytes_max: usize,
 }
 
 impl Default for CoreConfig {
@@ -87,6 +90,7 @@ impl Default for CoreConfig {
             peer_timeout: Duration::from_secs(1),
             queue_capacity: 65_536,
             batch_max: 512,
+            hint_bytes_max: 64 << 20,
         }
     }
 }
@@ -277,6 +281,8 @@ impl<T: PeerTransport> Coordinator<T> {
                 batch_max: config.batch_max,
                 batch_bytes_max: store.limits().max_request_bytes(),
                 peer_timeout: config.peer_timeout,
+                hint_capacity: config.queue_capacity.max(1),
+                hint_bytes_max: config.hint_bytes_max,
             },
         ));
         Self {

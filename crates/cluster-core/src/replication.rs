@@ -1,16 +1,23 @@
 //! Asynchronous replication: one bounded, batching queue per peer, drained by one owned task
-//! per peer (not one task per write).
+//! per peer (not one task per write), with **hinted handoff**.
 //!
-//! A full queue drops the mutation and counts it; a failed batch is counted as dropped too
-//! (hinted handoff and anti-entropy, later, make these good). On shutdown the queues stop
-//! accepting, each sender delivers what is queued until the drain deadline, and whatever is
-//! left is counted as dropped: no loss is silent.
+//! A batch the peer did not take (unreachable, no answer, paused) becomes *hints*: kept per
+//! key (only the newest version of a key matters under last writer wins), bounded in count
+//! and bytes, and delivered in version order when the peer answers again — retried with a
+//! backoff from one peer timeout up to eight, and at once after any successful batch. While
+//! hints are pending and no retry is due, new batches for that peer join the hints without
+//! a call, so a dead peer costs one timeout per retry, not one per batch. A hint that does
+//! not fit the bounds, and a full queue, drop the mutation and count it; anti-entropy
+//! (see [`crate::sync`]) repairs what was dropped. On shutdown the queues stop accepting,
+//! each sender delivers its hints and what is queued until the drain deadline, and whatever
+//! is left is counted as dropped: no loss is silent.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use cluster_ring::NodeId;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -39,6 +46,10 @@ pub struct ReplicationConfig {
     pub batch_bytes_max: usize,
     /// Deadline of each replicate call.
     pub peer_timeout: Duration,
+    /// Most hints (keys) kept for one unreachable peer.
+    pub hint_capacity: usize,
+    /// Most key and value bytes of hints kept for one unreachable peer.
+    pub hint_bytes_max: usize,
 }
 
 /// Counters of one peer's queue (read by `/metrics` and `/status`).
@@ -50,6 +61,15 @@ pub struct QueueCounters {
     pub dropped: AtomicU64,
     /// Age in milliseconds of the oldest mutation of the last batch delivered.
     pub lag_ms: AtomicU64,
+    /// Mutations kept as hints after the peer did not take them.
+    pub hints_stored: AtomicU64,
+    /// Hints delivered once the peer answered again.
+    pub hints_delivered: AtomicU64,
+    /// Hints dropped at the bounds (or superseded by a newer hint for the same key: not a
+    /// loss, counted separately below).
+    pub hints_dropped: AtomicU64,
+    /// Hints pending now.
+    pub hints_pending: AtomicU64,
 }
 
 /// A snapshot of one peer's queue.
@@ -67,6 +87,14 @@ pub struct QueueStats {
     pub capacity: usize,
     /// Age in milliseconds of the oldest mutation of the last batch delivered.
     pub lag_ms: u64,
+    /// Mutations kept as hints.
+    pub hints_stored: u64,
+    /// Hints delivered.
+    pub hints_delivered: u64,
+    /// Hints dropped at the bounds (anti-entropy repairs them).
+    pub hints_dropped: u64,
+    /// Hints pending.
+    pub hints_pending: u64,
 }
 
 struct Queued {
@@ -173,6 +201,10 @@ impl<T: PeerTransport> Replicator<T> {
                 depth: self.config.queue_capacity.max(1) - q.tx.capacity(),
                 capacity: self.config.queue_capacity.max(1),
                 lag_ms: q.counters.lag_ms.load(Ordering::Relaxed),
+                hints_stored: q.counters.hints_stored.load(Ordering::Relaxed),
+                hints_delivered: q.counters.hints_delivered.load(Ordering::Relaxed),
+                hints_dropped: q.counters.hints_dropped.load(Ordering::Relaxed),
+                hints_pending: q.counters.hints_pending.load(Ordering::Relaxed),
             })
             .collect()
     }
@@ -202,10 +234,59 @@ struct Sender<T: PeerTransport> {
     held: Mutex<Option<Queued>>,
 }
 
+/// The hints kept for one peer: the newest mutation per key.
+#[derive(Default)]
+struct Hints {
+    by_key: HashMap<Bytes, Mutation>,
+    bytes: usize,
+}
+
+impl Hints {
+    fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Keeps `m` unless a newer version of its key is kept already; `false` if the bounds
+    /// leave no room.
+    fn add(&mut self, m: Mutation, config: &ReplicationConfig) -> bool {
+        if let Some(old) = self.by_key.get(&m.key) {
+            if old.version >= m.version {
+                return true;
+            }
+            self.bytes -= old.size();
+            self.by_key.remove(&m.key);
+        }
+        if self.by_key.len() >= config.hint_capacity
+            || self.bytes + m.size() > config.hint_bytes_max
+        {
+            return false;
+        }
+        self.bytes += m.size();
+        self.by_key.insert(m.key.clone(), m);
+        true
+    }
+
+    /// Every hint, oldest version first.
+    fn take_in_version_order(&mut self) -> Vec<Mutation> {
+        self.bytes = 0;
+        let mut all: Vec<Mutation> = self.by_key.drain().map(|(_, m)| m).collect();
+        all.sort_by_key(|m| m.version);
+        all
+    }
+}
+
 impl<T: PeerTransport> Sender<T> {
     async fn run(self, mut rx: mpsc::Receiver<Queued>) {
         let mut batch = Vec::new();
-        // Normal operation: wait for a mutation, take what else is ready, send.
+        let mut hints = Hints::default();
+        let mut backoff = self.config.peer_timeout;
+        let mut retry_at = Instant::now();
+        // Normal operation: wait for a mutation (or a hint retry), take what else is ready,
+        // send.
         loop {
             let held = self.held.lock().take();
             let first = match held {
@@ -213,25 +294,61 @@ impl<T: PeerTransport> Sender<T> {
                 None => tokio::select! {
                     biased;
                     () = self.cancel.cancelled() => break,
+                    () = tokio::time::sleep_until(retry_at), if !hints.is_empty() => {
+                        let deadline = Instant::now() + self.config.peer_timeout;
+                        if self.deliver_hints(&mut hints, deadline).await {
+                            backoff = self.config.peer_timeout;
+                        } else {
+                            backoff = (backoff * 2).min(self.config.peer_timeout * 8);
+                            retry_at = Instant::now() + backoff;
+                        }
+                        continue;
+                    }
                     q = rx.recv() => q,
                 },
             };
             let Some(first) = first else { break };
             batch.push(first);
             self.fill(&mut rx, &mut batch);
+            if !hints.is_empty() && Instant::now() < retry_at {
+                // The peer is down: keep the batch as hints without another timeout.
+                let mutations = batch.drain(..).map(|q| q.mutation).collect();
+                self.hint(&mut hints, mutations);
+                continue;
+            }
             let deadline = Instant::now() + self.config.peer_timeout;
-            self.send(&mut batch, deadline).await;
+            match self.send(&mut batch, deadline).await {
+                Ok(()) => {
+                    if !hints.is_empty() {
+                        // It answers again: hand the hints over now.
+                        let deadline = Instant::now() + self.config.peer_timeout;
+                        if !self.deliver_hints(&mut hints, deadline).await {
+                            retry_at = Instant::now() + backoff;
+                        }
+                    }
+                    backoff = self.config.peer_timeout;
+                }
+                Err(failed) => {
+                    self.hint(&mut hints, failed);
+                    retry_at = Instant::now() + backoff;
+                }
+            }
         }
-        // Shutdown: deliver what is queued until the drain deadline; count the rest.
+        // Shutdown: deliver the hints and what is queued until the drain deadline; count
+        // the rest.
         rx.close();
         let until = self.drain_until.lock().unwrap_or_else(Instant::now);
+        if !hints.is_empty() && Instant::now() < until {
+            let deadline = until.min(Instant::now() + self.config.peer_timeout);
+            self.deliver_hints(&mut hints, deadline).await;
+        }
         loop {
             self.fill(&mut rx, &mut batch);
             if batch.is_empty() {
                 break;
             }
             let now = Instant::now();
-            if now >= until {
+            if now >= until || !hints.is_empty() {
                 let left = batch.len() + rx.len() + usize::from(self.held.lock().take().is_some());
                 self.counters
                     .dropped
@@ -246,7 +363,137 @@ impl<T: PeerTransport> Sender<T> {
                 break;
             }
             let deadline = until.min(now + self.config.peer_timeout);
-            self.send(&mut batch, deadline).await;
+            if let Err(failed) = self.send(&mut batch, deadline).await {
+                // No time left to hint them: the peer missed them, counted.
+                self.counters
+                    .dropped
+                    .fetch_add(failed.len() as u64, Ordering::Relaxed);
+                tracing::warn!(
+                    peer = %self.peer,
+                    mutations = failed.len(),
+                    "shutdown: replication batch not delivered"
+                );
+            }
+        }
+        if !hints.is_empty() {
+            let left = hints.len() as u64;
+            self.counters.dropped.fetch_add(left, Ordering::Relaxed);
+            self.counters
+                .hints_dropped
+                .fetch_add(left, Ordering::Relaxed);
+            self.counters.hints_pending.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                peer = %self.peer,
+                hints = left,
+                "shutdown: hints not delivered within the grace period; anti-entropy on the \
+                 other replicas repairs them"
+            );
+        }
+    }
+
+    /// Keeps `mutations` as hints for this peer; what does not fit is dropped and counted.
+    fn hint(&self, hints: &mut Hints, mutations: Vec<Mutation>) {
+        let n = mutations.len() as u64;
+        let mut dropped = 0u64;
+        for m in mutations {
+            if !hints.add(m, &self.config) {
+                dropped += 1;
+            }
+        }
+        self.counters
+            .hints_stored
+            .fetch_add(n - dropped, Ordering::Relaxed);
+        if dropped > 0 {
+            self.counters.dropped.fetch_add(dropped, Ordering::Relaxed);
+            self.counters
+                .hints_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+            tracing::warn!(
+                peer = %self.peer,
+                dropped,
+                "hints full: mutations dropped (anti-entropy repairs them)"
+            );
+        }
+        self.counters
+            .hints_pending
+            .store(hints.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Sends every hint, oldest version first, in bounded batches by `deadline` per batch;
+    /// `true` if all were delivered. What was not delivered stays a hint.
+    async fn deliver_hints(&self, hints: &mut Hints, deadline: Instant) -> bool {
+        let all = hints.take_in_version_order();
+        let max = self.config.batch_max.clamp(1, MAX_MUTATIONS_PER_CALL);
+        let mut rest = all.into_iter().peekable();
+        let mut ok = true;
+        while rest.peek().is_some() {
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(m) = rest.peek() {
+                if batch.len() >= max
+                    || (!batch.is_empty() && bytes + m.size() > self.config.batch_bytes_max)
+                {
+                    break;
+                }
+                bytes += m.size();
+                batch.push(rest.next().expect("peeked"));
+            }
+            let n = batch.len() as u64;
+            match self
+                .call(
+                    batch,
+                    deadline.max(Instant::now() + self.config.peer_timeout),
+                )
+                .await
+            {
+                Ok(()) => {
+                    self.counters
+                        .hints_delivered
+                        .fetch_add(n, Ordering::Relaxed);
+                    self.counters.sent.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(failed) => {
+                    for m in failed.into_iter().chain(rest.by_ref()) {
+                        // They fitted before; they fit again.
+                        let _ = hints.add(m, &self.config);
+                    }
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        self.counters
+            .hints_pending
+            .store(hints.len() as u64, Ordering::Relaxed);
+        if ok {
+            tracing::info!(peer = %self.peer, "hints delivered: the peer answers again");
+        }
+        ok
+    }
+
+    /// One replicate call; the mutations back if the peer did not take them.
+    async fn call(&self, mutations: Vec<Mutation>, deadline: Instant) -> Result<(), Vec<Mutation>> {
+        let call = PeerCall {
+            from: self.local.clone(),
+            ring_fingerprint: self.ring.load().ring.fingerprint(),
+            deadline,
+        };
+        let sent = tokio::time::timeout_at(
+            deadline,
+            self.transport
+                .replicate(&self.peer, call, mutations.clone()),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.peer, error = %e, "replication batch failed");
+                Err(mutations)
+            }
+            Err(_) => {
+                tracing::debug!(peer = %self.peer, "replication batch: no answer before the deadline");
+                Err(mutations)
+            }
         }
     }
 
@@ -274,7 +521,8 @@ impl<T: PeerTransport> Sender<T> {
         }
     }
 
-    async fn send(&self, batch: &mut Vec<Queued>, deadline: Instant) {
+    /// Sends `batch` (emptied); the mutations back if the peer did not take them.
+    async fn send(&self, batch: &mut Vec<Queued>, deadline: Instant) -> Result<(), Vec<Mutation>> {
         let n = batch.len() as u64;
         let oldest = batch
             .iter()
@@ -282,30 +530,10 @@ impl<T: PeerTransport> Sender<T> {
             .min()
             .unwrap_or_else(Instant::now);
         let mutations = batch.drain(..).map(|q| q.mutation).collect();
-        let call = PeerCall {
-            from: self.local.clone(),
-            ring_fingerprint: self.ring.load().ring.fingerprint(),
-            deadline,
-        };
-        let sent = tokio::time::timeout_at(
-            deadline,
-            self.transport.replicate(&self.peer, call, mutations),
-        )
-        .await;
-        match sent {
-            Ok(Ok(_)) => {
-                self.counters.sent.fetch_add(n, Ordering::Relaxed);
-                let lag = u64::try_from(oldest.elapsed().as_millis()).unwrap_or(u64::MAX);
-                self.counters.lag_ms.store(lag, Ordering::Relaxed);
-            }
-            Ok(Err(e)) => {
-                self.counters.dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(peer = %self.peer, mutations = n, error = %e, "replication batch dropped");
-            }
-            Err(_) => {
-                self.counters.dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(peer = %self.peer, mutations = n, "replication batch dropped: no answer before the deadline");
-            }
-        }
+        self.call(mutations, deadline).await?;
+        self.counters.sent.fetch_add(n, Ordering::Relaxed);
+        let lag = u64::try_from(oldest.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.counters.lag_ms.store(lag, Ordering::Relaxed);
+        Ok(())
     }
 }

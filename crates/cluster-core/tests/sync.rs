@@ -118,7 +118,10 @@ async fn write_all(c: &SimCluster, n: usize, value: &str, consistency: Consisten
 
 #[tokio::test(start_paused = true)]
 async fn anti_entropy_repairs_what_a_paused_replica_missed() {
-    let c = SimCluster::new(config(3, 3, quick_sync()));
+    // No room for hints: only anti-entropy can repair.
+    let mut cfg = config(3, 3, quick_sync());
+    cfg.core.hint_bytes_max = 0;
+    let c = SimCluster::new(cfg);
     write_all(&c, 300, "v1", Consistency::One).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(divergent(&c, 300, &[]), (0, 0), "healthy replication");
@@ -281,4 +284,55 @@ async fn deletes_are_synced_like_writes() {
             "key {i} is a tombstone on the paused replica too"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hinted_handoff_delivers_what_a_paused_replica_missed_without_anti_entropy() {
+    let c = SimCluster::new(SimConfig {
+        sync: None,
+        ..config(3, 3, quick_sync())
+    });
+    write_all(&c, 300, "v1", Consistency::One).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    c.pause(2);
+    write_all(&c, 300, "v2", Consistency::One).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hinted: u64 = (0..2)
+        .flat_map(|n| c.node(n).queue_stats())
+        .filter(|q| q.peer.as_str() == "n2")
+        .map(|q| q.hints_pending)
+        .sum();
+    assert!(
+        hinted >= 250,
+        "{hinted} hints pending for the paused replica"
+    );
+    c.resume(2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(divergent(&c, 300, &[]), (0, 0), "hints delivered");
+    for q in (0..2).flat_map(|n| c.node(n).queue_stats()) {
+        assert_eq!(q.hints_pending, 0, "{q:?}");
+        assert_eq!(q.dropped, 0, "{q:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn hints_beyond_their_bound_are_dropped_counted_and_repaired_by_anti_entropy() {
+    let mut cfg = config(3, 3, quick_sync());
+    cfg.core.hint_bytes_max = 1000; // about 70 small mutations per peer
+    let c = SimCluster::new(cfg);
+    c.pause(2);
+    write_all(&c, 300, "v", Consistency::One).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dropped: u64 = (0..2)
+        .flat_map(|n| c.node(n).queue_stats())
+        .map(|q| q.hints_dropped)
+        .sum();
+    assert!(dropped > 0, "the bound was hit");
+    c.resume(2);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        divergent(&c, 300, &[]),
+        (0, 0),
+        "anti-entropy repaired the rest"
+    );
 }

@@ -443,3 +443,62 @@ async fn a_node_paused_for_ten_seconds_under_quorum_load_costs_few_timeouts_and_
         "node-4 refuted the suspicion or death: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_node_hands_its_keys_over_so_reads_miss_nothing() {
+    // One copy per key and no anti-entropy: a key of node-3 survives its leave only if the
+    // hand-over gave it to the key's next owner.
+    let args = [
+        "--replication-factor",
+        "1",
+        "--anti-entropy-interval",
+        "0",
+        "--shutdown-notice",
+        "0s",
+    ];
+    let mut cluster = Cluster::start_gossip(4, &args);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until("4 alive", Duration::from_secs(20), || all_alive(&live, 4)).await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .write_consistency(Consistency::All)
+        .connect_cluster(cluster.seeds())
+        .await
+        .expect("cluster client");
+    for i in 0..1000u32 {
+        client.set(format!("h{i}"), "v").await.expect("set");
+    }
+    cluster.nodes[3].signal("TERM");
+    let status = cluster.nodes[3]
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits");
+    assert!(status.success());
+    let log = cluster.nodes[3].log();
+    assert!(
+        log.contains("keys handed over") && log.contains("complete=true"),
+        "{log}"
+    );
+    let survivors: Vec<&NodeProcess> = cluster.nodes[..3].iter().collect();
+    wait_until("node-3 seen left", Duration::from_secs(10), || async {
+        for n in &survivors {
+            if state_of(n, "node-3").await != Some(MemberState::Left) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    // Reads at ONE go to each key's primary in the ring without node-3.
+    let reader = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect_cluster(vec![cluster.nodes[0].addr()])
+        .await
+        .expect("cluster client");
+    let mut misses = 0;
+    for i in 0..1000u32 {
+        if reader.get(format!("h{i}")).await.expect("get").is_none() {
+            misses += 1;
+        }
+    }
+    assert_eq!(misses, 0, "keys lost by the leave");
+}

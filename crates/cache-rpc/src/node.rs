@@ -11,7 +11,9 @@
 //!    answered `UNAVAILABLE` and health/readiness report not serving, so clients move on
 //!    using the connections they have. Peer traffic is still served.
 //! 2. The public and admin listeners close; in-flight client requests finish.
-//! 3. The replication queues drain to the peers with whatever grace is left; what cannot be
+//! 3. With network membership (a leave), every key is handed over to the node that
+//!    replicates it once this one is gone (`Coordinator::hand_over`, half of the grace left).
+//!    The replication queues drain to the peers with whatever grace is left; what cannot be
 //!    delivered is counted in `cache_replication_dropped_total`. Then the peer listener
 //!    closes, every owned background task is awaited, and the reaper stops.
 
@@ -505,9 +507,25 @@ impl Node {
         };
         // Phase 3: drain replication with what is left of the grace, then close the peer
         // listener and await every owned task.
-        let left = grace
+        let mut left = grace
             .saturating_sub(config.shutdown_notice.min(grace))
             .max(Duration::from_millis(100));
+        if gossip_addr.is_some() {
+            // A leave: hand every key to the node that replicates it once this one is gone
+            // (with half of what is left; the queues drain with the rest).
+            let began = Instant::now();
+            let report = core.hand_over(tokio::time::Instant::now() + left / 2).await;
+            tracing::info!(
+                keys = report.keys,
+                bytes = report.bytes,
+                complete = report.complete,
+                took_ms = began.elapsed().as_millis() as u64,
+                "leave: keys handed over to their new replicas"
+            );
+            left = left
+                .saturating_sub(began.elapsed())
+                .max(Duration::from_millis(100));
+        }
         core.shutdown(left).await;
         peer_stop.cancel();
         stop_tasks.cancel();

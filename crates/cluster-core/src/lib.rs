@@ -55,5 +55,5 @@ pub use replication::QueueStats;
 pub use request::{Request, Response, SetCommand};
 pub use ring::{RingChange, RingState, RingView};
 pub use store::{Applied, ApplyReport, Store};
-pub use sync::{SyncConfig, SyncEntry, SyncReply, SyncRequest, SyncStatus};
+pub use sync::{HandOver, SyncConfig, SyncEntry, SyncReply, SyncRequest, SyncStatus};
 pub use transport::{PeerCall, PeerReply, PeerTransport};

@@ -455,6 +455,25 @@ impl SimCluster {
         i
     }
 
+    /// Node `a` leaves gracefully: it hands its keys over to their replicas in the ring
+    /// without it ([`Coordinator::hand_over`]), shuts down, and every other node's view
+    /// marks it left.
+    pub async fn leave_gracefully(&mut self, a: usize) -> crate::sync::HandOver {
+        let report = self.nodes[a]
+            .hand_over(Instant::now() + Duration::from_secs(10))
+            .await;
+        self.nodes[a].shutdown(Duration::from_secs(1)).await;
+        self.net.nodes.lock().remove(&self.ids[a]);
+        let id = self.ids[a].to_string();
+        for m in &mut self.view.members {
+            if m.id == id {
+                m.state = MemberState::Left;
+            }
+        }
+        self.publish_view();
+        report
+    }
+
     /// Kills node `a` (it stops answering) and, as membership would after detecting it,
     /// marks it dead in every other node's view.
     pub async fn kill_and_declare_dead(&mut self, a: usize) {

@@ -756,3 +756,128 @@ impl<T: PeerTransport> Coordinator<T> {
         out
     }
 }
+
+/// What [`Coordinator::hand_over`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandOver {
+    /// Keys sent to a node that becomes their replica once this node has left.
+    pub keys: u64,
+    /// Key and value bytes sent.
+    pub bytes: u64,
+    /// Every key was handed over before the deadline.
+    pub complete: bool,
+}
+
+impl<T: PeerTransport> Coordinator<T> {
+    /// A graceful leave: sends every key this node replicates to the node that replicates
+    /// it once this node is gone (the ring without it), by `deadline`. Each key gains
+    /// exactly one new replica when one member leaves, so this moves about 1/N of the data
+    /// once. Call it after the leave was announced and before [`Coordinator::shutdown`].
+    pub async fn hand_over(&self, deadline: Instant) -> HandOver {
+        let mut report = HandOver::default();
+        // The rings with this node and without it, from the current view (which may already
+        // say this node left: the leave is announced first).
+        let current = self.ring().load();
+        let with_state = |state: cache_types::MemberState| {
+            let mut view = current.view.clone();
+            for m in &mut view.members {
+                if *self.local_id() == m.id {
+                    m.state = state;
+                }
+            }
+            RingState::build(view, self.config().replication_factor)
+        };
+        let (Ok(state), Ok(after)) = (
+            with_state(cache_types::MemberState::Alive),
+            with_state(cache_types::MemberState::Left),
+        ) else {
+            report.complete = true; // nobody is left to hand over to
+            return report;
+        };
+        let max_batch = self
+            .store()
+            .limits()
+            .max_batch
+            .clamp(1, MAX_MUTATIONS_PER_CALL);
+        let max_bytes = self.store().limits().max_request_bytes();
+        let mut batches: BTreeMap<NodeId, (Vec<Mutation>, usize)> = BTreeMap::new();
+        let engine = self.store().engine();
+        let mut cursor = Some(ScanCursor::default());
+        while let Some(c) = cursor {
+            if Instant::now() >= deadline {
+                return report;
+            }
+            let (chunk, next) = engine.scan_versions(c, SCAN_CHUNK);
+            cursor = next;
+            for kv in chunk {
+                let before = state.replicas(&kv.key);
+                if !before.contains(self.local_id()) {
+                    continue;
+                }
+                for target in after.replicas(&kv.key) {
+                    if before.contains(&target) {
+                        continue;
+                    }
+                    let Some(read) = self.store().get_versioned(&kv.key) else {
+                        continue;
+                    };
+                    let m = as_mutation(kv.key.clone(), read);
+                    let (batch, bytes) = batches.entry(target.clone()).or_default();
+                    if !batch.is_empty()
+                        && (batch.len() >= max_batch || *bytes + m.size() > max_bytes)
+                    {
+                        let full = std::mem::take(batch);
+                        *bytes = 0;
+                        if !self
+                            .hand_over_batch(&target, full, deadline, &mut report)
+                            .await
+                        {
+                            return report;
+                        }
+                    }
+                    let (batch, bytes) = batches.entry(target).or_default();
+                    *bytes += m.size();
+                    batch.push(m);
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        for (target, (batch, _)) in batches {
+            if !batch.is_empty()
+                && !self
+                    .hand_over_batch(&target, batch, deadline, &mut report)
+                    .await
+            {
+                return report;
+            }
+        }
+        report.complete = true;
+        report
+    }
+
+    async fn hand_over_batch(
+        &self,
+        target: &NodeId,
+        batch: Vec<Mutation>,
+        deadline: Instant,
+        report: &mut HandOver,
+    ) -> bool {
+        let (n, bytes) = (
+            batch.len() as u64,
+            batch.iter().map(Mutation::size).sum::<usize>(),
+        );
+        let mut call = self.peer_call(deadline);
+        call.deadline = call.deadline.min(deadline);
+        match self.transport().replicate(target, call, batch).await {
+            Ok(_) => {
+                report.keys += n;
+                report.bytes += bytes as u64;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(peer = %target, error = %e, "hand-over batch failed; stopping the hand-over (anti-entropy on the remaining replicas restores the copies)");
+                false
+            }
+        }
+    }
+}

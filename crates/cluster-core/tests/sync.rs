@@ -336,3 +336,26 @@ async fn hints_beyond_their_bound_are_dropped_counted_and_repaired_by_anti_entro
         "anti-entropy repaired the rest"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_leave_hands_every_key_to_its_new_replica() {
+    // No anti-entropy: only the hand-over can give the new replicas their keys.
+    let mut c = SimCluster::new(SimConfig {
+        sync: None,
+        ..config(4, 2, quick_sync())
+    });
+    write_all(&c, 1000, "v", Consistency::All).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = c.node(3).store().stats().items as u64;
+    let report = c.leave_gracefully(3).await;
+    assert!(report.complete, "{report:?}");
+    // Each key n3 held gains exactly one new replica.
+    assert_eq!(report.keys, held, "{report:?}");
+    assert_eq!(divergent(&c, 1000, &[3]), (0, 0));
+    for i in 0..1000 {
+        assert!(
+            found(c.request(i % 3, get(i), T).await).is_some(),
+            "key {i}"
+        );
+    }
+}

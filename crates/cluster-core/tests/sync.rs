@@ -346,7 +346,7 @@ async fn a_graceful_leave_hands_every_key_to_its_new_replica() {
     });
     write_all(&c, 1000, "v", Consistency::All).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let held = c.node(3).store().stats().items as u64;
+    let held = c.node(3).store().stats().items;
     let report = c.leave_gracefully(3).await;
     assert!(report.complete, "{report:?}");
     // Each key n3 held gains exactly one new replica.

@@ -336,14 +336,17 @@ impl Default for SimConfig {
 pub const SIM_EPOCH_MS: u64 = 1_700_000_000_000;
 
 /// N coordinators over one [`SimNet`]. Must be created inside a tokio runtime.
+///
+/// Membership changes (restart, join, leave, death) take `&self`, so a fault task can make
+/// them while clients hold the cluster too.
 #[derive(Debug)]
 pub struct SimCluster {
     net: Arc<SimNet>,
-    nodes: Vec<Arc<Coordinator<SimTransport>>>,
-    ids: Vec<NodeId>,
+    nodes: Mutex<Vec<Arc<Coordinator<SimTransport>>>>,
+    ids: Mutex<Vec<NodeId>>,
     config: SimConfig,
     /// The membership view every node follows (static membership: the test changes it).
-    view: MembershipView,
+    view: Mutex<MembershipView>,
 }
 
 fn sim_member(i: usize, id: &NodeId) -> Member {
@@ -363,22 +366,18 @@ impl SimCluster {
     pub fn new(config: SimConfig) -> Self {
         let net = Arc::new(SimNet::new(config.seed));
         let ids: Vec<NodeId> = (0..config.nodes).map(Self::id).collect();
-        let members = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| sim_member(i, id))
-            .collect();
+        let members = ids.iter().enumerate().map(|(i, id)| sim_member(i, id)).collect();
         let view = MembershipView { epoch: 1, members };
-        let mut cluster = Self {
+        let cluster = Self {
             net,
-            nodes: Vec::new(),
-            ids: ids.clone(),
+            nodes: Mutex::new(Vec::new()),
+            ids: Mutex::new(ids.clone()),
             config,
-            view,
+            view: Mutex::new(view),
         };
         for id in &ids {
             let node = cluster.make_node(id);
-            cluster.nodes.push(node);
+            cluster.nodes.lock().push(node);
         }
         cluster
     }
@@ -398,7 +397,8 @@ impl SimCluster {
             config.max_drift,
         )
         .expect("the simulator's cache config is valid");
-        let ring = RingView::new(self.view.clone(), config.core.replication_factor)
+        let view = self.view.lock().clone();
+        let ring = RingView::new(view, config.core.replication_factor)
             .expect("simulated members form a ring");
         let node = Arc::new(Coordinator::new(
             id.clone(),
@@ -422,85 +422,104 @@ impl SimCluster {
         node
     }
 
-    /// Gives every running node the current view (a membership change).
-    fn publish_view(&mut self) {
-        self.view.epoch += 1;
-        for node in &self.nodes {
+    /// Sets member `id`'s state in the view and gives every node the new view (a
+    /// membership change).
+    fn publish_state(&self, id: &NodeId, state: MemberState) {
+        let view = {
+            let mut view = self.view.lock();
+            for m in &mut view.members {
+                if *id == m.id {
+                    m.state = state;
+                }
+            }
+            view.epoch += 1;
+            view.clone()
+        };
+        self.publish(&view);
+    }
+
+    fn publish(&self, view: &MembershipView) {
+        let nodes = self.nodes.lock().clone();
+        for node in nodes {
             node.ring()
-                .update(self.view.clone())
+                .update(view.clone())
                 .expect("simulated members form a ring");
         }
     }
 
     /// Kills node `a` and starts it again empty with the same id (a restart without
     /// persistence): the old one stops answering at once.
-    pub async fn restart_empty(&mut self, a: usize) {
-        let old = Arc::clone(&self.nodes[a]);
-        self.net.nodes.lock().remove(&self.ids[a]);
+    pub async fn restart_empty(&self, a: usize) {
+        let old = self.node(a);
+        let id = self.id_of(a);
+        self.net.nodes.lock().remove(&id);
         old.shutdown(Duration::ZERO).await;
-        let id = self.ids[a].clone();
-        self.nodes[a] = self.make_node(&id);
+        let fresh = self.make_node(&id);
+        self.nodes.lock()[a] = fresh;
     }
 
     /// Starts a new, empty node and adds it to every node's view (a join); returns its
     /// index.
-    pub fn join(&mut self) -> usize {
-        let i = self.ids.len();
-        let id = Self::id(i);
-        self.view.members.push(sim_member(i, &id));
-        self.ids.push(id.clone());
+    pub fn join(&self) -> usize {
+        let (i, id) = {
+            let mut ids = self.ids.lock();
+            let i = ids.len();
+            let id = Self::id(i);
+            ids.push(id.clone());
+            (i, id)
+        };
+        let view = {
+            let mut view = self.view.lock();
+            view.members.push(sim_member(i, &id));
+            view.epoch += 1;
+            view.clone()
+        };
         let node = self.make_node(&id);
-        self.nodes.push(node);
-        self.publish_view();
+        self.nodes.lock().push(node);
+        self.publish(&view);
         i
     }
 
     /// Node `a` leaves gracefully: it hands its keys over to their replicas in the ring
     /// without it ([`Coordinator::hand_over`]), shuts down, and every other node's view
     /// marks it left.
-    pub async fn leave_gracefully(&mut self, a: usize) -> crate::sync::HandOver {
-        let report = self.nodes[a]
-            .hand_over(Instant::now() + Duration::from_secs(10))
-            .await;
-        self.nodes[a].shutdown(Duration::from_secs(1)).await;
-        self.net.nodes.lock().remove(&self.ids[a]);
-        let id = self.ids[a].to_string();
-        for m in &mut self.view.members {
-            if m.id == id {
-                m.state = MemberState::Left;
-            }
-        }
-        self.publish_view();
+    pub async fn leave_gracefully(&self, a: usize) -> crate::sync::HandOver {
+        let node = self.node(a);
+        let report = node.hand_over(Instant::now() + Duration::from_secs(10)).await;
+        node.shutdown(Duration::from_secs(1)).await;
+        let id = self.id_of(a);
+        self.net.nodes.lock().remove(&id);
+        self.publish_state(&id, MemberState::Left);
         report
     }
 
     /// Kills node `a` (it stops answering) and, as membership would after detecting it,
     /// marks it dead in every other node's view.
-    pub async fn kill_and_declare_dead(&mut self, a: usize) {
-        self.net.nodes.lock().remove(&self.ids[a]);
-        self.nodes[a].shutdown(Duration::ZERO).await;
-        let id = self.ids[a].to_string();
-        for m in &mut self.view.members {
-            if m.id == id {
-                m.state = MemberState::Dead;
-            }
-        }
-        self.publish_view();
+    pub async fn kill_and_declare_dead(&self, a: usize) {
+        let id = self.id_of(a);
+        self.net.nodes.lock().remove(&id);
+        self.node(a).shutdown(Duration::ZERO).await;
+        self.publish_state(&id, MemberState::Dead);
     }
 
-    /// Node `i`.
-    pub fn node(&self, i: usize) -> &Arc<Coordinator<SimTransport>> {
-        &self.nodes[i]
+    /// Node `i` (the current process of that id).
+    pub fn node(&self, i: usize) -> Arc<Coordinator<SimTransport>> {
+        Arc::clone(&self.nodes.lock()[i])
     }
 
     /// Node ids, by index.
-    pub fn ids(&self) -> &[NodeId] {
-        &self.ids
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.ids.lock().clone()
+    }
+
+    fn id_of(&self, i: usize) -> NodeId {
+        self.ids.lock()[i].clone()
     }
 
     /// The index of node `id`.
     pub fn index_of(&self, id: &NodeId) -> usize {
         self.ids
+            .lock()
             .iter()
             .position(|x| x == id)
             .expect("a node of this cluster")
@@ -515,21 +534,23 @@ impl SimCluster {
         timeout: Duration,
     ) -> Result<Response, CoreError> {
         let ctx = RequestContext::client(timeout);
-        if !self.net.wait_running(&self.ids[i], ctx.deadline).await {
+        if !self.net.wait_running(&self.id_of(i), ctx.deadline).await {
             return Err(CoreError::DeadlineExceeded(timeout));
         }
-        self.nodes[i].handle(request, ctx).await
+        let node = self.node(i);
+        node.handle(request, ctx).await
     }
 
     /// Cuts the link between nodes `a` and `b` (both directions).
     pub fn cut(&self, a: usize, b: usize) {
-        let l = link(&self.ids[a], &self.ids[b]);
+        let l = link(&self.id_of(a), &self.id_of(b));
         self.net.faults.lock().cut.insert(l);
     }
 
     /// Cuts every link of node `a`.
     pub fn isolate(&self, a: usize) {
-        for b in 0..self.ids.len() {
+        let n = self.ids.lock().len();
+        for b in 0..n {
             if b != a {
                 self.cut(a, b);
             }
@@ -548,14 +569,14 @@ impl SimCluster {
 
     /// Pauses node `a` (it answers nothing until resumed).
     pub fn pause(&self, a: usize) {
-        if let Some(tx) = self.net.paused.lock().get(&self.ids[a]) {
+        if let Some(tx) = self.net.paused.lock().get(&self.id_of(a)) {
             tx.send_replace(true);
         }
     }
 
     /// Resumes node `a`.
     pub fn resume(&self, a: usize) {
-        if let Some(tx) = self.net.paused.lock().get(&self.ids[a]) {
+        if let Some(tx) = self.net.paused.lock().get(&self.id_of(a)) {
             tx.send_replace(false);
         }
     }
@@ -570,7 +591,8 @@ impl SimCluster {
 
     /// Shuts every node down (draining replication for at most `grace`).
     pub async fn shutdown(&self, grace: Duration) {
-        for node in &self.nodes {
+        let nodes = self.nodes.lock().clone();
+        for node in nodes {
             node.shutdown(grace).await;
         }
     }

@@ -151,7 +151,7 @@ async fn anti_entropy_repairs_what_a_paused_replica_missed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_restarted_empty_reads_through_and_refuses_to_decide_conditions_alone() {
-    let mut c = SimCluster::new(config(3, 3, stuck_sync()));
+    let c = SimCluster::new(config(3, 3, stuck_sync()));
     write_all(&c, 300, "v", Consistency::Quorum).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.restart_empty(2).await;
@@ -192,7 +192,7 @@ async fn a_node_restarted_empty_reads_through_and_refuses_to_decide_conditions_a
 
 #[tokio::test(start_paused = true)]
 async fn a_restarted_node_catches_up_and_stops_syncing() {
-    let mut c = SimCluster::new(config(3, 3, quick_sync()));
+    let c = SimCluster::new(config(3, 3, quick_sync()));
     write_all(&c, 500, "v", Consistency::Quorum).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.restart_empty(1).await;
@@ -204,7 +204,7 @@ async fn a_restarted_node_catches_up_and_stops_syncing() {
 
 #[tokio::test(start_paused = true)]
 async fn a_joining_node_gets_its_ranges_and_reads_never_miss_meanwhile() {
-    let mut c = SimCluster::new(config(3, 2, stuck_sync()));
+    let c = SimCluster::new(config(3, 2, stuck_sync()));
     write_all(&c, 300, "v", Consistency::All).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let n3 = c.join();
@@ -223,7 +223,7 @@ async fn a_joining_node_gets_its_ranges_and_reads_never_miss_meanwhile() {
 
 #[tokio::test(start_paused = true)]
 async fn a_join_moves_about_a_quarter_of_the_keys_and_then_every_replica_agrees() {
-    let mut c = SimCluster::new(config(3, 2, quick_sync()));
+    let c = SimCluster::new(config(3, 2, quick_sync()));
     write_all(&c, 1000, "v", Consistency::All).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let n3 = c.join();
@@ -240,7 +240,7 @@ async fn a_join_moves_about_a_quarter_of_the_keys_and_then_every_replica_agrees(
 
 #[tokio::test(start_paused = true)]
 async fn survivors_of_a_death_restore_every_lost_copy() {
-    let mut c = SimCluster::new(config(4, 3, quick_sync()));
+    let c = SimCluster::new(config(4, 3, quick_sync()));
     write_all(&c, 500, "v", Consistency::Quorum).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(divergent(&c, 500, &[]), (0, 0));
@@ -340,7 +340,7 @@ async fn hints_beyond_their_bound_are_dropped_counted_and_repaired_by_anti_entro
 #[tokio::test(start_paused = true)]
 async fn a_graceful_leave_hands_every_key_to_its_new_replica() {
     // No anti-entropy: only the hand-over can give the new replicas their keys.
-    let mut c = SimCluster::new(SimConfig {
+    let c = SimCluster::new(SimConfig {
         sync: None,
         ..config(4, 2, quick_sync())
     });

@@ -627,8 +627,26 @@ impl<T: PeerTransport> Coordinator<T> {
         let answers = self
             .read_through(&p.state, std::slice::from_ref(key), ctx.deadline)
             .await;
-        if answers.first().is_some_and(Option::is_some) {
-            return Ok(());
+        match answers.into_iter().next().flatten() {
+            // The other replica knows nothing of the key: the local copy is complete.
+            Some(None) => return Ok(()),
+            // It holds a version: decide only if this node now holds it (or newer). The
+            // repair can be refused (a version beyond the allowed clock drift).
+            Some(Some(read)) => {
+                let local = self.store.get_versioned(key).map_or(0, |r| r.version());
+                if local >= read.version() {
+                    return Ok(());
+                }
+                return Err(CoreError::Unavailable {
+                    acks: 0,
+                    required: 1,
+                    detail: "this node is syncing and could not take another replica's newer \
+                             copy of the key (is its clock behind?); a conditional write or \
+                             touch is not decided on an older copy"
+                        .into(),
+                });
+            }
+            None => {}
         }
         Err(CoreError::Unavailable {
             acks: 0,

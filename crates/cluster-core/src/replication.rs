@@ -12,7 +12,7 @@
 //! each sender delivers its hints and what is queued until the drain deadline, and whatever
 //! is left is counted as dropped: no loss is silent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -237,7 +237,7 @@ struct Sender<T: PeerTransport> {
 /// The hints kept for one peer: the newest mutation per key.
 #[derive(Default)]
 struct Hints {
-    by_key: HashMap<Bytes, Mutation>,
+    by_key: BTreeMap<Bytes, Mutation>,
     bytes: usize,
 }
 
@@ -273,7 +273,7 @@ impl Hints {
     /// Every hint, oldest version first.
     fn take_in_version_order(&mut self) -> Vec<Mutation> {
         self.bytes = 0;
-        let mut all: Vec<Mutation> = self.by_key.drain().map(|(_, m)| m).collect();
+        let mut all: Vec<Mutation> = std::mem::take(&mut self.by_key).into_values().collect();
         all.sort_by_key(|m| m.version);
         all
     }

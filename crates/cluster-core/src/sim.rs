@@ -347,6 +347,8 @@ pub struct SimCluster {
     config: SimConfig,
     /// The membership view every node follows (static membership: the test changes it).
     view: Mutex<MembershipView>,
+    /// When the cluster started: a node started later reads the same clock as the others.
+    started: Instant,
 }
 
 fn sim_member(i: usize, id: &NodeId) -> Member {
@@ -366,7 +368,11 @@ impl SimCluster {
     pub fn new(config: SimConfig) -> Self {
         let net = Arc::new(SimNet::new(config.seed));
         let ids: Vec<NodeId> = (0..config.nodes).map(Self::id).collect();
-        let members = ids.iter().enumerate().map(|(i, id)| sim_member(i, id)).collect();
+        let members = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| sim_member(i, id))
+            .collect();
         let view = MembershipView { epoch: 1, members };
         let cluster = Self {
             net,
@@ -374,6 +380,7 @@ impl SimCluster {
             ids: Mutex::new(ids.clone()),
             config,
             view: Mutex::new(view),
+            started: Instant::now(),
         };
         for id in &ids {
             let node = cluster.make_node(id);
@@ -392,7 +399,10 @@ impl SimCluster {
         let store = Store::new(
             id,
             config.cache.clone(),
-            NodeClock::tokio(SIM_EPOCH_MS),
+            NodeClock::tokio(
+                SIM_EPOCH_MS
+                    + u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ),
             config.limits,
             config.max_drift,
         )
@@ -485,7 +495,9 @@ impl SimCluster {
     /// marks it left.
     pub async fn leave_gracefully(&self, a: usize) -> crate::sync::HandOver {
         let node = self.node(a);
-        let report = node.hand_over(Instant::now() + Duration::from_secs(10)).await;
+        let report = node
+            .hand_over(Instant::now() + Duration::from_secs(10))
+            .await;
         node.shutdown(Duration::from_secs(1)).await;
         let id = self.id_of(a);
         self.net.nodes.lock().remove(&id);

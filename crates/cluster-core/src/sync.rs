@@ -34,7 +34,7 @@
 //! conditional write (`IF_ABSENT`/`IF_PRESENT`) or touch first reads the key from another
 //! replica (see `Coordinator::read_through`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -484,11 +484,11 @@ impl<T: PeerTransport> Coordinator<T> {
         config: &SyncConfig,
     ) -> Result<(), ExchangeError> {
         let s = self.sync_state();
-        let sizes: HashMap<Bytes, usize> = theirs
+        let sizes: BTreeMap<Bytes, usize> = theirs
             .iter()
             .map(|e| (e.key.clone(), e.key.len() + e.value_len as usize))
             .collect();
-        let theirs: HashMap<Bytes, u64> = theirs.into_iter().map(|e| (e.key, e.version)).collect();
+        let theirs: BTreeMap<Bytes, u64> = theirs.into_iter().map(|e| (e.key, e.version)).collect();
         // Ours in the covered segments.
         let mut ours: BTreeMap<Bytes, u64> = BTreeMap::new();
         self.scan_shared(state, peer, |kv| {

@@ -264,7 +264,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let nodes = 4 + (seed % 2) as usize;
-        let rf = 2 + (seed % 3 == 0) as usize;
+        let rf = 2 + usize::from(seed.is_multiple_of(3));
         let defaults = SimConfig::default();
         let c = Rc::new(SimCluster::new(SimConfig {
             seed,

@@ -703,7 +703,8 @@ async fn a_rolling_restart_under_quorum_writes_loses_no_acknowledged_write() {
     const KEYS: usize = 500;
     // Per key: the last value acknowledged, and every value attempted since (a write that
     // failed may still have been applied).
-    let acked: Arc<parking_lot::Mutex<Vec<(Option<u64>, Vec<u64>)>>> =
+    type Ledger = Vec<(Option<u64>, Vec<u64>)>;
+    let acked: Arc<parking_lot::Mutex<Ledger>> =
         Arc::new(parking_lot::Mutex::new(vec![(None, Vec::new()); KEYS]));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {

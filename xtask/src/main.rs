@@ -6,6 +6,9 @@
 //!   lru+Mutex, then one table of ratios.
 //! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
 //! - `cargo xtask bench cluster`: a 3-node cluster: smart vs one-address client, RF 1 vs 3.
+//! - `cargo xtask bench rebalance [--keys N [--sync-rate R]]`: keeping N copies with 5 real
+//!   gossip nodes: restore after `kill -9`, a join under read load, anti-entropy at rest
+//!   (see `rebalance.rs`).
 //! - `cargo xtask bench pause`: `QUORUM` latency with one of 3 replicas SIGSTOPped vs all
 //!   healthy, same run.
 //! - `cargo xtask cluster up N`: N local nodes (gRPC 127.0.0.1:7000.., admin :7080..) that
@@ -26,6 +29,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod net;
+mod rebalance;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,12 +42,19 @@ fn main() -> Result<()> {
         ["bench", "net", "--baseline", bin] => net::bench_net(Some(bin)),
         ["bench", "cluster"] => net::bench_cluster(),
         ["bench", "pause"] => net::bench_pause(),
+        ["bench", "rebalance"] => rebalance::bench_rebalance(100_000, None),
+        ["bench", "rebalance", "--keys", n] => {
+            rebalance::bench_rebalance(n.parse().context("--keys N: N is a number")?, None)
+        }
+        ["bench", "rebalance", "--keys", n, "--sync-rate", r] => {
+            rebalance::bench_rebalance(n.parse().context("--keys N: N is a number")?, Some(r))
+        }
         ["cluster", "up", n] => cluster_up(n.parse().context("cluster up N: N is a number")?),
         ["sim", "--seeds", n] => sim(n, "0"),
         ["sim", "--seeds", n, "--start", s] | ["sim", "--start", s, "--seeds", n] => sim(n, s),
         _ => {
             eprintln!(
-                "usage: cargo xtask ci | bench engine | bench ring | bench net [--baseline BIN] | bench cluster | bench pause | cluster up N | sim --seeds N [--start S]"
+                "usage: cargo xtask ci | bench engine | bench ring | bench net [--baseline BIN] | bench cluster | bench pause | bench rebalance [--keys N [--sync-rate R]] | cluster up N | sim --seeds N [--start S]"
             );
             bail!("unknown task {args:?}")
         }

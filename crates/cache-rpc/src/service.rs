@@ -471,6 +471,7 @@ impl peer_server::Peer for PeerService {
                 &call,
                 cluster_core::SyncRequest {
                     digests: req.digests,
+                    from_segment: req.from_segment,
                 },
             )
             .await

@@ -198,6 +198,7 @@ impl PeerTransport for GrpcTransport {
             from: call.from.to_string(),
             ring_fingerprint: call.ring_fingerprint,
             digests: request.digests,
+            from_segment: request.from_segment,
         };
         let reply = self
             .call(to, &call, body, |mut c, r| async move { c.sync(r).await })

@@ -63,6 +63,9 @@ use crate::ring::{RingState, RingView};
 use crate::store::{Applied, ApplyReport, Store};
 use crate::transport::{PeerCall, PeerReply, PeerTransport};
 
+/// How long a peer's ring may differ from this node's before it is logged as an error.
+pub const MISMATCH_GRACE: Duration = Duration::from_secs(10);
+
 /// Cluster settings.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -150,8 +153,9 @@ struct Peers {
     health: Mutex<BTreeMap<NodeId, PeerHealth>>,
     /// How long a peer is skipped after a failed call.
     backoff: Duration,
-    /// Peers whose ring fingerprint differs from ours: peer → their fingerprint.
-    mismatches: Mutex<BTreeMap<NodeId, u64>>,
+    /// Peers whose ring fingerprint differs from ours: peer → (their fingerprint, since
+    /// when, whether the persistent mismatch was logged as an error).
+    mismatches: Mutex<BTreeMap<NodeId, (u64, Instant, bool)>>,
     mismatch_count: AtomicU64,
 }
 
@@ -410,11 +414,13 @@ impl<T: PeerTransport> Coordinator<T> {
             .mismatches
             .lock()
             .iter()
-            .map(|(k, v)| (k.clone(), *v))
+            .map(|(k, v)| (k.clone(), v.0))
             .collect()
     }
 
-    /// Notes the ring fingerprint a peer reported; logs and counts a mismatch.
+    /// Notes the ring fingerprint a peer reported; logs and counts a mismatch. A mismatch
+    /// is normal for a moment while a membership change spreads, so it is logged at info
+    /// level first and as an error only if the same one persists for [`MISMATCH_GRACE`].
     pub fn check_fingerprint(&self, peer: &NodeId, theirs: u64) {
         let ours = self.ring.load().ring.fingerprint();
         if theirs == 0 || theirs == ours {
@@ -422,14 +428,35 @@ impl<T: PeerTransport> Coordinator<T> {
             return;
         }
         self.peers.mismatch_count.fetch_add(1, Ordering::Relaxed);
-        let first = self.peers.mismatches.lock().insert(peer.clone(), theirs) != Some(theirs);
+        let now = Instant::now();
+        let (first, persistent) = {
+            let mut m = self.peers.mismatches.lock();
+            let entry = m.entry(peer.clone()).or_insert((theirs, now, false));
+            if entry.0 != theirs {
+                *entry = (theirs, now, false);
+            }
+            let first = entry.1 == now;
+            let persistent = !entry.2 && now.duration_since(entry.1) >= MISMATCH_GRACE;
+            if persistent {
+                entry.2 = true;
+            }
+            (first, persistent)
+        };
         if first {
+            tracing::info!(
+                peer = %peer,
+                ours = format_args!("{ours:016x}"),
+                theirs = format_args!("{theirs:016x}"),
+                "ring mismatch with this peer (normal for a moment while membership changes)"
+            );
+        }
+        if persistent {
             tracing::error!(
                 peer = %peer,
                 ours = format_args!("{ours:016x}"),
                 theirs = format_args!("{theirs:016x}"),
-                "RING MISMATCH: this peer builds a different ring from its member list; \
-                 every node must be started with the same --peers"
+                "RING MISMATCH: this peer has built a different ring for {MISMATCH_GRACE:?}; with \
+                 static membership every node must be started with the same --peers"
             );
         }
     }

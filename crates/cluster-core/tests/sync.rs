@@ -359,3 +359,37 @@ async fn a_graceful_leave_hands_every_key_to_its_new_replica() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_node_catches_up_on_more_keys_than_one_exchange_carries() {
+    const N: usize = 40_000; // > 2 × MAX_SYNC_ENTRIES shared with each peer
+    let c = SimCluster::new(config(3, 3, quick_sync()));
+    for chunk in 0..N / 1000 {
+        let entries = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| SetCommand {
+                key: key(i),
+                value: Bytes::from_static(b"v"),
+                ttl_ms: None,
+                condition: Condition::Always,
+            })
+            .collect();
+        let r = c
+            .request(
+                0,
+                Request::MultiSet {
+                    entries,
+                    consistency: Some(Consistency::All),
+                },
+                Duration::from_secs(5),
+            )
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+    }
+    c.restart_empty(2).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!c.node(2).is_syncing(), "{:?}", c.node(2).sync_status());
+    assert_eq!(c.node(2).store().stats().items, N as u64);
+    let status = c.node(2).sync_status();
+    // Pulled once each: from the first peer; the second has nothing newer.
+    assert_eq!(status.keys_pulled, N as u64, "{status:?}");
+}

@@ -58,7 +58,7 @@ pub const SEGMENTS: usize = 1024;
 
 /// Most `(key, version)` pairs one [`SyncReply`] carries; the rest of the differing
 /// segments are covered by the next exchange.
-pub const MAX_SYNC_ENTRIES: usize = 16_384;
+pub const MAX_SYNC_ENTRIES: usize = 65_536;
 
 /// Engine slots examined between two yields of a scan.
 const SCAN_CHUNK: usize = 4096;
@@ -77,6 +77,12 @@ pub struct SyncConfig {
     pub bytes_per_sec: u64,
     /// How long a peer that cannot be reached may keep this node syncing.
     pub give_up_after: Duration,
+    /// Most keys this node puts in one answer to a peer (at most [`MAX_SYNC_ENTRIES`]).
+    pub reply_entries: usize,
+    /// Deadline of one anti-entropy call. Not the peer timeout (1 s, sized for client
+    /// requests): the callee scans its engine to answer, which takes longer on a large
+    /// node — measured at 1 000 000 keys, 1 s deadlines made exchanges time out under load.
+    pub call_timeout: Duration,
 }
 
 impl Default for SyncConfig {
@@ -85,6 +91,8 @@ impl Default for SyncConfig {
             interval: Duration::from_secs(15),
             bytes_per_sec: 64 << 20,
             give_up_after: Duration::from_secs(10),
+            reply_entries: MAX_SYNC_ENTRIES,
+            call_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -122,8 +130,13 @@ pub struct SyncEntry {
 
 /// Which segment `key` falls in.
 pub fn segment_of(key: &[u8]) -> usize {
+    segment_of_hash(cluster_ring::key_hash(key))
+}
+
+/// Which segment a key with ring hash `hash` falls in (its top bits).
+fn segment_of_hash(hash: u64) -> usize {
     let bits = SEGMENTS.trailing_zeros();
-    (cluster_ring::key_hash(key) >> (64 - bits)) as usize
+    (hash >> (64 - bits)) as usize
 }
 
 /// Bytes one `(key, version)` entry of a [`SyncReply`] takes on the wire, at most.
@@ -131,10 +144,11 @@ fn entry_wire_bytes(key: &[u8]) -> usize {
     key.len() + 16
 }
 
-/// The hash of one `(key, version)`, XORed into its segment's digest.
-fn contribution(key: &[u8], version: u64) -> u64 {
+/// The hash of one `(key, version)` (given the key's ring hash), XORed into its segment's
+/// digest.
+fn contribution(hash: u64, version: u64) -> u64 {
     // A SplitMix64 finalizer over the key hash and the version.
-    let mut z = cluster_ring::key_hash(key) ^ version.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut z = hash ^ version.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -179,12 +193,15 @@ pub(crate) struct SyncState {
     last_round_ms: AtomicU64,
     /// Progress of the round in flight: (peers done, peers total).
     progress: Mutex<(usize, usize)>,
+    /// Most keys in one answer (from the config given at start).
+    reply_entries: AtomicU64,
 }
 
 impl SyncState {
     pub(crate) fn new() -> Self {
         Self {
             disabled: AtomicBool::new(true),
+            reply_entries: AtomicU64::new(MAX_SYNC_ENTRIES as u64),
             ..Self::default()
         }
     }
@@ -258,6 +275,10 @@ impl<T: PeerTransport> Coordinator<T> {
     /// completes the node is syncing. Must be called within a tokio runtime.
     pub fn start_anti_entropy(self: &Arc<Self>, config: SyncConfig) {
         self.sync_state().disabled.store(false, Ordering::Relaxed);
+        self.sync_state().reply_entries.store(
+            config.reply_entries.clamp(1, MAX_SYNC_ENTRIES) as u64,
+            Ordering::Relaxed,
+        );
         let me = Arc::clone(self);
         let mut changes = self.ring().subscribe();
         let cancel = self.cancel_token().clone();
@@ -371,7 +392,7 @@ impl<T: PeerTransport> Coordinator<T> {
                 // The ring changed under this round: its notion of shared keys is stale.
                 return Ok(false);
             }
-            let mut call = self.peer_call(Instant::now() + self.config().peer_timeout * 4);
+            let mut call = self.sync_call(config);
             call.ring_fingerprint = state.ring.fingerprint();
             let reply = self
                 .transport()
@@ -465,6 +486,13 @@ impl<T: PeerTransport> Coordinator<T> {
         Ok(())
     }
 
+    /// A background call due in `config.call_timeout` (not capped at the peer timeout).
+    fn sync_call(&self, config: &SyncConfig) -> crate::transport::PeerCall {
+        let mut call = self.peer_call(Instant::now());
+        call.deadline = Instant::now() + config.call_timeout;
+        call
+    }
+
     /// Most key bytes (with framing) one sync answer carries: half a peer response.
     fn sync_reply_bytes(&self) -> usize {
         self.store().limits().max_response_bytes() / 2
@@ -473,24 +501,42 @@ impl<T: PeerTransport> Coordinator<T> {
     /// Per segment, the digest of the versioned keys this node shares with `peer`.
     async fn digests(&self, state: &RingState, peer: &NodeId) -> Vec<u64> {
         let mut digests = vec![0u64; SEGMENTS];
-        self.scan_shared(state, peer, |kv| {
-            digests[segment_of(&kv.key)] ^= contribution(&kv.key, kv.version);
-        })
+        self.scan_shared(
+            state,
+            peer,
+            |_| true,
+            |kv, hash| {
+                digests[segment_of_hash(hash)] ^= contribution(hash, kv.version);
+            },
+        )
         .await;
         digests
     }
 
-    /// Calls `f` for every versioned key (live or dead) whose replicas under `state`
-    /// include this node and `peer`, yielding between chunks.
-    async fn scan_shared(&self, state: &RingState, peer: &NodeId, mut f: impl FnMut(&KeyVersion)) {
+    /// Calls `f(key, ring hash)` for every versioned key (live or dead) in a segment
+    /// `segment` accepts whose replicas under `state` include this node and `peer`,
+    /// yielding between chunks. The key is hashed once; the cheap segment test comes before
+    /// the ring walk.
+    async fn scan_shared(
+        &self,
+        state: &RingState,
+        peer: &NodeId,
+        segment: impl Fn(usize) -> bool,
+        mut f: impl FnMut(&KeyVersion, u64),
+    ) {
         let engine = self.store().engine();
+        let me = self.local_id();
         let mut cursor = Some(ScanCursor::default());
         while let Some(c) = cursor {
             let (chunk, next) = engine.scan_versions(c, SCAN_CHUNK);
             for kv in &chunk {
-                let replicas = state.replicas(&kv.key);
-                if replicas.contains(peer) && replicas.contains(self.local_id()) {
-                    f(kv);
+                let hash = cluster_ring::key_hash(&kv.key);
+                if !segment(segment_of_hash(hash)) {
+                    continue;
+                }
+                let replicas = state.ring.replicas_of_hash(hash, state.replication_factor);
+                if replicas.iter().any(|m| m.id == *peer) && replicas.iter().any(|m| m.id == *me) {
+                    f(kv, hash);
                 }
             }
             cursor = next;
@@ -558,7 +604,7 @@ impl<T: PeerTransport> Coordinator<T> {
             }
         }
         for keys in &batches {
-            let call = self.peer_call(Instant::now() + self.config().peer_timeout * 4);
+            let call = self.sync_call(config);
             let reply = self
                 .transport()
                 .fetch(peer, call, keys.to_vec())
@@ -621,15 +667,22 @@ impl<T: PeerTransport> Coordinator<T> {
         let mut mine = vec![0u64; SEGMENTS];
         let mut counts = vec![0usize; SEGMENTS];
         let mut sizes = vec![0usize; SEGMENTS];
-        self.scan_shared(&state, &peer, |kv| {
-            let seg = segment_of(&kv.key);
-            mine[seg] ^= contribution(&kv.key, kv.version);
-            counts[seg] += 1;
-            sizes[seg] += entry_wire_bytes(&kv.key);
-        })
+        let from = (request.from_segment as usize).min(SEGMENTS);
+        self.scan_shared(
+            &state,
+            &peer,
+            |seg| seg >= from,
+            |kv, hash| {
+                let seg = segment_of_hash(hash);
+                mine[seg] ^= contribution(hash, kv.version);
+                counts[seg] += 1;
+                sizes[seg] += entry_wire_bytes(&kv.key);
+            },
+        )
         .await;
         let max_bytes = self.sync_reply_bytes();
-        let from = (request.from_segment as usize).min(SEGMENTS);
+        let max_entries = usize::try_from(self.sync_state().reply_entries.load(Ordering::Relaxed))
+            .unwrap_or(MAX_SYNC_ENTRIES);
         let differing: Vec<u32> = (from..SEGMENTS)
             .filter(|&s| mine[s] != request.digests[s])
             .map(|s| s as u32)
@@ -641,7 +694,7 @@ impl<T: PeerTransport> Coordinator<T> {
         let mut bytes = 0;
         for &seg in &differing {
             let (c, b) = (counts[seg as usize], sizes[seg as usize]);
-            if covered > 0 && (total + c > MAX_SYNC_ENTRIES || bytes + b > max_bytes) {
+            if covered > 0 && (total + c > max_entries || bytes + b > max_bytes) {
                 break;
             }
             total += c;
@@ -653,20 +706,22 @@ impl<T: PeerTransport> Coordinator<T> {
         // writer wins) and the rest is covered by later rounds as versions change.
         let mut budget = max_bytes;
         let wanted: BTreeSet<usize> = differing[..covered].iter().map(|&s| s as usize).collect();
-        let mut entries = Vec::with_capacity(total.min(MAX_SYNC_ENTRIES));
-        self.scan_shared(&state, &peer, |kv| {
-            if entries.len() < MAX_SYNC_ENTRIES
-                && budget >= entry_wire_bytes(&kv.key)
-                && wanted.contains(&segment_of(&kv.key))
-            {
-                budget -= entry_wire_bytes(&kv.key);
-                entries.push(SyncEntry {
-                    key: kv.key.clone(),
-                    version: kv.version,
-                    value_len: u32::try_from(kv.value_len).unwrap_or(u32::MAX),
-                });
-            }
-        })
+        let mut entries = Vec::with_capacity(total.min(max_entries));
+        self.scan_shared(
+            &state,
+            &peer,
+            |seg| wanted.contains(&seg),
+            |kv, _| {
+                if entries.len() < max_entries && budget >= entry_wire_bytes(&kv.key) {
+                    budget -= entry_wire_bytes(&kv.key);
+                    entries.push(SyncEntry {
+                        key: kv.key.clone(),
+                        version: kv.version,
+                        value_len: u32::try_from(kv.value_len).unwrap_or(u32::MAX),
+                    });
+                }
+            },
+        )
         .await;
         Ok(SyncReply {
             differing,

@@ -277,6 +277,8 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 interval: Duration::from_secs(1),
                 bytes_per_sec: 0,
                 give_up_after: Duration::from_secs(3),
+                call_timeout: Duration::from_secs(2),
+                ..SyncConfig::default()
             }),
             ..defaults
         }));

@@ -62,6 +62,8 @@ fn quick_sync() -> SyncConfig {
         interval: Duration::from_secs(1),
         bytes_per_sec: 0,
         give_up_after: Duration::from_secs(5),
+        call_timeout: Duration::from_secs(2),
+        ..SyncConfig::default()
     }
 }
 
@@ -72,6 +74,8 @@ fn stuck_sync() -> SyncConfig {
         interval: Duration::from_secs(1),
         bytes_per_sec: 1,
         give_up_after: Duration::from_secs(5),
+        call_timeout: Duration::from_secs(2),
+        ..SyncConfig::default()
     }
 }
 
@@ -362,8 +366,15 @@ async fn a_graceful_leave_hands_every_key_to_its_new_replica() {
 
 #[tokio::test(start_paused = true)]
 async fn a_restarted_node_catches_up_on_more_keys_than_one_exchange_carries() {
-    const N: usize = 40_000; // > 2 × MAX_SYNC_ENTRIES shared with each peer
-    let c = SimCluster::new(config(3, 3, quick_sync()));
+    const N: usize = 12_000; // 4 exchanges of at most 3 000 keys with the first peer
+    let c = SimCluster::new(config(
+        3,
+        3,
+        SyncConfig {
+            reply_entries: 3_000,
+            ..quick_sync()
+        },
+    ));
     for chunk in 0..N / 1000 {
         let entries = (chunk * 1000..(chunk + 1) * 1000)
             .map(|i| SetCommand {

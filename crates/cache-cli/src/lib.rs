@@ -539,9 +539,29 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
             };
             let members = cluster.members();
             let (fingerprint, epoch, rf) = cluster.ring_summary();
+            // Each member's own sync progress (its Stats); "?" when it does not answer.
+            let stats: std::collections::HashMap<String, _> = cluster
+                .stats()
+                .await
+                .into_iter()
+                .filter_map(|(id, r)| r.ok().map(|s| (id, s)))
+                .collect();
+            let sync_of = |id: &str| -> (String, Value) {
+                match stats.get(id) {
+                    Some(s) if s.syncing => (
+                        format!("syncing {}/{}", s.sync_peers_synced, s.sync_peers),
+                        json!({ "syncing": true, "peers": s.sync_peers, "peers_synced": s.sync_peers_synced }),
+                    ),
+                    Some(s) => (
+                        "synced".to_string(),
+                        json!({ "syncing": false, "peers": s.sync_peers, "peers_synced": s.sync_peers_synced }),
+                    ),
+                    None => ("?".to_string(), Value::Null),
+                }
+            };
             let rows: Vec<Value> = members
                 .iter()
-                .map(|m| json!({ "id": m.id, "addr": m.addr, "state": m.state.as_str(), "incarnation": m.incarnation, "weight": m.weight, "share": m.share }))
+                .map(|m| json!({ "id": m.id, "addr": m.addr, "state": m.state.as_str(), "incarnation": m.incarnation, "weight": m.weight, "share": m.share, "sync": sync_of(&m.id).1 }))
                 .collect();
             let mut human = String::new();
             if matches!(cli.command, Command::Ring) {
@@ -550,18 +570,19 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
                 ));
             }
             human.push_str(&format!(
-                "{:<16} {:<22} {:<8} {:>11} {:>6} {:>9}\n",
-                "id", "address", "state", "incarnation", "weight", "key space"
+                "{:<16} {:<22} {:<8} {:>11} {:>6} {:>9}  {}\n",
+                "id", "address", "state", "incarnation", "weight", "key space", "sync"
             ));
             for m in &members {
                 human.push_str(&format!(
-                    "{:<16} {:<22} {:<8} {:>11} {:>6} {:>8.1}%\n",
+                    "{:<16} {:<22} {:<8} {:>11} {:>6} {:>8.1}%  {}\n",
                     m.id,
                     m.addr,
                     m.state,
                     m.incarnation,
                     m.weight,
-                    m.share * 100.0
+                    m.share * 100.0,
+                    sync_of(&m.id).0
                 ));
             }
             Outcome::ok(

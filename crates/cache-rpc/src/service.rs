@@ -267,6 +267,7 @@ impl cache_server::Cache for CacheService {
         self.observe(Op::Stats, async {
             let store = self.core().store();
             let s = store.stats();
+            let sync = self.core().sync_status();
             Ok((
                 pb::StatsResponse {
                     hits: s.hits,
@@ -282,6 +283,9 @@ impl cache_server::Cache for CacheService {
                     uptime_seconds: self.shared.started.elapsed().as_secs(),
                     node_id: self.core().local_id().to_string(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
+                    syncing: sync.syncing,
+                    sync_peers: u32::try_from(sync.peers_total).unwrap_or(u32::MAX),
+                    sync_peers_synced: u32::try_from(sync.peers_synced).unwrap_or(u32::MAX),
                 },
                 "ok",
             ))

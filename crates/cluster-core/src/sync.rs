@@ -292,7 +292,12 @@ impl<T: PeerTransport> Coordinator<T> {
                     started = (fingerprint, Instant::now());
                 }
                 let give_up = started.1 + config.give_up_after;
-                let complete = me.round(&state, &config, give_up).await;
+                // Shutdown does not wait for a round (a call to a hung peer may take the
+                // whole sync deadline).
+                let complete = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    complete = me.round(&state, &config, give_up) => complete,
+                };
                 let wait = if complete {
                     config.interval
                 } else {

@@ -55,11 +55,24 @@ pub struct ClusterClient {
     view: Arc<RwLock<Arc<View>>>,
     /// Dropped with the last clone: the watcher task sees its receiver close and stops.
     _watching: Arc<tokio::sync::watch::Sender<()>>,
-    /// Members whose last call failed (unreachable or timed out) → until when they are
-    /// skipped while another replica can serve: a hung node costs one timeout per
-    /// backoff period, not one per request.
-    unhealthy: Arc<RwLock<HashMap<String, tokio::time::Instant>>>,
+    /// Members whose last call failed (unreachable or timed out): skipped while another
+    /// replica can serve, until a background probe succeeds (see [`Unhealthy`]). A hung
+    /// node costs one request timeout per outage, not one per request or per interval.
+    unhealthy: Arc<RwLock<HashMap<String, Unhealthy>>>,
 }
+
+/// A member that failed a call. It is probed in the background — never with a client's
+/// request — when `probe_at` has passed: a `Stats` call; success readmits it, failure
+/// doubles the wait (from the client timeout, at most [`MAX_PROBE_INTERVAL`]).
+#[derive(Debug, Clone, Copy)]
+struct Unhealthy {
+    probe_at: tokio::time::Instant,
+    failures: u32,
+    probing: bool,
+}
+
+/// The longest wait between two probes of an unhealthy member.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for ClusterClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -256,18 +269,66 @@ impl ClusterClient {
         if ok {
             unhealthy.remove(id);
         } else {
-            let backoff = self.builder.timeout.max(Duration::from_millis(500));
-            unhealthy.insert(id.to_string(), tokio::time::Instant::now() + backoff);
+            let failures = unhealthy
+                .get(id)
+                .map_or(1, |u| u.failures.saturating_add(1));
+            unhealthy.insert(
+                id.to_string(),
+                Unhealthy {
+                    probe_at: tokio::time::Instant::now() + self.probe_backoff(failures),
+                    failures,
+                    probing: false,
+                },
+            );
         }
     }
 
+    /// The wait before probing a member that failed `failures` times in a row.
+    fn probe_backoff(&self, failures: u32) -> Duration {
+        let base = self.builder.timeout.max(Duration::from_millis(500));
+        base.saturating_mul(1u32 << failures.saturating_sub(1).min(6))
+            .min(MAX_PROBE_INTERVAL)
+    }
+
+    /// Whether member `id` may get requests; an unhealthy one whose wait has passed is
+    /// probed in the background (and stays skipped until the probe succeeds).
     fn is_healthy(&self, id: &str) -> bool {
         let now = tokio::time::Instant::now();
-        self.unhealthy
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .is_none_or(|until| now >= *until)
+        let due = {
+            let mut unhealthy = self.unhealthy.write().unwrap_or_else(|e| e.into_inner());
+            let Some(u) = unhealthy.get_mut(id) else {
+                return true;
+            };
+            let due = !u.probing && now >= u.probe_at;
+            if due {
+                u.probing = true;
+            }
+            due
+        };
+        if due {
+            self.probe(id);
+        }
+        false
+    }
+
+    /// Probes member `id` with a `Stats` call in a background task.
+    fn probe(&self, id: &str) {
+        let Some(client) = self.view().nodes.get(id).cloned() else {
+            self.unhealthy
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            return;
+        };
+        let this = self.clone();
+        let id = id.to_string();
+        let budget = self.builder.timeout;
+        tokio::spawn(async move {
+            let ok = tokio::time::timeout(budget, client.within(budget).stats())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            this.record(&id, ok);
+        });
     }
 
     /// `key`'s replicas, healthy ones first (ring order within each group).

@@ -127,9 +127,13 @@ pub struct PeerHealth {
     /// The last failure, if the last call failed.
     pub last_error: Option<String>,
     /// After a failed call the peer is skipped, while another replica can serve, until
-    /// this time (one peer timeout later): a hung peer costs one timeout per backoff
-    /// period, not one per request. A successful call clears it.
+    /// this time: one peer timeout after the first failure, doubling with each further
+    /// failure in a row up to 32 (a hung peer costs a few timeouts per outage, not one per
+    /// request or per second). A successful call clears it — replication and hint
+    /// deliveries count, so a peer that is back is used again as soon as they reach it.
     pub unhealthy_until: Option<Instant>,
+    /// Failed calls in a row.
+    pub consecutive_failures: u32,
 }
 
 /// Counters of the core, copied into `/metrics` when it is scraped.
@@ -168,11 +172,14 @@ impl Peers {
                 h.ok += 1;
                 h.last_error = None;
                 h.unhealthy_until = None;
+                h.consecutive_failures = 0;
             }
             Err(e) => {
                 h.failed += 1;
                 h.last_error = Some(e);
-                h.unhealthy_until = Some(Instant::now() + self.backoff);
+                h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+                let factor = 1u32 << h.consecutive_failures.saturating_sub(1).min(5);
+                h.unhealthy_until = Some(Instant::now() + self.backoff.saturating_mul(factor));
             }
         }
     }
@@ -276,19 +283,29 @@ impl<T: PeerTransport> Coordinator<T> {
         config: CoreConfig,
     ) -> Self {
         let peer_timeout = config.peer_timeout;
-        let replicator = Arc::new(Replicator::new(
-            local.clone(),
-            Arc::clone(&transport),
-            Arc::clone(&ring),
-            ReplicationConfig {
-                queue_capacity: config.queue_capacity,
-                batch_max: config.batch_max,
-                batch_bytes_max: store.limits().max_request_bytes(),
-                peer_timeout: config.peer_timeout,
-                hint_capacity: config.queue_capacity.max(1),
-                hint_bytes_max: config.hint_bytes_max,
-            },
-        ));
+        let peers = Arc::new(Peers {
+            health: Mutex::new(BTreeMap::new()),
+            backoff: peer_timeout,
+            mismatches: Mutex::new(BTreeMap::new()),
+            mismatch_count: AtomicU64::new(0),
+        });
+        let health = Arc::clone(&peers);
+        let replicator = Arc::new(
+            Replicator::new(
+                local.clone(),
+                Arc::clone(&transport),
+                Arc::clone(&ring),
+                ReplicationConfig {
+                    queue_capacity: config.queue_capacity,
+                    batch_max: config.batch_max,
+                    batch_bytes_max: store.limits().max_request_bytes(),
+                    peer_timeout: config.peer_timeout,
+                    hint_capacity: config.queue_capacity.max(1),
+                    hint_bytes_max: config.hint_bytes_max,
+                },
+            )
+            .with_outcome_hook(Arc::new(move |peer, outcome| health.record(peer, outcome))),
+        );
         Self {
             local,
             store,
@@ -296,12 +313,7 @@ impl<T: PeerTransport> Coordinator<T> {
             transport,
             replicator,
             config,
-            peers: Arc::new(Peers {
-                health: Mutex::new(BTreeMap::new()),
-                backoff: peer_timeout,
-                mismatches: Mutex::new(BTreeMap::new()),
-                mismatch_count: AtomicU64::new(0),
-            }),
+            peers,
             forwarded: AtomicU64::new(0),
             read_repairs: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
@@ -613,8 +625,9 @@ impl<T: PeerTransport> Coordinator<T> {
         self.peers.record(peer, Err(what.to_string()));
     }
 
-    /// Local reads of `keys`; while this node is syncing, the misses are read through from
-    /// other replicas (a local miss is not authoritative then).
+    /// Local reads of `keys`. While this node is syncing its copies are not authoritative
+    /// (missing after a restart or a join, possibly older after a pause): every key is also
+    /// read from another replica, and the newer answer wins (and is kept here).
     async fn local_reads(
         &self,
         state: &RingState,
@@ -625,15 +638,15 @@ impl<T: PeerTransport> Coordinator<T> {
         if state.replication_factor <= 1 || !self.is_syncing() {
             return found;
         }
-        let missed: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
-        if missed.is_empty() {
-            return found;
-        }
-        let missing: Vec<Bytes> = missed.iter().map(|&i| keys[i].clone()).collect();
-        let remote = self.read_through(state, &missing, deadline).await;
-        for (i, r) in missed.into_iter().zip(remote) {
-            if let Some(Some(VersionedRead::Live(l))) = r {
-                found[i] = Some(l);
+        let remote = self.read_through(state, keys, deadline).await;
+        for (slot, r) in found.iter_mut().zip(remote) {
+            let Some(Some(read)) = r else { continue };
+            let local = slot.as_ref().map_or(0, |l| l.version);
+            if read.version() > local {
+                *slot = match read {
+                    VersionedRead::Live(l) => Some(l),
+                    VersionedRead::Dead { .. } => None,
+                };
             }
         }
         found

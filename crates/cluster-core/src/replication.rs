@@ -107,6 +107,10 @@ struct PeerQueue {
     counters: Arc<QueueCounters>,
 }
 
+/// Told the outcome of every replicate call to a peer (`Err` with what failed): the
+/// coordinator's peer health, so background replication doubles as a health probe.
+pub type OutcomeHook = Arc<dyn Fn(&NodeId, Result<(), String>) + Send + Sync>;
+
 /// The per-peer queues and their sender tasks.
 pub struct Replicator<T: PeerTransport> {
     local: NodeId,
@@ -119,6 +123,7 @@ pub struct Replicator<T: PeerTransport> {
     /// Set once shutdown starts: until when senders may still deliver.
     drain_until: Arc<Mutex<Option<Instant>>>,
     closed: AtomicBool,
+    on_outcome: Option<OutcomeHook>,
 }
 
 impl<T: PeerTransport> std::fmt::Debug for Replicator<T> {
@@ -148,7 +153,15 @@ impl<T: PeerTransport> Replicator<T> {
             cancel: CancellationToken::new(),
             drain_until: Arc::new(Mutex::new(None)),
             closed: AtomicBool::new(false),
+            on_outcome: None,
         }
+    }
+
+    /// Reports every replicate call's outcome to `hook`.
+    #[must_use]
+    pub fn with_outcome_hook(mut self, hook: OutcomeHook) -> Self {
+        self.on_outcome = Some(hook);
+        self
     }
 
     /// Queues `mutation` for `peer`. Never blocks; a full queue (or one closed by shutdown)
@@ -184,6 +197,7 @@ impl<T: PeerTransport> Replicator<T> {
             cancel: self.cancel.clone(),
             drain_until: Arc::clone(&self.drain_until),
             held: Mutex::new(None),
+            on_outcome: self.on_outcome.clone(),
         };
         self.tracker.spawn(sender.run(rx));
         PeerQueue { tx, counters }
@@ -232,6 +246,7 @@ struct Sender<T: PeerTransport> {
     drain_until: Arc<Mutex<Option<Instant>>>,
     /// A mutation taken from the queue that did not fit the last batch's byte bound.
     held: Mutex<Option<Queued>>,
+    on_outcome: Option<OutcomeHook>,
 }
 
 /// The hints kept for one peer: the newest mutation per key.
@@ -484,17 +499,21 @@ impl<T: PeerTransport> Sender<T> {
                 .replicate(&self.peer, call, mutations.clone()),
         )
         .await;
-        match sent {
+        let outcome = match sent {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {
                 tracing::debug!(peer = %self.peer, error = %e, "replication batch failed");
-                Err(mutations)
+                Err(e.to_string())
             }
             Err(_) => {
                 tracing::debug!(peer = %self.peer, "replication batch: no answer before the deadline");
-                Err(mutations)
+                Err("replication: no answer before the deadline".to_string())
             }
+        };
+        if let Some(hook) = &self.on_outcome {
+            hook(&self.peer, outcome.clone());
         }
+        outcome.map_err(|_| mutations)
     }
 
     /// Adds queued mutations to `batch` up to the count and byte bounds. A mutation that

@@ -63,6 +63,13 @@ pub const MAX_SYNC_ENTRIES: usize = 65_536;
 /// Engine slots examined between two yields of a scan.
 const SCAN_CHUNK: usize = 4096;
 
+/// A node whose timers fired this late was stopped (`SIGSTOP`, a VM pause, a long stall):
+/// it may have missed writes, so it syncs before trusting its copies again.
+const PAUSE_THRESHOLD: Duration = Duration::from_secs(2);
+
+/// How often the pause detector ticks.
+const PAUSE_TICK: Duration = Duration::from_millis(200);
+
 /// Most exchanges with one peer in one round (each covers up to [`MAX_SYNC_ENTRIES`] keys);
 /// a round that needs more resumes at the next one.
 const MAX_EXCHANGES_PER_ROUND: usize = 256;
@@ -195,6 +202,11 @@ pub(crate) struct SyncState {
     progress: Mutex<(usize, usize)>,
     /// Most keys in one answer (from the config given at start).
     reply_entries: AtomicU64,
+    /// Milliseconds (since `origin`) of the pause detector's last tick.
+    last_tick_ms: AtomicU64,
+    origin: std::sync::OnceLock<Instant>,
+    /// Wakes the anti-entropy loop (a detected pause).
+    wake: tokio::sync::Notify,
 }
 
 impl SyncState {
@@ -249,8 +261,24 @@ impl<T: PeerTransport> Coordinator<T> {
     /// [`sync`](crate::sync) module docs).
     pub fn is_syncing(&self) -> bool {
         let s = self.sync_state();
-        !s.disabled.load(Ordering::Relaxed)
-            && s.synced_fingerprint.load(Ordering::Relaxed) != self.ring().load().ring.fingerprint()
+        if s.disabled.load(Ordering::Relaxed) {
+            return false;
+        }
+        s.synced_fingerprint.load(Ordering::Relaxed) != self.ring().load().ring.fingerprint()
+            || self.was_paused()
+    }
+
+    /// Whether the pause detector has not ticked for [`PAUSE_THRESHOLD`]: the node was
+    /// stopped and has just resumed (or is starved), and the detector has not yet marked it
+    /// syncing — requests that arrive first must not trust the local copies either.
+    fn was_paused(&self) -> bool {
+        let s = self.sync_state();
+        let Some(origin) = s.origin.get() else {
+            return false;
+        };
+        let now = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        now.saturating_sub(s.last_tick_ms.load(Ordering::Relaxed))
+            > u64::try_from(PAUSE_THRESHOLD.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Sync progress and counters.
@@ -279,6 +307,38 @@ impl<T: PeerTransport> Coordinator<T> {
             config.reply_entries.clamp(1, MAX_SYNC_ENTRIES) as u64,
             Ordering::Relaxed,
         );
+        let _ = self.sync_state().origin.set(Instant::now());
+        self.sync_state().last_tick_ms.store(0, Ordering::Relaxed);
+        // The pause detector: a tick that comes late means this process was stopped.
+        {
+            let me = Arc::clone(self);
+            let cancel = self.cancel_token().clone();
+            self.tracker().spawn(async move {
+                let mut last = Instant::now();
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(PAUSE_TICK) => {}
+                    }
+                    let now = Instant::now();
+                    let gap = now.duration_since(last);
+                    last = now;
+                    let s = me.sync_state();
+                    if gap > PAUSE_THRESHOLD {
+                        tracing::warn!(
+                            gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX),
+                            "this node was stopped (or starved); syncing before trusting its copies"
+                        );
+                        s.synced_fingerprint.store(0, Ordering::Relaxed);
+                        s.wake.notify_one();
+                    }
+                    let since = s.origin.get().map_or(0, |o| {
+                        u64::try_from(now.duration_since(*o).as_millis()).unwrap_or(u64::MAX)
+                    });
+                    s.last_tick_ms.store(since, Ordering::Relaxed);
+                }
+            });
+        }
         let me = Arc::clone(self);
         let mut changes = self.ring().subscribe();
         let cancel = self.cancel_token().clone();
@@ -311,6 +371,7 @@ impl<T: PeerTransport> Coordinator<T> {
                         while changes.try_recv().is_ok() {}
                     }
                     () = tokio::time::sleep(wait) => {}
+                    () = me.sync_state().wake.notified() => {}
                 }
             }
         });

@@ -139,7 +139,7 @@ fn rss_bytes(pid: u32) -> Result<u64> {
 }
 
 /// Builds release `cache-node` and `cache-bench`; returns the node binary's path.
-fn build_release() -> Result<String> {
+pub(crate) fn build_release() -> Result<String> {
     cargo(&[
         "build",
         "--release",

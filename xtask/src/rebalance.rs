@@ -132,16 +132,7 @@ fn moved(nodes: &[&Node]) -> Result<(f64, f64)> {
 }
 
 pub(crate) fn bench_rebalance(keys: u64, sync_rate: Option<&str>) -> Result<()> {
-    crate::cargo(&[
-        "build",
-        "--release",
-        "--bin",
-        "cache-node",
-        "--bin",
-        "cache-bench",
-    ])?;
-    let bin = root().join("target/release/cache-node");
-    let bin = bin.to_str().context("utf-8 path")?.to_string();
+    let bin = crate::net::build_release()?;
     let bench = root().join("target/release/cache-bench");
     let extra: Vec<String> = sync_rate
         .map(|r| vec!["--sync-rate".to_string(), r.to_string()])

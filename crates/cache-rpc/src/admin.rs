@@ -175,7 +175,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
         "<p>anti-entropy: <b>{}</b> ({} of {} peers synced for this ring); {} rounds, {} failed \
          exchanges, {} keys pulled, {} pushed, {} bytes moved; last round took {} ms</p>",
         if sync.syncing {
-            "SYNCING — local misses are read through from other replicas"
+            "SYNCING — reads also ask another replica, the newer copy wins"
         } else {
             "synced"
         },

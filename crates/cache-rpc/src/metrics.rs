@@ -332,7 +332,7 @@ impl NodeMetrics {
     }
 
     /// Copies the anti-entropy progress and counters into the exported series (on each
-    /// scrape): `cache_sync_syncing` is 1 while local misses are not authoritative.
+    /// scrape): `cache_sync_syncing` is 1 while the local copies are not authoritative.
     pub fn publish_sync(&self, status: &cluster_core::SyncStatus) {
         let s = &self.sync;
         s.syncing.set(if status.syncing { 1.0 } else { 0.0 });

@@ -490,11 +490,7 @@ impl<T: PeerTransport> Coordinator<T> {
     }
 
     /// A peer call from this node, due by `deadline` (at most one peer timeout away).
-    pub(crate) fn peer_call(&self, deadline: Instant) -> PeerCall {
-        self.call(deadline)
-    }
-
-    fn call(&self, deadline: Instant) -> PeerCall {
+    pub(crate) fn call(&self, deadline: Instant) -> PeerCall {
         PeerCall {
             from: self.local.clone(),
             ring_fingerprint: self.ring.load().ring.fingerprint(),
@@ -615,11 +611,6 @@ impl<T: PeerTransport> Coordinator<T> {
         }
     }
 
-    /// Whether `peer` should be avoided (see `unhealthy`), for the sync module.
-    pub(crate) fn is_unhealthy(&self, peer: &NodeId) -> bool {
-        self.unhealthy(peer)
-    }
-
     /// Records a failed call to `peer` (it is skipped for a while).
     pub(crate) fn note_peer_failure(&self, peer: &NodeId, what: &str) {
         self.peers.record(peer, Err(what.to_string()));
@@ -699,7 +690,7 @@ impl<T: PeerTransport> Coordinator<T> {
     }
 
     /// Whether `peer` should be avoided: a recent call failed, or membership suspects it.
-    fn unhealthy(&self, peer: &NodeId) -> bool {
+    pub(crate) fn unhealthy(&self, peer: &NodeId) -> bool {
         self.peers.recently_failed(peer)
             || self
                 .ring

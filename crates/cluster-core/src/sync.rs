@@ -30,10 +30,11 @@
 //! with under its current ring — after it starts (empty, or after a restart) and after every
 //! ring change (a join, a leave, a death moves ranges). A peer that cannot be reached is
 //! retried, and given up on after [`SyncConfig::give_up_after`] (logged), so a node whose
-//! replicas are all down does not stay syncing forever. While syncing, the coordinator does
-//! not treat a local miss as authoritative: a read that misses asks the next replica, and a
-//! conditional write (`IF_ABSENT`/`IF_PRESENT`) or touch first reads the key from another
-//! replica (see `Coordinator::read_through`).
+//! replicas are all down does not stay syncing forever; a node whose timers fired more than
+//! 2 s late (it was stopped) is syncing again. While syncing, the coordinator
+//! does not treat its local copy as authoritative: a read also asks another replica and the
+//! newer copy wins, and a conditional write (`IF_ABSENT`/`IF_PRESENT`) or touch first reads
+//! the key from another replica (see `Coordinator::read_through`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -272,13 +273,17 @@ impl<T: PeerTransport> Coordinator<T> {
     /// stopped and has just resumed (or is starved), and the detector has not yet marked it
     /// syncing — requests that arrive first must not trust the local copies either.
     fn was_paused(&self) -> bool {
+        self.ms_since_tick() > u64::try_from(PAUSE_THRESHOLD.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Milliseconds since the pause detector last ticked (0 before anti-entropy starts).
+    fn ms_since_tick(&self) -> u64 {
         let s = self.sync_state();
         let Some(origin) = s.origin.get() else {
-            return false;
+            return 0;
         };
         let now = u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         now.saturating_sub(s.last_tick_ms.load(Ordering::Relaxed))
-            > u64::try_from(PAUSE_THRESHOLD.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Sync progress and counters.
@@ -314,17 +319,14 @@ impl<T: PeerTransport> Coordinator<T> {
             let me = Arc::clone(self);
             let cancel = self.cancel_token().clone();
             self.tracker().spawn(async move {
-                let mut last = Instant::now();
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(PAUSE_TICK) => {}
                     }
-                    let now = Instant::now();
-                    let gap = now.duration_since(last);
-                    last = now;
                     let s = me.sync_state();
-                    if gap > PAUSE_THRESHOLD {
+                    if me.was_paused() {
+                        let gap = Duration::from_millis(me.ms_since_tick());
                         tracing::warn!(
                             gap_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX),
                             "this node was stopped (or starved); syncing before trusting its copies"
@@ -332,10 +334,10 @@ impl<T: PeerTransport> Coordinator<T> {
                         s.synced_fingerprint.store(0, Ordering::Relaxed);
                         s.wake.notify_one();
                     }
-                    let since = s.origin.get().map_or(0, |o| {
-                        u64::try_from(now.duration_since(*o).as_millis()).unwrap_or(u64::MAX)
+                    let now = s.origin.get().map_or(0, |o| {
+                        u64::try_from(o.elapsed().as_millis()).unwrap_or(u64::MAX)
                     });
-                    s.last_tick_ms.store(since, Ordering::Relaxed);
+                    s.last_tick_ms.store(now, Ordering::Relaxed);
                 }
             });
         }
@@ -396,14 +398,15 @@ impl<T: PeerTransport> Coordinator<T> {
         };
         *s.progress.lock() = (0, peers.len());
         let mut done = 0;
-        let mut pending = Vec::new();
+        // Some peer is neither synced nor given up on: the round is incomplete.
+        let mut pending = false;
         for peer in &peers {
             if self.cancel_token().is_cancelled() {
                 return false;
             }
             match self.sync_with(state, peer, config).await {
                 Ok(true) => done += 1,
-                Ok(false) => pending.push(format!("{peer}: more to exchange")),
+                Ok(false) => pending = true,
                 Err(e) => {
                     s.failures.fetch_add(1, Ordering::Relaxed);
                     if Instant::now() >= give_up {
@@ -416,13 +419,13 @@ impl<T: PeerTransport> Coordinator<T> {
                         done += 1;
                     } else {
                         tracing::debug!(peer = %peer, error = %e, "anti-entropy exchange failed");
-                        pending.push(format!("{peer}: {e}"));
+                        pending = true;
                     }
                 }
             }
             s.progress.lock().0 = done;
         }
-        if !pending.is_empty() || self.ring().load().ring.fingerprint() != fingerprint {
+        if pending || self.ring().load().ring.fingerprint() != fingerprint {
             return false;
         }
         let was_syncing = self.is_syncing();
@@ -554,7 +557,7 @@ impl<T: PeerTransport> Coordinator<T> {
 
     /// A background call due in `config.call_timeout` (not capped at the peer timeout).
     fn sync_call(&self, config: &SyncConfig) -> crate::transport::PeerCall {
-        let mut call = self.peer_call(Instant::now());
+        let mut call = self.call(Instant::now());
         call.deadline = Instant::now() + config.call_timeout;
         call
     }
@@ -590,18 +593,30 @@ impl<T: PeerTransport> Coordinator<T> {
         segment: impl Fn(usize) -> bool,
         mut f: impl FnMut(&KeyVersion, u64),
     ) {
-        let engine = self.store().engine();
         let me = self.local_id();
+        self.scan_segments(segment, |kv, hash| {
+            let replicas = state.ring.replicas_of_hash(hash, state.replication_factor);
+            if replicas.iter().any(|m| m.id == *peer) && replicas.iter().any(|m| m.id == *me) {
+                f(kv, hash);
+            }
+        })
+        .await;
+    }
+
+    /// Calls `f(key, ring hash)` for every versioned key (live or dead) in a segment
+    /// `segment` accepts, whatever the ring says, yielding between chunks of the engine.
+    async fn scan_segments(
+        &self,
+        segment: impl Fn(usize) -> bool,
+        mut f: impl FnMut(&KeyVersion, u64),
+    ) {
+        let engine = self.store().engine();
         let mut cursor = Some(ScanCursor::default());
         while let Some(c) = cursor {
             let (chunk, next) = engine.scan_versions(c, SCAN_CHUNK);
             for kv in &chunk {
                 let hash = cluster_ring::key_hash(&kv.key);
-                if !segment(segment_of_hash(hash)) {
-                    continue;
-                }
-                let replicas = state.ring.replicas_of_hash(hash, state.replication_factor);
-                if replicas.iter().any(|m| m.id == *peer) && replicas.iter().any(|m| m.id == *me) {
+                if segment(segment_of_hash(hash)) {
                     f(kv, hash);
                 }
             }
@@ -622,30 +637,24 @@ impl<T: PeerTransport> Coordinator<T> {
         config: &SyncConfig,
     ) -> Result<(), ExchangeError> {
         let s = self.sync_state();
-        let sizes: BTreeMap<Bytes, usize> = theirs
-            .iter()
-            .map(|e| (e.key.clone(), e.key.len() + e.value_len as usize))
-            .collect();
-        let theirs: BTreeMap<Bytes, u64> = theirs.into_iter().map(|e| (e.key, e.version)).collect();
         // Every key this node holds in the covered segments, whatever the ring says (a key
         // it holds is not pulled again).
         let mut ours: BTreeMap<Bytes, u64> = BTreeMap::new();
-        let engine = self.store().engine();
-        let mut cursor = Some(ScanCursor::default());
-        while let Some(c) = cursor {
-            let (chunk, next) = engine.scan_versions(c, SCAN_CHUNK);
-            for kv in chunk {
-                if covered.contains(&segment_of(&kv.key)) {
-                    ours.insert(kv.key, kv.version);
-                }
-            }
-            cursor = next;
-            tokio::task::yield_now().await;
-        }
-        let pull: Vec<Bytes> = theirs
-            .iter()
-            .filter(|(k, v)| ours.get(*k).is_none_or(|mine| mine < *v))
-            .map(|(k, _)| k.clone())
+        self.scan_segments(
+            |seg| covered.contains(&seg),
+            |kv, _| {
+                ours.insert(kv.key.clone(), kv.version);
+            },
+        )
+        .await;
+        // What to pull, with the size the peer reported (key + value).
+        let pull: Vec<(Bytes, usize)> = theirs
+            .into_iter()
+            .filter(|e| ours.get(&e.key).is_none_or(|mine| *mine < e.version))
+            .map(|e| {
+                let size = e.key.len() + e.value_len as usize;
+                (e.key, size)
+            })
             .collect();
         let max_batch = self
             .store()
@@ -656,8 +665,8 @@ impl<T: PeerTransport> Coordinator<T> {
         let fetch_bytes = self.store().limits().max_response_bytes() / 2;
         let mut batches: Vec<Vec<Bytes>> = Vec::new();
         let mut bytes = 0;
-        for key in pull {
-            let size = sizes.get(&key).copied().unwrap_or(0) + 64;
+        for (key, size) in pull {
+            let size = size + 64;
             match batches.last_mut() {
                 Some(b) if b.len() < max_batch && bytes + size <= fetch_bytes => {
                     bytes += size;
@@ -823,7 +832,7 @@ impl<T: PeerTransport> Coordinator<T> {
                     .into_iter()
                     .filter(|r| r != self.local_id())
                     .collect();
-                others.sort_by_key(|r| self.is_unhealthy(r));
+                others.sort_by_key(|r| self.unhealthy(r));
                 if let Some(target) = others.get(rank) {
                     groups.entry(target.clone()).or_default().push(i);
                 }
@@ -837,7 +846,7 @@ impl<T: PeerTransport> Coordinator<T> {
                     return out;
                 }
                 let batch: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
-                let call = self.peer_call(Instant::now() + left / 2);
+                let call = self.call(Instant::now() + left / 2);
                 let answer = tokio::time::timeout_at(
                     call.deadline,
                     self.transport().fetch(&target, call.clone(), batch.clone()),
@@ -977,7 +986,7 @@ impl<T: PeerTransport> Coordinator<T> {
             batch.len() as u64,
             batch.iter().map(Mutation::size).sum::<usize>(),
         );
-        let mut call = self.peer_call(deadline);
+        let mut call = self.call(deadline);
         call.deadline = call.deadline.min(deadline);
         match self.transport().replicate(target, call, batch).await {
             Ok(_) => {

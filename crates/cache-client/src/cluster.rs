@@ -283,6 +283,18 @@ impl ClusterClient {
         }
     }
 
+    /// Notes a failed attempt on member `id` that had `budget` to answer. A timeout only
+    /// counts against the member when the budget was a fair share of the client's timeout
+    /// (a quarter or more): an attempt cut short by the end of the caller's deadline says
+    /// nothing about the node, and marking healthy nodes failed would leave no replica to
+    /// prefer over a really hung one.
+    fn record_failure(&self, id: &str, error: &Error, budget: Duration) {
+        if matches!(error, Error::TimedOut(_)) && budget < self.builder.timeout / 4 {
+            return;
+        }
+        self.record(id, false);
+    }
+
     /// The wait before probing a member that failed `failures` times in a row.
     fn probe_backoff(&self, failures: u32) -> Duration {
         let base = self.builder.timeout.max(Duration::from_millis(500));
@@ -442,7 +454,7 @@ impl ClusterClient {
                         return Ok(v);
                     }
                     Err(e) if retryable(&e) => {
-                        self.record(id, false);
+                        self.record_failure(id, &e, budget);
                         last = Some(e);
                     }
                     Err(e @ Error::WrongNode(_)) => {
@@ -520,146 +532,149 @@ impl ClusterClient {
         .await
     }
 
-    /// Groups keys by the node to send them to: the primary, or the first healthy replica
-    /// if the primary recently failed. Target id → indices.
-    fn by_primary(&self, keys: &[Bytes]) -> BTreeMap<String, Vec<usize>> {
-        let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(target) = self.replicas_by_health(k).into_iter().next() {
-                groups.entry(target).or_default().push(i);
+    /// Runs a batch operation over `keys`: the keys are grouped by the node to send them
+    /// to (the primary, or the first healthy replica if the primary recently failed) and
+    /// each group goes out as one call, all in parallel. The keys of a group whose node
+    /// fails (unreachable, timed out) are regrouped by their next replica, skipping every
+    /// node that failed during this call, and sent again, in batches too — so one hung node
+    /// costs one attempt's budget, not one per key. Each attempt gets half of what is left
+    /// of `deadline` while other replicas remain. `op` gets a node and the indices of the
+    /// keys it must handle and returns one result per index, in order.
+    async fn batched<T, F, Fut>(
+        &self,
+        keys: &[Bytes],
+        deadline: tokio::time::Instant,
+        op: F,
+    ) -> Result<Vec<T>, Error>
+    where
+        T: Send + 'static,
+        F: Fn(Client, Vec<usize>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<T>, Error>> + Send + 'static,
+    {
+        let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
+        let mut failed: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut refreshed = false;
+        let mut last: Option<Error> = None;
+        while !pending.is_empty() {
+            let view = self.view();
+            let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            let mut last_chance = true;
+            for &i in &pending {
+                let candidates: Vec<String> = self
+                    .replicas_by_health(&keys[i])
+                    .into_iter()
+                    .filter(|id| !failed.contains(id))
+                    .collect();
+                let Some(target) = candidates.first() else {
+                    return Err(last.unwrap_or_else(|| {
+                        Error::Unavailable("no replica of this key is known".into())
+                    }));
+                };
+                last_chance &= candidates.len() == 1;
+                groups.entry(target.clone()).or_default().push(i);
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(last.unwrap_or(Error::TimedOut(self.builder.timeout)));
+            }
+            let budget = if last_chance { left } else { left / 2 };
+            let mut set = tokio::task::JoinSet::new();
+            for (target, idx) in std::mem::take(&mut groups) {
+                let Some(client) = view.nodes.get(&target).cloned() else {
+                    failed.insert(target);
+                    pending.extend(idx);
+                    continue;
+                };
+                let call = op(client.within(budget), idx.clone());
+                set.spawn(async move {
+                    let result = tokio::time::timeout(budget, call)
+                        .await
+                        .unwrap_or(Err(Error::TimedOut(budget)));
+                    (target, idx, result)
+                });
+            }
+            pending.clear();
+            let mut wrong_node = false;
+            while let Some(done) = set.join_next().await {
+                let (target, idx, result) =
+                    done.map_err(|e| Error::Cluster(format!("batch task failed: {e}")))?;
+                match result {
+                    Ok(values) if values.len() == idx.len() => {
+                        self.record(&target, true);
+                        for (i, v) in idx.into_iter().zip(values) {
+                            out[i] = Some(v);
+                        }
+                    }
+                    Ok(values) => {
+                        return Err(Error::Cluster(format!(
+                            "{target} answered {} results for {} keys",
+                            values.len(),
+                            idx.len()
+                        )));
+                    }
+                    Err(e @ Error::WrongNode(_)) if !refreshed => {
+                        wrong_node = true;
+                        last = Some(e);
+                        pending.extend(idx);
+                    }
+                    Err(e) if retryable(&e) => {
+                        self.record_failure(&target, &e, budget);
+                        failed.insert(target);
+                        last = Some(e);
+                        pending.extend(idx);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if wrong_node {
+                refreshed = true;
+                self.refresh().await?;
             }
         }
-        groups
+        out.into_iter()
+            .collect::<Option<Vec<T>>>()
+            .ok_or_else(|| Error::Cluster("a batch ended with keys unanswered".into()))
     }
 
-    /// The values of `keys`, in order: one `MultiGet` per primary, in parallel; keys of an
-    /// unreachable primary are read one by one from their other replicas.
+    /// The values of `keys`, in order: one `MultiGet` per primary, in parallel; the keys of
+    /// an unreachable primary are read, in batches again, from their next replicas.
     pub async fn get_many<K: Into<Bytes>>(
         &self,
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<Bytes>>, Error> {
         let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
-        self.within_deadline(self.get_many_inner(keys, self.deadline()))
-            .await
+        let shared = Arc::new(keys.clone());
+        self.within_deadline(self.batched(&keys, self.deadline(), move |c, idx| {
+            let group: Vec<Bytes> = idx.iter().map(|&i| shared[i].clone()).collect();
+            async move { c.get_many(group).await }
+        }))
+        .await
     }
 
-    async fn get_many_inner(
-        &self,
-        keys: Vec<Bytes>,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<Option<Bytes>>, Error> {
-        let mut out = vec![None; keys.len()];
-        let view = self.view();
-        let mut set = tokio::task::JoinSet::new();
-        for (primary, idx) in self.by_primary(&keys) {
-            let this = self.clone();
-            let client = view.nodes.get(&primary).cloned();
-            let group: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
-            set.spawn(async move {
-                // Half the budget for the group's node; the rest for the key-by-key fallback.
-                let half = deadline.saturating_duration_since(tokio::time::Instant::now()) / 2;
-                let direct = match client {
-                    Some(c) => tokio::time::timeout(half, c.within(half).get_many(group.clone()))
-                        .await
-                        .unwrap_or(Err(Error::TimedOut(half))),
-                    None => Err(Error::Unavailable(format!("unknown member {primary}"))),
-                };
-                this.record(&primary, !matches!(&direct, Err(e) if retryable(e)));
-                let values = match direct {
-                    Ok(v) => Ok(v),
-                    Err(e) if retryable(&e) || matches!(e, Error::WrongNode(_)) => {
-                        let mut v = Vec::with_capacity(group.len());
-                        for k in group {
-                            let read = this
-                                .routed(&k, deadline, |c| {
-                                    let k = k.clone();
-                                    async move { c.get(k).await }
-                                })
-                                .await;
-                            match read {
-                                Ok(x) => v.push(x),
-                                Err(e) => return (idx, Err(e)),
-                            }
-                        }
-                        Ok(v)
-                    }
-                    Err(e) => Err(e),
-                };
-                (idx, values)
-            });
-        }
-        while let Some(done) = set.join_next().await {
-            let (idx, values) =
-                done.map_err(|e| Error::Cluster(format!("batch task failed: {e}")))?;
-            for (i, v) in idx.into_iter().zip(values?) {
-                out[i] = v;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Stores every pair with the same TTL: one `MultiSet` per primary, in parallel; entries
-    /// of an unreachable primary go one by one to their other replicas.
+    /// Stores every pair with the same TTL: one `MultiSet` per primary, in parallel; the
+    /// entries of an unreachable primary go, in batches again, to their next replicas.
     pub async fn set_many<K: Into<Bytes>, V: Into<Bytes>>(
         &self,
         entries: impl IntoIterator<Item = (K, V)>,
         ttl: Option<Duration>,
     ) -> Result<(), Error> {
-        let entries: Vec<(Bytes, Bytes)> = entries
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
-        self.within_deadline(self.set_many_inner(entries, ttl, self.deadline()))
-            .await
-    }
-
-    async fn set_many_inner(
-        &self,
-        entries: Vec<(Bytes, Bytes)>,
-        ttl: Option<Duration>,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), Error> {
+        let entries: Arc<Vec<(Bytes, Bytes)>> = Arc::new(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         let keys: Vec<Bytes> = entries.iter().map(|(k, _)| k.clone()).collect();
-        let view = self.view();
-        let mut set = tokio::task::JoinSet::new();
-        for (primary, idx) in self.by_primary(&keys) {
-            let this = self.clone();
-            let client = view.nodes.get(&primary).cloned();
+        self.within_deadline(self.batched(&keys, self.deadline(), move |c, idx| {
             let group: Vec<(Bytes, Bytes)> = idx.iter().map(|&i| entries[i].clone()).collect();
-            set.spawn(async move {
-                let half = deadline.saturating_duration_since(tokio::time::Instant::now()) / 2;
-                let direct = match client {
-                    Some(c) => {
-                        tokio::time::timeout(half, c.within(half).set_many(group.clone(), ttl))
-                            .await
-                            .unwrap_or(Err(Error::TimedOut(half)))
-                    }
-                    None => Err(Error::Unavailable(format!("unknown member {primary}"))),
-                };
-                this.record(&primary, !matches!(&direct, Err(e) if retryable(e)));
-                match direct {
-                    Err(e) if retryable(&e) || matches!(e, Error::WrongNode(_)) => {
-                        let options = SetOptions {
-                            ttl,
-                            ..SetOptions::default()
-                        };
-                        for (k, v) in group {
-                            this.routed(&k, deadline, |c| {
-                                let (k, v) = (k.clone(), v.clone());
-                                async move { c.set_with(k, v, options).await }
-                            })
-                            .await?;
-                        }
-                        Ok(())
-                    }
-                    other => other,
-                }
-            });
-        }
-        while let Some(done) = set.join_next().await {
-            done.map_err(|e| Error::Cluster(format!("batch task failed: {e}")))??;
-        }
-        Ok(())
+            async move {
+                let n = group.len();
+                c.set_many(group, ttl).await.map(|()| vec![(); n])
+            }
+        }))
+        .await
+        .map(drop)
     }
 
     /// Counters of every member (unreachable ones are skipped).

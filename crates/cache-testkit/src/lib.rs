@@ -97,9 +97,14 @@ impl NodeProcess {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let log_file = std::fs::File::create(&log).map_err(|e| format!("create log file: {e}"))?;
-        let mut child = Command::new(node_binary())
-            .args(args)
-            .env_remove("RUST_LOG")
+        let mut command = Command::new(node_binary());
+        command.args(args).env_remove("RUST_LOG");
+        // `CACHE_NODE_LOG` sets the nodes' `RUST_LOG` (e.g. `cluster_core=debug,info`) when a
+        // failing test needs more of their story; tests otherwise see the default level.
+        if let Ok(filter) = std::env::var("CACHE_NODE_LOG") {
+            command.env("RUST_LOG", filter);
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))

@@ -1107,7 +1107,14 @@ impl<T: PeerTransport> Coordinator<T> {
             } else if ctx.forwarded {
                 return Err(self.wrong_owner(state));
             } else {
-                groups.entry(p.replicas[0].clone()).or_default().push(i);
+                // The primary, unless a recent call to it failed: then the first replica
+                // that is healthy (or this node, if it is one), as a single request would.
+                let target = p
+                    .replicas
+                    .iter()
+                    .find(|r| **r == self.local || !self.unhealthy(r))
+                    .unwrap_or(&p.replicas[0]);
+                groups.entry(target.clone()).or_default().push(i);
             }
         }
         Ok(groups)

@@ -44,6 +44,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cache_core::{KeyVersion, ScanCursor, VersionedRead};
 use cluster_ring::NodeId;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -807,11 +808,13 @@ impl<T: PeerTransport> Coordinator<T> {
 }
 
 impl<T: PeerTransport> Coordinator<T> {
-    /// Reads `keys` from their other replicas while this node is syncing: for each key the
-    /// first healthy other replica is asked (one fetch per replica), then the next for keys
-    /// whose replica did not answer. What is found is applied here by last writer wins (so
-    /// the next read is local) and returned; `None` for a key no other replica answered
-    /// for, `Some(None)` for a key an answering replica does not know.
+    /// Reads `keys` from their other replicas while this node is syncing: every other
+    /// replica of a key is asked at once (one fetch per replica, in parallel; replicas that
+    /// recently failed only for keys with no healthy other replica), and a key is settled by
+    /// the first replica that answers for it, so one paused replica costs nothing while
+    /// another answers. Answers are applied here by last writer wins (so the next read is
+    /// local) and returned; `None` for a key no other replica answered for before half the
+    /// remaining budget, `Some(None)` for a key an answering replica does not know.
     pub(crate) async fn read_through(
         &self,
         state: &RingState,
@@ -819,58 +822,78 @@ impl<T: PeerTransport> Coordinator<T> {
         deadline: Instant,
     ) -> Vec<Option<Option<VersionedRead>>> {
         let mut out: Vec<Option<Option<VersionedRead>>> = vec![None; keys.len()];
-        let rf = state.replication_factor;
-        for rank in 0..rf {
-            // Group the unanswered keys by their `rank`-th other replica, healthy first.
-            let mut groups: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
-            for (i, key) in keys.iter().enumerate() {
-                if out[i].is_some() {
-                    continue;
-                }
-                let mut others: Vec<NodeId> = state
-                    .replicas(key)
-                    .into_iter()
-                    .filter(|r| r != self.local_id())
-                    .collect();
-                others.sort_by_key(|r| self.unhealthy(r));
-                if let Some(target) = others.get(rank) {
-                    groups.entry(target.clone()).or_default().push(i);
-                }
+        let mut groups: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            let others: Vec<NodeId> = state
+                .replicas(key)
+                .into_iter()
+                .filter(|r| r != self.local_id())
+                .collect();
+            let healthy: Vec<&NodeId> = others.iter().filter(|r| !self.unhealthy(r)).collect();
+            let ask = if healthy.is_empty() {
+                others.iter().collect()
+            } else {
+                healthy
+            };
+            for target in ask {
+                groups.entry(target.clone()).or_default().push(i);
             }
-            if groups.is_empty() {
-                break;
-            }
-            for (target, idx) in groups {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return out;
-                }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if groups.is_empty() || left.is_zero() {
+            return out;
+        }
+        let call = self.call(Instant::now() + left / 2);
+        let mut calls: FuturesUnordered<_> = groups
+            .into_iter()
+            .map(|(target, idx)| {
                 let batch: Vec<Bytes> = idx.iter().map(|&i| keys[i].clone()).collect();
-                let call = self.call(Instant::now() + left / 2);
-                let answer = tokio::time::timeout_at(
-                    call.deadline,
-                    self.transport().fetch(&target, call.clone(), batch.clone()),
-                )
-                .await;
-                let Ok(Ok(reply)) = answer else {
+                let call = call.clone();
+                async move {
+                    let answer = tokio::time::timeout_at(
+                        call.deadline,
+                        self.transport().fetch(&target, call.clone(), batch.clone()),
+                    )
+                    .await;
+                    (target, idx, batch, answer)
+                }
+            })
+            .collect();
+        let mut unanswered = keys.len();
+        while let Some((target, idx, batch, answer)) = calls.next().await {
+            let reply = match answer {
+                Ok(Ok(reply)) if reply.body.len() == batch.len() => reply,
+                _ => {
                     self.note_peer_failure(&target, "read-through fetch failed");
                     continue;
-                };
-                if reply.body.len() != batch.len() {
-                    continue;
                 }
-                let mut repairs = Vec::new();
-                for ((&i, key), read) in idx.iter().zip(batch).zip(reply.body) {
-                    if let Some(r) = &read {
-                        repairs.push(as_mutation(key, r.clone()));
+            };
+            let mut repairs = Vec::new();
+            for ((&i, key), read) in idx.iter().zip(batch).zip(reply.body) {
+                if let Some(r) = &read {
+                    repairs.push(as_mutation(key, r.clone()));
+                }
+                let newer = match (&out[i], &read) {
+                    (None, _) => {
+                        unanswered -= 1;
+                        true
                     }
+                    (Some(have), Some(r)) => {
+                        have.as_ref().is_none_or(|h| r.version() > h.version())
+                    }
+                    (Some(_), None) => false,
+                };
+                if newer {
                     out[i] = Some(read);
                 }
-                if !repairs.is_empty()
-                    && let Err(e) = self.store().apply_replicated(&repairs)
-                {
-                    tracing::debug!(peer = %target, error = %e, "read-through repair refused");
-                }
+            }
+            if !repairs.is_empty()
+                && let Err(e) = self.store().apply_replicated(&repairs)
+            {
+                tracing::debug!(peer = %target, error = %e, "read-through repair refused");
+            }
+            if unanswered == 0 {
+                break;
             }
         }
         out

@@ -7,8 +7,13 @@
 //! payload := op:u8 flags:u8 version:u64le key_len:u32le key
 //!            [expires_at:u64le]                 (if flags & 1; op = PUT only)
 //!            [value_len:u32le value]            (op = PUT only)
-//! op      := 1 (PUT) | 2 (DELETE)
+//! op      := 1 (PUT) | 2 (DELETE) | 3 (END: snapshots only; payload op flags count:u64le)
 //! ```
+//!
+//! A snapshot uses the same framing with the magic `"CCSNP\0"` and ends with an END record
+//! holding its entry count: a snapshot without it is incomplete and never loaded (snapshots
+//! are written to a temporary name and renamed only once complete, so a missing end means
+//! damage, not a crash).
 //!
 //! Little-endian lengths, one CRC per record (CRC32C: hardware-accelerated, the checksum of
 //! iSCSI, ext4 and RocksDB). A record is self-delimiting, so a reader can tell where a crash
@@ -28,6 +33,26 @@ use cluster_core::{Mutation, MutationOp};
 
 /// The file's first bytes.
 pub const MAGIC: &[u8; 6] = b"CCAOF\0";
+/// A snapshot's first bytes.
+pub const SNAPSHOT_MAGIC: &[u8; 6] = b"CCSNP\0";
+
+/// Which of the two files using this framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// An append-only log segment.
+    Log,
+    /// A snapshot (ends with an END record).
+    Snapshot,
+}
+
+impl FileKind {
+    fn magic(self) -> &'static [u8; 6] {
+        match self {
+            FileKind::Log => MAGIC,
+            FileKind::Snapshot => SNAPSHOT_MAGIC,
+        }
+    }
+}
 /// The format version this code writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
 /// Bytes of the file header.
@@ -37,6 +62,7 @@ pub const FRAME_LEN: u64 = 8;
 
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
+const OP_END: u8 = 3;
 const FLAG_EXPIRES: u8 = 1;
 
 /// The largest key and value a reader accepts: the node's own limits, so a record it could
@@ -87,9 +113,14 @@ pub struct LogWriter<W: Write> {
 
 impl<W: Write> LogWriter<W> {
     /// Starts a new log on `out`: writes the header.
-    pub fn create(mut out: W) -> io::Result<Self> {
+    pub fn create(out: W) -> io::Result<Self> {
+        Self::create_kind(out, FileKind::Log)
+    }
+
+    /// Starts a new file of `kind` on `out`: writes the header.
+    pub fn create_kind(mut out: W, kind: FileKind) -> io::Result<Self> {
         let mut header = Vec::with_capacity(HEADER_LEN as usize);
-        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(kind.magic());
         header.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
         out.write_all(&header)?;
         Ok(Self {
@@ -112,14 +143,19 @@ impl<W: Write> LogWriter<W> {
     /// Appends one mutation as one record.
     pub fn append(&mut self, m: &Mutation) -> io::Result<()> {
         self.buf.clear();
+        encode_record(m, &mut self.buf)?;
+        self.out.write_all(&self.buf)?;
+        self.written += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Ends a snapshot: the END record with its entry count.
+    pub fn finish_snapshot(&mut self, count: u64) -> io::Result<()> {
+        self.buf.clear();
         self.buf.extend_from_slice(&[0; FRAME_LEN as usize]);
-        encode_payload(m, &mut self.buf);
-        let payload_len = self.buf.len() - FRAME_LEN as usize;
-        let len = u32::try_from(payload_len)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record over 4 GiB"))?;
-        let crc = crc32c::crc32c(&self.buf[FRAME_LEN as usize..]);
-        self.buf[0..4].copy_from_slice(&len.to_le_bytes());
-        self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        self.buf.extend_from_slice(&[OP_END, 0]);
+        self.buf.extend_from_slice(&count.to_le_bytes());
+        seal(&mut self.buf, 0)?;
         self.out.write_all(&self.buf)?;
         self.written += self.buf.len() as u64;
         Ok(())
@@ -135,10 +171,34 @@ impl<W: Write> LogWriter<W> {
         self.written <= HEADER_LEN
     }
 
+    /// The underlying writer, given back.
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+
     /// The underlying writer (to flush or sync it).
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.out
     }
+}
+
+/// Appends `m` as one framed record (frame + payload) to `out`.
+pub fn encode_record(m: &Mutation, out: &mut Vec<u8>) -> io::Result<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_LEN as usize]);
+    encode_payload(m, out);
+    seal(out, start)
+}
+
+/// Fills in the frame (length and CRC) of the record that starts at `start` in `buf`.
+fn seal(buf: &mut [u8], start: usize) -> io::Result<()> {
+    let body = start + FRAME_LEN as usize;
+    let len = u32::try_from(buf.len() - body)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record over 4 GiB"))?;
+    let crc = crc32c::crc32c(&buf[body..]);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
 }
 
 fn encode_payload(m: &Mutation, out: &mut Vec<u8>) {
@@ -206,10 +266,23 @@ impl<'a> Payload<'a> {
     }
 }
 
-fn decode_payload(bytes: &[u8], limits: &LogLimits) -> Result<Mutation, String> {
+/// A decoded record.
+enum Decoded {
+    Mutation(Mutation),
+    /// A snapshot's END record.
+    End(u64),
+}
+
+fn decode_payload(bytes: &[u8], limits: &LogLimits, kind: FileKind) -> Result<Decoded, String> {
     let mut p = Payload { bytes, at: 0 };
     let op = p.u8()?;
     let flags = p.u8()?;
+    if op == OP_END {
+        if kind != FileKind::Snapshot || flags != 0 || bytes.len() != 10 {
+            return Err("an END record out of place".into());
+        }
+        return Ok(Decoded::End(p.u64()?));
+    }
     let version = p.u64()?;
     if version == 0 {
         return Err("version 0".into());
@@ -247,17 +320,19 @@ fn decode_payload(bytes: &[u8], limits: &LogLimits) -> Result<Mutation, String> 
     if p.at != bytes.len() {
         return Err(format!("{} bytes after the fields", bytes.len() - p.at));
     }
-    Ok(Mutation { key, version, op })
+    Ok(Decoded::Mutation(Mutation { key, version, op }))
 }
 
 /// What reading one record found.
 #[derive(Debug)]
 enum Next {
     Record(Mutation, u64),
+    /// A snapshot's END record (its count) and where it ends.
+    EndMarker(u64, u64),
     End,
-    /// The frame runs past the end of the input, or the checksum or fields of the last
-    /// record are bad: `(offset, detail)`.
-    Torn(u64, String),
+    /// The frame runs past the end of the input, or the checksum or fields are bad:
+    /// `(offset, detail, the record's bytes read)`.
+    Torn(u64, String, Vec<u8>),
 }
 
 /// Reads a log's records in order from a seekable-or-not source (the whole file is not held
@@ -266,18 +341,26 @@ enum Next {
 pub struct LogReader<R: Read> {
     input: R,
     limits: LogLimits,
+    kind: FileKind,
     offset: u64,
+    /// A snapshot's END record was read: its entry count.
+    end_count: Option<u64>,
     /// A bad record read ahead: whether it is a torn tail depends on whether anything
     /// follows it.
     suspect: Option<(u64, String)>,
 }
 
 impl<R: Read> LogReader<R> {
-    /// Checks the header.
-    pub fn open(mut input: R, limits: LogLimits) -> Result<Self, LogError> {
+    /// Checks the header of a log.
+    pub fn open(input: R, limits: LogLimits) -> Result<Self, LogError> {
+        Self::open_kind(input, FileKind::Log, limits)
+    }
+
+    /// Checks the header of a file of `kind`.
+    pub fn open_kind(mut input: R, kind: FileKind, limits: LogLimits) -> Result<Self, LogError> {
         let mut header = [0u8; HEADER_LEN as usize];
         let n = read_full(&mut input, &mut header)?;
-        if n < header.len() || &header[..6] != MAGIC {
+        if n < header.len() || &header[..6] != kind.magic() {
             return Err(LogError::Header("missing or wrong magic".into()));
         }
         let version = u16::from_be_bytes([header[6], header[7]]);
@@ -289,7 +372,9 @@ impl<R: Read> LogReader<R> {
         Ok(Self {
             input,
             limits,
+            kind,
             offset: HEADER_LEN,
+            end_count: None,
             suspect: None,
         })
     }
@@ -307,42 +392,56 @@ impl<R: Read> LogReader<R> {
             return Ok(Next::End);
         }
         if n < frame.len() {
-            return Ok(Next::Torn(start, "the record's frame is cut".into()));
+            return Ok(Next::Torn(
+                start,
+                "the record's frame is cut".into(),
+                frame[..n].to_vec(),
+            ));
         }
         let len = u64::from(u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]));
         let crc = u32::from_le_bytes([frame[4], frame[5], frame[6], frame[7]]);
         if len > self.limits.max_payload() {
-            // Never allocated. A length no writer under these limits produces: a torn tail if
-            // the frame is the last thing in the file, else corruption (decided by the caller,
-            // like any bad record).
+            // Never allocated. A length no writer under these limits produces (decided by
+            // the caller like any bad record).
             return Ok(Next::Torn(
                 start,
                 format!("a record length of {len} bytes, over the limit"),
+                frame.to_vec(),
             ));
         }
         let len_usize = usize::try_from(len).map_err(|_| LogError::Corrupt {
             offset: start,
             detail: "length does not fit in memory".into(),
         })?;
-        let mut payload = vec![0u8; len_usize];
-        let got = read_full(&mut self.input, &mut payload)?;
+        let mut record = Vec::with_capacity(FRAME_LEN as usize + len_usize);
+        record.extend_from_slice(&frame);
+        record.resize(FRAME_LEN as usize + len_usize, 0);
+        let got = read_full(&mut self.input, &mut record[FRAME_LEN as usize..])?;
         if got < len_usize {
-            return Ok(Next::Torn(start, "the record's payload is cut".into()));
+            record.truncate(FRAME_LEN as usize + got);
+            return Ok(Next::Torn(
+                start,
+                "the record's payload is cut".into(),
+                record,
+            ));
         }
         let end = start + FRAME_LEN + len;
-        if crc32c::crc32c(&payload) != crc {
-            return Ok(Next::Torn(start, "checksum mismatch".into()));
+        let payload = &record[FRAME_LEN as usize..];
+        if crc32c::crc32c(payload) != crc {
+            return Ok(Next::Torn(start, "checksum mismatch".into(), record));
         }
-        match decode_payload(&payload, &self.limits) {
-            Ok(m) => Ok(Next::Record(m, end)),
-            Err(e) => Ok(Next::Torn(start, format!("malformed record: {e}"))),
+        match decode_payload(payload, &self.limits, self.kind) {
+            Ok(Decoded::Mutation(m)) => Ok(Next::Record(m, end)),
+            Ok(Decoded::End(count)) => Ok(Next::EndMarker(count, end)),
+            Err(e) => Ok(Next::Torn(start, format!("malformed record: {e}"), record)),
         }
     }
 
     /// The next record; `Ok(None)` at the clean end or at a torn tail (see
-    /// [`LogReader::torn_tail`]); `Err(Corrupt)` when a bad record has more data after it.
+    /// [`LogReader::torn_tail`]); `Err(Corrupt)` when a bad record is followed by data that
+    /// a crash cannot leave (see [`LogReader::is_torn_tail`]).
     pub fn next_record(&mut self) -> Result<Option<Mutation>, LogError> {
-        if self.suspect.is_some() {
+        if self.suspect.is_some() || self.end_count.is_some() {
             return Ok(None);
         }
         match self.read_one()? {
@@ -350,11 +449,20 @@ impl<R: Read> LogReader<R> {
                 self.offset = end;
                 Ok(Some(m))
             }
+            Next::EndMarker(count, end) => {
+                if drain(&mut self.input)? > 0 {
+                    return Err(LogError::Corrupt {
+                        offset: end,
+                        detail: "data after the snapshot's end".into(),
+                    });
+                }
+                self.offset = end;
+                self.end_count = Some(count);
+                Ok(None)
+            }
             Next::End => Ok(None),
-            Next::Torn(offset, detail) => {
-                // Anything after the bad record makes it corruption, not a torn tail.
-                let rest = drain(&mut self.input)?;
-                if rest > 0 {
+            Next::Torn(offset, detail, mut seen) => {
+                if !self.is_torn_tail(&mut seen)? {
                     return Err(LogError::Corrupt { offset, detail });
                 }
                 self.suspect = Some((offset, detail));
@@ -363,11 +471,56 @@ impl<R: Read> LogReader<R> {
         }
     }
 
+    /// Whether a bad record (whose bytes read so far are `seen`) is a torn tail rather than
+    /// corruption. A crash mid-append cuts only the last record: the records before it were
+    /// written whole. So what follows the start of a torn record is at most one record long
+    /// and holds no valid record; anything longer, or a valid record anywhere in it (found
+    /// by trying every offset), means the damage is in the middle of the file. The tail is
+    /// read into memory up to one record's maximum size, never more.
+    fn is_torn_tail(&mut self, seen: &mut Vec<u8>) -> Result<bool, LogError> {
+        let window = usize::try_from(FRAME_LEN + self.limits.max_payload()).unwrap_or(usize::MAX);
+        if seen.len() < window {
+            let room = (window - seen.len()) as u64;
+            (&mut self.input).take(room).read_to_end(seen)?;
+        }
+        if drain(&mut self.input)? > 0 {
+            return Ok(false);
+        }
+        Ok(!holds_record(
+            &seen[1.min(seen.len())..],
+            &self.limits,
+            self.kind,
+        ))
+    }
+
+    /// After [`LogReader::next_record`] returned `None` on a snapshot: the entry count of
+    /// its END record (`None`: the snapshot is incomplete).
+    pub fn end_count(&self) -> Option<u64> {
+        self.end_count
+    }
+
     /// After [`LogReader::next_record`] returned `None`: the torn tail it stopped at, if any
     /// (its offset, where the valid part ends, and what was wrong).
     pub fn torn_tail(&self) -> Option<(u64, &str)> {
         self.suspect.as_ref().map(|(o, d)| (*o, d.as_str()))
     }
+}
+
+/// Whether a valid record (frame, checksum and fields) starts at any offset of `bytes`.
+fn holds_record(bytes: &[u8], limits: &LogLimits, kind: FileKind) -> bool {
+    let frame = FRAME_LEN as usize;
+    (0..bytes.len().saturating_sub(frame)).any(|at| {
+        let f = &bytes[at..at + frame];
+        let len = u32::from_le_bytes([f[0], f[1], f[2], f[3]]) as usize;
+        let body = at + frame;
+        // Cheap checks first: the length fits and the operation byte is one we write.
+        if len < 2 || body + len > bytes.len() || !(1..=3).contains(&bytes[body]) {
+            return false;
+        }
+        let crc = u32::from_le_bytes([f[4], f[5], f[6], f[7]]);
+        let payload = &bytes[body..body + len];
+        crc32c::crc32c(payload) == crc && decode_payload(payload, limits, kind).is_ok()
+    })
 }
 
 /// Reads until `buf` is full or the input ends; returns how many bytes were read.

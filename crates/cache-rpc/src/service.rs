@@ -437,6 +437,7 @@ impl peer_server::Peer for PeerService {
             .shared
             .core
             .handle_replicate(&call, &mutations)
+            .await
             .map_err(|e| wire::status(&e))?;
         Ok(tonic::Response::new(peer::ReplicateResponse {
             applied: report.applied,

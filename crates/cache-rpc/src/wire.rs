@@ -356,6 +356,7 @@ pub fn error_kind(e: &CoreError) -> &'static str {
         CoreError::Full(_) => "resource_exhausted",
         CoreError::VersionRefused(_) => "version_refused",
         CoreError::DeadlineExceeded(_) => "deadline_exceeded",
+        CoreError::Storage(_) => "storage",
         CoreError::ShuttingDown => "shutting_down",
         CoreError::Internal(_) => "internal",
     }
@@ -367,7 +368,9 @@ pub fn status(e: &CoreError) -> Status {
         CoreError::Invalid(_) => Code::InvalidArgument,
         CoreError::TooLarge(_) => Code::OutOfRange,
         CoreError::WrongOwner { .. } => Code::Aborted,
-        CoreError::Unavailable { .. } | CoreError::ShuttingDown => Code::Unavailable,
+        CoreError::Unavailable { .. } | CoreError::ShuttingDown | CoreError::Storage(_) => {
+            Code::Unavailable
+        }
         CoreError::Full(_) => Code::ResourceExhausted,
         CoreError::VersionRefused(_) => Code::FailedPrecondition,
         CoreError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -406,6 +409,7 @@ pub fn peer_error(peer: &str, status: &Status) -> PeerError {
             };
         }
         Some("shutting_down") => CoreError::ShuttingDown,
+        Some("storage") => CoreError::Storage(message),
         Some(_) => CoreError::Internal(message),
         None if is_connect_error(status) => {
             return PeerError::Unreachable {

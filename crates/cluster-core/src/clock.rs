@@ -166,6 +166,12 @@ impl Hlc {
         Ok(())
     }
 
+    /// Moves the clock past `version` without the drift check: for versions this node
+    /// already accepted once (recovered from its own disk).
+    pub fn observe_unchecked(&self, version: u64) {
+        self.last.fetch_max(version & !TAG_MASK, Ordering::Relaxed);
+    }
+
     /// The last version issued or observed (for tests and `/status`).
     pub fn last(&self) -> u64 {
         self.last.load(Ordering::Relaxed)

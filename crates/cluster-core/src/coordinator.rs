@@ -819,7 +819,7 @@ impl<T: PeerTransport> Coordinator<T> {
                         .set(&cmd.key, &cmd.value, cmd.ttl_ms, cmd.condition)?
                     {
                         Applied::Done(m) => {
-                            self.replicate(p, m, consistency.unwrap_or(default), ctx)
+                            self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
                                 .await?;
                             true
                         }
@@ -829,7 +829,7 @@ impl<T: PeerTransport> Coordinator<T> {
             }
             Request::Delete { key, consistency } => {
                 let (deleted, m) = self.store.delete(&key, p.replicas.len() > 1)?;
-                self.replicate(p, m, consistency.unwrap_or(default), ctx)
+                self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
                     .await?;
                 Ok(Response::Delete { deleted })
             }
@@ -841,7 +841,7 @@ impl<T: PeerTransport> Coordinator<T> {
                 self.settle_before_deciding(p, &key, ctx).await?;
                 let found = match self.store.touch(&key, ttl_ms)? {
                     Applied::Done(m) => {
-                        self.replicate(p, m, consistency.unwrap_or(default), ctx)
+                        self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
                             .await?;
                         true
                     }
@@ -853,6 +853,22 @@ impl<T: PeerTransport> Coordinator<T> {
                 "a batch reached the single-key path".into(),
             )),
         }
+    }
+
+    /// Replicates one mutation applied here and, at the same time, waits until it is as
+    /// durable here as the persistence policy promises: a write is acknowledged only once
+    /// both are done.
+    async fn replicate_durably(
+        &self,
+        p: &Placement,
+        m: Mutation,
+        consistency: Consistency,
+        ctx: RequestContext,
+    ) -> Result<(), CoreError> {
+        let (durable, replicated) =
+            tokio::join!(self.store.durable(), self.replicate(p, m, consistency, ctx));
+        durable?;
+        replicated
     }
 
     /// Replicates one mutation applied here to the key's other replicas.
@@ -1340,7 +1356,11 @@ impl<T: PeerTransport> Coordinator<T> {
                 1 + others.iter().filter(|o| acked.contains(o)).count() >= *required
             })
         };
-        let acked = self.replicate_sync(per_peer, satisfied, ctx.deadline).await;
+        let (durable, acked) = tokio::join!(
+            self.store.durable(),
+            self.replicate_sync(per_peer, satisfied, ctx.deadline)
+        );
+        durable?;
         for (others, required, n) in &needs {
             let acks = 1 + others.iter().filter(|o| acked.contains(o)).count();
             if acks < *required {
@@ -1376,8 +1396,9 @@ impl<T: PeerTransport> Coordinator<T> {
     }
 
     /// Mutations replicated by `call.from`, applied by last writer wins after every entry
-    /// was checked (see [`Store::apply_replicated`]).
-    pub fn handle_replicate(
+    /// was checked (see [`Store::apply_replicated`]), acknowledged once they are as durable
+    /// as the persistence policy promises.
+    pub async fn handle_replicate(
         &self,
         call: &PeerCall,
         mutations: &[Mutation],
@@ -1390,7 +1411,9 @@ impl<T: PeerTransport> Coordinator<T> {
                 crate::replication::MAX_MUTATIONS_PER_CALL
             )));
         }
-        self.store.apply_replicated(mutations)
+        let report = self.store.apply_replicated(mutations)?;
+        self.store.durable().await?;
+        Ok(report)
     }
 
     /// Versioned reads for `call.from`'s quorum read or repair.

@@ -45,6 +45,12 @@ pub enum CoreError {
     /// The request's deadline passed before it finished; a write may have been applied.
     #[error("deadline of {0:?} exceeded")]
     DeadlineExceeded(Duration),
+    /// The node cannot persist writes (its append-only file could not be written or
+    /// synced: disk full, I/O error, read-only data directory): writes are refused, and
+    /// nothing was applied, until the cause is fixed; reads still work. Retry on another
+    /// replica.
+    #[error("writes refused: this node cannot persist them: {0}")]
+    Storage(String),
     /// The node is shutting down: retry on another node.
     #[error("node is shutting down; retry on another node or later")]
     ShuttingDown,
@@ -95,7 +101,9 @@ impl PeerError {
             PeerError::Unreachable { .. } => true,
             PeerError::NoAnswer { .. } => idempotent,
             PeerError::Refused { error, .. } => match error {
-                CoreError::ShuttingDown | CoreError::WrongOwner { .. } => true,
+                CoreError::ShuttingDown | CoreError::WrongOwner { .. } | CoreError::Storage(_) => {
+                    true
+                }
                 CoreError::DeadlineExceeded(_) | CoreError::Unavailable { .. } => idempotent,
                 _ => false,
             },

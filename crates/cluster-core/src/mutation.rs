@@ -1,6 +1,9 @@
 //! [`Mutation`]: one applied change of one key, the unit of replication and of the
 //! append-only log; [`MutationSink`]: who hears about every applied mutation.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use bytes::Bytes;
 
 /// What a mutation does to its key.
@@ -50,4 +53,23 @@ impl Mutation {
 pub trait MutationSink: Send + Sync + 'static {
     /// `mutation` was applied.
     fn applied(&self, mutation: &Mutation);
+
+    /// Whether this sink can take mutations now. An error (the append-only file could not
+    /// be written or synced) makes the store refuse every write, local or replicated, with
+    /// [`CoreError::Storage`](crate::CoreError::Storage) until it clears: a write the node
+    /// could not log is never acknowledged.
+    fn writable(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// A wait that resolves once every mutation this sink heard before the call is as
+    /// durable as the sink promises (written to the kernel, or fsynced under
+    /// `appendfsync always`), or with the error that prevents it. `None`: nothing to wait
+    /// for. The coordinator awaits it before acknowledging a write.
+    fn barrier(&self) -> Option<DurableWait> {
+        None
+    }
 }
+
+/// What [`MutationSink::barrier`] returns.
+pub type DurableWait = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'static>>;

@@ -217,7 +217,7 @@ impl SimNode for Coordinator<SimTransport> {
         mutations: Vec<Mutation>,
     ) -> Work<PeerReply<ApplyReport>> {
         Box::pin(async move {
-            let body = self.handle_replicate(&call, &mutations)?;
+            let body = self.handle_replicate(&call, &mutations).await?;
             Ok(PeerReply {
                 body,
                 ring_fingerprint: self.ring().load().ring.fingerprint(),

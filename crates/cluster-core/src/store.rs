@@ -46,6 +46,20 @@ pub struct ApplyReport {
     pub stale: u32,
 }
 
+/// What [`Store::restore`] did with recovered mutations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Changed the state.
+    pub applied: u64,
+    /// Older than what was already loaded: no change.
+    pub stale: u64,
+    /// Values whose expiry had passed: skipped.
+    pub expired: u64,
+    /// Refused by the engine (over the current size limits, or out of memory with eviction
+    /// off): skipped.
+    pub refused: u64,
+}
+
 /// The engine's only writer. See the module docs.
 pub struct Store {
     cache: Arc<Cache<NodeClock>>,
@@ -145,6 +159,70 @@ impl Store {
         self.stale_retries.load(Ordering::Relaxed)
     }
 
+    /// Refuses writes while a sink cannot take them (see [`MutationSink::writable`]).
+    fn check_writable(&self) -> Result<(), CoreError> {
+        for sink in self.sinks.read().iter() {
+            sink.writable().map_err(CoreError::Storage)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every mutation applied so far is as durable as the sinks promise (see
+    /// [`MutationSink::barrier`]); the coordinator calls it before acknowledging a write.
+    pub async fn durable(&self) -> Result<(), CoreError> {
+        let waits: Vec<_> = self
+            .sinks
+            .read()
+            .iter()
+            .filter_map(|s| s.barrier())
+            .collect();
+        for wait in waits {
+            wait.await.map_err(CoreError::Storage)?;
+        }
+        Ok(())
+    }
+
+    /// Loads mutations recovered from disk (snapshot, then log, in order) by last writer
+    /// wins: sinks do not hear them (they are already logged) and versions are not checked
+    /// against the drift limit (they were accepted when first applied; the clock may have
+    /// moved since). The clock moves past every version, so versions issued after a
+    /// restart order after everything recovered. Values already expired are skipped.
+    /// Returns how many changed the state.
+    pub fn restore(&self, mutations: &[Mutation]) -> RestoreReport {
+        let now = self.now_ms();
+        let mut report = RestoreReport::default();
+        for m in mutations {
+            self.hlc.observe_unchecked(m.version);
+            let outcome = match &m.op {
+                MutationOp::Delete => {
+                    Ok(self.cache.delete_versioned(&m.key, m.version) != DeleteOutcome::Stale)
+                }
+                MutationOp::Put { expires_at, .. } if expires_at.is_some_and(|at| at <= now) => {
+                    report.expired += 1;
+                    continue;
+                }
+                MutationOp::Put { value, expires_at } => self
+                    .cache
+                    .write(
+                        &m.key,
+                        value,
+                        WriteOptions {
+                            version: Some(m.version),
+                            expires_at: *expires_at,
+                            condition: Condition::Always,
+                        },
+                    )
+                    .map(|o| o != WriteOutcome::Stale),
+            };
+            match outcome {
+                Ok(true) => report.applied += 1,
+                Ok(false) => report.stale += 1,
+                Err(_) => report.refused += 1,
+            }
+        }
+        report
+    }
+
     fn publish(&self, mutation: &Mutation) {
         for sink in self.sinks.read().iter() {
             sink.applied(mutation);
@@ -206,6 +284,7 @@ impl Store {
     ) -> Result<Applied, CoreError> {
         self.limits.check_key(key)?;
         self.limits.check_value(value)?;
+        self.check_writable()?;
         for _ in 0..STALE_RETRIES {
             let exhausted = std::cell::Cell::new(false);
             let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
@@ -241,6 +320,7 @@ impl Store {
     /// no older copy can arrive late) removes the key without leaving a tombstone.
     pub fn delete(&self, key: &Bytes, tombstone: bool) -> Result<(bool, Mutation), CoreError> {
         self.limits.check_key(key)?;
+        self.check_writable()?;
         for _ in 0..STALE_RETRIES {
             let exhausted = std::cell::Cell::new(false);
             let (deleted, version) = if tombstone {
@@ -277,6 +357,7 @@ impl Store {
     /// last-writer-wins path as any write.
     pub fn touch(&self, key: &Bytes, ttl_ms: Option<u64>) -> Result<Applied, CoreError> {
         self.limits.check_key(key)?;
+        self.check_writable()?;
         for _ in 0..STALE_RETRIES {
             let exhausted = std::cell::Cell::new(false);
             let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
@@ -336,6 +417,7 @@ impl Store {
                 return Err(clock_error(e));
             }
         }
+        self.check_writable()?;
         let mut report = ApplyReport::default();
         for m in mutations {
             // Observe before applying: a local write stamped after this one was applied is

@@ -201,6 +201,7 @@ async fn forged_far_future_versions_are_refused_and_counted() {
         };
         let err = node
             .handle_replicate(&call, &[forged])
+            .await
             .expect_err("a forged version is refused");
         assert!(matches!(err, CoreError::VersionRefused(_)), "{err}");
     }
@@ -241,7 +242,10 @@ async fn a_stale_coordinator_write_advances_the_clock_and_is_really_stored() {
             expires_at: None,
         },
     };
-    primary.handle_replicate(&call, &[m]).expect("within drift");
+    primary
+        .handle_replicate(&call, &[m])
+        .await
+        .expect("within drift");
     // The primary's own fresh version is older; it must not answer stored for nothing.
     match c.request(r[0], set(key, "mine", Consistency::One), T).await {
         Ok(Response::Set { stored }) => assert!(stored),

@@ -31,8 +31,11 @@ pub(crate) enum LogFormat {
 /// With no options it serves gRPC on 127.0.0.1:7000 and admin HTTP (metrics, health,
 /// status) on 127.0.0.1:7080 with a 1 GiB memory limit.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 pub(crate) struct Args {
+    /// Instead of serving: a maintenance command.
+    #[command(subcommand)]
+    pub(crate) command: Option<NodeCommand>,
     /// TOML configuration file; its keys are these flags' long names.
     #[arg(long, env = "CACHE_CONFIG")]
     config: Option<PathBuf>,
@@ -147,12 +150,55 @@ pub(crate) struct Args {
     /// 16MiB; `0`: unthrottled [default: 64MiB].
     #[arg(long, env = "CACHE_SYNC_RATE")]
     sync_rate: Option<String>,
+    /// Directory for the append-only file and snapshots. Without it nothing is persisted
+    /// (a restarted node comes back empty and is refilled by its replicas); with it, the
+    /// node loads the directory at start and logs every applied write.
+    #[arg(long, env = "CACHE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// When the append-only file is fsynced: `always` (before each write is acknowledged;
+    /// concurrent writes share an fsync), `everysec` (once per second in the background),
+    /// or `no` (left to the kernel). Every policy writes to the kernel before acknowledging,
+    /// so only a machine crash can lose acknowledged writes [default: everysec].
+    #[arg(long, env = "CACHE_APPENDFSYNC")]
+    appendfsync: Option<String>,
+    /// Time between snapshots; `0`: only on demand and for compaction [default: 1h].
+    #[arg(long, env = "CACHE_SNAPSHOT_INTERVAL")]
+    snapshot_interval: Option<String>,
+    /// Compact (snapshot and start a new log) once the log is at least this large...
+    /// [default: 64MiB].
+    #[arg(long, env = "CACHE_AOF_REWRITE_MIN_SIZE")]
+    aof_rewrite_min_size: Option<String>,
+    /// ...and at least this percentage of the last snapshot's size [default: 100].
+    #[arg(long, env = "CACHE_AOF_REWRITE_PERCENTAGE")]
+    aof_rewrite_percentage: Option<u64>,
     /// Log format [default: pretty].
     #[arg(long, env = "CACHE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
     /// Log level or filter (RUST_LOG syntax), used when RUST_LOG is unset [default: info].
     #[arg(long, env = "CACHE_LOG_LEVEL")]
     log_level: Option<String>,
+}
+
+/// Maintenance commands.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum NodeCommand {
+    /// Verify a data directory's snapshots and append-only files (like redis-check-aof):
+    /// print each file's records and the first bad one. Exit 0 if every file is sound (or
+    /// was repaired), 1 if one is damaged.
+    CheckData {
+        /// The data directory (what --data-dir names).
+        dir: PathBuf,
+        /// Cut each damaged file at its first bad record, so the node starts with the valid
+        /// part (what follows that record is lost: keep a copy of the directory first).
+        #[arg(long)]
+        repair: bool,
+        /// The largest key the node accepts, as its --max-key-size [default: 64KiB].
+        #[arg(long)]
+        max_key_size: Option<String>,
+        /// The largest value the node accepts, as its --max-value-size [default: 8MiB].
+        #[arg(long)]
+        max_value_size: Option<String>,
+    },
 }
 
 /// The same settings, as they appear in the TOML file.
@@ -189,6 +235,11 @@ struct FileConfig {
     hints_memory: Option<String>,
     anti_entropy_interval: Option<String>,
     sync_rate: Option<String>,
+    data_dir: Option<PathBuf>,
+    appendfsync: Option<String>,
+    snapshot_interval: Option<String>,
+    aof_rewrite_min_size: Option<String>,
+    aof_rewrite_percentage: Option<u64>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
 }
@@ -329,6 +380,41 @@ impl Args {
                 ..default
             })
         };
+        let persistence = match self.data_dir.or(file.data_dir) {
+            None => None,
+            Some(dir) => {
+                let fsync = match self.appendfsync.or(file.appendfsync) {
+                    Some(s) => s
+                        .parse::<cache_rpc::FsyncPolicy>()
+                        .map_err(|e| anyhow::anyhow!("appendfsync: {e}"))?,
+                    None => cache_rpc::FsyncPolicy::EverySec,
+                };
+                let interval = match self.snapshot_interval.or(file.snapshot_interval) {
+                    Some(s) => parse_duration("snapshot-interval", &s)?,
+                    None => Duration::from_secs(3600),
+                };
+                let rewrite_min_bytes =
+                    match self.aof_rewrite_min_size.or(file.aof_rewrite_min_size) {
+                        Some(s) => parse_size("aof-rewrite-min-size", &s)?,
+                        None => 64 << 20,
+                    };
+                let rewrite_percentage = self
+                    .aof_rewrite_percentage
+                    .or(file.aof_rewrite_percentage)
+                    .unwrap_or(100);
+                Some(cache_rpc::PersistConfig {
+                    dir,
+                    fsync,
+                    snapshot_interval: (!interval.is_zero()).then_some(interval),
+                    rewrite_min_bytes,
+                    rewrite_percentage,
+                    limits: cache_rpc::LogLimits {
+                        max_key_bytes: limits.max_key_bytes,
+                        max_value_bytes: limits.max_value_bytes,
+                    },
+                })
+            }
+        };
         let listen = self.listen.or(file.listen).unwrap_or(d.listen);
         let peer_listen = match self.peer_listen.or(file.peer_listen) {
             Some(a) => a,
@@ -426,6 +512,7 @@ impl Args {
             peers,
             cluster,
             anti_entropy,
+            persistence,
         };
         Ok(Resolved {
             node,

@@ -13,10 +13,13 @@ use cache_rpc::Node;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Args, LogFormat};
+use crate::config::{Args, LogFormat, NodeCommand};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        return maintenance(command);
+    }
     let resolved = match args.resolve() {
         Ok(r) => r,
         Err(e) => {
@@ -50,6 +53,88 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cache-node: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a maintenance command (no node is started).
+fn maintenance(command: NodeCommand) -> ExitCode {
+    match command {
+        NodeCommand::CheckData {
+            dir,
+            repair,
+            max_key_size,
+            max_value_size,
+        } => {
+            let defaults = cache_rpc::Limits::default();
+            let size = |what: &str, v: Option<String>, default: usize| -> anyhow::Result<usize> {
+                match v {
+                    Some(s) => Ok(usize::try_from(config::parse_size(what, &s)?)?),
+                    None => Ok(default),
+                }
+            };
+            let limits = match (
+                size("max-key-size", max_key_size, defaults.max_key_bytes),
+                size("max-value-size", max_value_size, defaults.max_value_bytes),
+            ) {
+                (Ok(k), Ok(v)) => cache_rpc::LogLimits {
+                    max_key_bytes: k,
+                    max_value_bytes: v,
+                },
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("cache-node: {e:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            if !dir.is_dir() {
+                eprintln!("cache-node: {} is not a directory", dir.display());
+                return ExitCode::from(2);
+            }
+            let files = match cache_persist::check(&dir, limits, repair) {
+                Ok(f) => f,
+                Err(e) => {
+                    eprintln!("cache-node: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if files.is_empty() {
+                println!("{}: no snapshot or append-only file", dir.display());
+            }
+            let mut damaged = false;
+            for f in &files {
+                match &f.problem {
+                    None => println!(
+                        "ok       {}: {} records, {} bytes",
+                        f.path.display(),
+                        f.records,
+                        f.bytes
+                    ),
+                    Some((offset, detail)) if f.repaired => println!(
+                        "REPAIRED {}: cut at byte {offset} ({detail}); {} records kept, {} bytes dropped",
+                        f.path.display(),
+                        f.records,
+                        f.bytes.saturating_sub(*offset)
+                    ),
+                    Some((offset, detail)) => {
+                        damaged = true;
+                        println!(
+                            "DAMAGED  {}: first bad record at byte {offset} ({detail}); {} valid records before it, {} bytes from it to the end",
+                            f.path.display(),
+                            f.records,
+                            f.bytes.saturating_sub(*offset)
+                        );
+                    }
+                }
+            }
+            if damaged {
+                println!(
+                    "run `cache-node check-data {} --repair` to cut the damaged files at their first bad record",
+                    dir.display()
+                );
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     }
 }

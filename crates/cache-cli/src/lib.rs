@@ -123,6 +123,9 @@ enum Command {
     },
     /// Print the node's counters and sizes.
     Stats,
+    /// Make the node (--addr) write a snapshot of its data now (it must run with
+    /// --data-dir); waits until it is durable: raise --timeout for large data.
+    Snapshot,
     /// Print the cluster's members and ring parameters, as one node reports them.
     Info,
     /// Print the members: id, address, state, share of the key space.
@@ -497,6 +500,16 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
                     "misses": s.misses, "inserts": s.inserts, "updates": s.updates, "deletes": s.deletes,
                     "evictions": s.evictions, "expirations": s.expirations,
                 }),
+            )
+        }
+        Command::Snapshot => {
+            let s = one_node().await?.snapshot().await.map_err(fail)?;
+            Outcome::ok(
+                format!(
+                    "snapshot {}: {} entries, {} bytes in {} ms\n",
+                    s.path, s.entries, s.bytes, s.took_ms
+                ),
+                json!({"path": s.path, "entries": s.entries, "bytes": s.bytes, "took_ms": s.took_ms}),
             )
         }
         Command::Info => {

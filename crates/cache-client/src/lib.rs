@@ -547,6 +547,16 @@ impl Client {
         .await
     }
 
+    /// Asks the node to take a snapshot of its data now; answers once it is durable (an
+    /// admin operation; the node must run with `--data-dir`). Large data takes a while:
+    /// give the client a timeout to match.
+    pub async fn snapshot(&self) -> Result<pb::SnapshotResponse, Error> {
+        self.call(false, |mut c, t| async move {
+            c.snapshot(with_timeout(pb::SnapshotRequest {}, t)).await
+        })
+        .await
+    }
+
     /// Members and ring parameters.
     pub async fn cluster_info(&self) -> Result<pb::ClusterInfoResponse, Error> {
         self.call(true, |mut c, t| async move {

@@ -110,7 +110,10 @@ struct Progress {
 }
 
 /// A request to switch segments: the new file, and where to report the outcome.
-type Rotation = (Arc<dyn SegmentFile>, std::sync::mpsc::Sender<io::Result<()>>);
+type Rotation = (
+    Arc<dyn SegmentFile>,
+    std::sync::mpsc::Sender<io::Result<()>>,
+);
 
 /// Records appended and not yet taken by the flusher.
 struct Pending {

@@ -1,6 +1,7 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process is up),
-//! `/readyz` (the node accepts requests: 503 while shutting down) and `/status` (a small
-//! human page: uptime, items, bytes, hit ratio, request rate). Plain HTML, no JavaScript.
+//! `/readyz` (the node accepts requests: 503 while shutting down), `/status` (a small
+//! human page: uptime, items, bytes, hit ratio, request rate, persistence) and
+//! `POST /snapshot` (take a snapshot now; `--data-dir` only). Plain HTML, no JavaScript.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::Mutex;
 
@@ -36,6 +37,7 @@ pub(crate) fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Route
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/snapshot", post(snapshot))
         .route("/", get(status))
         .with_state(state)
 }
@@ -61,6 +63,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     if let Some(up) = shared.membership.0.coordinator_up() {
         shared.metrics.publish_coordinator(up);
     }
+    if let Some(p) = &shared.persistence {
+        shared.metrics.persist().publish(p);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -69,6 +74,37 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         state.prometheus.render(),
     )
         .into_response()
+}
+
+/// `POST /snapshot`: takes a snapshot now and answers when it is durable, with what it
+/// wrote as JSON. 409 without `--data-dir`, 500 if it failed (the previous snapshot and the
+/// log still hold everything).
+async fn snapshot(State(state): State<Arc<AdminState>>) -> Response {
+    match crate::service::take_snapshot(&state.shared).await {
+        Ok(r) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!(
+                "{{\"path\":\"{}\",\"entries\":{},\"bytes\":{},\"took_ms\":{}}}\n",
+                escape_json(&r.path.display().to_string()),
+                r.entries,
+                r.bytes,
+                r.took.as_millis()
+            ),
+        )
+            .into_response(),
+        Err(e) => {
+            let code = if state.shared.persistence.is_none() {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            };
+            (code, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+fn escape_json(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
@@ -205,6 +241,42 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
             )
         })
         .collect();
+    let persistence = match &shared.persistence {
+        None => "<p>persistence: off (no <code>--data-dir</code>)</p>".to_string(),
+        Some(p) => {
+            let log = p.log_stats();
+            let s = p.snapshot_stats();
+            let last = s.last_unix_secs.load(Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!(
+                "<p>persistence: <code>{}</code>, appendfsync {}, log {} bytes{}; last snapshot: {}; \
+                 recovered {} records at start in {} ms</p>",
+                escape(&p.config().dir.display().to_string()),
+                p.config().fsync,
+                log.segment_bytes.load(Ordering::Relaxed),
+                if log.failed.load(Ordering::Relaxed) {
+                    " — <b>WRITES REFUSED: the append-only file cannot be written</b>"
+                } else {
+                    ""
+                },
+                if last == 0 {
+                    "none since start".to_string()
+                } else {
+                    format!(
+                        "{} s ago, {} entries, {} bytes, {} ms",
+                        now.saturating_sub(last),
+                        s.last_entries.load(Ordering::Relaxed),
+                        s.last_bytes.load(Ordering::Relaxed),
+                        s.last_duration_ms.load(Ordering::Relaxed)
+                    )
+                },
+                p.recovery().records,
+                p.recovery().took.as_millis()
+            )
+        }
+    };
     Html(format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>cache-node {node}</title>\
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em 1em;text-align:left}}</style></head><body>\
@@ -221,7 +293,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 <tr><th>evictions</th><td>{evictions}</td></tr>\
 <tr><th>expirations</th><td>{expired}</td></tr>\
 </table>\
-<h2>Cluster</h2>{coordinator}{mismatches}{sync}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
+{persistence}<h2>Cluster</h2>{coordinator}{mismatches}{sync}<p>ring epoch {epoch}, fingerprint {fingerprint:016x}, replication factor {rf}; \
 replication drops are counted in <code>cache_replication_dropped_total</code></p>\
 <table><tr><th>member</th><th>address</th><th>peer address</th><th>state</th><th>incarnation</th><th>key space (primary)</th></tr>{members}</table>\
 <h3>Peer channels</h3><table><tr><th>peer</th><th>calls ok</th><th>failed</th><th>last</th></tr>{peers}</table>\

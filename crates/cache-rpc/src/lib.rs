@@ -24,6 +24,7 @@ pub mod service;
 pub mod transport;
 pub mod wire;
 
+pub use cache_persist::{FsyncPolicy, LogLimits, PersistConfig, Persistence};
 pub use cluster_core::{Consistency, CoreConfig, Limits, SyncConfig};
 pub use node::{MembershipMode, NetworkProtocol, Node, NodeConfig, NodeError};
 pub use service::{CacheService, PeerService};

@@ -5,6 +5,7 @@
 //! counted on the hot path at all: they are copied from `Cache::stats()` when `/metrics` is
 //! scraped. Nothing here is global, so several nodes can live in one process (tests).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, Key, Label, Metadata, Recorder};
@@ -31,7 +32,7 @@ pub const OPS: [&str; 8] = [
 ];
 
 /// The outcomes that appear in the `result` label.
-pub const RESULTS: [&str; 13] = [
+pub const RESULTS: [&str; 14] = [
     "ok",
     "hit",
     "miss",
@@ -44,7 +45,14 @@ pub const RESULTS: [&str; 13] = [
     "version_refused",
     "deadline_exceeded",
     "shutting_down",
+    "storage",
     "internal",
+];
+
+/// Buckets of `cache_aof_fsync_seconds`: 50 µs to 2.5 s.
+const FSYNC_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    2.5,
 ];
 
 /// Creates the node's recorder with histogram buckets configured.
@@ -54,7 +62,13 @@ pub fn recorder() -> PrometheusRecorder {
             Matcher::Full("cache_request_duration_seconds".into()),
             LATENCY_BUCKETS,
         )
-        .expect("the bucket list is a non-empty constant")
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("cache_aof_fsync_seconds".into()),
+                FSYNC_BUCKETS,
+            )
+        })
+        .expect("the bucket lists are non-empty constants")
         .build_recorder()
 }
 
@@ -82,10 +96,84 @@ struct SyncSeries {
     last_round: Gauge,
 }
 
+/// The persistence series (registered only with `--data-dir`).
+pub struct PersistSeries {
+    /// `cache_aof_fsync_seconds`: every fsync of the append-only file.
+    pub fsync: Histogram,
+    log_bytes: Gauge,
+    written: Counter,
+    errors: Counter,
+    writable: Gauge,
+    snapshots_ok: Counter,
+    snapshots_failed: Counter,
+    snapshot_last: Gauge,
+    snapshot_duration: Gauge,
+    snapshot_bytes: Gauge,
+    snapshot_entries: Gauge,
+    recovery_seconds: Gauge,
+    recovery_records: Gauge,
+}
+
+impl PersistSeries {
+    /// Registers the series on `recorder`.
+    fn register(r: &dyn Recorder) -> Self {
+        let g = |name| gauge(r, name);
+        let c = |name| counter(r, name, Vec::new());
+        let snapshots = |result| {
+            counter(
+                r,
+                "cache_snapshots_total",
+                vec![Label::new("result", result)],
+            )
+        };
+        Self {
+            fsync: r.register_histogram(&Key::from_name("cache_aof_fsync_seconds"), &META),
+            log_bytes: g("cache_aof_bytes"),
+            written: c("cache_aof_written_bytes_total"),
+            errors: c("cache_aof_errors_total"),
+            writable: g("cache_aof_writable"),
+            snapshots_ok: snapshots("ok"),
+            snapshots_failed: snapshots("failed"),
+            snapshot_last: g("cache_snapshot_last_unix_seconds"),
+            snapshot_duration: g("cache_snapshot_duration_seconds"),
+            snapshot_bytes: g("cache_snapshot_bytes"),
+            snapshot_entries: g("cache_snapshot_entries"),
+            recovery_seconds: g("cache_recovery_seconds"),
+            recovery_records: g("cache_recovery_records"),
+        }
+    }
+
+    /// Copies the log's and snapshots' counters (on each scrape).
+    pub fn publish(&self, p: &cache_persist::Persistence) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = p.log_stats();
+        self.log_bytes.set(log.segment_bytes.load(Relaxed) as f64);
+        self.written.absolute(log.bytes_written.load(Relaxed));
+        self.errors.absolute(log.errors.load(Relaxed));
+        self.writable
+            .set(if log.failed.load(Relaxed) { 0.0 } else { 1.0 });
+        let s = p.snapshot_stats();
+        self.snapshots_ok.absolute(s.completed.load(Relaxed));
+        self.snapshots_failed.absolute(s.failed.load(Relaxed));
+        self.snapshot_last
+            .set(s.last_unix_secs.load(Relaxed) as f64);
+        self.snapshot_duration
+            .set(s.last_duration_ms.load(Relaxed) as f64 / 1000.0);
+        self.snapshot_bytes.set(s.last_bytes.load(Relaxed) as f64);
+        self.snapshot_entries
+            .set(s.last_entries.load(Relaxed) as f64);
+        let r = p.recovery();
+        self.recovery_seconds.set(r.took.as_secs_f64());
+        self.recovery_records.set(r.records as f64);
+    }
+}
+
 /// Every metric the node exports, as ready handles.
 pub struct NodeMetrics {
     /// Kept to register per-peer series when a peer is first used.
     recorder: PrometheusRecorder,
+    /// Persistence series, once registered (`--data-dir`).
+    persist: std::sync::OnceLock<Arc<PersistSeries>>,
     /// `cache_requests_total{op,result}`, indexed `[op][result]`.
     requests: Vec<Vec<Counter>>,
     /// `cache_request_duration_seconds{op}`, indexed by op.
@@ -276,8 +364,18 @@ impl NodeMetrics {
             evictions: c("cache_evictions_total"),
             expired: c("cache_expired_total"),
             stale: c("cache_stale_writes_total"),
+            persist: std::sync::OnceLock::new(),
             recorder,
         }
+    }
+
+    /// The persistence series, registered on first use (only nodes with `--data-dir`
+    /// export them).
+    pub fn persist(&self) -> Arc<PersistSeries> {
+        Arc::clone(
+            self.persist
+                .get_or_init(|| Arc::new(PersistSeries::register(&self.recorder))),
+        )
     }
 
     /// The exposition handle of this node's registry.

@@ -114,6 +114,8 @@ pub struct NodeConfig {
     pub request_timeout: Duration,
     /// Anti-entropy and range sync (`None`: off; a restarted node then stays empty).
     pub anti_entropy: Option<SyncConfig>,
+    /// The append-only file and snapshots (`None`: nothing is persisted).
+    pub persistence: Option<cache_persist::PersistConfig>,
 }
 
 impl Default for NodeConfig {
@@ -135,6 +137,7 @@ impl Default for NodeConfig {
             max_clock_drift: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             anti_entropy: Some(SyncConfig::default()),
+            persistence: None,
         }
     }
 }
@@ -174,6 +177,9 @@ pub enum NodeError {
     /// Reflection could not be set up (the embedded descriptor is broken: a build bug).
     #[error("gRPC reflection could not be set up")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The data directory could not be loaded (corrupt, unreadable) or the log started.
+    #[error("{0}")]
+    Persist(#[from] cache_persist::PersistError),
     /// The admin HTTP server failed while running.
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
@@ -215,19 +221,48 @@ impl Node {
     /// Builds the core and binds every listener. Fails fast, before serving anything.
     pub async fn bind(config: NodeConfig) -> Result<Self, NodeError> {
         let node_id = NodeId::new(config.node_id.clone())?;
-        let store = Store::new(
+        let store = Arc::new(Store::new(
             &config.node_id,
             config.cache.clone(),
             NodeClock::System,
             config.limits,
             config.max_clock_drift,
-        )?;
+        )?);
         let grpc = bind(config.listen, "gRPC").await?;
         let peer = bind(config.peer_listen, "peer").await?;
         let admin = bind(config.admin_listen, "admin HTTP").await?;
         let grpc_addr = local_addr(&grpc, config.listen, "gRPC")?;
         let peer_addr = local_addr(&peer, config.peer_listen, "peer")?;
         let metrics = Arc::new(NodeMetrics::register(crate::metrics::recorder()));
+        // The data directory is loaded before anything serves or syncs: the node joins
+        // with what it had, and anti-entropy fills only the gap.
+        let persistence = match config.persistence.clone() {
+            None => None,
+            Some(pc) => {
+                let series = metrics.persist();
+                let on_fsync = Box::new(move |d: Duration| series.fsync.record(d.as_secs_f64()));
+                let store = Arc::clone(&store);
+                let p = tokio::task::spawn_blocking(move || {
+                    cache_persist::Persistence::open(pc, store, on_fsync)
+                })
+                .await
+                .map_err(|e| NodeError::Advertise(format!("recovery panicked: {e}")))??;
+                let r = p.recovery();
+                tracing::info!(
+                    dir = %p.config().dir.display(),
+                    appendfsync = %p.config().fsync,
+                    snapshot = r.snapshot.as_ref().map(|s| s.0.display().to_string()),
+                    segments = r.segments,
+                    records = r.records,
+                    applied = r.applied,
+                    expired = r.expired,
+                    refused = r.refused,
+                    took_ms = r.took.as_millis() as u64,
+                    "data directory loaded"
+                );
+                Some(p)
+            }
+        };
         let prometheus = metrics.handle();
         let mut gossip_addr = None;
         let membership: Arc<dyn Membership> = match &config.membership {
@@ -317,7 +352,7 @@ impl Node {
         ));
         let core = Arc::new(Coordinator::new(
             node_id,
-            Arc::new(store),
+            store,
             ring,
             transport,
             config.cluster.clone(),
@@ -334,6 +369,7 @@ impl Node {
             request_timeout: config.request_timeout,
             stopping: CancellationToken::new(),
             membership: crate::service::MembershipHandle(Arc::clone(&membership)),
+            persistence,
         });
         Ok(Self {
             shared,
@@ -446,6 +482,34 @@ impl Node {
                 public_stop.cancel();
             });
         }
+        // Snapshots: periodic, and compaction when the log has grown enough.
+        if let Some(p) = shared.persistence.clone() {
+            let stop_tasks = stop_tasks.clone();
+            tasks.spawn(async move {
+                let mut last = tokio::time::Instant::now();
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = stop_tasks.cancelled() => return,
+                    }
+                    let due = p
+                        .config()
+                        .snapshot_interval
+                        .is_some_and(|i| last.elapsed() >= i);
+                    let compact = p.needs_compaction();
+                    if !due && !compact {
+                        continue;
+                    }
+                    if compact {
+                        tracing::info!("the append-only file has grown past its compaction threshold: taking a snapshot");
+                    }
+                    let p2 = Arc::clone(&p);
+                    let _ = tokio::task::spawn_blocking(move || p2.snapshot()).await;
+                    last = tokio::time::Instant::now();
+                }
+            });
+        }
         // Histogram samples accumulate in the recorder until drained; drain them on a
         // timer too, so a node nobody scrapes does not grow without bound.
         {
@@ -536,6 +600,11 @@ impl Node {
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
         drop(reaper);
+        if let Some(p) = &shared.persistence {
+            // Everything applied is written and synced before the process exits.
+            let p = Arc::clone(p);
+            let _ = tokio::task::spawn_blocking(move || p.close()).await;
+        }
         let dropped: u64 = core.queue_stats().iter().map(|q| q.dropped).sum();
         tracing::info!(replication_dropped_total = dropped, "node stopped");
         drop(membership);

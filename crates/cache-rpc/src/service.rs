@@ -42,6 +42,8 @@ pub struct Shared {
     pub stopping: tokio_util::sync::CancellationToken,
     /// The membership, for its gossip counters.
     pub membership: MembershipHandle,
+    /// The append-only file and snapshots, with `--data-dir`.
+    pub persistence: Option<Arc<cache_persist::Persistence>>,
 }
 
 /// The node's membership behind a `Debug` name.
@@ -133,6 +135,20 @@ impl CacheService {
         let request = decode(request.into_inner())?;
         self.core().handle(request, ctx).await
     }
+}
+
+/// Takes a snapshot on a blocking thread (the engine scan and the fsyncs block). The error
+/// says why there is none (persistence off, or the snapshot failed).
+pub(crate) async fn take_snapshot(
+    shared: &Shared,
+) -> Result<cache_persist::SnapshotReport, String> {
+    let Some(p) = shared.persistence.clone() else {
+        return Err("this node persists nothing (start it with --data-dir)".into());
+    };
+    tokio::task::spawn_blocking(move || p.snapshot())
+        .await
+        .map_err(|e| format!("the snapshot task failed: {e}"))?
+        .map_err(|e| e.to_string())
 }
 
 fn mismatch() -> CoreError {
@@ -291,6 +307,22 @@ impl cache_server::Cache for CacheService {
             ))
         })
         .await
+    }
+
+    async fn snapshot(
+        &self,
+        _request: tonic::Request<pb::SnapshotRequest>,
+    ) -> Result<tonic::Response<pb::SnapshotResponse>, Status> {
+        match take_snapshot(&self.shared).await {
+            Ok(r) => Ok(tonic::Response::new(pb::SnapshotResponse {
+                path: r.path.display().to_string(),
+                entries: r.entries,
+                bytes: r.bytes,
+                took_ms: u64::try_from(r.took.as_millis()).unwrap_or(u64::MAX),
+            })),
+            Err(e) if self.shared.persistence.is_none() => Err(Status::failed_precondition(e)),
+            Err(e) => Err(Status::internal(e)),
+        }
     }
 
     async fn cluster_info(

@@ -155,8 +155,8 @@ impl NodeProcess {
     }
 
     /// `kill -9`s the node and starts it again with the same flags (same ports when they
-    /// were given explicitly, as [`Cluster::start`] does): a crash and restart, empty —
-    /// there is no persistence yet. Waits until the new process is ready.
+    /// were given explicitly, as [`Cluster::start`] does): a crash and restart — empty
+    /// unless it runs with `--data-dir`. Waits until the new process is ready.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -416,11 +416,21 @@ impl Cluster {
 
 /// A minimal HTTP/1.1 `GET` (enough for the admin endpoints; no dependency needed).
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path)
+}
+
+/// A minimal HTTP/1.1 `POST` with an empty body (`/snapshot`), waiting up to 60 s.
+pub fn http_post(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "POST", path)
+}
+
+fn http_request(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let wait = if method == "GET" { 5 } else { 60 };
+    stream.set_read_timeout(Some(Duration::from_secs(wait)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;

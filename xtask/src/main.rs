@@ -9,6 +9,8 @@
 //! - `cargo xtask bench rebalance [--keys N [--sync-rate R]]`: keeping N copies with 5 real
 //!   gossip nodes: restore after `kill -9`, a join under read load, anti-entropy at rest
 //!   (see `rebalance.rs`).
+//! - `cargo xtask bench persist [--keys N]`: appendfsync write throughput, recovery time and
+//!   snapshot cost against redis-server with the same settings (see `persist.rs`).
 //! - `cargo xtask bench pause`: `QUORUM` latency with one of 3 replicas SIGSTOPped vs all
 //!   healthy, same run.
 //! - `cargo xtask cluster up N`: N local nodes (gRPC 127.0.0.1:7000.., admin :7080..) that
@@ -29,6 +31,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod net;
+mod persist;
 mod rebalance;
 
 fn main() -> Result<()> {
@@ -42,6 +45,10 @@ fn main() -> Result<()> {
         ["bench", "net", "--baseline", bin] => net::bench_net(Some(bin)),
         ["bench", "cluster"] => net::bench_cluster(),
         ["bench", "pause"] => net::bench_pause(),
+        ["bench", "persist"] => persist::bench_persist(1_000_000),
+        ["bench", "persist", "--keys", n] => {
+            persist::bench_persist(n.parse().context("--keys takes a number")?)
+        }
         ["bench", "rebalance"] => rebalance::bench_rebalance(100_000, None),
         ["bench", "rebalance", "--keys", n] => {
             rebalance::bench_rebalance(n.parse().context("--keys N: N is a number")?, None)

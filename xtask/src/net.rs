@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::{cargo, root};
 
 /// A child process killed on drop.
-struct Guard(Child);
+pub(crate) struct Guard(pub(crate) Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -25,7 +25,7 @@ impl Drop for Guard {
     }
 }
 
-fn has(cmd: &str) -> bool {
+pub(crate) fn has(cmd: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {cmd}")])
         .stdout(Stdio::null())
@@ -34,7 +34,7 @@ fn has(cmd: &str) -> bool {
 }
 
 /// `taskset -c CPU program args...` when taskset exists and there are at least 2 CPUs.
-fn pinned(cpu: &str, program: &str) -> Command {
+pub(crate) fn pinned(cpu: &str, program: &str) -> Command {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if has("taskset") && cpus >= 2 {
         let mut c = Command::new("taskset");
@@ -45,7 +45,7 @@ fn pinned(cpu: &str, program: &str) -> Command {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -111,7 +111,7 @@ fn start_redis() -> Result<Option<(Guard, String)>> {
     Ok(Some((guard, format!("127.0.0.1:{port}"))))
 }
 
-fn bench(target: &str, args: &[&str]) -> Result<Value> {
+pub(crate) fn bench(target: &str, args: &[&str]) -> Result<Value> {
     let bin = root().join("target/release/cache-bench");
     let out = pinned("1", bin.to_str().context("utf-8 path")?)
         .args(["--target", target, "--json"])
@@ -152,7 +152,7 @@ pub(crate) fn build_release() -> Result<String> {
     Ok(bin.to_str().context("utf-8 path")?.to_string())
 }
 
-fn f(v: &Value, path: &[&str]) -> f64 {
+pub(crate) fn f(v: &Value, path: &[&str]) -> f64 {
     path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
 }
 

@@ -23,4 +23,6 @@ pub use data_dir::{
     FileCheck, PersistConfig, PersistError, Persistence, RecoveryReport, SnapshotReport,
     SnapshotStats, check,
 };
-pub use log::{LogError, LogLimits, LogReader, LogWriter, ScanOutcome, ScanReport, scan};
+pub use log::{
+    FileKind, LogError, LogLimits, LogReader, LogWriter, ScanOutcome, ScanReport, fuzz_read, scan,
+};

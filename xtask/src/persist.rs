@@ -131,26 +131,22 @@ fn post(admin: &str, path: &str) -> Result<String> {
         .unwrap_or_default())
 }
 
+/// Writes `keys` keys once (cache-bench's prefill, no measurement).
 fn prefill(target: &str, keys: u64) -> Result<()> {
+    let bin = crate::root().join("target/release/cache-bench");
     let k = keys.to_string();
-    bench(
-        target,
-        &[
-            "--keys",
-            &k,
-            "--value-size",
-            "64",
-            "--concurrency",
-            "64",
-            "--batch",
-            "64",
-            "--prefill",
-            "--duration",
-            "0s",
-            "--warmup",
-            "0s",
-        ],
-    )?;
+    let out = pinned("1", bin.to_str().context("utf-8 path")?)
+        .args(["--target", target, "--keys", &k, "--value-size", "64"])
+        .args(["--concurrency", "64", "--batch", "64", "--prefill"])
+        .args(["--duration", "0s", "--warmup", "0s"])
+        .output()
+        .context("run cache-bench")?;
+    if !out.status.success() {
+        bail!(
+            "prefill of {target} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     Ok(())
 }
 
@@ -166,7 +162,7 @@ pub(crate) fn bench_persist(keys: u64) -> Result<()> {
         "\nwrites only, 100k keys, 64 B values, 50 in flight, unary (Redis: no pipelining), 8 s; server on CPU 0, cache-bench on CPU 1\n"
     );
     println!(
-        "| appendfsync | cache-node writes/s | p99 ms | redis-server writes/s | p99 ms | node ÷ redis |"
+        "| appendfsync (`off`: no persistence) | cache-node writes/s | p99 ms | redis-server writes/s | p99 ms | node ÷ redis |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let load = [
@@ -185,26 +181,37 @@ pub(crate) fn bench_persist(keys: u64) -> Result<()> {
         "--warmup",
         "2s",
     ];
-    for policy in ["always", "everysec", "no"] {
+    let mut off = None;
+    for policy in ["off", "always", "everysec", "no"] {
         let dir = fresh_dir(&format!("w-{policy}"))?;
         let d = dir.to_str().context("utf-8")?;
-        let (n, grpc, _, _) = node(bin, &["--data-dir", d, "--appendfsync", policy])?;
+        let flags: Vec<&str> = if policy == "off" {
+            Vec::new()
+        } else {
+            vec!["--data-dir", d, "--appendfsync", policy]
+        };
+        let (n, grpc, _, _) = node(bin, &flags)?;
         let ours = bench(&format!("grpc://{grpc}"), &load)?;
         drop(n);
         let rdir = fresh_dir(&format!("rw-{policy}"))?;
-        let (r, addr, _) = redis(
-            &rdir,
-            &["--save", "", "--appendonly", "yes", "--appendfsync", policy],
-        )?;
+        let redis_flags: Vec<&str> = if policy == "off" {
+            vec!["--save", "", "--appendonly", "no"]
+        } else {
+            vec!["--save", "", "--appendonly", "yes", "--appendfsync", policy]
+        };
+        let (r, addr, _) = redis(&rdir, &redis_flags)?;
         let theirs = bench(&format!("redis://{addr}"), &load)?;
         drop(r);
         let (o, t) = (
             f(&ours, &["keys_per_second"]),
             f(&theirs, &["keys_per_second"]),
         );
+        let base = *off.get_or_insert((o, t));
         println!(
-            "| {policy} | {o:.0} | {:.3} | {t:.0} | {:.3} | {:.2} |",
+            "| {policy} | {o:.0} ({:.2}× off) | {:.3} | {t:.0} ({:.2}× off) | {:.3} | {:.2} |",
+            o / base.0,
             f(&ours, &["set", "p99_ms"]),
+            t / base.1,
             f(&theirs, &["set", "p99_ms"]),
             o / t
         );

@@ -488,7 +488,19 @@ impl<C: Clock> Cache<C> {
     /// remembered, with their versions (see [`VersionedRead`]). `None`: nothing is known.
     pub fn get_versioned(&self, key: &[u8]) -> Option<VersionedRead> {
         let (hash, i) = self.locate(key);
-        self.shard(i).lock().get_versioned(hash, key, &self.clock)
+        self.shard(i)
+            .lock()
+            .get_versioned(hash, key, &self.clock, true)
+    }
+
+    /// Like [`Cache::get_versioned`], but not a use: the LRU order and the hit and miss
+    /// counters stay as they were. For whole-engine walks (snapshots) that must not promote
+    /// every entry they read.
+    pub fn peek_versioned(&self, key: &[u8]) -> Option<VersionedRead> {
+        let (hash, i) = self.locate(key);
+        self.shard(i)
+            .lock()
+            .get_versioned(hash, key, &self.clock, false)
     }
 
     /// Sets the absolute expiry of a live value (`None` = never) *and* its version, under one

@@ -490,7 +490,7 @@ impl Shard {
 
     /// Looks `key` up, counting a hit or a miss; a hit becomes the most recently used entry.
     pub(crate) fn get<C: Clock>(&mut self, hash: u64, key: &[u8], clock: &C) -> Option<Lookup> {
-        match self.get_versioned(hash, key, clock)? {
+        match self.get_versioned(hash, key, clock, true)? {
             VersionedRead::Live(lookup) => Some(lookup),
             VersionedRead::Dead { .. } => None,
         }
@@ -728,21 +728,28 @@ impl Shard {
     /// A read that also reports tombstones (and expired versioned values, which are
     /// tombstones until their grace ends) with their version. Counts a hit or a miss; a
     /// live hit becomes the most recently used entry.
+    /// `use_it`: a lookup that counts (hit/miss counters, LRU promotion); `false` for a
+    /// peek that leaves both unchanged.
     pub(crate) fn get_versioned<C: Clock>(
         &mut self,
         hash: u64,
         key: &[u8],
         clock: &C,
+        use_it: bool,
     ) -> Option<VersionedRead> {
         let mut now = Now::new(clock);
         let Some(idx) = self.find_settled(hash, key, &mut now) else {
-            self.counters.misses += 1;
+            if use_it {
+                self.counters.misses += 1;
+            }
             return None;
         };
         let node = self.node(idx);
         if node.tombstone {
             let version = node.version;
-            self.counters.misses += 1;
+            if use_it {
+                self.counters.misses += 1;
+            }
             return Some(VersionedRead::Dead { version });
         }
         let lookup = Lookup {
@@ -750,8 +757,10 @@ impl Shard {
             version: node.version,
             expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
         };
-        self.move_to_front(idx);
-        self.counters.hits += 1;
+        if use_it {
+            self.move_to_front(idx);
+            self.counters.hits += 1;
+        }
         Some(VersionedRead::Live(lookup))
     }
 

@@ -320,6 +320,9 @@ impl MutationSink for AppendLog {
     }
 
     fn barrier(&self) -> Option<DurableWait> {
+        if let Err(e) = self.writable() {
+            return Some(Box::pin(async move { Err(e) }));
+        }
         let target = self.shared.pending.lock().seq;
         let always = self.shared.policy == FsyncPolicy::Always;
         let mut rx = self.shared.progress.subscribe();

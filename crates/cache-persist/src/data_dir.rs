@@ -556,7 +556,7 @@ impl Persistence {
         while let Some(c) = cursor {
             let (keys, next) = engine.scan_versions(c, SNAPSHOT_CHUNK);
             for kv in keys {
-                let m = match self.store.get_versioned(&kv.key) {
+                let m = match engine.peek_versioned(&kv.key) {
                     Some(VersionedRead::Live(l)) => Mutation {
                         key: kv.key,
                         version: l.version,

@@ -257,3 +257,29 @@ fn seeds_route_like_the_sdk_and_show_members_and_ring() {
     let o = cli(Some(&cluster.nodes[1]), &["members"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+#[test]
+fn snapshot_asks_the_node_for_one_and_says_when_it_cannot() {
+    let dir = std::env::temp_dir().join(format!("cache-cli-snapshot-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().expect("utf-8").to_string();
+    let node = NodeProcess::start(&["--data-dir", &d]);
+    let n = Some(&node);
+    assert_eq!(cli(n, &["set", "k", "v"]).status.code(), Some(0));
+    let o = cli(n, &["snapshot"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("snapshot-0000000002.snap: 1 entries"),
+        "{}",
+        stdout(&o)
+    );
+    let o = cli(n, &["--json", "snapshot"]);
+    assert!(stdout(&o).contains("\"entries\":1"), "{}", stdout(&o));
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let plain = NodeProcess::start(&[]);
+    let o = cli(Some(&plain), &["snapshot"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("--data-dir"), "{}", stderr(&o));
+}

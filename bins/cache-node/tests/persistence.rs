@@ -367,3 +367,50 @@ async fn a_full_disk_refuses_writes_with_a_clear_error() {
     );
     eprintln!("full disk: writes refused after {n} writes: {msg}");
 }
+
+#[tokio::test]
+async fn the_log_is_compacted_once_it_outgrows_the_last_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8");
+    let mut node = NodeProcess::start(&[
+        "--data-dir",
+        d,
+        "--snapshot-interval",
+        "0",
+        "--aof-rewrite-min-size",
+        "16KiB",
+        "--aof-rewrite-percentage",
+        "100",
+    ]);
+    let c = client(&node).await;
+    // The same 50 keys over and over: the log grows, the data does not.
+    for round in 0..20 {
+        for i in 0..50 {
+            c.set(format!("k{i}"), format!("round-{round}-{}", "p".repeat(80)))
+                .await
+                .expect("set");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = node.http_get("/metrics").expect("metrics");
+        if metric(&metrics, "cache_snapshots_total{result=\"ok\"}").unwrap_or(0.0) >= 1.0 {
+            let log = metric(&metrics, "cache_aof_bytes").unwrap_or(f64::MAX);
+            assert!(log < 16.0 * 1024.0, "the log restarted small: {log} bytes");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no compaction within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        segments(dir.path()).len(),
+        1,
+        "the segments before the snapshot are deleted"
+    );
+    node.restart();
+    let c = client(&node).await;
+    for i in 0..50 {
+        let v = c.get(format!("k{i}")).await.expect("get").expect("present");
+        assert!(v.starts_with(b"round-19-"), "latest value of k{i}");
+    }
+}

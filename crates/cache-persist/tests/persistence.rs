@@ -141,7 +141,11 @@ async fn a_snapshot_replaces_the_log_and_writes_during_it_are_kept() {
         let hits = s.stats().hits;
         let report = p.snapshot().expect("snapshot");
         writer.join().expect("writer");
-        assert_eq!(s.stats().hits, hits, "a snapshot reads without counting hits or promoting");
+        assert_eq!(
+            s.stats().hits,
+            hits,
+            "a snapshot reads without counting hits or promoting"
+        );
         s.durable().await.expect("durable");
         assert!(report.entries >= 2000, "{report:?}");
         assert_eq!(report.path, snapshot_path(dir.path(), 2));

@@ -275,6 +275,13 @@ impl Cluster {
     /// then that node fails to bind and the whole cluster is started again on new ports (up
     /// to 5 times), so a port race costs a retry, never a flaky test.
     pub fn start(n: usize, args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_string()).collect();
+        Self::start_each(n, |_| args.clone())
+    }
+
+    /// Like [`Cluster::start`], with each node's own extra flags: `args(i)` for `node-i`
+    /// (a data directory per node, say).
+    pub fn start_each(n: usize, args: impl Fn(usize) -> Vec<String>) -> Self {
         let mut last = String::new();
         for _ in 0..5 {
             let ports: Vec<u16> = {
@@ -318,7 +325,8 @@ impl Cluster {
                     "--peers",
                     &peers,
                 ];
-                full.extend_from_slice(args);
+                let own = args(i);
+                full.extend(own.iter().map(String::as_str));
                 match NodeProcess::spawn(&full) {
                     Ok(node) => nodes.push(node),
                     Err(e) => {

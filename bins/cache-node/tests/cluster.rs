@@ -736,6 +736,23 @@ async fn a_node_restarted_with_its_data_moves_only_what_it_missed() {
             .await
             .expect("written");
     }
+    // node-2 holds all of it before it dies (QUORUM acknowledged with two copies; the
+    // third may still be on its way).
+    let start = Instant::now();
+    loop {
+        let mut divergent = 0;
+        for chunk in keys.chunks(1000) {
+            divergent += divergent_keys(&cluster, chunk).await;
+        }
+        if divergent == 0 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "replicas never agreed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Applied is not yet logged: the flusher writes within microseconds of the apply; give
+    // it ample time so the kill tests recovery, not that race.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     cluster.nodes[2].signal("KILL");
     let _ = cluster.nodes[2].wait_exit(Duration::from_secs(5));
     // What node-2 misses while it is down: 100 new keys and 50 overwrites.

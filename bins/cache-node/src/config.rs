@@ -250,6 +250,97 @@ pub(crate) struct Resolved {
     pub(crate) node: NodeConfig,
     pub(crate) log_format: LogFormat,
     pub(crate) log_level: String,
+    /// Settings that work but are probably a mistake, to log once logging is up.
+    pub(crate) warnings: Vec<String>,
+}
+
+/// `what` must lie within `lo..=hi`.
+fn within<T: PartialOrd + std::fmt::Debug>(what: &str, v: T, lo: T, hi: T) -> Result<()> {
+    if v < lo || v > hi {
+        bail!("{what} is {v:?}; it must be between {lo:?} and {hi:?}");
+    }
+    Ok(())
+}
+
+/// Physical memory, from `/proc/meminfo` (Linux); `None` elsewhere.
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Every duration, size and count within the range where it can work: a setting outside
+/// is one clear error (exit code 2), never a spinning core or a limit that cannot hold.
+/// Returns warnings for settings that work but are probably wrong.
+fn check_bounds(n: &NodeConfig) -> Result<Vec<String>> {
+    const MS: Duration = Duration::from_millis(1);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(86_400);
+    within("reaper-interval", n.reaper_interval, MS, HOUR)?;
+    within("shutdown-grace", n.shutdown_grace, Duration::ZERO, HOUR)?;
+    within("shutdown-notice", n.shutdown_notice, Duration::ZERO, HOUR)?;
+    within(
+        "peer-timeout",
+        n.cluster.peer_timeout,
+        MS,
+        Duration::from_secs(300),
+    )?;
+    within("request-timeout", n.request_timeout, MS, HOUR)?;
+    within("max-clock-drift", n.max_clock_drift, MS, HOUR)?;
+    within("replication-factor", n.cluster.replication_factor, 1, 16)?;
+    within("replication-queue", n.cluster.queue_capacity, 1, 10_000_000)?;
+    within("max-batch", n.limits.max_batch, 1, 100_000)?;
+    within("max-key-size", n.limits.max_key_bytes, 1, 64 << 10)?;
+    within("max-memory", n.cache.max_bytes, 4 << 10, 1 << 50)?;
+    // A value larger than one shard's budget could never be stored; and the value limit
+    // sizes the largest request the node accepts, so it is capped well below memory.
+    let shard_budget = n.cache.max_bytes / n.cache.shards.max(1) as u64;
+    let max_value = (shard_budget.min(512 << 20)) as usize;
+    if n.limits.max_value_bytes > max_value {
+        bail!(
+            "max-value-size is {} bytes, over what one engine shard can hold ({} bytes: max-memory {} / {} shards, at most 512 MiB); lower it, raise --max-memory or use fewer --shards",
+            n.limits.max_value_bytes,
+            max_value,
+            n.cache.max_bytes,
+            n.cache.shards
+        );
+    }
+    if let Some(s) = &n.anti_entropy {
+        within(
+            "anti-entropy-interval",
+            s.interval,
+            Duration::from_millis(100),
+            DAY,
+        )?;
+    }
+    if let Some(p) = &n.persistence {
+        if let Some(i) = p.snapshot_interval {
+            within("snapshot-interval", i, Duration::from_secs(1), 30 * DAY)?;
+        }
+        within(
+            "aof-rewrite-min-size",
+            p.rewrite_min_bytes,
+            1 << 10,
+            1 << 50,
+        )?;
+        within("aof-rewrite-percentage", p.rewrite_percentage, 0, 100_000)?;
+    }
+    let mut warnings = Vec::new();
+    if let Some(ram) = physical_memory()
+        && n.cache.max_bytes > ram
+    {
+        warnings.push(format!(
+            "--max-memory {} is more than this machine's memory ({ram} bytes): the kernel may kill the node before it starts evicting",
+            n.cache.max_bytes
+        ));
+    }
+    Ok(warnings)
 }
 
 /// Parses `512MiB`, `1GiB`, `64KiB`, `1000000` (bytes), `10MB`.
@@ -299,7 +390,13 @@ impl Args {
             },
             max_value_bytes: match self.max_value_size.or(file.max_value_size) {
                 Some(s) => usize_size("max-value-size", &s)?,
-                None => dl.max_value_bytes,
+                // The default never exceeds what one shard can hold (small --max-memory).
+                None => dl.max_value_bytes.min(
+                    usize::try_from(
+                        max_memory / self.shards.or(file.shards).unwrap_or(dc.shards).max(1) as u64,
+                    )
+                    .unwrap_or(usize::MAX),
+                ),
             },
             max_batch: self.max_batch.or(file.max_batch).unwrap_or(dl.max_batch),
         };
@@ -514,7 +611,9 @@ impl Args {
             anti_entropy,
             persistence,
         };
+        let warnings = check_bounds(&node)?;
         Ok(Resolved {
+            warnings,
             node,
             log_format: self
                 .log_format

@@ -34,10 +34,28 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match resolved.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Pretty => logs.init(),
+    let reload: Reload = match resolved.log_format {
+        LogFormat::Json => {
+            let logs = logs.json().with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+        LogFormat::Pretty => {
+            let logs = logs.with_filter_reloading();
+            let handle = logs.reload_handle();
+            logs.init();
+            Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+        }
+    };
+    for w in &resolved.warnings {
+        tracing::warn!("{w}");
     }
+    let reloader = Reloader {
+        reload,
+        log_level: resolved.log_level.clone(),
+        node: format!("{:?}", resolved.node),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,7 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(resolved.node)) {
+    match runtime.block_on(run(resolved.node, reloader)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cache-node: {e:#}");
@@ -139,7 +157,80 @@ fn maintenance(command: NodeCommand) -> ExitCode {
     }
 }
 
-async fn run(config: cache_rpc::NodeConfig) -> anyhow::Result<()> {
+/// Applies a new log filter.
+type Reload = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// What SIGHUP can change, and what it compares against.
+struct Reloader {
+    reload: Reload,
+    log_level: String,
+    node: String,
+}
+
+impl Reloader {
+    /// SIGHUP: reads the flags, environment and `--config` file again. The log level is
+    /// applied at once (unless `RUST_LOG` overrides it); any other changed setting is
+    /// logged as needing a restart; an invalid configuration is logged and ignored.
+    fn reload(&mut self) {
+        let resolved = match Args::try_parse()
+            .map_err(anyhow::Error::from)
+            .and_then(Args::resolve)
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "SIGHUP: the configuration is invalid now; keeping the running one");
+                return;
+            }
+        };
+        if resolved.log_level != self.log_level {
+            if std::env::var_os("RUST_LOG").is_some() {
+                tracing::warn!(
+                    "SIGHUP: log-level changed, but RUST_LOG is set and wins; unchanged"
+                );
+            } else {
+                match EnvFilter::try_new(&resolved.log_level)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| (self.reload)(f))
+                {
+                    Ok(()) => {
+                        tracing::info!(log_level = %resolved.log_level, "SIGHUP: log level changed");
+                        self.log_level = resolved.log_level.clone();
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: cannot apply the new log level"),
+                }
+            }
+        }
+        let node = format!("{:?}", resolved.node);
+        if node != self.node {
+            tracing::warn!(
+                "SIGHUP: other settings changed; they take effect at the next restart (only the log level is reloaded)"
+            );
+        } else {
+            tracing::info!("SIGHUP: configuration read again; nothing else changed");
+        }
+    }
+}
+
+/// Reloads on every SIGHUP (instead of SIGHUP's default: dying).
+#[cfg(unix)]
+fn on_sighup(mut reloader: Reloader) {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    reloader.reload();
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot listen for SIGHUP"),
+    }
+}
+
+#[cfg(not(unix))]
+fn on_sighup(_reloader: Reloader) {}
+
+async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Result<()> {
+    on_sighup(reloader);
     let max_bytes = config.cache.max_bytes;
     let node_id = config.node_id.clone();
     let node = Node::bind(config).await?;

@@ -747,7 +747,10 @@ async fn a_node_restarted_with_its_data_moves_only_what_it_missed() {
         if divergent == 0 {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "replicas never agreed");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "replicas never agreed"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Applied is not yet logged: the flusher writes within microseconds of the apply; give

@@ -503,6 +503,21 @@ fn startup_errors_are_one_clear_line() {
         ("--listen", "not-an-address", "invalid value"),
         ("--shards", "3", "power of two"),
         ("--reaper-interval", "soon", "reaper-interval"),
+        // Settings that parse but cannot work: one clear line, exit 2.
+        (
+            "--reaper-interval",
+            "0s",
+            "reaper-interval is 0ns; it must be between",
+        ),
+        (
+            "--max-value-size",
+            "1TiB",
+            "over what one engine shard can hold",
+        ),
+        ("--peer-timeout", "2h", "peer-timeout"),
+        ("--replication-factor", "100", "replication-factor is 100"),
+        ("--max-batch", "10000000", "max-batch"),
+        ("--anti-entropy-interval", "1ms", "anti-entropy-interval"),
     ] {
         let out = std::process::Command::new(cache_testkit::node_binary())
             .args([flag, value])
@@ -515,4 +530,53 @@ fn startup_errors_are_one_clear_line() {
             "{flag} {value}: {err}"
         );
     }
+}
+
+#[test]
+fn a_memory_limit_beyond_the_machine_starts_with_a_warning() {
+    let node = NodeProcess::start(&["--max-memory", "1PiB"]);
+    let log = node.log();
+    assert!(log.contains("more than this machine's memory"), "{log}");
+}
+
+/// SIGHUP reloads the log level from the config file and says what else needs a restart;
+/// it never kills the node.
+#[tokio::test]
+async fn sighup_reloads_the_log_level_and_names_what_needs_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("node.toml");
+    std::fs::write(&file, "log-level = \"warn\"\n").expect("write config");
+    let f = file.to_str().expect("utf-8");
+    let node = NodeProcess::start(&["--config", f]);
+    let c = client(&node).await;
+    std::fs::write(&file, "log-level = \"info\"\n").expect("write config");
+    node.signal("HUP");
+    eventually(Duration::from_secs(5), "log level reloaded", async || {
+        node.log().contains("SIGHUP: log level changed")
+    })
+    .await;
+    std::fs::write(&file, "log-level = \"info\"\nmax-memory = \"2GiB\"\n").expect("write");
+    node.signal("HUP");
+    eventually(
+        Duration::from_secs(5),
+        "restart-only change named",
+        async || node.log().contains("take effect at the next restart"),
+    )
+    .await;
+    std::fs::write(&file, "max-memory = \"lots\"\n").expect("write");
+    node.signal("HUP");
+    eventually(
+        Duration::from_secs(5),
+        "invalid config refused",
+        async || {
+            node.log()
+                .contains("the configuration is invalid now; keeping the running one")
+        },
+    )
+    .await;
+    c.set("still", "here").await.expect("the node kept serving");
+    assert_eq!(
+        c.get("still").await.expect("get").as_deref(),
+        Some(&b"here"[..])
+    );
 }

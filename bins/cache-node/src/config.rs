@@ -150,6 +150,19 @@ pub(crate) struct Args {
     /// 16MiB; `0`: unthrottled [default: 64MiB].
     #[arg(long, env = "CACHE_SYNC_RATE")]
     sync_rate: Option<String>,
+    /// Most open client connections; more are accepted and closed at once (counted in
+    /// cache_connections_refused_total). Lowered at start, with a warning, to fit the
+    /// open-file limit (ulimit -n) [default: 10000].
+    #[arg(long, env = "CACHE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Time a new client or peer connection has to send its HTTP/2 preface; `0`: no
+    /// deadline [default: 10s].
+    #[arg(long, env = "CACHE_HANDSHAKE_TIMEOUT")]
+    handshake_timeout: Option<String>,
+    /// A client or peer connection that sends nothing for this long is closed (live gRPC
+    /// clients answer keepalive pings every 30 s); `0`: never [default: 5m].
+    #[arg(long, env = "CACHE_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
     /// Directory for the append-only file and snapshots. Without it nothing is persisted
     /// (a restarted node comes back empty and is refilled by its replicas); with it, the
     /// node loads the directory at start and logs every applied write.
@@ -235,6 +248,9 @@ struct FileConfig {
     hints_memory: Option<String>,
     anti_entropy_interval: Option<String>,
     sync_rate: Option<String>,
+    max_connections: Option<usize>,
+    handshake_timeout: Option<String>,
+    idle_timeout: Option<String>,
     data_dir: Option<PathBuf>,
     appendfsync: Option<String>,
     snapshot_interval: Option<String>,
@@ -310,6 +326,23 @@ fn check_bounds(n: &NodeConfig) -> Result<Vec<String>> {
             n.cache.max_bytes,
             n.cache.shards
         );
+    }
+    within(
+        "max-connections",
+        n.connections.max_connections,
+        1,
+        1_000_000,
+    )?;
+    if let Some(h) = n.connections.handshake_timeout {
+        within(
+            "handshake-timeout",
+            h,
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+        )?;
+    }
+    if let Some(i) = n.connections.idle_timeout {
+        within("idle-timeout", i, Duration::from_secs(1), DAY)?;
     }
     if let Some(s) = &n.anti_entropy {
         within(
@@ -477,6 +510,37 @@ impl Args {
                 ..default
             })
         };
+        let connections = {
+            let dc = d.connections;
+            let optional = |what: &str,
+                            v: Option<String>,
+                            default: Option<Duration>|
+             -> Result<Option<Duration>> {
+                match v {
+                    Some(s) => {
+                        let d = parse_duration(what, &s)?;
+                        Ok((!d.is_zero()).then_some(d))
+                    }
+                    None => Ok(default),
+                }
+            };
+            cache_rpc::ConnLimits {
+                max_connections: self
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or(dc.max_connections),
+                handshake_timeout: optional(
+                    "handshake-timeout",
+                    self.handshake_timeout.or(file.handshake_timeout),
+                    dc.handshake_timeout,
+                )?,
+                idle_timeout: optional(
+                    "idle-timeout",
+                    self.idle_timeout.or(file.idle_timeout),
+                    dc.idle_timeout,
+                )?,
+            }
+        };
         let persistence = match self.data_dir.or(file.data_dir) {
             None => None,
             Some(dir) => {
@@ -610,6 +674,7 @@ impl Args {
             cluster,
             anti_entropy,
             persistence,
+            connections,
         };
         let warnings = check_bounds(&node)?;
         Ok(Resolved {

@@ -25,6 +25,59 @@ struct AdminState {
     samples: Mutex<VecDeque<(Instant, u64)>>,
 }
 
+/// Serves `router` on `listener` until `stop` is cancelled, then lets in-flight requests
+/// finish. HTTP/1.1 only (what probes, Prometheus and browsers use), with limits of its own:
+/// at most [`crate::node::ADMIN_CONNECTIONS`] connections, request headers within
+/// [`crate::node::ADMIN_HEADER_TIMEOUT`] (a slowloris client is cut off), a connection idle
+/// for 30 s closed, and request bodies of at most 64 KiB.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stats: Arc<crate::conn::ConnStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tower::ServiceExt;
+    let limits = crate::conn::ConnLimits {
+        max_connections: crate::node::ADMIN_CONNECTIONS,
+        handshake_timeout: None,
+        idle_timeout: Some(std::time::Duration::from_secs(30)),
+    };
+    let router = router.layer(axum::extract::DefaultBodyLimit::max(64 << 10));
+    let incoming = crate::conn::guarded(listener, limits, stats, "admin");
+    futures_util::pin_mut!(incoming);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let io = tokio::select! {
+            () = stop.cancelled() => break,
+            next = futures_util::StreamExt::next(&mut incoming) => match next {
+                Some(Ok(io)) => io,
+                _ => break,
+            },
+        };
+        let router = router.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request| router.clone().oneshot(request));
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(crate::node::ADMIN_HEADER_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+            futures_util::pin_mut!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
 /// The admin routes.
 pub(crate) fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Router {
     let state = Arc::new(AdminState {
@@ -66,6 +119,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     if let Some(p) = &shared.persistence {
         shared.metrics.persist().publish(p);
     }
+    shared.metrics.publish_connections(&shared.connections);
     (
         [(
             header::CONTENT_TYPE,

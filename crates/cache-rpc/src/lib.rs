@@ -10,7 +10,9 @@
 //! - [`node`]: [`Node`] wires the core, its reaper, the public gRPC server (with
 //!   `grpc.health.v1` and server reflection), the peer server and the admin HTTP server, and
 //!   shuts them down gracefully (replication drained or counted).
-//! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/status`.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/status`, `POST /snapshot`.
+//! - [`conn`]: connection limits of every listener (a cap, a handshake deadline, an idle
+//!   timeout).
 //! - [`metrics`]: every exported series, registered up front on the node's own recorder.
 //!
 //! It never parses command lines or reads config files: that is the binary's job.
@@ -18,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod conn;
 pub mod metrics;
 pub mod node;
 pub mod service;
@@ -26,6 +29,7 @@ pub mod wire;
 
 pub use cache_persist::{FsyncPolicy, LogLimits, PersistConfig, Persistence};
 pub use cluster_core::{Consistency, CoreConfig, Limits, SyncConfig};
+pub use conn::ConnLimits;
 pub use node::{MembershipMode, NetworkProtocol, Node, NodeConfig, NodeError};
 pub use service::{CacheService, PeerService};
 pub use transport::GrpcTransport;

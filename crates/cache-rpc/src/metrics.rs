@@ -168,10 +168,44 @@ impl PersistSeries {
     }
 }
 
+/// The connection series of one listener.
+struct ConnSeries {
+    open: Gauge,
+    refused: Counter,
+    handshake: Counter,
+    idle: Counter,
+    accept_errors: Counter,
+}
+
+impl ConnSeries {
+    fn register(r: &dyn Recorder, listener: &'static str) -> Self {
+        let l = || vec![Label::new("listener", listener)];
+        let closed = |reason: &'static str| {
+            counter(
+                r,
+                "cache_connections_closed_total",
+                vec![
+                    Label::new("listener", listener),
+                    Label::new("reason", reason),
+                ],
+            )
+        };
+        Self {
+            open: r.register_gauge(&Key::from_parts("cache_connections", l()), &META),
+            refused: counter(r, "cache_connections_refused_total", l()),
+            handshake: closed("handshake_timeout"),
+            idle: closed("idle_timeout"),
+            accept_errors: counter(r, "cache_accept_errors_total", l()),
+        }
+    }
+}
+
 /// Every metric the node exports, as ready handles.
 pub struct NodeMetrics {
     /// Kept to register per-peer series when a peer is first used.
     recorder: PrometheusRecorder,
+    /// Connection series of the client, peer and admin listeners.
+    connections: [ConnSeries; 3],
     /// Persistence series, once registered (`--data-dir`).
     persist: std::sync::OnceLock<Arc<PersistSeries>>,
     /// `cache_requests_total{op,result}`, indexed `[op][result]`.
@@ -365,6 +399,11 @@ impl NodeMetrics {
             expired: c("cache_expired_total"),
             stale: c("cache_stale_writes_total"),
             persist: std::sync::OnceLock::new(),
+            connections: [
+                ConnSeries::register(recorder_ref, "client"),
+                ConnSeries::register(recorder_ref, "peer"),
+                ConnSeries::register(recorder_ref, "admin"),
+            ],
             recorder,
         }
     }
@@ -376,6 +415,20 @@ impl NodeMetrics {
             self.persist
                 .get_or_init(|| Arc::new(PersistSeries::register(&self.recorder))),
         )
+    }
+
+    /// Copies the listeners' connection counters (client, peer, admin; on each scrape).
+    pub fn publish_connections(&self, stats: &[Arc<crate::conn::ConnStats>; 3]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (series, s) in self.connections.iter().zip(stats) {
+            series.open.set(s.open.load(Relaxed) as f64);
+            series.refused.absolute(s.refused.load(Relaxed));
+            series
+                .handshake
+                .absolute(s.handshake_timeouts.load(Relaxed));
+            series.idle.absolute(s.idle_timeouts.load(Relaxed));
+            series.accept_errors.absolute(s.accept_errors.load(Relaxed));
+        }
     }
 
     /// The exposition handle of this node's registry.

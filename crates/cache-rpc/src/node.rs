@@ -37,7 +37,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::TcpIncoming;
 
 use crate::metrics::NodeMetrics;
 use crate::service::{CacheService, PeerService, Shared};
@@ -116,7 +115,22 @@ pub struct NodeConfig {
     pub anti_entropy: Option<SyncConfig>,
     /// The append-only file and snapshots (`None`: nothing is persisted).
     pub persistence: Option<cache_persist::PersistConfig>,
+    /// Limits of the client gRPC listener; the peer listener uses the same deadlines with
+    /// at most [`PEER_CONNECTIONS`] connections. Lowered at start to fit the open-file limit
+    /// (see [`Node::bind`]).
+    pub connections: crate::conn::ConnLimits,
 }
+
+/// Most connections the peer listener accepts (other members: one channel each).
+pub const PEER_CONNECTIONS: usize = 1024;
+/// Most connections the admin listener accepts: its own budget, so health checks and
+/// `/metrics` answer when clients are at their limit.
+pub const ADMIN_CONNECTIONS: usize = 32;
+/// How long an admin HTTP client may take to send its request headers (slowloris).
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// File descriptors kept out of the client and peer budgets: the admin listener, the data
+/// directory, outgoing peer channels, gossip, logs.
+const RESERVED_FDS: u64 = ADMIN_CONNECTIONS as u64 + 64;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -138,6 +152,11 @@ impl Default for NodeConfig {
             request_timeout: Duration::from_secs(5),
             anti_entropy: Some(SyncConfig::default()),
             persistence: None,
+            connections: crate::conn::ConnLimits {
+                max_connections: 10_000,
+                handshake_timeout: Some(Duration::from_secs(10)),
+                idle_timeout: Some(Duration::from_secs(300)),
+            },
         }
     }
 }
@@ -219,7 +238,26 @@ fn local_addr(
 
 impl Node {
     /// Builds the core and binds every listener. Fails fast, before serving anything.
-    pub async fn bind(config: NodeConfig) -> Result<Self, NodeError> {
+    ///
+    /// The client and peer connection caps are lowered, with a warning, when the open-file
+    /// limit (`ulimit -n`) cannot hold them plus a reserve for the admin port and the
+    /// node's own files: three quarters of what is left go to clients, a quarter to peers.
+    pub async fn bind(mut config: NodeConfig) -> Result<Self, NodeError> {
+        let mut peer_max = PEER_CONNECTIONS;
+        if let Some(limit) = crate::conn::open_files_limit() {
+            let available = limit.saturating_sub(RESERVED_FDS).max(8);
+            let clients = usize::try_from(available * 3 / 4).unwrap_or(usize::MAX);
+            peer_max = peer_max.min(usize::try_from(available / 4).unwrap_or(usize::MAX).max(2));
+            if config.connections.max_connections > clients {
+                tracing::warn!(
+                    configured = config.connections.max_connections,
+                    using = clients,
+                    open_files_limit = limit,
+                    "--max-connections lowered to fit the open-file limit (ulimit -n); raise the limit to serve more clients"
+                );
+                config.connections.max_connections = clients;
+            }
+        }
         let node_id = NodeId::new(config.node_id.clone())?;
         let store = Arc::new(Store::new(
             &config.node_id,
@@ -370,6 +408,12 @@ impl Node {
             stopping: CancellationToken::new(),
             membership: crate::service::MembershipHandle(Arc::clone(&membership)),
             persistence,
+            connections: [
+                Arc::new(crate::conn::ConnStats::default()),
+                Arc::new(crate::conn::ConnStats::default()),
+                Arc::new(crate::conn::ConnStats::default()),
+            ],
+            peer_max,
         });
         Ok(Self {
             shared,
@@ -536,7 +580,12 @@ impl Node {
                 // Our own listener (bound early to report errors), so the server's
                 // tcp_nodelay does not apply: set it per accepted socket here, or Nagle's
                 // algorithm adds tens of milliseconds to multi-segment requests.
-                TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                crate::conn::guarded(
+                    grpc,
+                    config.connections,
+                    Arc::clone(&shared.connections[0]),
+                    "client",
+                ),
                 public_stop.clone().cancelled_owned(),
             );
         let peer_server = tonic::transport::Server::builder()
@@ -545,13 +594,25 @@ impl Node {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(peer_service)
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(peer).with_nodelay(Some(true)),
+                crate::conn::guarded(
+                    peer,
+                    crate::conn::ConnLimits {
+                        max_connections: shared.peer_max,
+                        ..config.connections
+                    },
+                    Arc::clone(&shared.connections[1]),
+                    "peer",
+                ),
                 peer_stop.clone().cancelled_owned(),
             );
         let peer_server = tasks.spawn(peer_server);
         let admin_router = crate::admin::router(Arc::clone(&shared), prometheus);
-        let admin_server = axum::serve(admin, admin_router)
-            .with_graceful_shutdown(public_stop.clone().cancelled_owned());
+        let admin_server = crate::admin::serve(
+            admin,
+            admin_router,
+            Arc::clone(&shared.connections[2]),
+            public_stop.clone(),
+        );
 
         // Phase 2: the public servers end once the listeners closed and in-flight requests
         // finished — or the grace period ends first.
@@ -559,7 +620,10 @@ impl Node {
         let public = async {
             tokio::try_join!(
                 async { grpc_server.await.map_err(NodeError::from) },
-                async { admin_server.await.map_err(NodeError::Admin) }
+                async {
+                    admin_server.await;
+                    Ok::<(), NodeError>(())
+                }
             )
         };
         let mut result = tokio::select! {

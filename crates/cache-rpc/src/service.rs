@@ -44,6 +44,10 @@ pub struct Shared {
     pub membership: MembershipHandle,
     /// The append-only file and snapshots, with `--data-dir`.
     pub persistence: Option<Arc<cache_persist::Persistence>>,
+    /// Connection counters of the client, peer and admin listeners, in that order.
+    pub connections: [Arc<crate::conn::ConnStats>; 3],
+    /// The peer listener's connection cap.
+    pub peer_max: usize,
 }
 
 /// The node's membership behind a `Debug` name.

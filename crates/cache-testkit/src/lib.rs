@@ -90,6 +90,18 @@ impl NodeProcess {
     /// node's log) if it exits or prints no startup line within [`START_DEADLINE`]; the
     /// child is killed in that case.
     pub fn spawn(args: &[&str]) -> Result<Self, String> {
+        Self::spawn_limited(args, None)
+    }
+
+    /// Like [`NodeProcess::start`], under `ulimit -n open_files` (through `sh`, which
+    /// `exec`s the node, so the pid is the node's).
+    pub fn start_limited(open_files: u64, args: &[&str]) -> Self {
+        let mut full = vec!["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Self::spawn_limited(&full, Some(open_files)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn spawn_limited(args: &[&str], open_files: Option<u64>) -> Result<Self, String> {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let log = std::env::temp_dir().join(format!(
             "cache-node-{}-{}.log",
@@ -97,7 +109,16 @@ impl NodeProcess {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let log_file = std::fs::File::create(&log).map_err(|e| format!("create log file: {e}"))?;
-        let mut command = Command::new(node_binary());
+        let mut command = match open_files {
+            None => Command::new(node_binary()),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("ulimit -n {n} && exec \"$0\" \"$@\""))
+                    .arg(node_binary());
+                c
+            }
+        };
         command.args(args).env_remove("RUST_LOG");
         // `CACHE_NODE_LOG` sets the nodes' `RUST_LOG` (e.g. `cluster_core=debug,info`) when a
         // failing test needs more of their story; tests otherwise see the default level.

@@ -1,0 +1,113 @@
+//! Connection limits with a real node: idle and half-open connections cannot exhaust its
+//! descriptors, health checks keep answering, and slow admin clients are cut off.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use cache_client::Client;
+use cache_testkit::{NodeProcess, metric};
+
+/// Whether the server closed `s` within `within` (a read returns EOF or an error).
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let until = Instant::now() + within;
+    let mut buf = [0u8; 256];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left.min(Duration::from_millis(200))))
+            .expect("timeout");
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_exhaust_descriptors_under_ulimit_256() {
+    let node = NodeProcess::start_limited(256, &["--handshake-timeout", "1s"]);
+    assert!(
+        node.log()
+            .contains("--max-connections lowered to fit the open-file limit"),
+        "{}",
+        node.log()
+    );
+    // 400 connections that never speak: more than the node has descriptors for.
+    let mut idle: Vec<TcpStream> = (0..400)
+        .filter_map(|_| TcpStream::connect(node.grpc).ok())
+        .collect();
+    // The admin port has its own budget: health checks answer meanwhile.
+    let (code, _) = node.http_get("/healthz").expect("healthz while flooded");
+    assert_eq!(code, 200);
+    // Within the handshake deadline every idle connection is closed...
+    let started = Instant::now();
+    let mut still_open = 0;
+    for s in &mut idle {
+        if !closed_within(s, Duration::from_secs(4)) {
+            still_open += 1;
+        }
+    }
+    assert_eq!(
+        still_open,
+        0,
+        "{still_open} idle connections still open after {:?}",
+        started.elapsed()
+    );
+    // ...and new clients are served.
+    let c = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect(node.addr())
+        .await
+        .expect("connect after the flood");
+    c.set("k", "v").await.expect("served");
+    let (_, metrics) = node.http_get("/metrics").expect("metrics");
+    let refused = metric(
+        &metrics,
+        "cache_connections_refused_total{listener=\"client\"}",
+    )
+    .unwrap_or(0.0);
+    let timed_out = metric(
+        &metrics,
+        "cache_connections_closed_total{listener=\"client\",reason=\"handshake_timeout\"}",
+    )
+    .unwrap_or(0.0);
+    eprintln!(
+        "ulimit -n 256, 400 idle connections: {refused} refused at the cap, {timed_out} closed at the handshake deadline"
+    );
+    assert!(refused > 0.0 && timed_out > 0.0, "{metrics}");
+}
+
+#[test]
+fn slow_admin_clients_are_cut_off_and_health_checks_still_answer() {
+    let node = NodeProcess::start(&[]);
+    // 20 slowloris clients: a request line and half a header, then nothing.
+    let mut slow: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(node.admin).expect("connect");
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .expect("write");
+            s
+        })
+        .collect();
+    let (code, _) = node.http_get("/healthz").expect("healthz while slowed");
+    assert_eq!(code, 200);
+    let started = Instant::now();
+    for s in &mut slow {
+        assert!(
+            closed_within(s, Duration::from_secs(8)),
+            "a slow admin client still connected after {:?}",
+            started.elapsed()
+        );
+    }
+    eprintln!(
+        "20 slowloris admin clients closed after {:?}",
+        started.elapsed()
+    );
+}

@@ -111,3 +111,41 @@ fn slow_admin_clients_are_cut_off_and_health_checks_still_answer() {
         started.elapsed()
     );
 }
+
+/// A request with oversized metadata (over the advertised 64 KiB header list) fails alone
+/// (HTTP 431 on its stream): the connection and the other calls on it (here an open
+/// `WatchCluster` stream) survive. (A far larger block — 1 MiB, 64 CONTINUATION frames — is
+/// what h2 treats as a CONTINUATION flood and answers with GOAWAY; that defense is h2's.)
+#[tokio::test]
+async fn oversized_metadata_fails_one_call_not_the_connection() {
+    use cache_proto::v1::{ClusterInfoRequest, StatsRequest, cache_client::CacheClient};
+    let node = NodeProcess::start(&[]);
+    let mut c = CacheClient::connect(format!("http://{}", node.addr()))
+        .await
+        .expect("connect");
+    let mut watch = c
+        .watch_cluster(ClusterInfoRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    watch.message().await.expect("first view").expect("a view");
+    let mut big = tonic::Request::new(StatsRequest {});
+    big.metadata_mut().insert(
+        "x-big",
+        "a".repeat(100 << 10).parse().expect("ascii metadata"),
+    );
+    let err = c
+        .stats(big)
+        .await
+        .expect_err("1 MiB of metadata is refused");
+    eprintln!("1 MiB of metadata: {:?} {}", err.code(), err.message());
+    // The same connection still serves, and the stream on it is still open.
+    c.stats(StatsRequest {})
+        .await
+        .expect("the connection survived");
+    let still_open = tokio::time::timeout(Duration::from_millis(300), watch.message()).await;
+    assert!(
+        still_open.is_err(),
+        "the watch stream ended: {still_open:?}"
+    );
+}

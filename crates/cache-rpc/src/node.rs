@@ -121,6 +121,11 @@ pub struct NodeConfig {
     pub connections: crate::conn::ConnLimits,
 }
 
+/// Largest header list (metadata) a request may carry: 64 KiB. gRPC metadata is small;
+/// h2's default (16 MiB) let one request with 1 MiB of metadata tear down the whole
+/// connection, and every other call on it.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
+
 /// Most connections the peer listener accepts (other members: one channel each).
 pub const PEER_CONNECTIONS: usize = 1024;
 /// Most connections the admin listener accepts: its own budget, so health checks and
@@ -573,6 +578,10 @@ impl Node {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Advertised in SETTINGS: a client refuses to send more (one call fails, the
+            // connection lives), and the server answers a larger header block on its own
+            // stream instead of tearing the connection down.
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
@@ -592,6 +601,10 @@ impl Node {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // Advertised in SETTINGS: a client refuses to send more (one call fails, the
+            // connection lives), and the server answers a larger header block on its own
+            // stream instead of tearing the connection down.
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_service(peer_service)
             .serve_with_incoming_shutdown(
                 crate::conn::guarded(

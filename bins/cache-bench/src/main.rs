@@ -161,6 +161,9 @@ impl Conn {
         if let Some(c) = consistency {
             builder = builder.write_consistency(c).read_consistency(c);
         }
+        if let Ok(token) = std::env::var("CACHE_TOKEN") {
+            builder = builder.token(&token)?;
+        }
         if let Some(seeds) = target.strip_prefix("grpc+cluster://") {
             let client = builder
                 .connect_cluster(seeds.split(','))

@@ -163,6 +163,16 @@ pub(crate) struct Args {
     /// clients answer keepalive pings every 30 s); `0`: never [default: 5m].
     #[arg(long, env = "CACHE_IDLE_TIMEOUT")]
     idle_timeout: Option<String>,
+    /// Client tokens: one `NAME ROLE SHA256-HEX` per line (roles read, write, admin;
+    /// `cache-node hash-token NAME ROLE` prints a line). With it every client call needs
+    /// `authorization: Bearer TOKEN`; without it anyone who reaches the port may do anything.
+    #[arg(long, env = "CACHE_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
+    /// Start even though a listener is reachable beyond this machine without protection
+    /// (no --auth-file for clients; peer and gossip traffic is never authenticated yet).
+    /// Without it such a node refuses to start (protected mode).
+    #[arg(long, env = "CACHE_INSECURE_ALLOW_PLAINTEXT")]
+    insecure_allow_plaintext: bool,
     /// Directory for the append-only file and snapshots. Without it nothing is persisted
     /// (a restarted node comes back empty and is refilled by its replicas); with it, the
     /// node loads the directory at start and logs every applied write.
@@ -212,6 +222,14 @@ pub(crate) enum NodeCommand {
         #[arg(long)]
         max_value_size: Option<String>,
     },
+    /// Print the --auth-file line for a token read from stdin (its first line), so the
+    /// token never appears in a command line or shell history.
+    HashToken {
+        /// A name for the token (appears in logs; never the token).
+        name: String,
+        /// read, write or admin.
+        role: String,
+    },
 }
 
 /// The same settings, as they appear in the TOML file.
@@ -251,6 +269,8 @@ struct FileConfig {
     max_connections: Option<usize>,
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
+    auth_file: Option<PathBuf>,
+    insecure_allow_plaintext: Option<bool>,
     data_dir: Option<PathBuf>,
     appendfsync: Option<String>,
     snapshot_interval: Option<String>,
@@ -289,6 +309,45 @@ fn physical_memory() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// Protected mode (Redis's idea): a listener reachable beyond loopback must be protected,
+/// or the operator must say, with `--insecure-allow-plaintext`, that the network is.
+/// Clients are protected by `--auth-file`; the peer and gossip listeners not yet (mutual TLS
+/// is to come), so binding those beyond loopback always needs the flag.
+fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
+    if allow {
+        return Ok(());
+    }
+    let open = |a: &SocketAddr| !a.ip().is_loopback();
+    let mut exposed: Vec<String> = Vec::new();
+    if n.auth.is_none() {
+        for (flag, addr) in [("--listen", n.listen), ("--admin-listen", n.admin_listen)] {
+            if open(&addr) {
+                exposed.push(format!("{flag} {addr} (no --auth-file)"));
+            }
+        }
+    }
+    if open(&n.peer_listen) {
+        exposed.push(format!(
+            "--peer-listen {} (peer traffic is not authenticated yet)",
+            n.peer_listen
+        ));
+    }
+    if let cache_rpc::MembershipMode::Network { listen, .. } = &n.membership
+        && open(listen)
+    {
+        exposed.push(format!(
+            "--gossip-listen {listen} (gossip is not authenticated yet)"
+        ));
+    }
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "protected mode: {} reachable beyond this machine without protection, so anyone who reaches it could read and write every key; bind to 127.0.0.1, set --auth-file for clients, or, on a network you trust (a private network, a firewalled VPC), pass --insecure-allow-plaintext (see docs/security.md)",
+        exposed.join(", ")
+    );
 }
 
 /// Every duration, size and count within the range where it can work: a setting outside
@@ -541,6 +600,17 @@ impl Args {
                 )?,
             }
         };
+        let auth = match self.auth_file.or(file.auth_file) {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the auth file {}", path.display()))?;
+                Some(
+                    cache_rpc::auth::parse_tokens(&text)
+                        .map_err(|e| anyhow::anyhow!("auth file {}: {e}", path.display()))?,
+                )
+            }
+        };
         let persistence = match self.data_dir.or(file.data_dir) {
             None => None,
             Some(dir) => {
@@ -675,8 +745,13 @@ impl Args {
             anti_entropy,
             persistence,
             connections,
+            auth,
         };
         let warnings = check_bounds(&node)?;
+        protected_mode(
+            &node,
+            self.insecure_allow_plaintext || file.insecure_allow_plaintext.unwrap_or(false),
+        )?;
         Ok(Resolved {
             warnings,
             node,

@@ -78,6 +78,24 @@ fn main() -> ExitCode {
 /// Runs a maintenance command (no node is started).
 fn maintenance(command: NodeCommand) -> ExitCode {
     match command {
+        NodeCommand::HashToken { name, role } => {
+            if let Err(e) = role.parse::<cache_rpc::auth::Role>() {
+                eprintln!("cache-node: {e}");
+                return ExitCode::from(2);
+            }
+            let mut token = String::new();
+            if std::io::stdin().read_line(&mut token).is_err() {
+                eprintln!("cache-node: cannot read the token from stdin");
+                return ExitCode::from(2);
+            }
+            let token = token.trim_end_matches(['\r', '\n']);
+            if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                eprintln!("cache-node: a token must be non-empty visible ASCII (no spaces)");
+                return ExitCode::from(2);
+            }
+            println!("{name} {role} {}", cache_rpc::auth::hash_token(token));
+            ExitCode::SUCCESS
+        }
         NodeCommand::CheckData {
             dir,
             repair,

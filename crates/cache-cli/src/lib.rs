@@ -69,6 +69,10 @@ pub struct Cli {
     /// Deadline of the request, e.g. 500ms, 2s.
     #[arg(long, global = true, default_value = "2s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Token for nodes started with --auth-file (sent as `authorization: Bearer TOKEN`).
+    /// Prefer the environment variable: a flag shows up in `ps` and shell history.
+    #[arg(long, global = true, env = "CACHE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -348,6 +352,9 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
         .connect_timeout(cli.timeout);
     if let Some(c) = cli.consistency {
         builder = builder.write_consistency(c).read_consistency(c);
+    }
+    if let Some(t) = &cli.token {
+        builder = builder.token(t).map_err(|e| (EXIT_USAGE, e.to_string()))?;
     }
     let needs_view = matches!(cli.command, Command::Members | Command::Ring);
     let seeds = if cli.seeds.is_empty() {

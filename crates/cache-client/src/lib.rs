@@ -107,6 +107,13 @@ pub enum Error {
     /// differs from the nodes'.
     #[error("cluster view: {0}")]
     Cluster(String),
+    /// The node requires a token (`--auth-file`) and none, or an unknown one, was sent.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token's role does not allow this call (a `read` token writing, a `write` token
+    /// taking a snapshot).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Any other status from the node.
     #[error("server error ({code:?}): {message}")]
     Server {
@@ -137,6 +144,8 @@ impl Error {
             }
             Code::DeadlineExceeded => Error::TimedOut(timeout),
             Code::Aborted => Error::WrongNode(message),
+            Code::Unauthenticated => Error::Unauthenticated(message),
+            Code::PermissionDenied => Error::PermissionDenied(message),
             code => Error::Server { code, message },
         }
     }
@@ -202,6 +211,8 @@ pub struct ClientBuilder {
     backoff: Duration,
     write_consistency: Option<Consistency>,
     read_consistency: Option<Consistency>,
+    /// `authorization` metadata sent with every request (`Bearer TOKEN`).
+    auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Default for ClientBuilder {
@@ -213,11 +224,26 @@ impl Default for ClientBuilder {
             backoff: Duration::from_millis(20),
             write_consistency: None,
             read_consistency: None,
+            auth: None,
         }
     }
 }
 
 impl ClientBuilder {
+    /// Sends `token` with every request (`authorization: Bearer TOKEN`), for nodes started
+    /// with `--auth-file`. A token that cannot travel as HTTP/2 metadata (empty, or not
+    /// visible ASCII) is refused here.
+    pub fn token(mut self, token: &str) -> Result<Self, Error> {
+        let value = (!token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()))
+            .then(|| format!("Bearer {token}").parse().ok())
+            .flatten()
+            .ok_or_else(|| {
+                Error::Unauthenticated("a token must be non-empty visible ASCII".into())
+            })?;
+        self.auth = Some(value);
+        Ok(self)
+    }
+
     /// Deadline of each call, including its retries (default 2 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -360,7 +386,7 @@ impl Client {
     /// Runs one RPC with the deadline, retrying `Unavailable` if `idempotent`.
     async fn call<T, F, Fut>(&self, idempotent: bool, mut rpc: F) -> Result<T, Error>
     where
-        F: FnMut(CacheClient<Channel>, Duration) -> Fut,
+        F: FnMut(CacheClient<Channel>, Stamp) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + self.cfg.timeout;
@@ -370,7 +396,11 @@ impl Client {
             if left.is_zero() {
                 return Err(Error::TimedOut(self.cfg.timeout));
             }
-            let outcome = match tokio::time::timeout(left, rpc(self.inner.clone(), left)).await {
+            let stamp = Stamp {
+                timeout: left,
+                auth: self.cfg.auth.clone(),
+            };
+            let outcome = match tokio::time::timeout(left, rpc(self.inner.clone(), stamp)).await {
                 Err(_) => return Err(Error::TimedOut(self.cfg.timeout)),
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) => Error::from_status(status, &self.addr, self.cfg.timeout),
@@ -571,7 +601,11 @@ impl Client {
     pub async fn watch_cluster(&self) -> Result<tonic::Streaming<pb::ClusterInfoResponse>, Error> {
         let mut c = self.inner.clone();
         let t = self.cfg.connect_timeout;
-        match tokio::time::timeout(t, c.watch_cluster(pb::ClusterInfoRequest {})).await {
+        let mut req = Request::new(pb::ClusterInfoRequest {});
+        if let Some(auth) = self.cfg.auth.clone() {
+            req.metadata_mut().insert("authorization", auth);
+        }
+        match tokio::time::timeout(t, c.watch_cluster(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(Error::from_status(status, &self.addr, t)),
             Err(_) => Err(Error::TimedOut(t)),
@@ -579,9 +613,19 @@ impl Client {
     }
 }
 
-fn with_timeout<T>(msg: T, timeout: Duration) -> Request<T> {
+/// What every request carries besides its message: its deadline and the token.
+#[derive(Clone)]
+struct Stamp {
+    timeout: Duration,
+    auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+fn with_timeout<T>(msg: T, stamp: Stamp) -> Request<T> {
     let mut req = Request::new(msg);
-    req.set_timeout(timeout);
+    req.set_timeout(stamp.timeout);
+    if let Some(auth) = stamp.auth {
+        req.metadata_mut().insert("authorization", auth);
+    }
     req
 }
 

@@ -120,6 +120,9 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         shared.metrics.persist().publish(p);
     }
     shared.metrics.publish_connections(&shared.connections);
+    if let Some(auth) = &shared.auth {
+        shared.metrics.publish_auth(auth);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -133,7 +136,23 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
 /// `POST /snapshot`: takes a snapshot now and answers when it is durable, with what it
 /// wrote as JSON. 409 without `--data-dir`, 500 if it failed (the previous snapshot and the
 /// log still hold everything).
-async fn snapshot(State(state): State<Arc<AdminState>>) -> Response {
+async fn snapshot(
+    State(state): State<Arc<AdminState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Some(auth) = &state.shared.auth
+        && let Err(e) = auth.check(
+            headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+            crate::auth::Role::Admin,
+        )
+    {
+        let code = if matches!(e, crate::auth::AuthError::Forbidden { .. }) {
+            StatusCode::FORBIDDEN
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        return (code, format!("{e}\n")).into_response();
+    }
     match crate::service::take_snapshot(&state.shared).await {
         Ok(r) => (
             [(header::CONTENT_TYPE, "application/json")],

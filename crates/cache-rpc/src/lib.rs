@@ -11,6 +11,7 @@
 //!   `grpc.health.v1` and server reflection), the peer server and the admin HTTP server, and
 //!   shuts them down gracefully (replication drained or counted).
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/status`, `POST /snapshot`.
+//! - [`auth`]: client tokens with roles (`--auth-file`).
 //! - [`conn`]: connection limits of every listener (a cap, a handshake deadline, an idle
 //!   timeout).
 //! - [`metrics`]: every exported series, registered up front on the node's own recorder.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod auth;
 pub mod conn;
 pub mod metrics;
 pub mod node;

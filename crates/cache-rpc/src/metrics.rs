@@ -206,6 +206,8 @@ pub struct NodeMetrics {
     recorder: PrometheusRecorder,
     /// Connection series of the client, peer and admin listeners.
     connections: [ConnSeries; 3],
+    /// `cache_auth_failures_total{reason}`: missing, unknown, forbidden.
+    auth_failures: [Counter; 3],
     /// Persistence series, once registered (`--data-dir`).
     persist: std::sync::OnceLock<Arc<PersistSeries>>,
     /// `cache_requests_total{op,result}`, indexed `[op][result]`.
@@ -399,6 +401,13 @@ impl NodeMetrics {
             expired: c("cache_expired_total"),
             stale: c("cache_stale_writes_total"),
             persist: std::sync::OnceLock::new(),
+            auth_failures: ["missing", "unknown", "forbidden"].map(|reason| {
+                counter(
+                    recorder_ref,
+                    "cache_auth_failures_total",
+                    vec![Label::new("reason", reason)],
+                )
+            }),
             connections: [
                 ConnSeries::register(recorder_ref, "client"),
                 ConnSeries::register(recorder_ref, "peer"),
@@ -415,6 +424,13 @@ impl NodeMetrics {
             self.persist
                 .get_or_init(|| Arc::new(PersistSeries::register(&self.recorder))),
         )
+    }
+
+    /// Copies the authentication refusals (on each scrape).
+    pub fn publish_auth(&self, auth: &crate::auth::Auth) {
+        for (c, f) in self.auth_failures.iter().zip(&auth.failures) {
+            c.absolute(f.load(std::sync::atomic::Ordering::Relaxed));
+        }
     }
 
     /// Copies the listeners' connection counters (client, peer, admin; on each scrape).

@@ -119,6 +119,8 @@ pub struct NodeConfig {
     /// at most [`PEER_CONNECTIONS`] connections. Lowered at start to fit the open-file limit
     /// (see [`Node::bind`]).
     pub connections: crate::conn::ConnLimits,
+    /// Client tokens (`--auth-file`, parsed); `None`: every client may do everything.
+    pub auth: Option<Vec<crate::auth::TokenEntry>>,
 }
 
 /// Largest header list (metadata) a request may carry: 64 KiB. gRPC metadata is small;
@@ -162,6 +164,7 @@ impl Default for NodeConfig {
                 handshake_timeout: Some(Duration::from_secs(10)),
                 idle_timeout: Some(Duration::from_secs(300)),
             },
+            auth: None,
         }
     }
 }
@@ -413,6 +416,10 @@ impl Node {
             stopping: CancellationToken::new(),
             membership: crate::service::MembershipHandle(Arc::clone(&membership)),
             persistence,
+            auth: config
+                .auth
+                .clone()
+                .map(|t| Arc::new(crate::auth::Auth::new(t))),
             connections: [
                 Arc::new(crate::conn::ConnStats::default()),
                 Arc::new(crate::conn::ConnStats::default()),

@@ -18,6 +18,7 @@ use cluster_core::{Coordinator, CoreError, PeerCall, Request, RequestContext, Re
 use cluster_ring::NodeId;
 use tonic::{Status, metadata::MetadataMap};
 
+use crate::auth::Role;
 use crate::metrics::{NodeMetrics, Op};
 use crate::transport::GrpcTransport;
 use crate::wire;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub membership: MembershipHandle,
     /// The append-only file and snapshots, with `--data-dir`.
     pub persistence: Option<Arc<cache_persist::Persistence>>,
+    /// Client tokens (`--auth-file`); `None`: no authentication.
+    pub auth: Option<Arc<crate::auth::Auth>>,
     /// Connection counters of the client, peer and admin listeners, in that order.
     pub connections: [Arc<crate::conn::ConnStats>; 3],
     /// The peer listener's connection cap.
@@ -101,6 +104,25 @@ impl CacheService {
 
     fn core(&self) -> &NodeCore {
         &self.shared.core
+    }
+
+    /// With `--auth-file`: the request's token must have role `need` (UNAUTHENTICATED
+    /// without a known token, PERMISSION_DENIED below the role). Without it: everyone may.
+    fn authorize<T>(&self, request: &tonic::Request<T>, need: Role) -> Result<(), Status> {
+        let Some(auth) = &self.shared.auth else {
+            return Ok(());
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(tonic::metadata::MetadataValue::as_bytes);
+        match auth.check(header, need) {
+            Ok(_) => Ok(()),
+            Err(e @ crate::auth::AuthError::Forbidden { .. }) => {
+                Err(Status::permission_denied(e.to_string()))
+            }
+            Err(e) => Err(Status::unauthenticated(e.to_string())),
+        }
     }
 
     fn epoch(&self) -> u64 {
@@ -165,6 +187,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::GetRequest>,
     ) -> Result<tonic::Response<pb::GetResponse>, Status> {
+        self.authorize(&request, Role::Read)?;
         self.observe(Op::Get, async {
             let Response::Get(found) = self.run(request, wire::get).await? else {
                 return Err(mismatch());
@@ -180,6 +203,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::SetRequest>,
     ) -> Result<tonic::Response<pb::SetResponse>, Status> {
+        self.authorize(&request, Role::Write)?;
         self.observe(Op::Set, async {
             let Response::Set { stored } = self.run(request, wire::set).await? else {
                 return Err(mismatch());
@@ -195,6 +219,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::DeleteRequest>,
     ) -> Result<tonic::Response<pb::DeleteResponse>, Status> {
+        self.authorize(&request, Role::Write)?;
         self.observe(Op::Delete, async {
             let Response::Delete { deleted } = self.run(request, wire::delete).await? else {
                 return Err(mismatch());
@@ -216,6 +241,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::TouchRequest>,
     ) -> Result<tonic::Response<pb::TouchResponse>, Status> {
+        self.authorize(&request, Role::Write)?;
         self.observe(Op::Touch, async {
             let Response::Touch { found } = self.run(request, wire::touch).await? else {
                 return Err(mismatch());
@@ -231,6 +257,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::MultiGetRequest>,
     ) -> Result<tonic::Response<pb::MultiGetResponse>, Status> {
+        self.authorize(&request, Role::Read)?;
         self.observe(Op::MultiGet, async {
             let Response::MultiGet(found) = self.run(request, |r| Ok(wire::multi_get(r))).await?
             else {
@@ -257,6 +284,7 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::MultiSetRequest>,
     ) -> Result<tonic::Response<pb::MultiSetResponse>, Status> {
+        self.authorize(&request, Role::Write)?;
         self.observe(Op::MultiSet, async {
             let Response::MultiSet(stored) = self.run(request, wire::multi_set).await? else {
                 return Err(mismatch());
@@ -282,8 +310,9 @@ impl cache_server::Cache for CacheService {
 
     async fn stats(
         &self,
-        _request: tonic::Request<pb::StatsRequest>,
+        request: tonic::Request<pb::StatsRequest>,
     ) -> Result<tonic::Response<pb::StatsResponse>, Status> {
+        self.authorize(&request, Role::Read)?;
         self.observe(Op::Stats, async {
             let store = self.core().store();
             let s = store.stats();
@@ -315,8 +344,9 @@ impl cache_server::Cache for CacheService {
 
     async fn snapshot(
         &self,
-        _request: tonic::Request<pb::SnapshotRequest>,
+        request: tonic::Request<pb::SnapshotRequest>,
     ) -> Result<tonic::Response<pb::SnapshotResponse>, Status> {
+        self.authorize(&request, Role::Admin)?;
         match take_snapshot(&self.shared).await {
             Ok(r) => Ok(tonic::Response::new(pb::SnapshotResponse {
                 path: r.path.display().to_string(),
@@ -331,8 +361,9 @@ impl cache_server::Cache for CacheService {
 
     async fn cluster_info(
         &self,
-        _request: tonic::Request<pb::ClusterInfoRequest>,
+        request: tonic::Request<pb::ClusterInfoRequest>,
     ) -> Result<tonic::Response<pb::ClusterInfoResponse>, Status> {
+        self.authorize(&request, Role::Read)?;
         self.observe(Op::ClusterInfo, async {
             Ok((self.cluster_info_of(&self.core().ring().load()), "ok"))
         })
@@ -345,8 +376,9 @@ impl cache_server::Cache for CacheService {
 
     async fn watch_cluster(
         &self,
-        _request: tonic::Request<pb::ClusterInfoRequest>,
+        request: tonic::Request<pb::ClusterInfoRequest>,
     ) -> Result<tonic::Response<Self::WatchClusterStream>, Status> {
+        self.authorize(&request, Role::Read)?;
         let changes = self.core().ring().subscribe();
         let first = self.cluster_info_of(&self.core().ring().load());
         let stopping = self.shared.stopping.clone();

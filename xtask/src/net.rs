@@ -52,6 +52,13 @@ pub(crate) fn free_port() -> Result<u16> {
 }
 
 fn start_node(bin: &str) -> Result<(Guard, String)> {
+    spawn_node(bin, &[]).map(|(guard, grpc, _, _)| (guard, grpc))
+}
+
+/// Starts cache-node pinned to CPU 0 on ephemeral ports with `args` added; returns it, its
+/// gRPC and admin addresses, and the time from spawn to its startup line.
+pub(crate) fn spawn_node(bin: &str, args: &[&str]) -> Result<(Guard, String, String, Duration)> {
+    let began = Instant::now();
     let mut child = pinned("0", bin)
         .args([
             "--listen",
@@ -63,19 +70,22 @@ fn start_node(bin: &str) -> Result<(Guard, String)> {
             "--log-level",
             "warn",
         ])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .context("start cache-node")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let took = began.elapsed();
     let guard = Guard(child);
-    let grpc = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .with_context(|| format!("no grpc= in startup line {line:?}"))?
-        .to_string();
-    Ok((guard, grpc))
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_string)
+            .with_context(|| format!("no {name} in startup line {line:?}"))
+    };
+    Ok((guard, field("grpc=")?, field("admin=")?, took))
 }
 
 fn start_redis() -> Result<Option<(Guard, String)>> {

@@ -10,7 +10,6 @@
 //! 3. Snapshot duration with N keys, and the foreground p99 of a mixed load while
 //!    snapshots run back to back, against the same load without them.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +17,18 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::net::{Guard, bench, build_release, f, free_port, has, pinned};
+
+/// redis-server persisting to a plain AOF (no RDB preamble), fsync left to the kernel.
+const REDIS_AOF_ONLY: &[&str] = &[
+    "--save",
+    "",
+    "--appendonly",
+    "yes",
+    "--appendfsync",
+    "no",
+    "--aof-use-rdb-preamble",
+    "no",
+];
 
 fn fresh_dir(name: &str) -> Result<PathBuf> {
     let dir =
@@ -30,34 +41,7 @@ fn fresh_dir(name: &str) -> Result<PathBuf> {
 /// Starts cache-node with `args`; returns it, its gRPC and admin addresses, and how long it
 /// took from spawn to its startup line (recovery happens before it).
 fn node(bin: &str, args: &[&str]) -> Result<(Guard, String, String, Duration)> {
-    let began = Instant::now();
-    let mut child = pinned("0", bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--max-memory",
-            "4GiB",
-            "--log-level",
-            "warn",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("start cache-node")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let took = began.elapsed();
-    let guard = Guard(child);
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .map(str::to_string)
-            .with_context(|| format!("no {name} in startup line {line:?}"))
-    };
-    Ok((guard, field("grpc=")?, field("admin=")?, took))
+    crate::net::spawn_node(bin, args)
 }
 
 fn stop_gracefully(mut g: Guard) -> Result<()> {
@@ -247,34 +231,10 @@ pub(crate) fn bench_persist(keys: u64) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     let rdir = fresh_dir("raof")?;
-    let (r, addr, _) = redis(
-        &rdir,
-        &[
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "no",
-            "--aof-use-rdb-preamble",
-            "no",
-        ],
-    )?;
+    let (r, addr, _) = redis(&rdir, REDIS_AOF_ONLY)?;
     prefill(&format!("redis://{addr}"), keys)?;
     drop(r);
-    let (r, addr, redis_aof) = redis(
-        &rdir,
-        &[
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "no",
-            "--aof-use-rdb-preamble",
-            "no",
-        ],
-    )?;
+    let (r, addr, redis_aof) = redis(&rdir, REDIS_AOF_ONLY)?;
     let loaded = redis_cli(&addr, &["dbsize"])?;
     redis_cli(&addr, &["save"])?;
     drop(r);

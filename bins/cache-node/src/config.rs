@@ -163,13 +163,19 @@ pub(crate) struct Args {
     /// clients answer keepalive pings every 30 s); `0`: never [default: 5m].
     #[arg(long, env = "CACHE_IDLE_TIMEOUT")]
     idle_timeout: Option<String>,
+    /// Cluster secrets authenticating gossip: one per line (at least 16 bytes), the first
+    /// signs, all are accepted (rotate by adding the new one second everywhere, then first,
+    /// then removing the old). Every member needs the same file.
+    #[arg(long, env = "CACHE_GOSSIP_KEYS_FILE")]
+    gossip_keys_file: Option<PathBuf>,
     /// Client tokens: one `NAME ROLE SHA256-HEX` per line (roles read, write, admin;
     /// `cache-node hash-token NAME ROLE` prints a line). With it every client call needs
     /// `authorization: Bearer TOKEN`; without it anyone who reaches the port may do anything.
     #[arg(long, env = "CACHE_AUTH_FILE")]
     auth_file: Option<PathBuf>,
     /// Start even though a listener is reachable beyond this machine without protection
-    /// (no --auth-file for clients; peer and gossip traffic is never authenticated yet).
+    /// (no --auth-file for clients, no --gossip-keys-file for gossip; peer traffic is never
+    /// authenticated yet).
     /// Without it such a node refuses to start (protected mode).
     #[arg(long, env = "CACHE_INSECURE_ALLOW_PLAINTEXT")]
     insecure_allow_plaintext: bool,
@@ -270,6 +276,7 @@ struct FileConfig {
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
     auth_file: Option<PathBuf>,
+    gossip_keys_file: Option<PathBuf>,
     insecure_allow_plaintext: Option<bool>,
     data_dir: Option<PathBuf>,
     appendfsync: Option<String>,
@@ -311,10 +318,24 @@ fn physical_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Reads a gossip keyring: one secret per line (at least 16 bytes; blank lines and `#`
+/// comments skipped), the signing one first.
+fn read_keyring(path: &std::path::Path) -> Result<cluster_membership::Keyring> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the gossip keys file {}", path.display()))?;
+    let secrets: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    cluster_membership::Keyring::new(&secrets)
+        .map_err(|e| anyhow::anyhow!("gossip keys file {}: {e}", path.display()))
+}
+
 /// Protected mode (Redis's idea): a listener reachable beyond loopback must be protected,
 /// or the operator must say, with `--insecure-allow-plaintext`, that the network is.
-/// Clients are protected by `--auth-file`; the peer and gossip listeners not yet (mutual TLS
-/// is to come), so binding those beyond loopback always needs the flag.
+/// Clients are protected by `--auth-file`, gossip by `--gossip-keys-file`; the peer listener
+/// not yet (mutual TLS is to come), so binding it beyond loopback always needs the flag.
 fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
     if allow {
         return Ok(());
@@ -334,12 +355,13 @@ fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
             n.peer_listen
         ));
     }
-    if let cache_rpc::MembershipMode::Network { listen, .. } = &n.membership
+    if let cache_rpc::MembershipMode::Network {
+        listen, keyring, ..
+    } = &n.membership
         && open(listen)
+        && keyring.is_none()
     {
-        exposed.push(format!(
-            "--gossip-listen {listen} (gossip is not authenticated yet)"
-        ));
+        exposed.push(format!("--gossip-listen {listen} (no --gossip-keys-file)"));
     }
     if exposed.is_empty() {
         return Ok(());
@@ -710,6 +732,14 @@ impl Args {
                     join,
                     cluster_name,
                     advertise: self.advertise.or(file.advertise),
+                    keyring: match self
+                        .gossip_keys_file
+                        .clone()
+                        .or(file.gossip_keys_file.clone())
+                    {
+                        None => None,
+                        Some(path) => Some(read_keyring(&path)?),
+                    },
                 }
             }
             Some(other) => bail!("membership: {other:?} is not static, gossip or coordinator"),

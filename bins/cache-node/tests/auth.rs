@@ -163,3 +163,43 @@ fn protected_mode_refuses_an_exposed_node_without_protection() {
     .expect("starts when told the network is trusted");
     drop(node);
 }
+
+/// Members sharing `--gossip-keys-file` form a cluster; a node with another secret, or
+/// none, is refused (counted) and never becomes a member.
+#[test]
+fn gossip_with_a_keyring_keeps_strangers_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("gossip.keys");
+    let other = dir.path().join("other.keys");
+    std::fs::write(&keys, "# cluster secret\ncorrect-horse-battery-staple-42\n").expect("keys");
+    std::fs::write(&other, "a-different-cluster-secret-99\n").expect("keys");
+    let k = keys.to_str().expect("utf-8");
+    let mut cluster = cache_testkit::Cluster::start_gossip(3, &["--gossip-keys-file", k]);
+    let alive = |node: &NodeProcess| {
+        let (_, m) = node.http_get("/metrics").expect("metrics");
+        metric(&m, "cache_members{state=\"alive\"}").unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cluster.nodes.iter().any(|n| alive(n) != 3.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the keyed members never converged"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = other.to_str().expect("utf-8");
+    cluster.add_gossip_node(&["--gossip-keys-file", o]);
+    cluster.add_gossip_node(&[]);
+    std::thread::sleep(Duration::from_secs(3));
+    for n in &cluster.nodes[..3] {
+        assert_eq!(alive(n), 3.0, "a stranger joined");
+    }
+    for n in &cluster.nodes[3..] {
+        assert_eq!(alive(n), 1.0, "a stranger sees no member");
+    }
+    let (_, m) = cluster.nodes[0].http_get("/metrics").expect("metrics");
+    assert!(
+        metric(&m, "cache_gossip_messages_refused_total").unwrap_or(0.0) > 0.0,
+        "refusals are counted"
+    );
+}

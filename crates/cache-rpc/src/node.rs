@@ -61,6 +61,9 @@ pub enum MembershipMode {
         /// The IP others should use to reach this node (all three addresses), when the
         /// listeners bind a wildcard address.
         advertise: Option<std::net::IpAddr>,
+        /// Cluster secrets authenticating gossip (`--gossip-keys-file`); `None`: gossip is
+        /// unauthenticated.
+        keyring: Option<cluster_membership::Keyring>,
     },
 }
 
@@ -325,6 +328,7 @@ impl Node {
                 join,
                 cluster_name,
                 advertise,
+                keyring,
             } => {
                 if !config.peers.is_empty() {
                     return Err(NodeError::Advertise(
@@ -356,6 +360,7 @@ impl Node {
                     },
                     bind: *listen,
                     join: join.clone(),
+                    keyring: keyring.clone(),
                     protocol: match protocol {
                         NetworkProtocol::Gossip => ProtocolConfig::Swim(SwimConfig {
                             cluster_name: cluster_name.clone(),

@@ -56,11 +56,96 @@ pub struct GossipConfig {
     pub join: Vec<String>,
     /// The protocol and its settings.
     pub protocol: ProtocolConfig,
+    /// Cluster secrets authenticating every gossip message (`None`: unauthenticated).
+    pub keyring: Option<Keyring>,
+}
+
+/// Bytes of the authentication tag appended to every message when a [`Keyring`] is set.
+pub const TAG_BYTES: usize = 32;
+
+/// Cluster secrets, like memberlist's keyring: every gossip message (datagram or push-pull)
+/// carries an HMAC-SHA256 tag made with the **first** key; a message is accepted if its tag
+/// matches **any** key. Rotation: add the new key second on every member, then move it first
+/// on every member, then remove the old one — at each step every member accepts what every
+/// other sends. Messages without a valid tag are dropped before the protocol sees them and
+/// counted in `messages_refused`. Tags authenticate, they do not encrypt: membership
+/// (addresses, states) stays readable on the wire, and an old message can be replayed (SWIM's
+/// incarnation numbers make a replayed state stale).
+#[derive(Clone)]
+pub struct Keyring {
+    keys: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keyring({} keys)", self.keys.len())
+    }
+}
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+impl Keyring {
+    /// A keyring from secrets, the signing one first. Each secret must be at least 16 bytes
+    /// (it is hashed to the HMAC key).
+    pub fn new<S: AsRef<[u8]>>(secrets: &[S]) -> Result<Self, String> {
+        use sha2::Digest;
+        if secrets.is_empty() {
+            return Err("a keyring needs at least one secret".into());
+        }
+        let mut keys = Vec::new();
+        for (i, s) in secrets.iter().enumerate() {
+            let s = s.as_ref();
+            if s.len() < 16 {
+                return Err(format!(
+                    "secret {} is {} bytes; use at least 16 random bytes",
+                    i + 1,
+                    s.len()
+                ));
+            }
+            keys.push(sha2::Sha256::digest(s).into());
+        }
+        Ok(Self { keys })
+    }
+
+    fn mac(key: &[u8; 32]) -> HmacSha256 {
+        use hmac::Mac;
+        <HmacSha256 as Mac>::new_from_slice(key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+    }
+
+    /// `bytes` followed by its tag.
+    pub fn seal(&self, bytes: &[u8]) -> Vec<u8> {
+        use hmac::Mac;
+        let mut mac = Self::mac(&self.keys[0]);
+        mac.update(bytes);
+        let mut out = Vec::with_capacity(bytes.len() + TAG_BYTES);
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(&mac.finalize().into_bytes());
+        out
+    }
+
+    /// The message without its tag, if the tag matches one of the keys (compared in
+    /// constant time).
+    pub fn open<'a>(&self, sealed: &'a [u8]) -> Option<&'a [u8]> {
+        use hmac::Mac;
+        let split = sealed.len().checked_sub(TAG_BYTES)?;
+        let (body, tag) = sealed.split_at(split);
+        let mut ok = false;
+        for key in &self.keys {
+            let mut mac = Self::mac(key);
+            mac.update(body);
+            ok |= mac.verify_slice(tag).is_ok();
+        }
+        ok.then_some(body)
+    }
 }
 
 /// Shared state of the tasks.
 struct Shared {
     swim: Mutex<Box<dyn Protocol>>,
+    keyring: Option<Keyring>,
+    /// Messages dropped for a missing or wrong tag.
+    unauthenticated: std::sync::atomic::AtomicU64,
     udp: UdpSocket,
     start: Instant,
     views: watch::Sender<MembershipView>,
@@ -87,7 +172,10 @@ impl Shared {
         }
     }
 
-    fn send(self: &Arc<Self>, o: Outgoing) {
+    fn send(self: &Arc<Self>, mut o: Outgoing) {
+        if let Some(k) = &self.keyring {
+            o.bytes = k.seal(&o.bytes);
+        }
         if o.reliable {
             let cancel = self.cancel.clone();
             tokio::spawn(async move {
@@ -106,6 +194,18 @@ impl Shared {
     }
 
     fn handle(self: &Arc<Self>, bytes: &[u8]) {
+        let bytes = match &self.keyring {
+            None => bytes,
+            Some(k) => match k.open(bytes) {
+                Some(body) => body,
+                None => {
+                    self.unauthenticated
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!("gossip message without a valid tag refused");
+                    return;
+                }
+            },
+        };
         let now = self.now();
         let result = self.swim.lock().handle_message(bytes, now);
         if let Err(e) = result {
@@ -173,7 +273,7 @@ async fn read_stream(mut s: TcpStream) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE_BYTES {
+    if len > MAX_MESSAGE_BYTES + TAG_BYTES {
         return Err(std::io::ErrorKind::InvalidData.into());
     }
     let mut buf = vec![0u8; len];
@@ -226,7 +326,15 @@ impl GossipMembership {
         let gossip_addr = identity.addrs.gossip;
         let swim: Box<dyn Protocol> = match &config.protocol {
             ProtocolConfig::Swim(swim) => Box::new(Swim::new(
-                swim.clone(),
+                SwimConfig {
+                    // Room for the tag in every datagram.
+                    max_datagram: if config.keyring.is_some() {
+                        swim.max_datagram.saturating_sub(TAG_BYTES)
+                    } else {
+                        swim.max_datagram
+                    },
+                    ..swim.clone()
+                },
                 identity.clone(),
                 crate::swim_seed(&identity.id),
                 0,
@@ -259,6 +367,8 @@ impl GossipMembership {
         let (views, _) = watch::channel(swim.view());
         let shared = Arc::new(Shared {
             swim: Mutex::new(swim),
+            keyring: config.keyring.clone(),
+            unauthenticated: std::sync::atomic::AtomicU64::new(0),
             udp,
             start: Instant::now(),
             views,
@@ -361,9 +471,15 @@ impl GossipMembership {
         self.gossip_addr
     }
 
-    /// Protocol counters (for metrics).
+    /// Protocol counters (for metrics); messages refused for a missing or wrong tag count
+    /// in `messages_refused`.
     pub fn stats(&self) -> SwimStats {
-        self.shared.swim.lock().stats()
+        let mut s = self.shared.swim.lock().stats();
+        s.messages_refused += self
+            .shared
+            .unauthenticated
+            .load(std::sync::atomic::Ordering::Relaxed);
+        s
     }
 }
 

@@ -31,7 +31,7 @@ pub mod registry;
 pub mod rng;
 pub mod swim;
 
-pub use gossip::{GossipConfig, GossipMembership, ProtocolConfig};
+pub use gossip::{GossipConfig, GossipMembership, Keyring, ProtocolConfig};
 pub use registry::{Registry, RegistryConfig};
 pub use rng::SplitMix64;
 

@@ -26,6 +26,7 @@ fn config(i: usize, join: Vec<String>) -> GossipConfig {
         },
         bind: any,
         join,
+        keyring: None,
         protocol: ProtocolConfig::Swim(SwimConfig {
             cluster_name: "test".into(),
             probe_interval: Duration::from_millis(300),
@@ -191,4 +192,66 @@ async fn coordinator_membership_registers_detects_and_survives_its_coordinator()
         sees(&members[0], "g0", MemberState::Alive),
         "the last view is kept"
     );
+}
+
+fn keyed(i: usize, join: Vec<String>, secrets: &[&str]) -> GossipConfig {
+    GossipConfig {
+        keyring: Some(cluster_membership::Keyring::new(secrets).expect("valid secrets")),
+        ..config(i, join)
+    }
+}
+
+/// Members with a shared secret gossip; a member with another secret (or none) is refused,
+/// counted, and never joins; a rotation (new key added second, then first) keeps everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyring_keeps_strangers_out_and_rotates() {
+    let old = "old-cluster-secret-0123456789";
+    let new = "new-cluster-secret-9876543210";
+    // Rotation step 1 done everywhere (the new key added second: accepted, not used), step 2
+    // begun on `c` (the new key first: `c` signs with it).
+    let a = GossipMembership::start(keyed(0, vec![], &[old, new]))
+        .await
+        .expect("a");
+    let seed = vec![a.gossip_addr().to_string()];
+    let b = GossipMembership::start(keyed(1, seed.clone(), &[old, new]))
+        .await
+        .expect("b");
+    let c = GossipMembership::start(keyed(2, seed.clone(), &[new, old]))
+        .await
+        .expect("c");
+    for m in [&a, &b, &c] {
+        wait_for("three keyed members", Duration::from_secs(10), || {
+            m.view().borrow().members.len() == 3
+        })
+        .await;
+    }
+    let stranger = GossipMembership::start(keyed(3, seed.clone(), &["some-other-secret-abcdefgh"]))
+        .await
+        .expect("stranger");
+    let plain = GossipMembership::start(config(4, seed))
+        .await
+        .expect("plain");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        stranger.view().borrow().members.len(),
+        1,
+        "a stranger never joins"
+    );
+    assert_eq!(
+        plain.view().borrow().members.len(),
+        1,
+        "an unkeyed member never joins"
+    );
+    let alive = a
+        .view()
+        .borrow()
+        .members
+        .iter()
+        .filter(|m| m.state == MemberState::Alive)
+        .count();
+    assert_eq!(
+        alive, 3,
+        "the keyed members stay alive through the rotation"
+    );
+    assert!(a.stats().messages_refused > 0, "refusals are counted");
 }

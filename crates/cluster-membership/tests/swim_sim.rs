@@ -488,3 +488,21 @@ fn members_that_agree_report_the_same_epoch() {
     assert!(after.windows(2).all(|w| w[0] == w[1]), "{after:?}");
     assert_ne!(after[0], epochs[0], "a ring change changes the epoch");
 }
+
+mod hostile_input {
+    use cluster_membership::swim::wire::{decode, encode};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        /// The gossip decoder on arbitrary datagrams (bounded for CI; the unbounded run is the
+        /// `gossip_decode` fuzz target): never panics, and what decodes re-encodes.
+        #[test]
+        fn arbitrary_datagrams_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..1500)) {
+            if let Ok(msg) = decode("c", &bytes) {
+                prop_assert!(decode("c", &encode("c", &msg)).is_ok());
+            }
+        }
+    }
+}

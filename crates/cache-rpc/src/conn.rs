@@ -77,11 +77,6 @@ pub struct GuardedIo {
 }
 
 impl GuardedIo {
-    /// The peer's address.
-    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.inner.peer_addr()
-    }
-
     fn check_deadlines(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         if let Some(h) = &mut self.handshake
             && h.as_mut().poll(cx).is_ready()

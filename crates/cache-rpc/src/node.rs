@@ -227,6 +227,8 @@ pub struct Node {
     membership: Arc<dyn Membership>,
     /// The gossip address, in gossip mode.
     gossip_addr: Option<SocketAddr>,
+    /// The peer listener's connection cap (fitted to the open-file limit).
+    peer_max: usize,
 }
 
 impl std::fmt::Debug for Node {
@@ -295,7 +297,12 @@ impl Node {
                     cache_persist::Persistence::open(pc, store, on_fsync)
                 })
                 .await
-                .map_err(|e| NodeError::Advertise(format!("recovery panicked: {e}")))??;
+                .map_err(|e| {
+                    NodeError::Persist(cache_persist::PersistError::Io {
+                        what: "the recovery task".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })??;
                 let r = p.recovery();
                 tracing::info!(
                     dir = %p.config().dir.display(),
@@ -430,7 +437,6 @@ impl Node {
                 Arc::new(crate::conn::ConnStats::default()),
                 Arc::new(crate::conn::ConnStats::default()),
             ],
-            peer_max,
         });
         Ok(Self {
             shared,
@@ -441,6 +447,7 @@ impl Node {
             prometheus,
             membership,
             gossip_addr,
+            peer_max,
         })
     }
 
@@ -483,6 +490,7 @@ impl Node {
             prometheus,
             membership,
             gossip_addr,
+            peer_max,
         } = self;
         let core = Arc::clone(&shared.core);
         let reaper = Reaper::spawn(
@@ -622,7 +630,7 @@ impl Node {
                 crate::conn::guarded(
                     peer,
                     crate::conn::ConnLimits {
-                        max_connections: shared.peer_max,
+                        max_connections: peer_max,
                         ..config.connections
                     },
                     Arc::clone(&shared.connections[1]),

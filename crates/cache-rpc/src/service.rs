@@ -49,8 +49,6 @@ pub struct Shared {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// Connection counters of the client, peer and admin listeners, in that order.
     pub connections: [Arc<crate::conn::ConnStats>; 3],
-    /// The peer listener's connection cap.
-    pub peer_max: usize,
 }
 
 /// The node's membership behind a `Debug` name.

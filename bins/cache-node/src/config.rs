@@ -53,6 +53,10 @@ pub(crate) struct Args {
     /// Admin HTTP listen address [default: 127.0.0.1:7080].
     #[arg(long, env = "CACHE_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// Redis-protocol (RESP2) listen address, for redis-cli, redis-benchmark and Redis
+    /// client libraries, e.g. 127.0.0.1:6380 [default: off].
+    #[arg(long, env = "CACHE_RESP_LISTEN")]
+    resp_listen: Option<SocketAddr>,
     /// Memory limit, e.g. 512MiB, 1GiB [default: 1GiB].
     #[arg(long, env = "CACHE_MAX_MEMORY")]
     max_memory: Option<String>,
@@ -246,6 +250,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     peer_listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
+    resp_listen: Option<SocketAddr>,
     max_memory: Option<String>,
     max_items: Option<u64>,
     shards: Option<usize>,
@@ -343,7 +348,11 @@ fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
     let open = |a: &SocketAddr| !a.ip().is_loopback();
     let mut exposed: Vec<String> = Vec::new();
     if n.auth.is_none() {
-        for (flag, addr) in [("--listen", n.listen), ("--admin-listen", n.admin_listen)] {
+        let resp = n.resp_listen.map(|a| ("--resp-listen", a));
+        for (flag, addr) in [("--listen", n.listen), ("--admin-listen", n.admin_listen)]
+            .into_iter()
+            .chain(resp)
+        {
             if open(&addr) {
                 exposed.push(format!("{flag} {addr} (no --auth-file)"));
             }
@@ -755,6 +764,7 @@ impl Args {
                 .admin_listen
                 .or(file.admin_listen)
                 .unwrap_or(d.admin_listen),
+            resp_listen: self.resp_listen.or(file.resp_listen),
             cache,
             limits,
             reaper_interval: match self.reaper_interval.or(file.reaper_interval) {

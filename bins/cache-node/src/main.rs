@@ -257,8 +257,12 @@ async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Resul
         .gossip_addr()
         .map(|a| format!(" gossip={a}"))
         .unwrap_or_default();
+    let resp = node
+        .resp_addr()
+        .map(|a| format!(" resp={a}"))
+        .unwrap_or_default();
     println!(
-        "cache-node {} node_id={} grpc={} peer={} admin={}{gossip} max_memory={}",
+        "cache-node {} node_id={} grpc={} peer={} admin={}{gossip}{resp} max_memory={}",
         env!("CARGO_PKG_VERSION"),
         node_id,
         node.grpc_addr(),

@@ -522,6 +522,36 @@ impl ClusterClient {
         .await
     }
 
+    /// Adds `delta` to the integer at `key` and returns the result (see [`Client::incr`]).
+    /// Sent to the key's first healthy replica (which hands it to the primary) and never
+    /// re-sent elsewhere: an increment is not idempotent, so a failed call's outcome is
+    /// unknown.
+    pub async fn incr(
+        &self,
+        key: impl Into<Bytes>,
+        delta: i64,
+        ttl_if_created: Option<Duration>,
+    ) -> Result<i64, Error> {
+        let key = key.into();
+        let view = self.view();
+        let Some((id, client)) = self
+            .replicas_by_health(&key)
+            .into_iter()
+            .find_map(|id| view.nodes.get(&id).cloned().map(|c| (id, c)))
+        else {
+            return Err(Error::Cluster("no member replicates this key".into()));
+        };
+        let outcome = self
+            .within_deadline(client.incr(key, delta, ttl_if_created))
+            .await;
+        match &outcome {
+            Ok(_) => self.record(&id, true),
+            Err(e) if retryable(e) => self.record_failure(&id, e, self.builder.timeout),
+            Err(_) => {}
+        }
+        outcome
+    }
+
     /// Sets the TTL of a live key; returns whether it existed.
     pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
         let key = key.into();

@@ -512,6 +512,39 @@ impl Client {
         Ok(resp.found)
     }
 
+    /// Adds `delta` to the 64-bit integer stored at `key` (a missing key counts as 0) and
+    /// returns the result, atomically on the key's primary. The key keeps its TTL; a key this
+    /// call creates gets `ttl_if_created`. A stored value that is not a decimal integer, or
+    /// an overflow, is [`Error::InvalidRequest`] and changes nothing.
+    ///
+    /// Never retried: an increment is not idempotent, so a call that timed out or lost its
+    /// connection may or may not have been applied.
+    pub async fn incr(
+        &self,
+        key: impl Into<Bytes>,
+        delta: i64,
+        ttl_if_created: Option<Duration>,
+    ) -> Result<i64, Error> {
+        let key = key.into();
+        let ttl_ms_if_created = ttl_if_created.map_or(0, |t| duration_ms(t).max(1));
+        let consistency = consistency_pb(self.cfg.write_consistency);
+        let resp = self
+            .call(false, |mut c, t| {
+                let key = key.clone();
+                async move {
+                    let req = pb::IncrRequest {
+                        key,
+                        delta,
+                        ttl_ms_if_created,
+                        consistency,
+                    };
+                    c.incr(with_timeout(req, t)).await
+                }
+            })
+            .await?;
+        Ok(resp.value)
+    }
+
     /// The values of `keys`, in order (`None` for each miss), in one round trip.
     pub async fn get_many<K: Into<Bytes>>(
         &self,

@@ -138,6 +138,40 @@ pub enum TouchOutcome {
     Stale,
 }
 
+/// The change a [`Cache::update_stamped`] decision makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Store `value`, expiring at `expires_at` (absolute unix ms; `None` = never; in the
+    /// past = delete).
+    Put {
+        /// The new value.
+        value: Bytes,
+        /// Absolute expiry in unix milliseconds.
+        expires_at: Option<u64>,
+    },
+    /// Delete the key (a tombstone at the update's version).
+    Delete,
+}
+
+/// What [`Cache::update_stamped`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum UpdateOutcome {
+    /// The value was stored (an expiry in the past deletes instead, as for any write).
+    Put {
+        /// The value stored.
+        value: Bytes,
+        /// Its absolute expiry.
+        expires_at: Option<u64>,
+    },
+    /// The key was deleted (a tombstone at the update's version).
+    Deleted,
+    /// The decision was to change nothing.
+    Unchanged,
+    /// A newer version is stored: nothing was decided or changed.
+    Stale,
+}
+
 /// One live entry, as returned by [`Cache::scan`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -442,6 +476,58 @@ impl<C: Clock> Cache<C> {
         let version = stamp();
         let outcome = shard.delete(hash, key, Some(version), &self.clock, self.tombstone_ttl_ms);
         (outcome, version)
+    }
+
+    /// An atomic read-modify-write of one key, for counters and get-and-set style commands:
+    /// under the key's shard lock, `decide` sees the live value (if any) and returns the
+    /// change to make, if any, plus a result for the caller; the change is applied with the
+    /// version issued by `stamp` (see [`Cache::write_stamped`]). No other write of the key
+    /// can come between the read and the write.
+    ///
+    /// Returns the outcome, the version issued, and `decide`'s result. If a version newer
+    /// than the stamp is stored (only possible when the stamping clock is behind it),
+    /// `decide` is not called and the outcome is [`UpdateOutcome::Stale`]. On `Err` (the new
+    /// value does not fit) the cache is unchanged.
+    pub fn update_stamped<R>(
+        &self,
+        key: &[u8],
+        decide: impl FnOnce(Option<&Lookup>) -> (Option<Change>, R),
+        stamp: impl FnOnce() -> u64,
+    ) -> Result<(UpdateOutcome, u64, Option<R>), InsertError> {
+        let (hash, i) = self.locate(key);
+        let mut shard = self.shard(i).lock();
+        let current = shard.get_versioned(hash, key, &self.clock, true);
+        let version = stamp();
+        if current.as_ref().is_some_and(|c| c.version() > version) {
+            return Ok((UpdateOutcome::Stale, version, None));
+        }
+        let live = match &current {
+            Some(VersionedRead::Live(l)) => Some(l),
+            _ => None,
+        };
+        let (change, result) = decide(live);
+        let outcome = match change {
+            None => UpdateOutcome::Unchanged,
+            Some(Change::Put { value, expires_at }) => {
+                let opts = WriteOptions {
+                    version: Some(version),
+                    expires_at,
+                    condition: Condition::Always,
+                };
+                match shard.write(hash, key, &value, opts, &self.clock, self.tombstone_ttl_ms)? {
+                    WriteOutcome::Stored => UpdateOutcome::Put { value, expires_at },
+                    // Checked above, under the same lock.
+                    WriteOutcome::Stale | WriteOutcome::ConditionNotMet => UpdateOutcome::Stale,
+                }
+            }
+            Some(Change::Delete) => {
+                match shard.delete(hash, key, Some(version), &self.clock, self.tombstone_ttl_ms) {
+                    DeleteOutcome::Stale => UpdateOutcome::Stale,
+                    DeleteOutcome::Deleted | DeleteOutcome::NotFound => UpdateOutcome::Deleted,
+                }
+            }
+        };
+        Ok((outcome, version, Some(result)))
     }
 
     /// [`Cache::touch_versioned`] with the version issued by `stamp` under the shard lock

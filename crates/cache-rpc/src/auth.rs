@@ -183,24 +183,47 @@ impl Auth {
     /// Checks an `authorization` metadata value for a call that needs `need`; returns the
     /// token's name. Refusals are counted and logged (rate-limited).
     pub fn check(&self, header: Option<&[u8]>, need: Role) -> Result<&str, AuthError> {
-        let result = self.verify(header, need);
-        if let Err(e) = &result {
-            let i = match e {
-                AuthError::Missing => 0,
-                AuthError::Unknown => 1,
-                AuthError::Forbidden { .. } => 2,
+        let (name, role) = self.identify(header)?;
+        if role < need {
+            let e = AuthError::Forbidden {
+                name: name.to_string(),
+                role,
+                need,
             };
-            self.failures[i].fetch_add(1, Ordering::Relaxed);
-            let mut last = self.last_log.lock();
-            if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                *last = Some(Instant::now());
-                tracing::warn!(reason = %e, "request refused: authentication (logged at most every 10 s; see cache_auth_failures_total)");
-            }
+            self.refused(&e);
+            return Err(e);
+        }
+        Ok(name)
+    }
+
+    /// The name and role of the token in an `authorization: Bearer TOKEN` value (RESP's
+    /// `AUTH` builds one), without a role check; a missing or unknown token is counted and
+    /// logged like any refusal. Front ends that check roles per command with the role
+    /// found here report a refusal with [`Auth::refused`].
+    pub fn identify(&self, header: Option<&[u8]>) -> Result<(&str, Role), AuthError> {
+        let result = self.lookup(header);
+        if let Err(e) = &result {
+            self.refused(e);
         }
         result
     }
 
-    fn verify(&self, header: Option<&[u8]>, need: Role) -> Result<&str, AuthError> {
+    /// Counts a refusal by its reason and logs it (at most once per 10 s).
+    pub fn refused(&self, e: &AuthError) {
+        let i = match e {
+            AuthError::Missing => 0,
+            AuthError::Unknown => 1,
+            AuthError::Forbidden { .. } => 2,
+        };
+        self.failures[i].fetch_add(1, Ordering::Relaxed);
+        let mut last = self.last_log.lock();
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            *last = Some(Instant::now());
+            tracing::warn!(reason = %e, "request refused: authentication (logged at most every 10 s; see cache_auth_failures_total)");
+        }
+    }
+
+    fn lookup(&self, header: Option<&[u8]>) -> Result<(&str, Role), AuthError> {
         let token = header
             .and_then(|h| h.strip_prefix(b"Bearer "))
             .ok_or(AuthError::Missing)?;
@@ -213,14 +236,7 @@ impl Auth {
             }
         }
         let entry = found.ok_or(AuthError::Unknown)?;
-        if entry.role < need {
-            return Err(AuthError::Forbidden {
-                name: entry.name.clone(),
-                role: entry.role,
-                need,
-            });
-        }
-        Ok(&entry.name)
+        Ok((&entry.name, entry.role))
     }
 }
 

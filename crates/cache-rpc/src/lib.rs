@@ -10,6 +10,7 @@
 //! - [`node`]: [`Node`] wires the core, its reaper, the public gRPC server (with
 //!   `grpc.health.v1` and server reflection), the peer server and the admin HTTP server, and
 //!   shuts them down gracefully (replication drained or counted).
+//! - [`resp`]: the Redis-protocol (RESP2) front end, a second translator onto the core.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/status`, `POST /snapshot`.
 //! - [`auth`]: client tokens with roles (`--auth-file`).
 //! - [`conn`]: connection limits of every listener (a cap, a handshake deadline, an idle
@@ -25,6 +26,7 @@ pub mod auth;
 pub mod conn;
 pub mod metrics;
 pub mod node;
+pub mod resp;
 pub mod service;
 pub mod transport;
 pub mod wire;

@@ -20,7 +20,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 
 /// The RPCs, as they appear in the `op` label.
-pub const OPS: [&str; 8] = [
+pub const OPS: [&str; 10] = [
     "get",
     "set",
     "delete",
@@ -29,6 +29,8 @@ pub const OPS: [&str; 8] = [
     "multi_set",
     "stats",
     "cluster_info",
+    "incr",
+    "update",
 ];
 
 /// The outcomes that appear in the `result` label.
@@ -204,8 +206,8 @@ impl ConnSeries {
 pub struct NodeMetrics {
     /// Kept to register per-peer series when a peer is first used.
     recorder: PrometheusRecorder,
-    /// Connection series of the client, peer and admin listeners.
-    connections: [ConnSeries; 3],
+    /// Connection series of the client, peer, admin and RESP listeners.
+    connections: [ConnSeries; 4],
     /// `cache_auth_failures_total{reason}`: missing, unknown, forbidden.
     auth_failures: [Counter; 3],
     /// Persistence series, once registered (`--data-dir`).
@@ -290,6 +292,10 @@ pub enum Op {
     Stats = 6,
     /// `ClusterInfo`
     ClusterInfo = 7,
+    /// `Incr` (and RESP `INCR`, `INCRBY`, `DECR`, `DECRBY`)
+    Incr = 8,
+    /// RESP's other read-modify-writes: `SET .. GET`/`KEEPTTL`, `GETDEL`, `GETEX`, `PERSIST`
+    Update = 9,
 }
 
 impl NodeMetrics {
@@ -412,6 +418,7 @@ impl NodeMetrics {
                 ConnSeries::register(recorder_ref, "client"),
                 ConnSeries::register(recorder_ref, "peer"),
                 ConnSeries::register(recorder_ref, "admin"),
+                ConnSeries::register(recorder_ref, "resp"),
             ],
             recorder,
         }
@@ -433,8 +440,9 @@ impl NodeMetrics {
         }
     }
 
-    /// Copies the listeners' connection counters (client, peer, admin; on each scrape).
-    pub fn publish_connections(&self, stats: &[Arc<crate::conn::ConnStats>; 3]) {
+    /// Copies the listeners' connection counters (client, peer, admin, RESP; on each
+    /// scrape).
+    pub fn publish_connections(&self, stats: &[Arc<crate::conn::ConnStats>; 4]) {
         use std::sync::atomic::Ordering::Relaxed;
         for (series, s) in self.connections.iter().zip(stats) {
             series.open.set(s.open.load(Relaxed) as f64);

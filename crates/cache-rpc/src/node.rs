@@ -91,6 +91,8 @@ pub struct NodeConfig {
     pub peer_listen: SocketAddr,
     /// Admin HTTP listen address (port 0 picks a free port).
     pub admin_listen: SocketAddr,
+    /// Redis-protocol (RESP2) listen address; `None` (the default): no RESP listener.
+    pub resp_listen: Option<SocketAddr>,
     /// The engine's configuration.
     pub cache: CacheConfig,
     /// Request limits.
@@ -149,6 +151,7 @@ impl Default for NodeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
             peer_listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            resp_listen: None,
             cache: CacheConfig::default(),
             limits: Limits::default(),
             reaper_interval: Duration::from_millis(100),
@@ -222,6 +225,7 @@ pub struct Node {
     grpc: TcpListener,
     peer: TcpListener,
     admin: TcpListener,
+    resp: Option<TcpListener>,
     prometheus: PrometheusHandle,
     /// Keeps the membership (and so its background work) alive; left on shutdown.
     membership: Arc<dyn Membership>,
@@ -282,6 +286,10 @@ impl Node {
         let grpc = bind(config.listen, "gRPC").await?;
         let peer = bind(config.peer_listen, "peer").await?;
         let admin = bind(config.admin_listen, "admin HTTP").await?;
+        let resp = match config.resp_listen {
+            Some(addr) => Some(bind(addr, "RESP").await?),
+            None => None,
+        };
         let grpc_addr = local_addr(&grpc, config.listen, "gRPC")?;
         let peer_addr = local_addr(&peer, config.peer_listen, "peer")?;
         let metrics = Arc::new(NodeMetrics::register(crate::metrics::recorder()));
@@ -432,11 +440,7 @@ impl Node {
                 .auth
                 .clone()
                 .map(|t| Arc::new(crate::auth::Auth::new(t))),
-            connections: [
-                Arc::new(crate::conn::ConnStats::default()),
-                Arc::new(crate::conn::ConnStats::default()),
-                Arc::new(crate::conn::ConnStats::default()),
-            ],
+            connections: Default::default(),
         });
         Ok(Self {
             shared,
@@ -444,11 +448,17 @@ impl Node {
             grpc,
             peer,
             admin,
+            resp,
             prometheus,
             membership,
             gossip_addr,
             peer_max,
         })
+    }
+
+    /// The bound RESP address, with `--resp-listen`.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The gossip address others use for this node, in gossip mode.
@@ -487,6 +497,7 @@ impl Node {
             grpc,
             peer,
             admin,
+            resp,
             prometheus,
             membership,
             gossip_addr,
@@ -647,6 +658,18 @@ impl Node {
             public_stop.clone(),
         );
 
+        let resp_server = async {
+            if let Some(listener) = resp {
+                crate::resp::serve(
+                    listener,
+                    Arc::clone(&shared),
+                    config.connections,
+                    public_stop.clone(),
+                )
+                .await;
+            }
+        };
+
         // Phase 2: the public servers end once the listeners closed and in-flight requests
         // finished — or the grace period ends first.
         let grace = config.shutdown_grace;
@@ -655,6 +678,10 @@ impl Node {
                 async { grpc_server.await.map_err(NodeError::from) },
                 async {
                     admin_server.await;
+                    Ok::<(), NodeError>(())
+                },
+                async {
+                    resp_server.await;
                     Ok::<(), NodeError>(())
                 }
             )

@@ -47,8 +47,8 @@ pub struct Shared {
     pub persistence: Option<Arc<cache_persist::Persistence>>,
     /// Client tokens (`--auth-file`); `None`: no authentication.
     pub auth: Option<Arc<crate::auth::Auth>>,
-    /// Connection counters of the client, peer and admin listeners, in that order.
-    pub connections: [Arc<crate::conn::ConnStats>; 3],
+    /// Connection counters of the client, peer, admin and RESP listeners, in that order.
+    pub connections: [Arc<crate::conn::ConnStats>; 4],
 }
 
 /// The node's membership behind a `Debug` name.
@@ -247,6 +247,22 @@ impl cache_server::Cache for CacheService {
             let label = if found { "ok" } else { "miss" };
             let ring_epoch = self.epoch();
             Ok((pb::TouchResponse { found, ring_epoch }, label))
+        })
+        .await
+    }
+
+    async fn incr(
+        &self,
+        request: tonic::Request<pb::IncrRequest>,
+    ) -> Result<tonic::Response<pb::IncrResponse>, Status> {
+        self.authorize(&request, Role::Write)?;
+        self.observe(Op::Incr, async {
+            let Response::Update { current, .. } = self.run(request, wire::incr).await? else {
+                return Err(mismatch());
+            };
+            let value = wire::counter_value(current)?;
+            let ring_epoch = self.epoch();
+            Ok((pb::IncrResponse { value, ring_epoch }, "ok"))
         })
         .await
     }

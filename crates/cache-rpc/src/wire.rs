@@ -9,8 +9,8 @@ use cache_proto::convert::{self, condition_to_pb, consistency_to_pb};
 use cache_proto::peer::v1 as peer;
 use cache_proto::v1 as pb;
 use cluster_core::{
-    Condition, Consistency, CoreError, Mutation, MutationOp, PeerError, Request, Response,
-    SetCommand, SyncEntry, SyncReply,
+    Condition, Consistency, CoreError, Expiry, Mutation, MutationOp, PeerError, Request, Response,
+    SetCommand, SyncEntry, SyncReply, UpdateOp,
 };
 use tonic::{Code, Status};
 
@@ -142,6 +142,117 @@ fn lookup(r: pb::GetResponse) -> Option<Lookup> {
     })
 }
 
+/// `Incr` from the wire.
+pub fn incr(req: pb::IncrRequest) -> Result<Request, CoreError> {
+    Ok(Request::Update {
+        key: req.key,
+        op: UpdateOp::Incr {
+            delta: req.delta,
+            ttl_ms_if_created: ttl(req.ttl_ms_if_created),
+        },
+        consistency: consistency(req.consistency)?,
+    })
+}
+
+/// The integer an increment left (its value after an `Incr` update).
+pub fn counter_value(current: Option<Lookup>) -> Result<i64, CoreError> {
+    current
+        .and_then(|l| cluster_core::store::parse_integer(&l.value))
+        .ok_or_else(|| CoreError::Internal("an increment left no integer".into()))
+}
+
+fn expiry_to_pb(expiry: Expiry) -> peer::Expiry {
+    use peer::expiry::Kind;
+    peer::Expiry {
+        kind: Some(match expiry {
+            Expiry::Keep => Kind::Keep(peer::Delete {}),
+            Expiry::Never => Kind::Never(peer::Delete {}),
+            Expiry::InMs(ms) => Kind::InMs(ms),
+            Expiry::AtMs(at) => Kind::AtMs(at),
+        }),
+    }
+}
+
+fn expiry(e: Option<peer::Expiry>) -> Result<Expiry, CoreError> {
+    use peer::expiry::Kind;
+    match e.and_then(|e| e.kind) {
+        Some(Kind::Keep(_)) => Ok(Expiry::Keep),
+        Some(Kind::Never(_)) => Ok(Expiry::Never),
+        Some(Kind::InMs(ms)) => Ok(Expiry::InMs(ms)),
+        Some(Kind::AtMs(at)) => Ok(Expiry::AtMs(at)),
+        None => Err(CoreError::Invalid("an update names no expiry".into())),
+    }
+}
+
+fn update_to_pb(key: bytes::Bytes, op: UpdateOp, c: Option<Consistency>) -> peer::UpdateRequest {
+    use peer::update_request::Op;
+    peer::UpdateRequest {
+        key,
+        consistency: consistency_to_pb(c),
+        op: Some(match op {
+            UpdateOp::Incr {
+                delta,
+                ttl_ms_if_created,
+            } => Op::Incr(peer::Incr {
+                delta,
+                ttl_ms_if_created,
+            }),
+            UpdateOp::Set {
+                value,
+                expiry,
+                condition,
+            } => Op::Set(peer::UpdateSet {
+                value,
+                expiry: Some(expiry_to_pb(expiry)),
+                condition: condition_to_pb(condition),
+            }),
+            UpdateOp::Delete => Op::Delete(peer::Delete {}),
+            UpdateOp::Expire { expiry } => Op::Expire(expiry_to_pb(expiry)),
+        }),
+    }
+}
+
+fn update(req: peer::UpdateRequest) -> Result<Request, CoreError> {
+    use peer::update_request::Op;
+    let op = match req.op {
+        Some(Op::Incr(i)) => UpdateOp::Incr {
+            delta: i.delta,
+            ttl_ms_if_created: i.ttl_ms_if_created,
+        },
+        Some(Op::Set(s)) => UpdateOp::Set {
+            value: s.value,
+            expiry: expiry(s.expiry)?,
+            condition: condition(s.condition)?,
+        },
+        Some(Op::Delete(_)) => UpdateOp::Delete,
+        Some(Op::Expire(e)) => UpdateOp::Expire {
+            expiry: expiry(Some(e))?,
+        },
+        None => return Err(CoreError::Invalid("an update names no operation".into())),
+    };
+    Ok(Request::Update {
+        key: req.key,
+        op,
+        consistency: consistency(req.consistency)?,
+    })
+}
+
+fn live_to_pb(l: Lookup) -> peer::LiveEntry {
+    peer::LiveEntry {
+        value: l.value,
+        version: l.version,
+        expires_at_ms: l.expires_at,
+    }
+}
+
+fn live(l: peer::LiveEntry) -> Lookup {
+    Lookup {
+        value: l.value,
+        version: l.version,
+        expires_at: l.expires_at_ms,
+    }
+}
+
 /// A domain request as a forwarded peer request.
 pub fn forward_request(request: Request) -> peer::forward_request::Request {
     use peer::forward_request::Request as F;
@@ -164,6 +275,11 @@ pub fn forward_request(request: Request) -> peer::forward_request::Request {
             ttl_ms: ttl_ms.unwrap_or(0),
             consistency: consistency_to_pb(consistency),
         }),
+        Request::Update {
+            key,
+            op,
+            consistency,
+        } => F::Update(update_to_pb(key, op, consistency)),
         Request::MultiGet { keys } => F::MultiGet(pb::MultiGetRequest { keys }),
         Request::MultiSet {
             entries,
@@ -190,6 +306,7 @@ pub fn from_forward_request(
         Some(F::Touch(r)) => touch(r),
         Some(F::MultiGet(r)) => Ok(multi_get(r)),
         Some(F::MultiSet(r)) => multi_set(r),
+        Some(F::Update(r)) => update(r),
         None => Err(CoreError::Invalid(
             "forwarded request names no operation".into(),
         )),
@@ -214,6 +331,10 @@ pub fn forward_response(response: Response) -> peer::forward_response::Response 
         Response::Touch { found } => F::Touch(pb::TouchResponse {
             found,
             ring_epoch: 0,
+        }),
+        Response::Update { previous, current } => F::Update(peer::UpdateResponse {
+            previous: previous.map(live_to_pb),
+            current: current.map(live_to_pb),
         }),
         Response::MultiGet(found) => F::MultiGet(pb::MultiGetResponse {
             results: found.into_iter().map(|f| get_response(f, 0, 0)).collect(),
@@ -247,6 +368,10 @@ pub fn from_forward_response(
         Some(F::MultiSet(r)) => {
             Response::MultiSet(r.results.into_iter().map(|s| s.stored).collect())
         }
+        Some(F::Update(r)) => Response::Update {
+            previous: r.previous.map(live),
+            current: r.current.map(live),
+        },
         None => return Err("forward response names no operation".into()),
     })
 }

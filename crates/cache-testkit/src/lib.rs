@@ -70,6 +70,8 @@ pub struct NodeProcess {
     pub gossip: Option<SocketAddr>,
     /// The admin HTTP address it bound.
     pub admin: SocketAddr,
+    /// The RESP address it bound (with `--resp-listen`).
+    pub resp: Option<SocketAddr>,
     /// Where its stderr (logs) goes.
     log: PathBuf,
     /// The flags it was started with, for [`NodeProcess::restart`].
@@ -167,6 +169,7 @@ impl NodeProcess {
             peer,
             gossip: field("gossip="),
             admin,
+            resp: field("resp="),
             child,
             log,
             args: args.iter().map(|a| (*a).to_string()).collect(),

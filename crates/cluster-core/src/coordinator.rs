@@ -58,7 +58,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::{CoreError, PeerError};
 use crate::mutation::{Mutation, MutationOp};
 use crate::replication::{QueueStats, ReplicationConfig, Replicator};
-use crate::request::{Request, Response, SetCommand};
+use crate::request::{Request, Response, SetCommand, UpdateOp};
 use crate::ring::{RingState, RingView};
 use crate::store::{Applied, ApplyReport, Store};
 use crate::transport::{PeerCall, PeerReply, PeerTransport};
@@ -237,7 +237,7 @@ impl Request {
             Request::MultiSet { entries, .. } => entries
                 .iter()
                 .all(|e| e.condition == cache_types::Condition::Always),
-            Request::Touch { .. } => false,
+            Request::Touch { .. } | Request::Update { .. } => false,
         }
     }
 }
@@ -522,6 +522,13 @@ impl<T: PeerTransport> Coordinator<T> {
                 limits.check_key(&cmd.key)?;
                 limits.check_value(&cmd.value)
             }
+            Request::Update { key, op, .. } => {
+                limits.check_key(key)?;
+                match op {
+                    UpdateOp::Set { value, .. } => limits.check_value(value),
+                    _ => Ok(()),
+                }
+            }
             Request::MultiGet { keys } => {
                 limits.check_batch(keys.len())?;
                 keys.iter().try_for_each(|k| limits.check_key(k))
@@ -568,7 +575,8 @@ impl<T: PeerTransport> Coordinator<T> {
                 let key = match &single {
                     Request::Get { key, .. }
                     | Request::Delete { key, .. }
-                    | Request::Touch { key, .. } => key.clone(),
+                    | Request::Touch { key, .. }
+                    | Request::Update { key, .. } => key.clone(),
                     Request::Set { cmd, .. } => cmd.key.clone(),
                     Request::MultiGet { .. } | Request::MultiSet { .. } => {
                         unreachable!("batches are matched above")
@@ -848,6 +856,22 @@ impl<T: PeerTransport> Coordinator<T> {
                     Applied::NotApplied => false,
                 };
                 Ok(Response::Touch { found })
+            }
+            Request::Update {
+                key,
+                op,
+                consistency,
+            } => {
+                self.settle_before_deciding(p, &key, ctx).await?;
+                let updated = self.store.update(&key, &op)?;
+                if let Some(m) = updated.mutation {
+                    self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
+                        .await?;
+                }
+                Ok(Response::Update {
+                    previous: updated.previous,
+                    current: updated.current,
+                })
             }
             Request::MultiGet { .. } | Request::MultiSet { .. } => Err(CoreError::Internal(
                 "a batch reached the single-key path".into(),
@@ -1440,7 +1464,8 @@ fn check_response(
         (Request::Get { .. }, Response::Get(_))
         | (Request::Set { .. }, Response::Set { .. })
         | (Request::Delete { .. }, Response::Delete { .. })
-        | (Request::Touch { .. }, Response::Touch { .. }) => true,
+        | (Request::Touch { .. }, Response::Touch { .. })
+        | (Request::Update { .. }, Response::Update { .. }) => true,
         (Request::MultiGet { keys }, Response::MultiGet(r)) => keys.len() == r.len(),
         (Request::MultiSet { entries, .. }, Response::MultiSet(r)) => entries.len() == r.len(),
         _ => false,

@@ -18,6 +18,65 @@ pub struct SetCommand {
     pub condition: Condition,
 }
 
+/// How an [`UpdateOp`] sets the key's expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Keep the current expiry (`KEEPTTL`; a new key never expires).
+    Keep,
+    /// Never expire (`PERSIST`, a plain `SET`).
+    Never,
+    /// Expire this many milliseconds after the update applies (`EX`, `PX`).
+    InMs(u64),
+    /// Expire at this unix time in milliseconds (`EXAT`, `PXAT`); in the past deletes.
+    AtMs(u64),
+}
+
+impl Expiry {
+    /// The absolute expiry this gives a value whose current expiry is `current`, at `now_ms`.
+    pub fn resolve(self, current: Option<u64>, now_ms: u64) -> Option<u64> {
+        match self {
+            Expiry::Keep => current,
+            Expiry::Never => None,
+            Expiry::InMs(ms) => Some(now_ms.saturating_add(ms)),
+            Expiry::AtMs(at) => Some(at),
+        }
+    }
+}
+
+/// An atomic read-modify-write of one key, decided on the key's primary under the engine's
+/// lock and replicated as an ordinary versioned write (so replicas converge exactly as
+/// they do for `Set` and `Delete`). What counters (`INCR`) and Redis's get-and-change
+/// commands (`SET .. GET`, `KEEPTTL`, `GETDEL`, `GETEX`, `PERSIST`) are built on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateOp {
+    /// Adds `delta` to the signed 64-bit decimal integer stored at the key (a missing key
+    /// counts as 0) and stores the result as its decimal text. The key keeps its expiry; a
+    /// key the increment creates expires after `ttl_ms_if_created` (none if `None`).
+    /// A value that is not such an integer, or an overflow, is an error and changes nothing.
+    Incr {
+        /// The amount to add (negative to decrement).
+        delta: i64,
+        /// Time to live of a key this increment creates.
+        ttl_ms_if_created: Option<u64>,
+    },
+    /// Stores `value` if `condition` holds, with an expiry from `expiry`.
+    Set {
+        /// The value.
+        value: Bytes,
+        /// Its expiry (`Keep` is `SET .. KEEPTTL`).
+        expiry: Expiry,
+        /// When the write applies.
+        condition: Condition,
+    },
+    /// Deletes a live value (`GETDEL`).
+    Delete,
+    /// Changes the expiry of a live value (`GETEX`, `PERSIST`); no change if it is the same.
+    Expire {
+        /// The new expiry.
+        expiry: Expiry,
+    },
+}
+
 /// A request to the cluster. `consistency: None` means the node's default (writes) or
 /// `One` (reads).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +109,15 @@ pub enum Request {
         /// New time to live in milliseconds; `None` = never expires.
         ttl_ms: Option<u64>,
         /// How many replicas must apply it.
+        consistency: Option<Consistency>,
+    },
+    /// An atomic read-modify-write of one key (see [`UpdateOp`]).
+    Update {
+        /// The key.
+        key: Bytes,
+        /// What to do with it.
+        op: UpdateOp,
+        /// How many replicas must apply the change.
         consistency: Option<Consistency>,
     },
     /// Read many keys (each at `One`).
@@ -85,6 +153,13 @@ pub enum Response {
     Touch {
         /// Found.
         found: bool,
+    },
+    /// The live value before and after an [`Request::Update`] (equal when nothing changed).
+    Update {
+        /// Before.
+        previous: Option<Lookup>,
+        /// After.
+        current: Option<Lookup>,
     },
     /// One answer per key, in request order.
     MultiGet(Vec<Option<Lookup>>),

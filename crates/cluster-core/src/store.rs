@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cache_core::{
-    Cache, CacheConfig, CacheStats, Clock, Condition, DeleteOutcome, InsertError, Lookup,
-    TouchOutcome, VersionedRead, WriteOptions, WriteOutcome,
+    Cache, CacheConfig, CacheStats, Change, Clock, Condition, DeleteOutcome, InsertError, Lookup,
+    TouchOutcome, UpdateOutcome, VersionedRead, WriteOptions, WriteOutcome,
 };
 use parking_lot::RwLock;
 
@@ -22,6 +22,7 @@ use crate::clock::{ClockError, Hlc, NodeClock};
 use crate::error::CoreError;
 use crate::limits::Limits;
 use crate::mutation::{Mutation, MutationOp, MutationSink};
+use crate::request::UpdateOp;
 
 /// How many times a local write whose fresh version lost to a stored one is retried (each
 /// retry first moves the clock past the stored version, so one retry normally suffices).
@@ -35,6 +36,107 @@ pub enum Applied {
     /// The write's condition did not hold (or, for touch, the key held no live value):
     /// nothing changed.
     NotApplied,
+}
+
+/// What [`Store::update`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Updated {
+    /// The change to replicate; `None` if nothing changed.
+    pub mutation: Option<Mutation>,
+    /// The live value before.
+    pub previous: Option<Lookup>,
+    /// The live value after.
+    pub current: Option<Lookup>,
+}
+
+/// Redis's error text for a value that is not a 64-bit decimal integer.
+pub const NOT_AN_INTEGER: &str = "value is not an integer or out of range";
+/// Redis's error text for an increment past the 64-bit range.
+pub const OVERFLOW: &str = "increment or decrement would overflow";
+
+/// Parses a signed 64-bit decimal integer as Redis does (`string2ll`): optional `-`, no
+/// `+`, no leading zeros, no spaces, at most 20 bytes.
+pub fn parse_integer(raw: &[u8]) -> Option<i64> {
+    if raw.is_empty() || raw.len() > 20 {
+        return None;
+    }
+    let (negative, digits) = match raw {
+        [b'-', rest @ ..] => (true, rest),
+        _ => (false, raw),
+    };
+    match digits {
+        [b'0'] if !negative => return Some(0),
+        [b'1'..=b'9', rest @ ..] if rest.iter().all(u8::is_ascii_digit) => {}
+        _ => return None,
+    }
+    // Accumulate negatively so that i64::MIN parses.
+    let mut n: i64 = 0;
+    for d in digits {
+        n = n.checked_mul(10)?.checked_sub(i64::from(d - b'0'))?;
+    }
+    if negative { Some(n) } else { n.checked_neg() }
+}
+
+/// The live value an update saw, and whether the op was valid on it.
+type Decided = (Option<Lookup>, Result<(), CoreError>);
+
+/// The decision of one [`UpdateOp`] on the live value `live` at `now_ms`: the change to
+/// make, and the value before plus whether the op was valid on it.
+fn decide(op: &UpdateOp, live: Option<&Lookup>, now_ms: u64) -> (Option<Change>, Decided) {
+    let previous = live.cloned();
+    let put = |value: Bytes, expires_at: Option<u64>| {
+        if expires_at.is_some_and(|at| at <= now_ms) {
+            Change::Delete
+        } else {
+            Change::Put { value, expires_at }
+        }
+    };
+    let change = match op {
+        UpdateOp::Incr {
+            delta,
+            ttl_ms_if_created,
+        } => {
+            let (old, expires_at) = match live {
+                None => (0, ttl_ms_if_created.map(|t| now_ms.saturating_add(t))),
+                Some(l) => match parse_integer(&l.value) {
+                    Some(n) => (n, l.expires_at),
+                    None => {
+                        return (
+                            None,
+                            (previous, Err(CoreError::Invalid(NOT_AN_INTEGER.into()))),
+                        );
+                    }
+                },
+            };
+            let Some(new) = old.checked_add(*delta) else {
+                return (None, (previous, Err(CoreError::Invalid(OVERFLOW.into()))));
+            };
+            Some(put(Bytes::from(new.to_string()), expires_at))
+        }
+        UpdateOp::Set {
+            value,
+            expiry,
+            condition,
+        } => {
+            let holds = match condition {
+                Condition::Always => true,
+                Condition::IfAbsent => live.is_none(),
+                Condition::IfPresent => live.is_some(),
+            };
+            holds.then(|| {
+                put(
+                    value.clone(),
+                    expiry.resolve(live.and_then(|l| l.expires_at), now_ms),
+                )
+            })
+        }
+        UpdateOp::Delete => live.map(|_| Change::Delete),
+        UpdateOp::Expire { expiry } => live.and_then(|l| {
+            let at = expiry.resolve(l.expires_at, now_ms);
+            (at != l.expires_at).then(|| put(l.value.clone(), at))
+        }),
+    };
+    (change, (previous, Ok(())))
 }
 
 /// What [`Store::apply_replicated`] did with a batch.
@@ -393,6 +495,74 @@ impl Store {
         )))
     }
 
+    /// An atomic read-modify-write of `key` with a fresh version (see [`UpdateOp`]): decided
+    /// under the engine's lock on the live value, so no concurrent write of the key comes
+    /// between the read and the write. Returns the mutation to replicate (`None`: nothing
+    /// changed) and the live value before and after.
+    pub fn update(&self, key: &Bytes, op: &UpdateOp) -> Result<Updated, CoreError> {
+        self.limits.check_key(key)?;
+        if let UpdateOp::Set { value, .. } = op {
+            self.limits.check_value(value)?;
+        }
+        self.check_writable()?;
+        for _ in 0..STALE_RETRIES {
+            let exhausted = std::cell::Cell::new(false);
+            let now = self.now_ms();
+            let (outcome, version, decided) = self
+                .cache
+                .update_stamped(key, |live| decide(op, live, now), self.stamp(&exhausted))
+                .map_err(insert_error)?;
+            Self::check_stamp(&exhausted)?;
+            let Some((previous, checked)) = decided else {
+                // Stale: a newer version is stored; catch up and decide again.
+                self.catch_up(key)?;
+                continue;
+            };
+            checked?;
+            let (mutation, current) = match outcome {
+                UpdateOutcome::Put { value, expires_at } => (
+                    Some(Mutation {
+                        key: key.clone(),
+                        version,
+                        op: MutationOp::Put {
+                            value: value.clone(),
+                            expires_at,
+                        },
+                    }),
+                    Some(Lookup {
+                        value,
+                        version,
+                        expires_at,
+                    }),
+                ),
+                UpdateOutcome::Deleted => (
+                    Some(Mutation {
+                        key: key.clone(),
+                        version,
+                        op: MutationOp::Delete,
+                    }),
+                    None,
+                ),
+                UpdateOutcome::Unchanged => (None, previous.clone()),
+                UpdateOutcome::Stale => {
+                    self.catch_up(key)?;
+                    continue;
+                }
+            };
+            if let Some(m) = &mutation {
+                self.publish(m);
+            }
+            return Ok(Updated {
+                mutation,
+                previous,
+                current,
+            });
+        }
+        Err(CoreError::Internal(format!(
+            "a local update lost to a stored version {STALE_RETRIES} times in a row"
+        )))
+    }
+
     /// Applies mutations from a peer (replication, repair) by last writer wins.
     ///
     /// The whole batch is checked first — key and value sizes against the limits, versions
@@ -529,6 +699,53 @@ mod tests {
                 prop_assert_eq!(state(&replica), state(&reference));
             }
         }
+    }
+
+    #[test]
+    fn integers_parse_as_redis_does() {
+        for (text, n) in [
+            ("0", Some(0)),
+            ("-1", Some(-1)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("+1", None),
+            ("01", None),
+            ("-0", None),
+            (" 1", None),
+            ("1.0", None),
+            ("", None),
+            ("-", None),
+        ] {
+            assert_eq!(parse_integer(text.as_bytes()), n, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn an_update_is_decided_on_the_live_value_and_changes_nothing_when_refused() {
+        let s = store();
+        let key = Bytes::from_static(b"n");
+        let incr = |delta| UpdateOp::Incr {
+            delta,
+            ttl_ms_if_created: None,
+        };
+        let u = s.update(&key, &incr(2)).expect("applies");
+        assert_eq!(u.current.map(|l| l.value), Some(Bytes::from_static(b"2")));
+        assert!(u.mutation.is_some() && u.previous.is_none());
+        let before = s.get_versioned(b"n");
+        assert!(s.update(&key, &incr(i64::MAX)).is_err(), "overflow");
+        assert_eq!(s.get_versioned(b"n"), before, "nothing changed");
+        // An expiry change that changes nothing writes nothing.
+        let u = s
+            .update(
+                &key,
+                &UpdateOp::Expire {
+                    expiry: crate::Expiry::Never,
+                },
+            )
+            .expect("applies");
+        assert!(u.mutation.is_none());
+        assert_eq!(u.previous, u.current);
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! - `cargo xtask bench engine`: the engine benchmarks against moka, quick_cache and
 //!   lru+Mutex, then one table of ratios.
 //! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
+//! - `cargo xtask bench resp`: only the RESP rows of `bench net` (redis-benchmark against
+//!   cache-node's RESP port and redis-server).
 //! - `cargo xtask bench cluster`: a 3-node cluster: smart vs one-address client, RF 1 vs 3.
 //! - `cargo xtask bench rebalance [--keys N [--sync-rate R]]`: keeping N copies with 5 real
 //!   gossip nodes: restore after `kill -9`, a join under read load, anti-entropy at rest
@@ -43,6 +45,7 @@ fn main() -> Result<()> {
         ["bench", "ring"] => bench_ring(),
         ["bench", "net"] => net::bench_net(None),
         ["bench", "net", "--baseline", bin] => net::bench_net(Some(bin)),
+        ["bench", "resp"] => net::bench_resp(&net::build_release()?),
         ["bench", "cluster"] => net::bench_cluster(),
         ["bench", "pause"] => net::bench_pause(),
         ["bench", "persist"] => persist::bench_persist(1_000_000),

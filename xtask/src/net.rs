@@ -58,6 +58,20 @@ fn start_node(bin: &str) -> Result<(Guard, String)> {
 /// Starts cache-node pinned to CPU 0 on ephemeral ports with `args` added; returns it, its
 /// gRPC and admin addresses, and the time from spawn to its startup line.
 pub(crate) fn spawn_node(bin: &str, args: &[&str]) -> Result<(Guard, String, String, Duration)> {
+    let (guard, line, took) = spawn_node_line(bin, args)?;
+    Ok((guard, field(&line, "grpc=")?, field(&line, "admin=")?, took))
+}
+
+/// The value of `name` (`grpc=`, `resp=`, ...) in a node's startup line.
+fn field(line: &str, name: &str) -> Result<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name))
+        .map(str::to_string)
+        .with_context(|| format!("no {name} in startup line {line:?}"))
+}
+
+/// [`spawn_node`], returning the node's whole startup line.
+fn spawn_node_line(bin: &str, args: &[&str]) -> Result<(Guard, String, Duration)> {
     let began = Instant::now();
     let mut child = pinned("0", bin)
         .args([
@@ -77,15 +91,7 @@ pub(crate) fn spawn_node(bin: &str, args: &[&str]) -> Result<(Guard, String, Str
         .context("start cache-node")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let took = began.elapsed();
-    let guard = Guard(child);
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .map(str::to_string)
-            .with_context(|| format!("no {name} in startup line {line:?}"))
-    };
-    Ok((guard, field("grpc=")?, field("admin=")?, took))
+    Ok((Guard(child), line, began.elapsed()))
 }
 
 fn start_redis() -> Result<Option<(Guard, String)>> {
@@ -257,6 +263,8 @@ pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
             println!("{row}");
         }
     }
+
+    bench_resp(node_bin)?;
 
     // Memory: 1M entries of 16-byte keys and 16-byte values.
     let fill = [
@@ -469,5 +477,72 @@ pub(crate) fn bench_pause() -> Result<()> {
         f(&paused, &["set", "p99_ms"]) / f(&healthy, &["set", "p99_ms"]),
         f(&paused, &["keys_per_second"]) / f(&healthy, &["keys_per_second"]),
     );
+    Ok(())
+}
+
+/// One `redis-benchmark` run on CPU 1 against `addr`: requests per second.
+fn redis_benchmark(addr: &str, test: &str, pipeline: u32, requests: u32) -> Result<f64> {
+    let (host, port) = addr.rsplit_once(':').context("host:port")?;
+    let out = pinned("1", "redis-benchmark")
+        .args([
+            "-h", host, "-p", port, "-c", "50", "-r", "100000", "-d", "64",
+        ])
+        .args(["-P", &pipeline.to_string(), "-n", &requests.to_string()])
+        .args(["-t", test, "--csv"])
+        .output()
+        .context("run redis-benchmark")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // `"test","rps",...` then `"SET","80160.33",...`
+    text.lines()
+        .filter_map(|l| l.split(',').nth(1))
+        .find_map(|rps| rps.trim_matches('"').parse::<f64>().ok())
+        .with_context(|| format!("no rate in redis-benchmark output {text:?}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The RESP rows: `redis-benchmark` (not our load generator) against cache-node's RESP
+/// port and against redis-server, 50 connections, 64-byte values over 100k random keys,
+/// pipeline 1 and 16; three alternating rounds, medians.
+pub(crate) fn bench_resp(node_bin: &str) -> Result<()> {
+    if !has("redis-benchmark") || !has("redis-server") {
+        eprintln!(
+            "redis-benchmark or redis-server missing (apt-get install redis-server redis-tools): no RESP rows"
+        );
+        return Ok(());
+    }
+    let (node, line, _) = spawn_node_line(node_bin, &["--resp-listen", "127.0.0.1:0"])?;
+    let resp = field(&line, "resp=")?;
+    let Some((redis, addr)) = start_redis()? else {
+        return Ok(());
+    };
+    println!(
+        "\nRESP: redis-benchmark on CPU 1 (-c 50 -r 100000 -d 64) against cache-node's RESP port and redis-server, each on CPU 0; medians of 3 alternating rounds\n"
+    );
+    println!("| command | pipeline | cache-node req/s | redis-server req/s | node ÷ redis |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (test, pipeline, requests) in [
+        ("set", 1, 300_000),
+        ("get", 1, 300_000),
+        ("set", 16, 2_000_000),
+        ("get", 16, 2_000_000),
+    ] {
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            ours.push(redis_benchmark(&resp, test, pipeline, requests)?);
+            theirs.push(redis_benchmark(&addr, test, pipeline, requests)?);
+        }
+        let (o, t) = (median(ours), median(theirs));
+        println!(
+            "| {} | {pipeline} | {o:.0} | {t:.0} | {:.2} |",
+            test.to_uppercase(),
+            o / t
+        );
+    }
+    drop(node);
+    drop(redis);
     Ok(())
 }

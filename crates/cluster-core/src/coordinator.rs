@@ -553,10 +553,90 @@ impl<T: PeerTransport> Coordinator<T> {
             return Err(CoreError::ShuttingDown);
         }
         self.check_request(&request)?;
+        if let Some(answer) = self.answer_locally(&request) {
+            return answer;
+        }
         let budget = ctx.deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout_at(ctx.deadline, self.dispatch(request, ctx)).await {
             Ok(result) => result,
             Err(_) => Err(CoreError::DeadlineExceeded(budget)),
+        }
+    }
+
+    /// The hot path, without a task, a timer or an allocation for placement: a request
+    /// this node can answer at once, exactly as the general path would (see `serve_here`):
+    ///
+    /// - a `One` read of a key whose primary is this node, when it is not syncing: the
+    ///   local value (`local_reads` reads nothing else then);
+    /// - a write or delete acknowledged by one replica (`One`, or a single replica) of a
+    ///   key whose primary is this node, when nothing must be awaited for durability (no
+    ///   mutation sink: no `--data-dir`), and — for a conditional write — the node is not
+    ///   syncing: applied here, queued for the other replicas (`replicate` does the same
+    ///   when one acknowledgement suffices).
+    ///
+    /// `None`: take the general path.
+    fn answer_locally(&self, request: &Request) -> Option<Result<Response, CoreError>> {
+        let state = self.ring.load_guard();
+        let key = match request {
+            Request::Get { key, .. } | Request::Delete { key, .. } => key,
+            Request::Set { cmd, .. } => &cmd.key,
+            _ => return None,
+        };
+        if state.ring.owner(key).id != self.local {
+            return None;
+        }
+        let one = |c: &Option<Consistency>| {
+            let n = state.replication_factor;
+            c.unwrap_or(self.config.default_consistency).required(n) <= 1
+        };
+        let answer = match request {
+            Request::Get { key, consistency } => {
+                if !matches!(consistency, None | Some(Consistency::One)) || self.is_syncing() {
+                    return None;
+                }
+                Ok(Response::Get(self.store.get(key)))
+            }
+            Request::Set { cmd, consistency } => {
+                if !one(consistency)
+                    || self.store.has_sinks()
+                    || (cmd.condition != Condition::Always && self.is_syncing())
+                {
+                    return None;
+                }
+                self.store
+                    .set(&cmd.key, &cmd.value, cmd.ttl_ms, cmd.condition)
+                    .map(|applied| match applied {
+                        Applied::Done(m) => {
+                            self.enqueue_for_others(&state, m);
+                            Response::Set { stored: true }
+                        }
+                        Applied::NotApplied => Response::Set { stored: false },
+                    })
+            }
+            Request::Delete { key, consistency } => {
+                if !one(consistency) || self.store.has_sinks() {
+                    return None;
+                }
+                let replicated = state.replication_factor > 1;
+                self.store.delete(key, replicated).map(|(deleted, m)| {
+                    self.enqueue_for_others(&state, m);
+                    Response::Delete { deleted }
+                })
+            }
+            _ => return None,
+        };
+        Some(answer)
+    }
+
+    /// Queues `m` for every other replica of its key (asynchronous replication).
+    fn enqueue_for_others(&self, state: &RingState, m: Mutation) {
+        if state.replication_factor <= 1 {
+            return;
+        }
+        for peer in state.replicas(&m.key) {
+            if peer != self.local {
+                self.replicator.enqueue(&peer, m.clone());
+            }
         }
     }
 

@@ -92,6 +92,12 @@ impl RingView {
         self.current.load_full()
     }
 
+    /// The current ring, borrowed (no reference count change in the common case): for
+    /// the request hot path, which must not hold it across an await.
+    pub fn load_guard(&self) -> arc_swap::Guard<Arc<RingState>> {
+        self.current.load()
+    }
+
     /// Rebuilds the ring from `view` and swaps it in; subscribers get a [`RingChange`].
     /// A view that forms no ring is refused and the old ring kept.
     pub fn update(&self, view: MembershipView) -> Result<(), RingError> {

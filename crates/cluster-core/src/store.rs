@@ -168,6 +168,8 @@ pub struct Store {
     hlc: Hlc,
     limits: Limits,
     sinks: RwLock<Vec<Arc<dyn MutationSink>>>,
+    /// Whether any sink is registered (read on the hot path without the lock).
+    has_sinks: std::sync::atomic::AtomicBool,
     /// Replicated versions refused for being too far ahead (`cache_versions_refused_total`).
     versions_refused: AtomicU64,
     /// Local writes retried because their fresh version was older than the stored one.
@@ -215,6 +217,7 @@ impl Store {
             hlc: Hlc::new(node_id, max_drift),
             limits,
             sinks: RwLock::new(Vec::new()),
+            has_sinks: std::sync::atomic::AtomicBool::new(false),
             versions_refused: AtomicU64::new(0),
             stale_retries: AtomicU64::new(0),
         })
@@ -223,6 +226,13 @@ impl Store {
     /// Registers a sink that hears every applied mutation from now on.
     pub fn add_sink(&self, sink: Arc<dyn MutationSink>) {
         self.sinks.write().push(sink);
+        self.has_sinks.store(true, Ordering::Release);
+    }
+
+    /// Whether any [`MutationSink`] is registered (a write may then have to wait for
+    /// durability before it is acknowledged).
+    pub fn has_sinks(&self) -> bool {
+        self.has_sinks.load(Ordering::Acquire)
     }
 
     /// The engine, read-only by convention: for statistics, the reaper and validation.

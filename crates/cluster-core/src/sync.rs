@@ -266,7 +266,7 @@ impl<T: PeerTransport> Coordinator<T> {
         if s.disabled.load(Ordering::Relaxed) {
             return false;
         }
-        s.synced_fingerprint.load(Ordering::Relaxed) != self.ring().load().ring.fingerprint()
+        s.synced_fingerprint.load(Ordering::Relaxed) != self.ring().load_guard().ring.fingerprint()
             || self.was_paused()
     }
 

@@ -50,6 +50,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod pipeline;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub use cache_types::{Condition, Consistency, MemberState};
 pub use cluster::{ClusterClient, ClusterMember};
 
 use bytes::Bytes;
+use cache_proto::v1::pipelined_op::Op;
+use cache_proto::v1::pipelined_result::Result as PResult;
 use cache_proto::v1::{self as pb, cache_client::CacheClient};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
@@ -213,6 +216,8 @@ pub struct ClientBuilder {
     read_consistency: Option<Consistency>,
     /// `authorization` metadata sent with every request (`Bearer TOKEN`).
     auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// Send requests on one pipelined stream (default) instead of one unary call each.
+    pipelined: bool,
 }
 
 impl Default for ClientBuilder {
@@ -225,6 +230,7 @@ impl Default for ClientBuilder {
             write_consistency: None,
             read_consistency: None,
             auth: None,
+            pipelined: true,
         }
     }
 }
@@ -242,6 +248,15 @@ impl ClientBuilder {
             })?;
         self.auth = Some(value);
         Ok(self)
+    }
+
+    /// Whether single-key calls and batches travel on one pipelined stream per connection
+    /// (`cache.v1.Cache/Pipeline`, the default: many requests share one HTTP/2 stream, and
+    /// answers come back as they are ready) or as one unary call each (`false`; what plain
+    /// gRPC tools do). A node without the stream is detected and served with unary calls.
+    pub fn pipelined(mut self, on: bool) -> Self {
+        self.pipelined = on;
+        self
     }
 
     /// Deadline of each call, including its retries (default 2 s).
@@ -306,6 +321,7 @@ impl ClientBuilder {
             addr,
             cfg: self,
             epoch: Arc::new(AtomicU64::new(0)),
+            pipeline: Arc::new(pipeline::Pipeline::new()),
         }
     }
 
@@ -348,6 +364,8 @@ pub struct Client {
     cfg: ClientBuilder,
     /// The ring epoch of the node's last answer (for [`ClusterClient`]'s staleness check).
     epoch: Arc<AtomicU64>,
+    /// The pipelined stream, shared by clones.
+    pipeline: Arc<pipeline::Pipeline>,
 }
 
 impl Client {
@@ -423,19 +441,34 @@ impl Client {
         Ok(self.get_entry(key).await?.map(|e| e.value))
     }
 
+    /// Runs one operation — on the pipelined stream, or as a unary call — with the
+    /// deadline, retrying `Unavailable` if `idempotent`.
+    async fn op(&self, idempotent: bool, op: Op) -> Result<PResult, Error> {
+        let pipeline = self.cfg.pipelined.then_some(&self.pipeline);
+        self.call(idempotent, |c, t| {
+            let op = op.clone();
+            async move {
+                if let Some(p) = pipeline
+                    && let Some(r) = p.call(&c, t.auth.clone(), op.clone(), t.timeout).await
+                {
+                    return r.map(Response::new);
+                }
+                unary(c, op, t).await
+            }
+        })
+        .await
+    }
+
     /// The value of `key` with its TTL and version, or `None` on a miss.
     pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
-        let key = key.into();
         let consistency = consistency_pb(self.cfg.read_consistency);
-        let resp = self
-            .call(true, |mut c, t| {
-                let key = key.clone();
-                async move {
-                    c.get(with_timeout(pb::GetRequest { key, consistency }, t))
-                        .await
-                }
-            })
-            .await?;
+        let op = Op::Get(pb::GetRequest {
+            key: key.into(),
+            consistency,
+        });
+        let PResult::Get(resp) = self.op(true, op).await? else {
+            return Err(mismatch());
+        };
         self.saw_epoch(resp.ring_epoch);
         Ok(to_entry(resp))
     }
@@ -461,54 +494,40 @@ impl Client {
             options,
             self.cfg.write_consistency,
         );
-        // A conditional set is not idempotent: a retry after a lost answer could report
-        // "not stored" for a write that was in fact applied.
+        // A conditional write is not idempotent: a retry after an unknown outcome could
+        // see its own first attempt and report "not stored".
         let idempotent = options.condition == Condition::Always;
-        let resp = self
-            .call(idempotent, |mut c, t| {
-                let req = req.clone();
-                async move { c.set(with_timeout(req, t)).await }
-            })
-            .await?;
+        let PResult::Set(resp) = self.op(idempotent, Op::Set(req)).await? else {
+            return Err(mismatch());
+        };
         self.saw_epoch(resp.ring_epoch);
         Ok(resp.stored)
     }
 
     /// Removes `key`; returns whether it held a live value.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
-        let key = key.into();
-        let consistency = consistency_pb(self.cfg.write_consistency);
-        let resp = self
-            .call(true, |mut c, t| {
-                let key = key.clone();
-                async move {
-                    c.delete(with_timeout(pb::DeleteRequest { key, consistency }, t))
-                        .await
-                }
-            })
-            .await?;
+        let op = Op::Delete(pb::DeleteRequest {
+            key: key.into(),
+            consistency: consistency_pb(self.cfg.write_consistency),
+        });
+        let PResult::Delete(resp) = self.op(true, op).await? else {
+            return Err(mismatch());
+        };
         self.saw_epoch(resp.ring_epoch);
         Ok(resp.deleted)
     }
 
-    /// Sets the TTL of a live key (`None` removes its expiry); returns whether it existed.
+    /// Sets (or with `None` removes) the TTL of a live key; returns whether the key existed.
     pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
-        let key = key.into();
-        let ttl_ms = ttl.map_or(0, |t| duration_ms(t).max(1));
-        let consistency = consistency_pb(self.cfg.write_consistency);
-        let resp = self
-            .call(true, |mut c, t| {
-                let key = key.clone();
-                async move {
-                    let req = pb::TouchRequest {
-                        key,
-                        ttl_ms,
-                        consistency,
-                    };
-                    c.touch(with_timeout(req, t)).await
-                }
-            })
-            .await?;
+        let op = Op::Touch(pb::TouchRequest {
+            key: key.into(),
+            ttl_ms: ttl.map_or(0, |t| duration_ms(t).max(1)),
+            consistency: consistency_pb(self.cfg.write_consistency),
+        });
+        let PResult::Touch(resp) = self.op(true, op).await? else {
+            return Err(mismatch());
+        };
+        self.saw_epoch(resp.ring_epoch);
         Ok(resp.found)
     }
 
@@ -525,23 +544,16 @@ impl Client {
         delta: i64,
         ttl_if_created: Option<Duration>,
     ) -> Result<i64, Error> {
-        let key = key.into();
-        let ttl_ms_if_created = ttl_if_created.map_or(0, |t| duration_ms(t).max(1));
-        let consistency = consistency_pb(self.cfg.write_consistency);
-        let resp = self
-            .call(false, |mut c, t| {
-                let key = key.clone();
-                async move {
-                    let req = pb::IncrRequest {
-                        key,
-                        delta,
-                        ttl_ms_if_created,
-                        consistency,
-                    };
-                    c.incr(with_timeout(req, t)).await
-                }
-            })
-            .await?;
+        let op = Op::Incr(pb::IncrRequest {
+            key: key.into(),
+            delta,
+            ttl_ms_if_created: ttl_if_created.map_or(0, |t| duration_ms(t).max(1)),
+            consistency: consistency_pb(self.cfg.write_consistency),
+        });
+        let PResult::Incr(resp) = self.op(false, op).await? else {
+            return Err(mismatch());
+        };
+        self.saw_epoch(resp.ring_epoch);
         Ok(resp.value)
     }
 
@@ -551,15 +563,13 @@ impl Client {
         keys: impl IntoIterator<Item = K>,
     ) -> Result<Vec<Option<Bytes>>, Error> {
         let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
-        let resp = self
-            .call(true, |mut c, t| {
-                let keys = keys.clone();
-                async move {
-                    c.multi_get(with_timeout(pb::MultiGetRequest { keys }, t))
-                        .await
-                }
-            })
-            .await?;
+        let PResult::MultiGet(resp) = self
+            .op(true, Op::MultiGet(pb::MultiGetRequest { keys }))
+            .await?
+        else {
+            return Err(mismatch());
+        };
+        self.saw_epoch(resp.ring_epoch);
         Ok(resp
             .results
             .into_iter()
@@ -582,22 +592,13 @@ impl Client {
             .into_iter()
             .map(|(k, v)| set_request(k.into(), v.into(), options, None))
             .collect();
-        let consistency = consistency_pb(self.cfg.write_consistency);
-        let resp = self
-            .call(true, |mut c, t| {
-                let entries = entries.clone();
-                async move {
-                    c.multi_set(with_timeout(
-                        pb::MultiSetRequest {
-                            entries,
-                            consistency,
-                        },
-                        t,
-                    ))
-                    .await
-                }
-            })
-            .await?;
+        let op = Op::MultiSet(pb::MultiSetRequest {
+            entries,
+            consistency: consistency_pb(self.cfg.write_consistency),
+        });
+        let PResult::MultiSet(resp) = self.op(true, op).await? else {
+            return Err(mismatch());
+        };
         self.saw_epoch(resp.ring_epoch);
         Ok(())
     }
@@ -660,6 +661,32 @@ fn with_timeout<T>(msg: T, stamp: Stamp) -> Request<T> {
         req.metadata_mut().insert("authorization", auth);
     }
     req
+}
+
+/// One operation as its unary call.
+async fn unary(mut c: CacheClient<Channel>, op: Op, t: Stamp) -> Result<Response<PResult>, Status> {
+    Ok(match op {
+        Op::Get(r) => c.get(with_timeout(r, t)).await?.map(PResult::Get),
+        Op::Set(r) => c.set(with_timeout(r, t)).await?.map(PResult::Set),
+        Op::Delete(r) => c.delete(with_timeout(r, t)).await?.map(PResult::Delete),
+        Op::Touch(r) => c.touch(with_timeout(r, t)).await?.map(PResult::Touch),
+        Op::Incr(r) => c.incr(with_timeout(r, t)).await?.map(PResult::Incr),
+        Op::MultiGet(r) => c
+            .multi_get(with_timeout(r, t))
+            .await?
+            .map(PResult::MultiGet),
+        Op::MultiSet(r) => c
+            .multi_set(with_timeout(r, t))
+            .await?
+            .map(PResult::MultiSet),
+    })
+}
+
+fn mismatch() -> Error {
+    Error::Server {
+        code: Code::Internal,
+        message: "the node answered another operation's result".into(),
+    }
 }
 
 fn to_entry(r: pb::GetResponse) -> Option<Entry> {

@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cache_proto::peer::v1::{self as peer, peer_server};
+use cache_proto::v1::pipelined_op::Op as POp;
+use cache_proto::v1::pipelined_result::Result as PResult;
 use cache_proto::v1::{self as pb, cache_server};
-use cluster_core::{Coordinator, CoreError, PeerCall, Request, RequestContext, Response};
+use cluster_core::{Coordinator, CoreError, PeerCall, RequestContext, Response};
 use cluster_ring::NodeId;
 use tonic::{Status, metadata::MetadataMap};
 
@@ -107,11 +109,14 @@ impl CacheService {
     /// With `--auth-file`: the request's token must have role `need` (UNAUTHENTICATED
     /// without a known token, PERMISSION_DENIED below the role). Without it: everyone may.
     fn authorize<T>(&self, request: &tonic::Request<T>, need: Role) -> Result<(), Status> {
+        self.check_token(request.metadata(), need)
+    }
+
+    fn check_token(&self, metadata: &MetadataMap, need: Role) -> Result<(), Status> {
         let Some(auth) = &self.shared.auth else {
             return Ok(());
         };
-        let header = request
-            .metadata()
+        let header = metadata
             .get("authorization")
             .map(tonic::metadata::MetadataValue::as_bytes);
         match auth.check(header, need) {
@@ -146,18 +151,282 @@ impl CacheService {
             .map_err(|e| wire::status(&e))
     }
 
-    /// Decodes with `decode`, runs the request through the core by its deadline.
-    async fn run<M>(
+    /// A unary call: checks the token's role for the operation, runs it by the call's
+    /// deadline (`grpc-timeout` capped at the request timeout), answers its result.
+    async fn unary<M, R>(
         &self,
         request: tonic::Request<M>,
-        decode: impl FnOnce(M) -> Result<Request, CoreError>,
-    ) -> Result<Response, CoreError> {
+        wrap: impl FnOnce(M) -> POp,
+        unwrap: impl FnOnce(PResult) -> Option<R>,
+    ) -> Result<tonic::Response<R>, Status> {
+        let deadline = deadline(request.metadata(), self.shared.request_timeout);
+        let (metadata, _, message) = request.into_parts();
+        let op = wrap(message);
+        self.check_token(&metadata, op_kind(&op).1)?;
+        let result = self
+            .exec(op, deadline)
+            .await
+            .map_err(|e| wire::status(&e))?;
+        unwrap(result)
+            .map(tonic::Response::new)
+            .ok_or_else(|| wire::status(&mismatch()))
+    }
+
+    /// Runs one operation through the core by `deadline` and records its metric.
+    async fn exec(&self, op: POp, deadline: tokio::time::Instant) -> Result<PResult, CoreError> {
+        let metric = op_kind(&op).0;
+        let start = Instant::now();
+        let outcome = self.exec_op(op, deadline).await;
+        let result = match &outcome {
+            Ok((_, label)) => label,
+            Err(e) => wire::error_kind(e),
+        };
+        self.shared.metrics.record(metric, result, start.elapsed());
+        self.shared.requests.fetch_add(1, Ordering::Relaxed);
+        outcome.map(|(r, _)| r)
+    }
+
+    /// Decodes one operation into a domain request, runs it, encodes the answer (with the
+    /// label of its metric sample).
+    async fn exec_op(
+        &self,
+        op: POp,
+        deadline: tokio::time::Instant,
+    ) -> Result<(PResult, &'static str), CoreError> {
         let ctx = RequestContext {
-            deadline: deadline(request.metadata(), self.shared.request_timeout),
+            deadline,
             forwarded: false,
         };
-        let request = decode(request.into_inner())?;
-        self.core().handle(request, ctx).await
+        let (request, kind) = match op {
+            POp::Get(r) => (wire::get(r)?, Op::Get),
+            POp::Set(r) => (wire::set(r)?, Op::Set),
+            POp::Delete(r) => (wire::delete(r)?, Op::Delete),
+            POp::Touch(r) => (wire::touch(r)?, Op::Touch),
+            POp::Incr(r) => (wire::incr(r)?, Op::Incr),
+            POp::MultiGet(r) => (wire::multi_get(r), Op::MultiGet),
+            POp::MultiSet(r) => (wire::multi_set(r)?, Op::MultiSet),
+        };
+        let response = self.core().handle(request, ctx).await?;
+        let ring_epoch = self.epoch();
+        Ok(match (kind, response) {
+            (Op::Get, Response::Get(found)) => {
+                let label = if found.is_some() { "hit" } else { "miss" };
+                let now = self.core().store().now_ms();
+                (
+                    PResult::Get(wire::get_response(found, now, ring_epoch)),
+                    label,
+                )
+            }
+            (Op::Set, Response::Set { stored }) => (
+                PResult::Set(pb::SetResponse { stored, ring_epoch }),
+                if stored { "ok" } else { "not_stored" },
+            ),
+            (Op::Delete, Response::Delete { deleted }) => (
+                PResult::Delete(pb::DeleteResponse {
+                    deleted,
+                    ring_epoch,
+                }),
+                if deleted { "ok" } else { "miss" },
+            ),
+            (Op::Touch, Response::Touch { found }) => (
+                PResult::Touch(pb::TouchResponse { found, ring_epoch }),
+                if found { "ok" } else { "miss" },
+            ),
+            (Op::Incr, Response::Update { current, .. }) => {
+                let value = wire::counter_value(current)?;
+                (PResult::Incr(pb::IncrResponse { value, ring_epoch }), "ok")
+            }
+            (Op::MultiGet, Response::MultiGet(found)) => {
+                let now = self.core().store().now_ms();
+                let results = found
+                    .into_iter()
+                    .map(|f| wire::get_response(f, now, 0))
+                    .collect();
+                (
+                    PResult::MultiGet(pb::MultiGetResponse {
+                        results,
+                        ring_epoch,
+                    }),
+                    "ok",
+                )
+            }
+            (Op::MultiSet, Response::MultiSet(stored)) => {
+                let results = stored
+                    .into_iter()
+                    .map(|stored| pb::SetResponse {
+                        stored,
+                        ring_epoch: 0,
+                    })
+                    .collect();
+                (
+                    PResult::MultiSet(pb::MultiSetResponse {
+                        results,
+                        ring_epoch,
+                    }),
+                    "ok",
+                )
+            }
+            _ => return Err(mismatch()),
+        })
+    }
+
+    /// The name and role of the token a stream was opened with (every role without
+    /// `--auth-file`).
+    fn stream_role<T>(&self, request: &tonic::Request<T>) -> Result<(String, Role), Status> {
+        let Some(auth) = &self.shared.auth else {
+            return Ok((String::new(), Role::Admin));
+        };
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(tonic::metadata::MetadataValue::as_bytes);
+        auth.identify(header)
+            .map(|(name, role)| (name.to_string(), role))
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+
+    /// One pipelined stream: reads operations while fewer than [`PIPELINE_IN_FLIGHT`] are
+    /// running, runs them concurrently in this one task, and sends every answer that is
+    /// ready in one message. Ends when the client ends its side (or the node begins to shut
+    /// down) and every operation has been answered, or when either side fails.
+    async fn run_pipeline(
+        self,
+        mut incoming: tonic::Streaming<pb::PipelineRequest>,
+        tx: tokio::sync::mpsc::Sender<Result<pb::PipelineResponse, Status>>,
+        (name, role): (String, Role),
+    ) {
+        use futures_util::future::{AbortHandle, Abortable, FutureExt};
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut running = FuturesUnordered::new();
+        let mut aborts: std::collections::HashMap<u64, AbortHandle> = Default::default();
+        let mut reading = true;
+        let cap = self.shared.request_timeout;
+        let stopping = self.shared.stopping.clone();
+        loop {
+            tokio::select! {
+                Some((id, outcome)) = running.next(), if !running.is_empty() => {
+                    let mut results = vec![pipelined_result(id, outcome)];
+                    aborts.remove(&id);
+                    while let Some(Some((id, outcome))) = running.next().now_or_never() {
+                        aborts.remove(&id);
+                        results.push(pipelined_result(id, outcome));
+                    }
+                    if tx.send(Ok(pb::PipelineResponse { results })).await.is_err() {
+                        return;
+                    }
+                }
+                // Shutdown: read nothing more, answer what is running, end the stream.
+                () = stopping.cancelled(), if reading => reading = false,
+                message = incoming.message(), if reading && running.len() < PIPELINE_IN_FLIGHT => {
+                    let request = match message {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            reading = false;
+                            continue;
+                        }
+                        // Undecodable or over the message limit: the stream cannot go on;
+                        // the client learns why.
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    };
+                    if request.ops.len() > PIPELINE_IN_FLIGHT {
+                        let _ = tx
+                            .send(Err(Status::out_of_range(format!(
+                                "a pipeline message carries at most {PIPELINE_IN_FLIGHT} operations; this one has {}",
+                                request.ops.len()
+                            ))))
+                            .await;
+                        return;
+                    }
+                    for id in request.cancel {
+                        if let Some(handle) = aborts.remove(&id) {
+                            handle.abort();
+                        }
+                    }
+                    for op in request.ops {
+                        let id = op.id;
+                        let timeout = match op.timeout_ms {
+                            0 => cap,
+                            ms => Duration::from_millis(u64::from(ms)).min(cap),
+                        };
+                        let deadline = tokio::time::Instant::now() + timeout;
+                        let this = self.clone();
+                        let name = name.clone();
+                        let (handle, registration) = AbortHandle::new_pair();
+                        aborts.insert(id, handle);
+                        let work = async move {
+                            let Some(op) = op.op else {
+                                return error_result(&CoreError::Invalid(
+                                    "a pipelined operation names no operation".into(),
+                                ));
+                            };
+                            let need = op_kind(&op).1;
+                            if role < need {
+                                let e = crate::auth::AuthError::Forbidden { name, role, need };
+                                if let Some(auth) = &this.shared.auth {
+                                    auth.refused(&e);
+                                }
+                                return PResult::Error(pb::PipelineError {
+                                    code: tonic::Code::PermissionDenied as i32,
+                                    message: e.to_string(),
+                                });
+                            }
+                            this.exec(op, deadline)
+                                .await
+                                .unwrap_or_else(|e| error_result(&e))
+                        };
+                        running.push(
+                            Abortable::new(work, registration).map(move |r| (id, r.ok())),
+                        );
+                    }
+                }
+                else => return,
+            }
+        }
+    }
+}
+
+/// Most operations running at once on one pipelined stream (beyond it the node stops
+/// reading the stream: TCP and HTTP/2 flow control push back on the client), and most
+/// operations in one message.
+pub const PIPELINE_IN_FLIGHT: usize = 1024;
+
+/// A failed operation's result: the status a unary call would have answered.
+fn error_result(e: &CoreError) -> PResult {
+    let status = wire::status(e);
+    PResult::Error(pb::PipelineError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    })
+}
+
+/// The result of one pipelined operation on the wire (`None`: it was cancelled).
+fn pipelined_result(id: u64, outcome: Option<PResult>) -> pb::PipelinedResult {
+    let result = match outcome {
+        Some(r) => r,
+        None => PResult::Error(pb::PipelineError {
+            code: tonic::Code::Cancelled as i32,
+            message: "cancelled by the client".into(),
+        }),
+    };
+    pb::PipelinedResult {
+        id,
+        result: Some(result),
+    }
+}
+
+/// The metric and the role of an operation.
+fn op_kind(op: &POp) -> (Op, Role) {
+    match op {
+        POp::Get(_) => (Op::Get, Role::Read),
+        POp::MultiGet(_) => (Op::MultiGet, Role::Read),
+        POp::Set(_) => (Op::Set, Role::Write),
+        POp::Delete(_) => (Op::Delete, Role::Write),
+        POp::Touch(_) => (Op::Touch, Role::Write),
+        POp::Incr(_) => (Op::Incr, Role::Write),
+        POp::MultiSet(_) => (Op::MultiSet, Role::Write),
     }
 }
 
@@ -185,14 +454,9 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::GetRequest>,
     ) -> Result<tonic::Response<pb::GetResponse>, Status> {
-        self.authorize(&request, Role::Read)?;
-        self.observe(Op::Get, async {
-            let Response::Get(found) = self.run(request, wire::get).await? else {
-                return Err(mismatch());
-            };
-            let label = if found.is_some() { "hit" } else { "miss" };
-            let now = self.core().store().now_ms();
-            Ok((wire::get_response(found, now, self.epoch()), label))
+        self.unary(request, POp::Get, |r| match r {
+            PResult::Get(r) => Some(r),
+            _ => None,
         })
         .await
     }
@@ -201,14 +465,9 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::SetRequest>,
     ) -> Result<tonic::Response<pb::SetResponse>, Status> {
-        self.authorize(&request, Role::Write)?;
-        self.observe(Op::Set, async {
-            let Response::Set { stored } = self.run(request, wire::set).await? else {
-                return Err(mismatch());
-            };
-            let label = if stored { "ok" } else { "not_stored" };
-            let ring_epoch = self.epoch();
-            Ok((pb::SetResponse { stored, ring_epoch }, label))
+        self.unary(request, POp::Set, |r| match r {
+            PResult::Set(r) => Some(r),
+            _ => None,
         })
         .await
     }
@@ -217,20 +476,9 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::DeleteRequest>,
     ) -> Result<tonic::Response<pb::DeleteResponse>, Status> {
-        self.authorize(&request, Role::Write)?;
-        self.observe(Op::Delete, async {
-            let Response::Delete { deleted } = self.run(request, wire::delete).await? else {
-                return Err(mismatch());
-            };
-            let label = if deleted { "ok" } else { "miss" };
-            let ring_epoch = self.epoch();
-            Ok((
-                pb::DeleteResponse {
-                    deleted,
-                    ring_epoch,
-                },
-                label,
-            ))
+        self.unary(request, POp::Delete, |r| match r {
+            PResult::Delete(r) => Some(r),
+            _ => None,
         })
         .await
     }
@@ -239,14 +487,9 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::TouchRequest>,
     ) -> Result<tonic::Response<pb::TouchResponse>, Status> {
-        self.authorize(&request, Role::Write)?;
-        self.observe(Op::Touch, async {
-            let Response::Touch { found } = self.run(request, wire::touch).await? else {
-                return Err(mismatch());
-            };
-            let label = if found { "ok" } else { "miss" };
-            let ring_epoch = self.epoch();
-            Ok((pb::TouchResponse { found, ring_epoch }, label))
+        self.unary(request, POp::Touch, |r| match r {
+            PResult::Touch(r) => Some(r),
+            _ => None,
         })
         .await
     }
@@ -255,14 +498,9 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::IncrRequest>,
     ) -> Result<tonic::Response<pb::IncrResponse>, Status> {
-        self.authorize(&request, Role::Write)?;
-        self.observe(Op::Incr, async {
-            let Response::Update { current, .. } = self.run(request, wire::incr).await? else {
-                return Err(mismatch());
-            };
-            let value = wire::counter_value(current)?;
-            let ring_epoch = self.epoch();
-            Ok((pb::IncrResponse { value, ring_epoch }, "ok"))
+        self.unary(request, POp::Incr, |r| match r {
+            PResult::Incr(r) => Some(r),
+            _ => None,
         })
         .await
     }
@@ -271,25 +509,9 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::MultiGetRequest>,
     ) -> Result<tonic::Response<pb::MultiGetResponse>, Status> {
-        self.authorize(&request, Role::Read)?;
-        self.observe(Op::MultiGet, async {
-            let Response::MultiGet(found) = self.run(request, |r| Ok(wire::multi_get(r))).await?
-            else {
-                return Err(mismatch());
-            };
-            let now = self.core().store().now_ms();
-            let results = found
-                .into_iter()
-                .map(|f| wire::get_response(f, now, 0))
-                .collect();
-            let ring_epoch = self.epoch();
-            Ok((
-                pb::MultiGetResponse {
-                    results,
-                    ring_epoch,
-                },
-                "ok",
-            ))
+        self.unary(request, POp::MultiGet, |r| match r {
+            PResult::MultiGet(r) => Some(r),
+            _ => None,
         })
         .await
     }
@@ -298,28 +520,29 @@ impl cache_server::Cache for CacheService {
         &self,
         request: tonic::Request<pb::MultiSetRequest>,
     ) -> Result<tonic::Response<pb::MultiSetResponse>, Status> {
-        self.authorize(&request, Role::Write)?;
-        self.observe(Op::MultiSet, async {
-            let Response::MultiSet(stored) = self.run(request, wire::multi_set).await? else {
-                return Err(mismatch());
-            };
-            let results = stored
-                .into_iter()
-                .map(|stored| pb::SetResponse {
-                    stored,
-                    ring_epoch: 0,
-                })
-                .collect();
-            let ring_epoch = self.epoch();
-            Ok((
-                pb::MultiSetResponse {
-                    results,
-                    ring_epoch,
-                },
-                "ok",
-            ))
+        self.unary(request, POp::MultiSet, |r| match r {
+            PResult::MultiSet(r) => Some(r),
+            _ => None,
         })
         .await
+    }
+
+    type PipelineStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::PipelineResponse, Status>> + Send>,
+    >;
+
+    async fn pipeline(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::PipelineRequest>>,
+    ) -> Result<tonic::Response<Self::PipelineStream>, Status> {
+        let role = self.stream_role(&request)?;
+        let incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move { this.run_pipeline(incoming, tx, role).await });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn stats(

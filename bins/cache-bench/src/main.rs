@@ -71,9 +71,22 @@ struct Args {
     /// default for writes, the primary for reads].
     #[arg(long)]
     consistency: Option<cache_types::Consistency>,
+    /// How gRPC requests travel: `stream` (the pipelined stream, the SDK's default: many
+    /// requests per HTTP/2 stream) or `unary` (one call each).
+    #[arg(long, default_value = "stream")]
+    grpc_mode: GrpcMode,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `--grpc-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GrpcMode {
+    /// The pipelined stream.
+    Stream,
+    /// One unary call per request.
+    Unary,
 }
 
 /// Key popularity.
@@ -156,8 +169,11 @@ impl Conn {
         target: &str,
         timeout: Duration,
         consistency: Option<cache_types::Consistency>,
+        mode: GrpcMode,
     ) -> Result<Self> {
-        let mut builder = cache_client::Client::builder().timeout(timeout);
+        let mut builder = cache_client::Client::builder()
+            .timeout(timeout)
+            .pipelined(mode == GrpcMode::Stream);
         if let Some(c) = consistency {
             builder = builder.write_consistency(c).read_consistency(c);
         }
@@ -409,7 +425,7 @@ async fn main() -> Result<()> {
     }
     let mut conns = Vec::new();
     for _ in 0..args.connections {
-        conns.push(Conn::open(&args.target, args.timeout, args.consistency).await?);
+        conns.push(Conn::open(&args.target, args.timeout, args.consistency, args.grpc_mode).await?);
     }
     if args.prefill {
         let t = Instant::now();

@@ -1,0 +1,218 @@
+//! The pipelined stream (`cache.v1.Cache/Pipeline`) with a real node: answers carry their
+//! ids and may come in any order; a bad operation fails alone; an oversized message ends
+//! the stream with OUT_OF_RANGE; the SDK multiplexes thousands of concurrent calls over it
+//! (and still speaks unary when told to); an open stream does not hold up shutdown.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cache_client::Client;
+use cache_proto::v1::cache_client::CacheClient;
+use cache_proto::v1::pipelined_op::Op;
+use cache_proto::v1::pipelined_result::Result as PResult;
+use cache_proto::v1::{GetRequest, IncrRequest, PipelineRequest, PipelinedOp, SetRequest};
+use cache_testkit::NodeProcess;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn op(id: u64, op: Op) -> PipelinedOp {
+    PipelinedOp {
+        id,
+        timeout_ms: 2000,
+        op: Some(op),
+    }
+}
+
+#[tokio::test]
+async fn answers_carry_their_ids_and_a_bad_operation_fails_alone() {
+    let node = NodeProcess::start(&["--max-value-size", "64KiB"]);
+    let mut raw = CacheClient::connect(format!("http://{}", node.addr()))
+        .await
+        .expect("connect");
+    let (tx, rx) = mpsc::channel(8);
+    let mut answers = raw
+        .pipeline(ReceiverStream::new(rx))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let set = Op::Set(SetRequest {
+        key: "k".into(),
+        value: "v".into(),
+        ..Default::default()
+    });
+    let incr = Op::Incr(IncrRequest {
+        key: "n".into(),
+        delta: 5,
+        ..Default::default()
+    });
+    let bad = Op::Get(GetRequest {
+        key: "k".into(),
+        consistency: 99,
+    });
+    tx.send(PipelineRequest {
+        ops: vec![op(7, set), op(8, incr), op(9, bad)],
+        cancel: vec![],
+    })
+    .await
+    .expect("send");
+    tx.send(PipelineRequest {
+        ops: vec![
+            PipelinedOp {
+                id: 10,
+                timeout_ms: 0,
+                op: None,
+            },
+            op(
+                11,
+                Op::Get(GetRequest {
+                    key: "k".into(),
+                    consistency: 0,
+                }),
+            ),
+        ],
+        cancel: vec![],
+    })
+    .await
+    .expect("send");
+    let mut got: HashMap<u64, PResult> = HashMap::new();
+    while got.len() < 5 {
+        let message = tokio::time::timeout(Duration::from_secs(5), answers.message())
+            .await
+            .expect("answers in time")
+            .expect("stream ok")
+            .expect("stream open");
+        for r in message.results {
+            got.insert(r.id, r.result.expect("a result"));
+        }
+    }
+    assert!(
+        matches!(&got[&7], PResult::Set(s) if s.stored),
+        "{:?}",
+        got[&7]
+    );
+    assert!(
+        matches!(&got[&8], PResult::Incr(i) if i.value == 5),
+        "{:?}",
+        got[&8]
+    );
+    assert!(
+        matches!(&got[&9], PResult::Error(e) if e.code == tonic::Code::InvalidArgument as i32),
+        "{:?}",
+        got[&9]
+    );
+    assert!(
+        matches!(&got[&10], PResult::Error(e) if e.code == tonic::Code::InvalidArgument as i32),
+        "{:?}",
+        got[&10]
+    );
+    assert!(
+        matches!(&got[&11], PResult::Get(g) if g.found && g.value == "v"),
+        "{:?}",
+        got[&11]
+    );
+
+    // A message over the node's request limit ends the stream, saying why.
+    tx.send(PipelineRequest {
+        ops: vec![op(
+            12,
+            Op::Set(SetRequest {
+                key: "big".into(),
+                value: vec![0u8; 512 << 10].into(),
+                ..Default::default()
+            }),
+        )],
+        cancel: vec![],
+    })
+    .await
+    .expect("send");
+    let end = tokio::time::timeout(Duration::from_secs(5), answers.message())
+        .await
+        .expect("answers in time");
+    match end {
+        Err(status) => assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}"),
+        Ok(other) => panic!("the stream went on: {other:?}"),
+    }
+    // The node is fine.
+    let c = Client::connect(node.addr()).await.expect("connect");
+    assert_eq!(c.get("k").await.expect("get").as_deref(), Some(&b"v"[..]));
+}
+
+#[tokio::test]
+async fn the_sdk_multiplexes_thousands_of_calls_on_one_stream() {
+    let node = NodeProcess::start(&[]);
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    let writes = (0..3000).map(|i| {
+        let c = client.clone();
+        async move { c.set(format!("k{i}"), format!("v{i}")).await }
+    });
+    for r in futures_util::future::join_all(writes).await {
+        r.expect("set");
+    }
+    let reads = (0..3000).map(|i| {
+        let c = client.clone();
+        async move { (i, c.get(format!("k{i}")).await) }
+    });
+    for (i, r) in futures_util::future::join_all(reads).await {
+        assert_eq!(r.expect("get").as_deref(), Some(format!("v{i}").as_bytes()));
+    }
+    let counts = (0..500).map(|_| {
+        let c = client.clone();
+        async move { c.incr("hits", 2, None).await }
+    });
+    let mut seen: Vec<i64> = futures_util::future::join_all(counts)
+        .await
+        .into_iter()
+        .map(|r| r.expect("incr"))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=500).map(|i| 2 * i).collect::<Vec<_>>());
+    // Unary calls still work (what grpcurl and other plain gRPC tools use).
+    let unary = Client::builder()
+        .pipelined(false)
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    assert_eq!(unary.incr("hits", 1, None).await.expect("incr"), 1001);
+    // Every request was counted once, whichever way it came.
+    let (_, text) = node.http_get("/metrics").expect("metrics");
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("cache_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(total >= 6501.0, "{total}");
+}
+
+// Multi-threaded: the client's connection task must keep running (answering the server's
+// GOAWAY ping) while this test blocks in `wait_exit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_stream_does_not_hold_up_shutdown() {
+    let mut node = NodeProcess::start(&["--shutdown-notice", "200ms", "--shutdown-grace", "5s"]);
+    let client = Client::connect(node.addr()).await.expect("connect");
+    client.set("k", "v").await.expect("set over the stream");
+    let began = std::time::Instant::now();
+    node.signal("TERM");
+    let status = node
+        .wait_exit(Duration::from_secs(10))
+        .expect("the node exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(4),
+        "shutdown waited for the open stream: {:?}; log:\n{}",
+        began.elapsed(),
+        node.log()
+    );
+    // The client sees a clear error, not a hang.
+    let e = client.get("k").await.expect_err("node gone");
+    assert!(
+        matches!(
+            e,
+            cache_client::Error::Unavailable(_) | cache_client::Error::TimedOut(_)
+        ),
+        "{e}"
+    );
+}

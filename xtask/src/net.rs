@@ -197,7 +197,7 @@ pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
         "--prefill",
     ];
     // (name, node-only flags, flags for both): redis-server runs once per batch size.
-    let scenarios: [(&str, &[&str], &[&str]); 3] = [
+    let scenarios: [(&str, &[&str], &[&str]); 4] = [
         ("unary Get", &["--grpc-mode", "unary"], &["--batch", "1"]),
         (
             "stream Get (pipelined stream)",
@@ -207,6 +207,11 @@ pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
         (
             "MultiGet 16 / pipeline 16",
             &["--grpc-mode", "unary"],
+            &["--batch", "16"],
+        ),
+        (
+            "MultiGet 16 over the stream / pipeline 16",
+            &["--grpc-mode", "stream"],
             &["--batch", "16"],
         ),
     ];

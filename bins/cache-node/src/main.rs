@@ -247,6 +247,11 @@ fn on_sighup(mut reloader: Reloader) {
 #[cfg(not(unix))]
 fn on_sighup(_reloader: Reloader) {}
 
+/// With `--features jemalloc`: jemalloc instead of the system allocator (see Cargo.toml).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Result<()> {
     on_sighup(reloader);
     let max_bytes = config.cache.max_bytes;

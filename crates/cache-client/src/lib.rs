@@ -37,6 +37,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Transport
+//!
+//! By default a client sends its calls on one long-lived pipelined stream per connection
+//! (`cache.v1.Cache/Pipeline`): concurrent calls share it, are packed several per message,
+//! and their answers come back as they are ready. This costs far less per call than a
+//! unary gRPC call (docs/why/protocols.md). [`ClientBuilder::pipelined`]`(false)` makes every
+//! call a unary RPC; requests over 64 KiB always are.
+//!
+//! Counters: [`Client::incr`] adds to an integer atomically on the key's primary (a fixed-
+//! window rate limiter is `incr(key, 1, Some(window))`).
+//!
 //! A complete program is `examples/quickstart.rs`:
 //! `cargo run -p cache-client --example quickstart -- 127.0.0.1:7000`.
 //!
@@ -44,7 +55,7 @@
 //!
 //! Every call has a deadline ([`ClientBuilder::timeout`]), sent to the node as the gRPC
 //! deadline and enforced locally. Failures are an [`Error`] that says what kind of problem
-//! it is. Idempotent calls (everything except a conditional set) are retried on
+//! it is. Idempotent calls (everything except a conditional set and `incr`) are retried on
 //! [`Error::Unavailable`] with exponential backoff, up to [`ClientBuilder::retries`] times.
 
 #![forbid(unsafe_code)]

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_core::sim::{SimCluster, SimConfig, SimRng};
-use cluster_core::{Condition, Consistency, CoreError, Request, Response, SetCommand};
+use cluster_core::{
+    Condition, Consistency, CoreError, Expiry, Request, Response, SetCommand, UpdateOp,
+};
 use tokio::time::Instant;
 
 /// Clock granularity for real-time order (see the module docs).
@@ -232,14 +234,27 @@ async fn client(
                 vec![(key, Kind::Get)],
             ),
             35..=64 => (
-                Request::Set {
-                    cmd: SetCommand {
+                // A third of the writes go through the atomic update path (`SET .. GET`).
+                if choice >= 55 {
+                    Request::Update {
                         key: key_name(key),
-                        value: value.clone(),
-                        ttl_ms: ttl,
-                        condition,
-                    },
-                    consistency: Some(consistency),
+                        op: UpdateOp::Set {
+                            value: value.clone(),
+                            expiry: ttl.map_or(Expiry::Never, Expiry::InMs),
+                            condition,
+                        },
+                        consistency: Some(consistency),
+                    }
+                } else {
+                    Request::Set {
+                        cmd: SetCommand {
+                            key: key_name(key),
+                            value: value.clone(),
+                            ttl_ms: ttl,
+                            condition,
+                        },
+                        consistency: Some(consistency),
+                    }
                 },
                 vec![(
                     key,
@@ -251,9 +266,18 @@ async fn client(
                 )],
             ),
             65..=76 => (
-                Request::Delete {
-                    key: key_name(key),
-                    consistency: Some(consistency),
+                // Some deletes are `GETDEL`s (the update path).
+                if choice >= 73 {
+                    Request::Update {
+                        key: key_name(key),
+                        op: UpdateOp::Delete,
+                        consistency: Some(consistency),
+                    }
+                } else {
+                    Request::Delete {
+                        key: key_name(key),
+                        consistency: Some(consistency),
+                    }
                 },
                 vec![(key, Kind::Delete)],
             ),
@@ -332,7 +356,19 @@ async fn client(
                 (_, Err(_)) => (Effect::Maybe, None),
                 (Kind::Set { .. }, Ok(Response::Set { stored })) => (applied(*stored), None),
                 (Kind::Set { .. }, Ok(Response::MultiSet(stored))) => (applied(stored[i]), None),
+                (Kind::Set { condition, .. }, Ok(Response::Update { previous, .. })) => {
+                    let stored = match condition {
+                        Condition::Always => true,
+                        Condition::IfAbsent => previous.is_none(),
+                        Condition::IfPresent => previous.is_some(),
+                    };
+                    (applied(stored), None)
+                }
                 (Kind::Delete, Ok(Response::Delete { .. })) => (Effect::Applied, None),
+                // A `GETDEL` of an absent key changes nothing.
+                (Kind::Delete, Ok(Response::Update { previous, .. })) => {
+                    (applied(previous.is_some()), None)
+                }
                 (Kind::Touch { .. }, Ok(Response::Touch { found })) => (applied(*found), None),
                 (_, Ok(other)) => {
                     return Err(format!("client {id}: unexpected response {other:?}"));

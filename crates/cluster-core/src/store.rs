@@ -575,17 +575,27 @@ impl Store {
 
     /// Applies mutations from a peer (replication, repair) by last writer wins.
     ///
-    /// The whole batch is checked first — key and value sizes against the limits, versions
-    /// against the allowed clock drift — and refused with no change if any entry fails, so
-    /// a forged version can neither pin a key nor move this node's clock. Then each entry is
-    /// applied, the clock observes its version, and sinks hear about the ones that changed
-    /// something.
+    /// The whole batch is checked first — key and value sizes against the limits, each
+    /// entry against the engine's largest entry, versions against the allowed clock drift —
+    /// and refused with no change if any entry fails, so a forged version can neither pin a
+    /// key nor move this node's clock. Then each entry is applied, the clock observes its
+    /// version, and sinks hear about the ones that changed something. One refusal cannot be
+    /// checked ahead: with eviction off, a full engine refuses an entry mid-batch
+    /// ([`CoreError::Full`]); the entries before it stay applied (each is a valid versioned
+    /// write the sender will re-send, so replicas still converge).
     pub fn apply_replicated(&self, mutations: &[Mutation]) -> Result<ApplyReport, CoreError> {
         let now = self.now_ms();
+        let max_charge = self.cache.max_entry_charge();
         for m in mutations {
             self.limits.check_key(&m.key)?;
             if let MutationOp::Put { value, .. } = &m.op {
                 self.limits.check_value(value)?;
+                let charge = (m.key.len() + value.len() + cache_core::ENTRY_OVERHEAD) as u64;
+                if charge > max_charge {
+                    return Err(CoreError::TooLarge(format!(
+                        "a replicated entry of {charge} bytes (with overhead) exceeds this node's largest entry ({max_charge} bytes: its memory limit divided by its shards)"
+                    )));
+                }
             }
             if m.version == 0 {
                 return Err(CoreError::Invalid(
@@ -756,6 +766,40 @@ mod tests {
             .expect("applies");
         assert!(u.mutation.is_none());
         assert_eq!(u.previous, u.current);
+    }
+
+    #[test]
+    fn a_replicated_entry_larger_than_the_engine_takes_is_refused_before_anything_applies() {
+        let s = Store::new(
+            "n0",
+            CacheConfig::new().with_max_bytes(64 << 10).with_shards(4),
+            NodeClock::System,
+            Limits::default(),
+            Duration::from_secs(5),
+        )
+        .expect("valid");
+        let now = s.now_ms() << 16;
+        let small = Mutation {
+            key: Bytes::from_static(b"a"),
+            version: now,
+            op: MutationOp::Put {
+                value: Bytes::from_static(b"v"),
+                expires_at: None,
+            },
+        };
+        let huge = Mutation {
+            key: Bytes::from_static(b"b"),
+            version: now,
+            op: MutationOp::Put {
+                value: Bytes::from(vec![0u8; 32 << 10]),
+                expires_at: None,
+            },
+        };
+        assert!(matches!(
+            s.apply_replicated(&[small, huge]),
+            Err(CoreError::TooLarge(_))
+        ));
+        assert_eq!(s.get_versioned(b"a"), None, "nothing was applied");
     }
 
     #[test]

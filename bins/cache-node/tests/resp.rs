@@ -246,8 +246,83 @@ async fn every_command_answers_as_redis_does() {
         matches!(hello, Value::Array(ref a) if a.len() == 14),
         "{hello:?}"
     );
-    let e = err_text(q::<Value>(&mut c, &[b"HELLO", b"3"]).await);
+    let e = err_text(q::<Value>(&mut c, &[b"HELLO", b"4"]).await);
     assert!(e.contains("NOPROTO"), "{e}");
+    let t: String = q(&mut c, &[b"TYPE", b"n"]).await.expect("type");
+    assert_eq!(t, "string");
+    let t: String = q(&mut c, &[b"TYPE", b"nope"]).await.expect("type");
+    assert_eq!(t, "none");
+}
+
+#[tokio::test]
+async fn multi_exec_runs_the_queue_in_order_and_aborts_on_a_bad_command() {
+    let node = resp_node(&[]);
+    let mut c = connect(node.resp.expect("resp address")).await;
+    // redis-rs's atomic pipeline is MULTI ... EXEC.
+    let (v, n, ttl): (String, i64, i64) = redis::pipe()
+        .atomic()
+        .cmd("SET")
+        .arg("t")
+        .arg(5)
+        .ignore()
+        .cmd("INCR")
+        .arg("t")
+        .ignore()
+        .cmd("GET")
+        .arg("t")
+        .cmd("INCRBY")
+        .arg("t")
+        .arg(10)
+        .cmd("TTL")
+        .arg("t")
+        .query_async(&mut c)
+        .await
+        .expect("transaction");
+    assert_eq!((v.as_str(), n, ttl), ("6", 16, -1));
+    let addr = node.resp.expect("resp address");
+    // A command refused while queueing aborts EXEC; nothing queued ran.
+    let (out, _) = raw(
+        addr,
+        b"MULTI\r\nSET a 1\r\nNOPE\r\nEXEC\r\nGET a\r\nEXEC\r\nDISCARD\r\nWATCH a\r\nQUIT\r\n",
+    );
+    let text = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert_eq!(lines[0], "+OK");
+    assert_eq!(lines[1], "+QUEUED");
+    assert!(
+        lines[2].starts_with("-ERR unknown command 'NOPE'"),
+        "{text}"
+    );
+    assert!(lines[3].starts_with("-EXECABORT"), "{text}");
+    assert_eq!(lines[4], "$-1", "the queued SET did not run: {text}");
+    assert_eq!(lines[5], "-ERR EXEC without MULTI");
+    assert_eq!(lines[6], "-ERR DISCARD without MULTI");
+    assert!(
+        lines[7].starts_with("-ERR WATCH is not supported"),
+        "{text}"
+    );
+}
+
+#[test]
+fn hello_3_switches_to_resp3() {
+    let node = resp_node(&[]);
+    let addr = node.resp.expect("resp address");
+    let (out, _) = raw(
+        addr,
+        b"HELLO 3\r\nGET nope\r\nMGET nope\r\nCONFIG GET databases\r\nHELLO 2\r\nGET nope\r\nQUIT\r\n",
+    );
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("%7\r\n$6\r\nserver\r\n"), "{text}");
+    assert!(text.contains("$5\r\nproto\r\n:3\r\n"), "{text}");
+    let after_hello = text
+        .splitn(2, "$7\r\nmodules\r\n*0\r\n")
+        .nth(1)
+        .expect("hello ends");
+    assert!(
+        after_hello.starts_with("_\r\n*1\r\n_\r\n%1\r\n$9\r\ndatabases\r\n$1\r\n1\r\n*14\r\n"),
+        "RESP3 nulls and maps, then RESP2 again: {after_hello}"
+    );
+    assert!(after_hello.ends_with("$-1\r\n+OK\r\n"), "{after_hello}");
 }
 
 #[tokio::test]

@@ -63,6 +63,12 @@ enum Cmd {
     Incrby,
     Decr,
     Decrby,
+    Type,
+    Multi,
+    Exec,
+    Discard,
+    Watch,
+    Unwatch,
 }
 
 /// One command of the table.
@@ -146,7 +152,25 @@ static TABLE: &[Spec] = &[
     spec("incrby", 3, WR, ONE, W, Cmd::Incrby),
     spec("decr", 2, WR, ONE, W, Cmd::Decr),
     spec("decrby", 3, WR, ONE, W, Cmd::Decrby),
+    spec("type", 2, RO, ONE, R, Cmd::Type),
+    spec("multi", 1, CONN, NONE, R, Cmd::Multi),
+    spec(
+        "exec",
+        1,
+        &["noscript", "loading", "stale"],
+        NONE,
+        R,
+        Cmd::Exec,
+    ),
+    spec("discard", 1, CONN, NONE, R, Cmd::Discard),
+    spec("watch", -2, CONN, ALL, R, Cmd::Watch),
+    spec("unwatch", 1, CONN, NONE, R, Cmd::Unwatch),
 ];
+
+/// Most commands queued in one `MULTI` block.
+const MAX_QUEUED: usize = 65_536;
+/// Most bytes (arguments) queued in one `MULTI` block.
+const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 fn lookup(name: &[u8]) -> Option<&'static Spec> {
     TABLE
@@ -212,6 +236,14 @@ pub(super) struct Session {
     role: Option<Role>,
     /// The RESP listener's port, for `INFO`.
     port: u16,
+    /// `HELLO 3` switched this connection to RESP3 (nulls and maps differ).
+    resp3: bool,
+    /// Inside `MULTI`: the queued commands (`EXEC` runs them in order).
+    queued: Option<Vec<Vec<Bytes>>>,
+    /// Bytes queued, for the bound.
+    queued_bytes: usize,
+    /// A command of the `MULTI` block was refused: `EXEC` aborts.
+    multi_failed: bool,
 }
 
 impl Session {
@@ -228,6 +260,10 @@ impl Session {
             name: None,
             role,
             port,
+            resp3: false,
+            queued: None,
+            queued_bytes: 0,
+            multi_failed: false,
         }
     }
 
@@ -257,11 +293,13 @@ impl Session {
     /// Runs one command, appending its reply to `out`.
     pub(super) async fn execute(&mut self, args: &[Bytes], out: &mut Vec<u8>) -> Flow {
         let Some(spec) = lookup(&args[0]) else {
+            self.multi_failed |= self.queued.is_some();
             reply::error(out, &unknown_command(args));
             return Flow::Continue;
         };
         let n = i32::try_from(args.len()).unwrap_or(i32::MAX);
         if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
+            self.multi_failed |= self.queued.is_some();
             reply::error(out, &wrong_arity(spec.name));
             return Flow::Continue;
         }
@@ -291,14 +329,92 @@ impl Session {
                 Some(_) => {}
             }
         }
-        if spec.cmd == Cmd::Quit {
-            reply::simple(out, "OK");
-            return Flow::Close;
+        match spec.cmd {
+            Cmd::Quit => {
+                reply::simple(out, "OK");
+                return Flow::Close;
+            }
+            Cmd::Multi | Cmd::Exec | Cmd::Discard | Cmd::Watch | Cmd::Unwatch => {
+                self.transaction(spec.cmd, out).await;
+                return Flow::Continue;
+            }
+            _ => {}
+        }
+        if let Some(queued) = &mut self.queued {
+            let bytes: usize = args.iter().map(Bytes::len).sum();
+            if queued.len() >= MAX_QUEUED || self.queued_bytes + bytes > MAX_QUEUED_BYTES {
+                self.multi_failed = true;
+                reply::error(
+                    out,
+                    &format!(
+                        "ERR a MULTI block holds at most {MAX_QUEUED} commands and {MAX_QUEUED_BYTES} bytes"
+                    ),
+                );
+                return Flow::Continue;
+            }
+            self.queued_bytes += bytes;
+            queued.push(args.to_vec());
+            reply::simple(out, "QUEUED");
+            return Flow::Continue;
         }
         if let Err(msg) = self.dispatch(spec, args, out).await {
             reply::error(out, &msg);
         }
         Flow::Continue
+    }
+
+    /// `MULTI`, `EXEC`, `DISCARD`, `WATCH`, `UNWATCH`. `EXEC` runs the queued commands in
+    /// order and answers an array of their replies. It is **not atomic**: each command is
+    /// its own request to the cluster (its keys may live on different nodes), so another
+    /// client's commands can come between them, and a command that fails does not undo the
+    /// others (Redis does not roll back either). `WATCH` (optimistic locking) is refused.
+    async fn transaction(&mut self, cmd: Cmd, out: &mut Vec<u8>) {
+        match cmd {
+            Cmd::Multi if self.queued.is_some() => {
+                reply::error(out, "ERR MULTI calls can not be nested");
+            }
+            Cmd::Multi => {
+                self.queued = Some(Vec::new());
+                self.queued_bytes = 0;
+                self.multi_failed = false;
+                reply::simple(out, "OK");
+            }
+            Cmd::Discard | Cmd::Exec if self.queued.is_none() => {
+                let name = if cmd == Cmd::Exec { "EXEC" } else { "DISCARD" };
+                reply::error(out, &format!("ERR {name} without MULTI"));
+            }
+            Cmd::Discard => {
+                self.queued = None;
+                reply::simple(out, "OK");
+            }
+            Cmd::Exec => {
+                let queued = self.queued.take().unwrap_or_default();
+                if std::mem::take(&mut self.multi_failed) {
+                    reply::error(
+                        out,
+                        "EXECABORT Transaction discarded because of previous errors.",
+                    );
+                    return;
+                }
+                reply::array(out, queued.len());
+                for args in &queued {
+                    // Checked when queued.
+                    let Some(spec) = lookup(&args[0]) else {
+                        reply::error(out, &unknown_command(args));
+                        continue;
+                    };
+                    if let Err(msg) = self.dispatch(spec, args, out).await {
+                        reply::error(out, &msg);
+                    }
+                }
+            }
+            Cmd::Watch => reply::error(
+                out,
+                "ERR WATCH is not supported: cache-cluster has no optimistic transactions \
+                 (use SET NX/XX or INCR for conditional updates)",
+            ),
+            _ => reply::simple(out, "OK"),
+        }
     }
 
     async fn dispatch(
@@ -309,6 +425,19 @@ impl Session {
     ) -> Result<(), String> {
         match spec.cmd {
             Cmd::Quit => reply::simple(out, "OK"),
+            Cmd::Multi | Cmd::Exec | Cmd::Discard | Cmd::Watch | Cmd::Unwatch => {
+                return Err("ERR MULTI, EXEC, DISCARD and WATCH cannot be queued".into());
+            }
+            Cmd::Type => {
+                let request = Request::Get {
+                    key: args[1].clone(),
+                    consistency: None,
+                };
+                let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
+                    return Err(mismatch());
+                };
+                reply::simple(out, if found.is_some() { "string" } else { "none" });
+            }
             Cmd::Ping => match args.get(1) {
                 None => reply::simple(out, "PONG"),
                 Some(m) if args.len() == 2 => reply::bulk(out, m),
@@ -324,7 +453,7 @@ impl Session {
             Cmd::Auth => self.auth(args, out)?,
             Cmd::Hello => self.hello(args, out)?,
             Cmd::Client => self.client(args, out)?,
-            Cmd::Command => command(args, out)?,
+            Cmd::Command => command(args, out, self.resp3)?,
             Cmd::Config => self.config(args, out)?,
             Cmd::Info => self.info(out),
             Cmd::Dbsize => {
@@ -339,7 +468,7 @@ impl Session {
                 let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
                     return Err(mismatch());
                 };
-                reply::bulk_or_nil(out, found.as_ref().map(|l| &l.value[..]));
+                reply::bulk_or_nil(out, found.as_ref().map(|l| &l.value[..]), self.resp3);
             }
             Cmd::Set => self.set(args, out).await?,
             Cmd::Setex | Cmd::Psetex => {
@@ -373,7 +502,7 @@ impl Session {
             }
             Cmd::Getdel => {
                 let (previous, _) = self.update(&args[1], UpdateOp::Delete).await?;
-                reply::bulk_or_nil(out, previous.as_ref().map(|l| &l.value[..]));
+                reply::bulk_or_nil(out, previous.as_ref().map(|l| &l.value[..]), self.resp3);
             }
             Cmd::Getex => self.getex(args, out).await?,
             Cmd::Del => self.del(&args[1..], out).await?,
@@ -438,7 +567,7 @@ impl Session {
                 let found = self.multi_get(&args[1..]).await?;
                 reply::array(out, found.len());
                 for f in &found {
-                    reply::bulk_or_nil(out, f.as_ref().map(|l| &l.value[..]));
+                    reply::bulk_or_nil(out, f.as_ref().map(|l| &l.value[..]), self.resp3);
                 }
             }
             Cmd::Mset => {
@@ -569,7 +698,7 @@ impl Session {
             if stored {
                 reply::simple(out, "OK");
             } else {
-                reply::nil(out);
+                reply::nil(out, self.resp3);
             }
             return Ok(());
         }
@@ -580,7 +709,7 @@ impl Session {
         };
         let (previous, _) = self.update(&key, op).await?;
         if get {
-            reply::bulk_or_nil(out, previous.as_ref().map(|l| &l.value[..]));
+            reply::bulk_or_nil(out, previous.as_ref().map(|l| &l.value[..]), self.resp3);
         } else {
             let stored = match condition {
                 Condition::Always => true,
@@ -590,7 +719,7 @@ impl Session {
             if stored {
                 reply::simple(out, "OK");
             } else {
-                reply::nil(out);
+                reply::nil(out, self.resp3);
             }
         }
         Ok(())
@@ -633,7 +762,7 @@ impl Session {
             }
             Some(expiry) => self.update(key, UpdateOp::Expire { expiry }).await?.0,
         };
-        reply::bulk_or_nil(out, value.as_ref().map(|l| &l.value[..]));
+        reply::bulk_or_nil(out, value.as_ref().map(|l| &l.value[..]), self.resp3);
         Ok(())
     }
 
@@ -736,16 +865,19 @@ impl Session {
         Ok(())
     }
 
-    /// `HELLO [2 [AUTH user pass] [SETNAME name]]`: RESP2 only.
+    /// `HELLO [2|3 [AUTH user pass] [SETNAME name]]`: answers the server's description and
+    /// switches the connection to the protocol version asked for.
     fn hello(&mut self, args: &[Bytes], out: &mut Vec<u8>) -> Result<(), String> {
         let mut i = 1;
+        let mut resp3 = self.resp3;
         if let Some(v) = args.get(1) {
             match parse_integer(v) {
-                Some(2) => {}
-                Some(3) => {
+                Some(2) => resp3 = false,
+                Some(3) => resp3 = true,
+                Some(_) => {
                     return Err("NOPROTO sorry, this protocol version is not supported".into());
                 }
-                _ => return Err("ERR Protocol version is not an integer or out of range".into()),
+                None => return Err("ERR Protocol version is not an integer or out of range".into()),
             }
             i = 2;
         }
@@ -782,13 +914,14 @@ impl Session {
             check_name(&n)?;
             self.name = Some(n);
         }
-        reply::array(out, 14);
+        self.resp3 = resp3;
+        reply::map(out, 7, resp3);
         for (k, v) in [("server", "redis"), ("version", REDIS_VERSION)] {
             reply::bulk(out, k.as_bytes());
             reply::bulk(out, v.as_bytes());
         }
         reply::bulk(out, b"proto");
-        reply::int(out, 2);
+        reply::int(out, if resp3 { 3 } else { 2 });
         reply::bulk(out, b"id");
         reply::int(out, i64::try_from(self.id).unwrap_or(i64::MAX));
         for (k, v) in [("mode", "standalone"), ("role", "master")] {
@@ -809,13 +942,14 @@ impl Session {
                 self.name = (!args[2].is_empty()).then(|| args[2].clone());
                 reply::simple(out, "OK");
             }
-            (b"GETNAME", 2) => reply::bulk_or_nil(out, self.name.as_deref()),
+            (b"GETNAME", 2) => reply::bulk_or_nil(out, self.name.as_deref(), self.resp3),
             (b"ID", 2) => reply::int(out, i64::try_from(self.id).unwrap_or(i64::MAX)),
             // Library name and version: accepted and not kept.
             (b"SETINFO", 4) => reply::simple(out, "OK"),
             (b"INFO", 2) => {
                 let name = self.name.as_deref().map(printable).unwrap_or_default();
-                let line = format!("id={} name={} db=0 resp=2\n", self.id, name);
+                let proto = if self.resp3 { 3 } else { 2 };
+                let line = format!("id={} name={} db=0 resp={proto}\n", self.id, name);
                 reply::bulk(out, line.as_bytes());
             }
             (b"SETNAME" | b"GETNAME" | b"ID" | b"SETINFO" | b"INFO", _) => {
@@ -881,7 +1015,7 @@ impl Session {
                     .any(|p| glob(&p.to_ascii_lowercase(), name.as_bytes()))
             })
             .collect();
-        reply::array(out, matching.len() * 2);
+        reply::map(out, matching.len(), self.resp3);
         for (name, value) in matching {
             reply::bulk(out, name.as_bytes());
             reply::bulk(out, value.as_bytes());
@@ -995,7 +1129,7 @@ fn command_entry(s: &Spec, out: &mut Vec<u8>) {
 }
 
 /// `COMMAND [COUNT|INFO name...|DOCS|LIST]`.
-fn command(args: &[Bytes], out: &mut Vec<u8>) -> Result<(), String> {
+fn command(args: &[Bytes], out: &mut Vec<u8>, resp3: bool) -> Result<(), String> {
     let Some(sub) = args.get(1) else {
         reply::array(out, TABLE.len());
         for s in TABLE {
@@ -1012,7 +1146,7 @@ fn command(args: &[Bytes], out: &mut Vec<u8>) -> Result<(), String> {
             }
         }
         // No documentation is served: redis-cli then completes without hints.
-        b"DOCS" => reply::array(out, 0),
+        b"DOCS" => reply::map(out, 0, resp3),
         b"INFO" => {
             let names = &args[2..];
             if names.is_empty() {
@@ -1025,7 +1159,7 @@ fn command(args: &[Bytes], out: &mut Vec<u8>) -> Result<(), String> {
                 for n in names {
                     match lookup(n) {
                         Some(s) => command_entry(s, out),
-                        None => out.extend_from_slice(b"*-1\r\n"),
+                        None => reply::nil(out, resp3),
                     }
                 }
             }

@@ -34,16 +34,26 @@ pub(super) fn bulk(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The null bulk string (`$-1`): a miss.
-pub(super) fn nil(out: &mut Vec<u8>) {
-    out.extend_from_slice(b"$-1\r\n");
+/// Null: a miss. RESP2's null bulk string (`$-1`), or RESP3's null (`_`).
+pub(super) fn nil(out: &mut Vec<u8>, resp3: bool) {
+    out.extend_from_slice(if resp3 { b"_\r\n" } else { b"$-1\r\n" });
 }
 
-/// A bulk string, or the null bulk string.
-pub(super) fn bulk_or_nil(out: &mut Vec<u8>, b: Option<&[u8]>) {
+/// A bulk string, or null.
+pub(super) fn bulk_or_nil(out: &mut Vec<u8>, b: Option<&[u8]>, resp3: bool) {
     match b {
         Some(b) => bulk(out, b),
-        None => nil(out),
+        None => nil(out, resp3),
+    }
+}
+
+/// The header of a map of `n` pairs (which the caller writes next, key then value): RESP3's
+/// map (`%n`), or a flat RESP2 array of `2n` items.
+pub(super) fn map(out: &mut Vec<u8>, n: usize, resp3: bool) {
+    if resp3 {
+        let _ = write!(out, "%{n}\r\n");
+    } else {
+        array(out, 2 * n);
     }
 }
 

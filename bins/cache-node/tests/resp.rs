@@ -314,9 +314,8 @@ fn hello_3_switches_to_resp3() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("%7\r\n$6\r\nserver\r\n"), "{text}");
     assert!(text.contains("$5\r\nproto\r\n:3\r\n"), "{text}");
-    let after_hello = text
-        .splitn(2, "$7\r\nmodules\r\n*0\r\n")
-        .nth(1)
+    let (_, after_hello) = text
+        .split_once("$7\r\nmodules\r\n*0\r\n")
         .expect("hello ends");
     assert!(
         after_hello.starts_with("_\r\n*1\r\n_\r\n%1\r\n$9\r\ndatabases\r\n$1\r\n1\r\n*14\r\n"),

@@ -793,16 +793,26 @@ impl Session {
         Ok(())
     }
 
-    /// Reads `keys` in batches of the node's batch limit.
+    /// Reads `keys` in batches of the node's batch limit; refuses an answer larger than the
+    /// node's response limit (it would all be held in memory before it is written).
     async fn multi_get(&self, keys: &[Bytes]) -> Result<Vec<Option<cache_core::Lookup>>, String> {
+        let limits = *self.shared.core.store().limits();
+        let max_bytes = limits.max_response_bytes();
+        let mut bytes = 0usize;
         let mut found = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(self.shared.core.store().limits().max_batch.max(1)) {
+        for chunk in keys.chunks(limits.max_batch.max(1)) {
             let request = Request::MultiGet {
                 keys: chunk.to_vec(),
             };
             let Response::MultiGet(part) = self.run(Op::MultiGet, request, |_| "ok").await? else {
                 return Err(mismatch());
             };
+            bytes += part.iter().flatten().map(|l| l.value.len()).sum::<usize>();
+            if bytes > max_bytes {
+                return Err(format!(
+                    "ERR the values add up to more than this node answers at once ({max_bytes} bytes): ask for fewer keys"
+                ));
+            }
             found.extend(part);
         }
         Ok(found)

@@ -9,8 +9,10 @@
 //! after the other (Redis's ordering guarantee for a connection); connections run in
 //! parallel.
 //!
-//! Bounds: arguments per command, bytes per argument (the node's key and value limits) and
-//! inline line length are checked before a command's body is awaited; a request that breaks
+//! Bounds: arguments per command, bytes per argument (the node's key and value limits),
+//! bytes per command (the node's response limit: 4 maximal values, at least 64 MiB) and
+//! inline line length are checked before a command's body is awaited; a multi-key reply
+//! (`MGET`) larger than the response limit is refused; a request that breaks
 //! the protocol is answered with `-ERR Protocol error: ...` and the connection is closed (the
 //! stream cannot be resynchronised). Replies are flushed every 64 KiB within a batch, and a
 //! client that does not read its replies stops being read (TCP backpressure). The listener
@@ -65,6 +67,9 @@ pub(crate) async fn serve(
         max_args: MAX_ARGS,
         max_arg_bytes: store_limits.max_key_bytes.max(store_limits.max_value_bytes),
         max_inline_bytes: MAX_INLINE,
+        // What the gRPC side accepts in one response: room for an MSET of several
+        // maximal values, never the product of the count and size limits.
+        max_command_bytes: store_limits.max_response_bytes(),
     };
     // RESP has no preface: a client may connect and stay quiet until it needs the cache,
     // so only the idle timeout applies.

@@ -20,6 +20,9 @@ pub struct ParseLimits {
     pub max_arg_bytes: usize,
     /// Longest inline command line, in bytes.
     pub max_inline_bytes: usize,
+    /// Largest whole command (all its arguments and framing), in bytes: what one command
+    /// may make the node buffer.
+    pub max_command_bytes: usize,
 }
 
 /// Longest `*N` or `$N` header line we accept (sign, 20 digits, CRLF, with room).
@@ -130,6 +133,11 @@ fn multibulk(
             return Err(ProtocolError(BAD_LEN));
         }
         let end = start + len;
+        if end + 2 > limits.max_command_bytes {
+            return Err(ProtocolError(
+                "Protocol error: the command is larger than the node accepts",
+            ));
+        }
         if buf.len() < end + 2 {
             return Ok(Parsed::Incomplete(end + 2));
         }
@@ -209,6 +217,7 @@ mod tests {
         max_args: 8,
         max_arg_bytes: 64,
         max_inline_bytes: 128,
+        max_command_bytes: 256,
     };
 
     fn run(buf: &[u8]) -> Result<(Parsed, Vec<Vec<u8>>), ProtocolError> {
@@ -274,6 +283,16 @@ mod tests {
         ] {
             assert!(run(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
+        // Each argument within its limit, the whole command over: refused at the header
+        // that crosses the limit, before its body arrives.
+        let mut big = b"*5\r\n".to_vec();
+        for _ in 0..3 {
+            big.extend_from_slice(b"$64\r\n");
+            big.extend_from_slice(&[b'x'; 64]);
+            big.extend_from_slice(b"\r\n");
+        }
+        big.extend_from_slice(b"$64\r\n");
+        assert!(run(&big).is_err());
         assert_eq!(run(b"*0\r\n").expect("valid"), (Parsed::Command(4), vec![]));
         assert_eq!(
             run(b"*-1\r\n").expect("valid"),
@@ -296,7 +315,7 @@ mod tests {
         /// Encoded commands parse back to their arguments.
         #[test]
         fn encoded_commands_round_trip(
-            args in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 1..8)
+            args in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 1..8)
         ) {
             let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
             let buf = encode(&refs);

@@ -85,6 +85,29 @@ fn set_get_del_ttl_touch_with_exit_codes() {
 }
 
 #[test]
+fn incr_counts_and_refuses_what_is_not_a_counter() {
+    let node = NodeProcess::start(&[]);
+    let n = Some(&node);
+    assert_eq!(stdout(&cli(n, &["incr", "hits"])), "1\n");
+    assert_eq!(
+        stdout(&cli(n, &["incr", "hits", "41", "--ttl", "1h"])),
+        "42\n"
+    );
+    assert_eq!(stdout(&cli(n, &["incr", "hits", "-50"])), "-8\n");
+    assert_eq!(
+        stdout(&cli(n, &["ttl", "hits"])),
+        "never\n",
+        "--ttl applies only to a key the call creates"
+    );
+    assert_eq!(stdout(&cli(n, &["incr", "window", "--ttl", "1h"])), "1\n");
+    assert_ne!(stdout(&cli(n, &["ttl", "window"])), "never\n");
+    cli(n, &["set", "name", "alice"]);
+    let o = cli(n, &["incr", "name"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("not an integer"), "{}", stderr(&o));
+}
+
+#[test]
 fn values_from_stdin_and_files_are_binary_safe() {
     let node = NodeProcess::start(&[]);
     let n = Some(&node);

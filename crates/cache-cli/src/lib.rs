@@ -125,6 +125,18 @@ enum Command {
         #[arg(long, conflicts_with = "ttl")]
         persist: bool,
     },
+    /// Add DELTA (default 1; negative decrements) to the integer at KEY and print the result
+    /// (a missing key counts as 0). Atomic on the key's primary; never retried.
+    Incr {
+        /// The key.
+        key: OsString,
+        /// The amount to add.
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
+        /// Time to live of a key this call creates (an existing key keeps its own).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
     /// Print the node's counters and sizes.
     Stats,
     /// Make the node (--addr) write a snapshot of its data now (it must run with
@@ -183,6 +195,12 @@ impl Conn {
         match self {
             Conn::Single(c) => c.touch(key, ttl).await,
             Conn::Cluster(c) => c.touch(key, ttl).await,
+        }
+    }
+    async fn incr(&self, key: Bytes, delta: i64, ttl: Option<Duration>) -> Result<i64, Error> {
+        match self {
+            Conn::Single(c) => c.incr(key, delta, ttl).await,
+            Conn::Cluster(c) => c.incr(key, delta, ttl).await,
         }
     }
 }
@@ -473,6 +491,10 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
             } else {
                 missing(&key, json!({ "found": false }))
             }
+        }
+        Command::Incr { key, delta, ttl } => {
+            let value = conn.incr(os_bytes(&key), delta, ttl).await.map_err(fail)?;
+            Outcome::ok(format!("{value}\n"), json!({ "value": value }))
         }
         Command::Stats => {
             let s = one_node().await?.stats().await.map_err(fail)?;

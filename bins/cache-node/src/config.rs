@@ -177,6 +177,17 @@ pub(crate) struct Args {
     /// `authorization: Bearer TOKEN`; without it anyone who reaches the port may do anything.
     #[arg(long, env = "CACHE_AUTH_FILE")]
     auth_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM) for the client gRPC and RESP listeners; with --tls-key.
+    /// Reloaded on SIGHUP (new connections get the new certificate).
+    #[arg(long, env = "CACHE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) for --tls-cert.
+    #[arg(long, env = "CACHE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): with it, every client must present a certificate this CA
+    /// signed (mutual TLS).
+    #[arg(long, env = "CACHE_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
     /// Start even though a listener is reachable beyond this machine without protection
     /// (no --auth-file for clients, no --gossip-keys-file for gossip; peer traffic is never
     /// authenticated yet).
@@ -281,6 +292,9 @@ struct FileConfig {
     handshake_timeout: Option<String>,
     idle_timeout: Option<String>,
     auth_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     gossip_keys_file: Option<PathBuf>,
     insecure_allow_plaintext: Option<bool>,
     data_dir: Option<PathBuf>,
@@ -347,14 +361,14 @@ fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
     }
     let open = |a: &SocketAddr| !a.ip().is_loopback();
     let mut exposed: Vec<String> = Vec::new();
-    if n.auth.is_none() {
+    if n.auth.is_none() && n.tls.is_none() {
         let resp = n.resp_listen.map(|a| ("--resp-listen", a));
         for (flag, addr) in [("--listen", n.listen), ("--admin-listen", n.admin_listen)]
             .into_iter()
             .chain(resp)
         {
             if open(&addr) {
-                exposed.push(format!("{flag} {addr} (no --auth-file)"));
+                exposed.push(format!("{flag} {addr} (no --auth-file or --tls-cert)"));
             }
         }
     }
@@ -642,6 +656,21 @@ impl Args {
                 )
             }
         };
+        let tls = match (
+            self.tls_cert.or(file.tls_cert),
+            self.tls_key.or(file.tls_key),
+            self.tls_client_ca.or(file.tls_client_ca),
+        ) {
+            (Some(cert), Some(key), client_ca) => Some(cache_rpc::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            _ => bail!(
+                "TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"
+            ),
+        };
         let persistence = match self.data_dir.or(file.data_dir) {
             None => None,
             Some(dir) => {
@@ -786,6 +815,7 @@ impl Args {
             persistence,
             connections,
             auth,
+            tls,
         };
         let warnings = check_bounds(&node)?;
         protected_mode(

@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         reload,
         log_level: resolved.log_level.clone(),
         node: format!("{:?}", resolved.node),
+        tls: std::sync::Arc::default(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -183,6 +184,9 @@ struct Reloader {
     reload: Reload,
     log_level: String,
     node: String,
+    /// The client listeners' TLS, whose certificate SIGHUP reloads (set once the node is
+    /// bound; the handler is installed before that, so an early SIGHUP does not kill).
+    tls: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<cache_rpc::tls::ServerTls>>>,
 }
 
 impl Reloader {
@@ -190,6 +194,17 @@ impl Reloader {
     /// applied at once (unless `RUST_LOG` overrides it); any other changed setting is
     /// logged as needing a restart; an invalid configuration is logged and ignored.
     fn reload(&mut self) {
+        if let Some(tls) = self.tls.get() {
+            match tls.reload() {
+                Ok(()) => tracing::info!(
+                    cert = %tls.files().cert.display(),
+                    "SIGHUP: TLS certificate reloaded; new connections use it"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: cannot reload the TLS certificate; keeping the running one")
+                }
+            }
+        }
         let resolved = match Args::try_parse()
             .map_err(anyhow::Error::from)
             .and_then(Args::resolve)
@@ -253,10 +268,14 @@ fn on_sighup(_reloader: Reloader) {}
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Result<()> {
+    let tls_slot = std::sync::Arc::clone(&reloader.tls);
     on_sighup(reloader);
     let max_bytes = config.cache.max_bytes;
     let node_id = config.node_id.clone();
     let node = Node::bind(config).await?;
+    if let Some(tls) = node.tls() {
+        let _ = tls_slot.set(tls);
+    }
     // The one startup line, on stdout so scripts and tests can read the bound ports.
     let gossip = node
         .gossip_addr()

@@ -73,6 +73,15 @@ pub struct Cli {
     /// Prefer the environment variable: a flag shows up in `ps` and shell history.
     #[arg(long, global = true, env = "CACHE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Connect with TLS, trusting this CA (PEM): for nodes started with --tls-cert.
+    #[arg(long, global = true, env = "CACHE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for nodes started with --tls-client-ca; with --tls-key.
+    #[arg(long, global = true, env = "CACHE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "CACHE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -373,6 +382,15 @@ async fn run(cli: Cli, stdin: &mut dyn Read) -> Result<Outcome, (u8, String)> {
     }
     if let Some(t) = &cli.token {
         builder = builder.token(t).map_err(|e| (EXIT_USAGE, e.to_string()))?;
+    }
+    if cli.tls_ca.is_some() || cli.tls_cert.is_some() {
+        let tls = cache_client::Tls::from_files(
+            cli.tls_ca.as_deref(),
+            cli.tls_cert.as_deref(),
+            cli.tls_key.as_deref(),
+        )
+        .map_err(|e| (EXIT_USAGE, e.to_string()))?;
+        builder = builder.tls(tls);
     }
     let needs_view = matches!(cli.command, Command::Members | Command::Ring);
     let seeds = if cli.seeds.is_empty() {

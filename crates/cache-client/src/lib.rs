@@ -229,6 +229,72 @@ pub struct ClientBuilder {
     auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// Send requests on one pipelined stream (default) instead of one unary call each.
     pipelined: bool,
+    /// Connect with TLS (nodes started with `--tls-cert`).
+    tls: Option<Tls>,
+}
+
+/// TLS settings for nodes started with `--tls-cert` ([`ClientBuilder::tls`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    ca_pem: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    domain: Option<String>,
+}
+
+impl Tls {
+    /// TLS that trusts the system's root certificates.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trust this CA (PEM) instead of the system's roots: the cluster's own CA.
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Present this client certificate and key (PEM), for nodes that require one
+    /// (`--tls-client-ca`).
+    pub fn identity_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.identity = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// Verify the node's certificate for this name instead of the address's host.
+    pub fn domain(mut self, name: impl Into<String>) -> Self {
+        self.domain = Some(name.into());
+        self
+    }
+
+    /// Reads the CA and the client certificate and key from PEM files (what `--tls-ca`,
+    /// `--tls-cert` and `--tls-key` name in the CLI and the load generator).
+    pub fn from_files(
+        ca: Option<&std::path::Path>,
+        cert: Option<&std::path::Path>,
+        key: Option<&std::path::Path>,
+    ) -> Result<Self, Error> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Error::InvalidAddress {
+                addr: p.display().to_string(),
+                message: format!("cannot read the TLS file: {e}"),
+            })
+        };
+        let mut tls = Self::new();
+        if let Some(ca) = ca {
+            tls = tls.ca_pem(read(ca)?);
+        }
+        match (cert, key) {
+            (Some(c), Some(k)) => tls = tls.identity_pem(read(c)?, read(k)?),
+            (None, None) => {}
+            _ => {
+                return Err(Error::InvalidAddress {
+                    addr: String::new(),
+                    message: "a client certificate needs its key, and a key its certificate".into(),
+                });
+            }
+        }
+        Ok(tls)
+    }
 }
 
 impl Default for ClientBuilder {
@@ -242,6 +308,7 @@ impl Default for ClientBuilder {
             read_consistency: None,
             auth: None,
             pipelined: true,
+            tls: None,
         }
     }
 }
@@ -267,6 +334,12 @@ impl ClientBuilder {
     /// gRPC tools do). A node without the stream is detected and served with unary calls.
     pub fn pipelined(mut self, on: bool) -> Self {
         self.pipelined = on;
+        self
+    }
+
+    /// Connects with TLS (`https`), for nodes started with `--tls-cert`.
+    pub fn tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -308,15 +381,31 @@ impl ClientBuilder {
     }
 
     fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let url = if addr.contains("://") {
             addr.to_string()
         } else {
-            format!("http://{addr}")
+            format!("{scheme}://{addr}")
         };
-        let endpoint = Endpoint::from_shared(url).map_err(|e| Error::InvalidAddress {
+        let invalid = |e: &dyn std::fmt::Display| Error::InvalidAddress {
             addr: addr.to_string(),
             message: e.to_string(),
-        })?;
+        };
+        let mut endpoint = Endpoint::from_shared(url).map_err(|e| invalid(&e))?;
+        if let Some(tls) = &self.tls {
+            let mut config = tonic::transport::ClientTlsConfig::new();
+            config = match &tls.ca_pem {
+                Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                None => config.with_native_roots(),
+            };
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| invalid(&e))?;
+        }
         Ok(endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)

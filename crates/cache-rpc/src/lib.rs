@@ -13,6 +13,7 @@
 //! - [`resp`]: the Redis-protocol (RESP2) front end, a second translator onto the core.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz`, `/status`, `POST /snapshot`.
 //! - [`auth`]: client tokens with roles (`--auth-file`).
+//! - [`tls`]: TLS for the client listeners, with certificates reloaded on demand.
 //! - [`conn`]: connection limits of every listener (a cap, a handshake deadline, an idle
 //!   timeout).
 //! - [`metrics`]: every exported series, registered up front on the node's own recorder.
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod node;
 pub mod resp;
 pub mod service;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

@@ -126,6 +126,9 @@ pub struct NodeConfig {
     pub connections: crate::conn::ConnLimits,
     /// Client tokens (`--auth-file`, parsed); `None`: every client may do everything.
     pub auth: Option<Vec<crate::auth::TokenEntry>>,
+    /// TLS on the client gRPC and RESP listeners (`--tls-cert`, `--tls-key`,
+    /// `--tls-client-ca`); `None`: plaintext.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Largest header list (metadata) a request may carry: 64 KiB. gRPC metadata is small;
@@ -171,6 +174,7 @@ impl Default for NodeConfig {
                 idle_timeout: Some(Duration::from_secs(300)),
             },
             auth: None,
+            tls: None,
         }
     }
 }
@@ -213,6 +217,9 @@ pub enum NodeError {
     /// The data directory could not be loaded (corrupt, unreadable) or the log started.
     #[error("{0}")]
     Persist(#[from] cache_persist::PersistError),
+    /// The TLS certificate, key or client CA could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The admin HTTP server failed while running.
     #[error("admin HTTP server failed: {0}")]
     Admin(std::io::Error),
@@ -226,6 +233,7 @@ pub struct Node {
     peer: TcpListener,
     admin: TcpListener,
     resp: Option<TcpListener>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
     prometheus: PrometheusHandle,
     /// Keeps the membership (and so its background work) alive; left on shutdown.
     membership: Arc<dyn Membership>,
@@ -288,6 +296,10 @@ impl Node {
         let admin = bind(config.admin_listen, "admin HTTP").await?;
         let resp = match config.resp_listen {
             Some(addr) => Some(bind(addr, "RESP").await?),
+            None => None,
+        };
+        let tls = match config.tls.clone() {
+            Some(files) => Some(Arc::new(crate::tls::ServerTls::load(files)?)),
             None => None,
         };
         let grpc_addr = local_addr(&grpc, config.listen, "gRPC")?;
@@ -449,11 +461,17 @@ impl Node {
             peer,
             admin,
             resp,
+            tls,
             prometheus,
             membership,
             gossip_addr,
             peer_max,
         })
+    }
+
+    /// The client listeners' TLS, to reload its certificate (`ServerTls::reload`).
+    pub fn tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
+        self.tls.clone()
     }
 
     /// The bound RESP address, with `--resp-listen`.
@@ -498,6 +516,7 @@ impl Node {
             peer,
             admin,
             resp,
+            tls,
             prometheus,
             membership,
             gossip_addr,
@@ -620,11 +639,18 @@ impl Node {
                 // Our own listener (bound early to report errors), so the server's
                 // tcp_nodelay does not apply: set it per accepted socket here, or Nagle's
                 // algorithm adds tens of milliseconds to multi-segment requests.
-                crate::conn::guarded(
-                    grpc,
-                    config.connections,
-                    Arc::clone(&shared.connections[0]),
-                    "client",
+                with_tls(
+                    crate::conn::guarded(
+                        grpc,
+                        config.connections,
+                        Arc::clone(&shared.connections[0]),
+                        "client",
+                    ),
+                    tls.clone(),
+                    config
+                        .connections
+                        .handshake_timeout
+                        .unwrap_or(Duration::from_secs(10)),
                 ),
                 public_stop.clone().cancelled_owned(),
             );
@@ -665,6 +691,7 @@ impl Node {
                     Arc::clone(&shared),
                     config.connections,
                     public_stop.clone(),
+                    tls.clone(),
                 )
                 .await;
             }
@@ -734,6 +761,43 @@ impl Node {
         drop(membership);
         result
     }
+}
+
+/// The client gRPC connections, under TLS when `tls` is set: handshakes run concurrently
+/// (up to 256 at once, each within `handshake`), off the accept loop; a failed or late one
+/// closes its connection and is logged at debug level.
+fn with_tls(
+    incoming: impl futures_util::Stream<Item = Result<crate::conn::GuardedIo, std::io::Error>>
+    + Send
+    + 'static,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+    handshake: Duration,
+) -> impl futures_util::Stream<Item = Result<crate::tls::MaybeTls, std::io::Error>> + Send + 'static
+{
+    use futures_util::StreamExt;
+    incoming
+        .map(move |accepted| {
+            let tls = tls.clone();
+            async move {
+                let io = accepted.ok()?;
+                let Some(tls) = tls else {
+                    return Some(crate::tls::MaybeTls::Plain(io));
+                };
+                match tokio::time::timeout(handshake, tls.grpc_acceptor().accept(io)).await {
+                    Ok(Ok(stream)) => Some(crate::tls::MaybeTls::Tls(Box::new(stream))),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake not done within the deadline");
+                        None
+                    }
+                }
+            }
+        })
+        .buffer_unordered(256)
+        .filter_map(|io| async move { io.map(Ok) })
 }
 
 /// Binds `addr`, naming the listener (`what`) in the error.

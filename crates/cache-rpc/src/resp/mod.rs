@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{ConnLimits, GuardedIo};
+use crate::conn::ConnLimits;
 use crate::service::Shared;
 use commands::{Flow, Session};
 use parse::{ParseLimits, Parsed, ProtocolError};
@@ -60,7 +60,11 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     limits: ConnLimits,
     stop: CancellationToken,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) {
+    let handshake = limits
+        .handshake_timeout
+        .unwrap_or(std::time::Duration::from_secs(10));
     let port = listener.local_addr().map_or(0, |a| a.port());
     let store_limits = *shared.core.store().limits();
     let parse_limits = ParseLimits {
@@ -95,7 +99,24 @@ pub(crate) async fn serve(
             ids.fetch_add(1, Ordering::Relaxed),
             port,
         );
-        tasks.spawn(connection(io, session, parse_limits, stop.clone()));
+        let stop = stop.clone();
+        match &tls {
+            None => {
+                tasks.spawn(connection(io, session, parse_limits, stop));
+            }
+            Some(tls) => {
+                let acceptor = tls.resp_acceptor();
+                tasks.spawn(async move {
+                    match tokio::time::timeout(handshake, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => connection(stream, session, parse_limits, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "RESP TLS handshake failed"),
+                        Err(_) => {
+                            tracing::debug!("RESP TLS handshake not done within the deadline")
+                        }
+                    }
+                });
+            }
+        }
     }
     tasks.close();
     tasks.wait().await;
@@ -103,7 +124,7 @@ pub(crate) async fn serve(
 
 /// One connection: read, run every complete command, write the replies, repeat.
 async fn connection(
-    mut io: GuardedIo,
+    mut io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     mut session: Session,
     limits: ParseLimits,
     stop: CancellationToken,

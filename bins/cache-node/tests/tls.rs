@@ -1,0 +1,260 @@
+//! TLS on the client listeners with a real node and certificates made for the test (a
+//! test CA signing the node's certificate for `localhost` and `127.0.0.1`): the SDK and the
+//! CLI connect with the CA; a plaintext client and a client trusting another CA do not;
+//! RESP works over TLS; with `--tls-client-ca` a client without a certificate is refused;
+//! SIGHUP swaps the certificate for new connections; protected mode accepts TLS.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cache_client::{Client, Tls};
+use cache_testkit::{NodeProcess, node_binary};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A CA and what it signs.
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let pem = params.self_signed(&key).expect("self-signed").pem();
+    Ca { params, key, pem }
+}
+
+/// A certificate for `names` signed by `ca`: (cert PEM, key PEM).
+fn leaf(ca: &Ca, names: &[&str]) -> (String, String) {
+    let key = KeyPair::generate().expect("key");
+    let params = CertificateParams::new(names.iter().map(|n| (*n).to_string()).collect::<Vec<_>>())
+        .expect("params");
+    let issuer = Issuer::from_params(&ca.params, &ca.key);
+    let cert = params.signed_by(&key, &issuer).expect("signed");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+async fn tls_client(node: &NodeProcess, ca_pem: &str) -> Result<Client, cache_client::Error> {
+    let c = Client::builder()
+        .timeout(Duration::from_secs(3))
+        .retries(0)
+        .tls(Tls::new().ca_pem(ca_pem.as_bytes()))
+        .connect(node.addr())
+        .await?;
+    c.set("probe", "1").await?;
+    Ok(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connect_with_the_cluster_ca_and_the_certificate_reloads_on_sighup() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = ca("first CA");
+    let (cert, key) = leaf(&first, &["localhost", "127.0.0.1"]);
+    let cert_path = write(dir.path(), "node.crt", &cert);
+    let key_path = write(dir.path(), "node.key", &key);
+    let node = NodeProcess::start(&[
+        "--resp-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        s(&cert_path),
+        "--tls-key",
+        s(&key_path),
+    ]);
+
+    // The SDK with the CA: served (over the pipelined stream, then unary).
+    let c = tls_client(&node, &first.pem).await.expect("TLS client");
+    assert_eq!(
+        c.get("probe").await.expect("get").as_deref(),
+        Some(&b"1"[..])
+    );
+    // A plaintext client and a client trusting another CA are not.
+    let plain = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .retries(0)
+        .connect(node.addr())
+        .await;
+    assert!(
+        match plain {
+            Err(_) => true,
+            Ok(p) => p.get("probe").await.is_err(),
+        },
+        "a plaintext client was served"
+    );
+    let other = ca("other CA");
+    assert!(tls_client(&node, &other.pem).await.is_err());
+
+    // The CLI with --tls-ca.
+    let ca_path = write(dir.path(), "ca.crt", &first.pem);
+    let out = Command::new(cache_testkit::cli_binary())
+        .args([
+            "--addr",
+            &node.addr(),
+            "--tls-ca",
+            s(&ca_path),
+            "get",
+            "probe",
+        ])
+        .output()
+        .expect("cache-cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"1");
+
+    // RESP over TLS.
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(&first.pem) {
+        roots.add(cert).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(node.resp.expect("resp address"))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("RESP TLS handshake");
+    tls.write_all(b"GET probe\r\nQUIT\r\n").await.expect("send");
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.ok();
+    assert_eq!(out, b"$1\r\n1\r\n+OK\r\n");
+
+    // SIGHUP with a certificate from another CA: new connections get it.
+    let (cert2, key2) = leaf(&other, &["localhost", "127.0.0.1"]);
+    std::fs::write(&cert_path, cert2).expect("write");
+    std::fs::write(&key_path, key2).expect("write");
+    node.signal("HUP");
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tls_client(&node, &other.pem).await.is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the new certificate was not served; log:\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tls_client(&node, &first.pem).await.is_err(),
+        "the old CA no longer works"
+    );
+    assert!(
+        node.log().contains("TLS certificate reloaded"),
+        "{}",
+        node.log()
+    );
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("PEM")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_ca_makes_client_certificates_mandatory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server_ca = ca("server CA");
+    let client_ca = ca("client CA");
+    let (cert, key) = leaf(&server_ca, &["localhost", "127.0.0.1"]);
+    let node = NodeProcess::start(&[
+        "--tls-cert",
+        s(&write(dir.path(), "node.crt", &cert)),
+        "--tls-key",
+        s(&write(dir.path(), "node.key", &key)),
+        "--tls-client-ca",
+        s(&write(dir.path(), "clients.crt", &client_ca.pem)),
+    ]);
+    assert!(
+        tls_client(&node, &server_ca.pem).await.is_err(),
+        "no client certificate"
+    );
+    let (ccert, ckey) = leaf(&client_ca, &["checkout-service"]);
+    let c = Client::builder()
+        .timeout(Duration::from_secs(3))
+        .retries(0)
+        .tls(
+            Tls::new()
+                .ca_pem(server_ca.pem.as_bytes())
+                .identity_pem(ccert.as_bytes(), ckey.as_bytes()),
+        )
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    c.set("k", "v")
+        .await
+        .expect("a client with a certificate is served");
+}
+
+#[test]
+fn protected_mode_accepts_tls_and_bad_files_are_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = ca("CA");
+    let (cert, key) = leaf(&c, &["localhost"]);
+    let cert_path = write(dir.path(), "node.crt", &cert);
+    let key_path = write(dir.path(), "node.key", &key);
+    // Beyond loopback with TLS (and the peer listener on loopback): starts.
+    let node = NodeProcess::spawn(&[
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--listen",
+        "0.0.0.0:0",
+        "--advertise",
+        "127.0.0.1",
+        "--peer-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        s(&cert_path),
+        "--tls-key",
+        s(&key_path),
+    ])
+    .expect("a node beyond loopback with TLS starts");
+    drop(node);
+    // A key that is not PEM: refused at start, naming the file.
+    let bad = write(dir.path(), "bad.key", "not a key");
+    let out = Command::new(node_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            s(&cert_path),
+            "--tls-key",
+            s(&bad),
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.key"), "{err}");
+}

@@ -188,9 +188,21 @@ pub(crate) struct Args {
     /// signed (mutual TLS).
     #[arg(long, env = "CACHE_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
+    /// This member's certificate (PEM) for mutual TLS on the peer listener and to other
+    /// members; it must name the address others reach it by. With --peer-tls-key and
+    /// --peer-tls-ca. Reloaded on SIGHUP.
+    #[arg(long, env = "CACHE_PEER_TLS_CERT")]
+    peer_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --peer-tls-cert.
+    #[arg(long, env = "CACHE_PEER_TLS_KEY")]
+    peer_tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): only members whose certificates it signed may call the peer
+    /// listener, and peers are trusted only if it signed theirs.
+    #[arg(long, env = "CACHE_PEER_TLS_CA")]
+    peer_tls_ca: Option<PathBuf>,
     /// Start even though a listener is reachable beyond this machine without protection
-    /// (no --auth-file for clients, no --gossip-keys-file for gossip; peer traffic is never
-    /// authenticated yet).
+    /// (neither --auth-file nor --tls-cert for clients, no --peer-tls-* for the peer
+    /// listener, no --gossip-keys-file for gossip).
     /// Without it such a node refuses to start (protected mode).
     #[arg(long, env = "CACHE_INSECURE_ALLOW_PLAINTEXT")]
     insecure_allow_plaintext: bool,
@@ -295,6 +307,9 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    peer_tls_cert: Option<PathBuf>,
+    peer_tls_key: Option<PathBuf>,
+    peer_tls_ca: Option<PathBuf>,
     gossip_keys_file: Option<PathBuf>,
     insecure_allow_plaintext: Option<bool>,
     data_dir: Option<PathBuf>,
@@ -353,8 +368,8 @@ fn read_keyring(path: &std::path::Path) -> Result<cluster_membership::Keyring> {
 
 /// Protected mode (Redis's idea): a listener reachable beyond loopback must be protected,
 /// or the operator must say, with `--insecure-allow-plaintext`, that the network is.
-/// Clients are protected by `--auth-file`, gossip by `--gossip-keys-file`; the peer listener
-/// not yet (mutual TLS is to come), so binding it beyond loopback always needs the flag.
+/// Clients are protected by `--auth-file` or `--tls-cert`, the peer listener by mutual TLS
+/// (`--peer-tls-*`), gossip by `--gossip-keys-file`.
 fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
     if allow {
         return Ok(());
@@ -372,9 +387,9 @@ fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
             }
         }
     }
-    if open(&n.peer_listen) {
+    if open(&n.peer_listen) && n.peer_tls.is_none() {
         exposed.push(format!(
-            "--peer-listen {} (peer traffic is not authenticated yet)",
+            "--peer-listen {} (no --peer-tls-cert/--peer-tls-key/--peer-tls-ca)",
             n.peer_listen
         ));
     }
@@ -671,6 +686,19 @@ impl Args {
                 "TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)"
             ),
         };
+        let peer_tls = match (
+            self.peer_tls_cert.or(file.peer_tls_cert),
+            self.peer_tls_key.or(file.peer_tls_key),
+            self.peer_tls_ca.or(file.peer_tls_ca),
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Some(cache_rpc::tls::TlsFiles {
+                cert,
+                key,
+                client_ca: Some(ca),
+            }),
+            (None, None, None) => None,
+            _ => bail!("peer TLS needs --peer-tls-cert, --peer-tls-key and --peer-tls-ca together"),
+        };
         let persistence = match self.data_dir.or(file.data_dir) {
             None => None,
             Some(dir) => {
@@ -816,6 +844,7 @@ impl Args {
             connections,
             auth,
             tls,
+            peer_tls,
         };
         let warnings = check_bounds(&node)?;
         protected_mode(

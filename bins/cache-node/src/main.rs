@@ -186,7 +186,7 @@ struct Reloader {
     node: String,
     /// The client listeners' TLS, whose certificate SIGHUP reloads (set once the node is
     /// bound; the handler is installed before that, so an early SIGHUP does not kill).
-    tls: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<cache_rpc::tls::ServerTls>>>,
+    tls: std::sync::Arc<std::sync::OnceLock<Vec<std::sync::Arc<cache_rpc::tls::ServerTls>>>>,
 }
 
 impl Reloader {
@@ -194,7 +194,7 @@ impl Reloader {
     /// applied at once (unless `RUST_LOG` overrides it); any other changed setting is
     /// logged as needing a restart; an invalid configuration is logged and ignored.
     fn reload(&mut self) {
-        if let Some(tls) = self.tls.get() {
+        for tls in self.tls.get().into_iter().flatten() {
             match tls.reload() {
                 Ok(()) => tracing::info!(
                     cert = %tls.files().cert.display(),
@@ -273,9 +273,7 @@ async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Resul
     let max_bytes = config.cache.max_bytes;
     let node_id = config.node_id.clone();
     let node = Node::bind(config).await?;
-    if let Some(tls) = node.tls() {
-        let _ = tls_slot.set(tls);
-    }
+    let _ = tls_slot.set(node.tls().into_iter().chain(node.peer_tls()).collect());
     // The one startup line, on stdout so scripts and tests can read the bound ports.
     let gossip = node
         .gossip_addr()

@@ -258,3 +258,98 @@ fn protected_mode_accepts_tls_and_bad_files_are_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.key"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_replicate_over_mutual_tls_and_strangers_are_refused() {
+    use cache_proto::peer::v1::{
+        Mutation, Put, ReplicateRequest, mutation, peer_client::PeerClient,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster_ca = ca("cluster CA");
+    let ca_path = write(dir.path(), "cluster-ca.crt", &cluster_ca.pem);
+    let mut files = Vec::new();
+    for i in 0..3 {
+        let (cert, key) = leaf(&cluster_ca, &["127.0.0.1", "localhost"]);
+        files.push((
+            write(dir.path(), &format!("node-{i}.crt"), &cert),
+            write(dir.path(), &format!("node-{i}.key"), &key),
+        ));
+    }
+    let cluster = cache_testkit::Cluster::start_each(3, |i| {
+        vec![
+            "--replication-factor".into(),
+            "3".into(),
+            "--write-consistency".into(),
+            "all".into(),
+            "--peer-tls-cert".into(),
+            s(&files[i].0).into(),
+            "--peer-tls-key".into(),
+            s(&files[i].1).into(),
+            "--peer-tls-ca".into(),
+            s(&ca_path).into(),
+        ]
+    });
+    // ALL writes through each node: every member applied every write over mutual TLS.
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let c = Client::connect(node.addr()).await.expect("connect");
+        for k in 0..20 {
+            c.set(format!("k{i}-{k}"), "v").await.expect("an ALL write");
+        }
+    }
+    let c = Client::connect(cluster.nodes[2].addr())
+        .await
+        .expect("connect");
+    assert_eq!(
+        c.get("k0-19").await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+
+    // A stranger in plaintext, or with a certificate from another CA, cannot replicate.
+    let forged = ReplicateRequest {
+        from: "node-1".into(),
+        ring_fingerprint: 0,
+        mutations: vec![Mutation {
+            key: "k0-0".into(),
+            // The newest version a member could issue now (within the drift limit): applied
+            // if the call got through.
+            version: (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_millis() as u64)
+                << 16
+                | 0xffff,
+            op: Some(mutation::Op::Put(Put {
+                value: "forged".into(),
+                expires_at_ms: None,
+            })),
+        }],
+    };
+    let peer = cluster.nodes[0].peer_addr();
+    if let Ok(mut plain) = PeerClient::connect(format!("http://{peer}")).await {
+        assert!(
+            plain.replicate(forged.clone()).await.is_err(),
+            "plaintext peer call served"
+        );
+    }
+    let stranger_ca = ca("stranger CA");
+    let (scert, skey) = leaf(&stranger_ca, &["127.0.0.1"]);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{peer}"))
+        .expect("url")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&cluster_ca.pem))
+                .identity(tonic::transport::Identity::from_pem(scert, skey)),
+        )
+        .expect("tls config");
+    if let Ok(channel) = endpoint.connect().await {
+        let mut stranger = PeerClient::new(channel);
+        assert!(
+            stranger.replicate(forged).await.is_err(),
+            "a stranger's certificate was accepted"
+        );
+    }
+    assert_eq!(
+        c.get("k0-0").await.expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
+}

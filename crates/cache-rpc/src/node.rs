@@ -129,6 +129,10 @@ pub struct NodeConfig {
     /// TLS on the client gRPC and RESP listeners (`--tls-cert`, `--tls-key`,
     /// `--tls-client-ca`); `None`: plaintext.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// Mutual TLS between members on the peer listener (`--peer-tls-cert`,
+    /// `--peer-tls-key`, `--peer-tls-ca`: `client_ca` is the cluster CA, required);
+    /// `None`: plaintext.
+    pub peer_tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Largest header list (metadata) a request may carry: 64 KiB. gRPC metadata is small;
@@ -175,6 +179,7 @@ impl Default for NodeConfig {
             },
             auth: None,
             tls: None,
+            peer_tls: None,
         }
     }
 }
@@ -234,6 +239,7 @@ pub struct Node {
     admin: TcpListener,
     resp: Option<TcpListener>,
     tls: Option<Arc<crate::tls::ServerTls>>,
+    peer_tls: Option<Arc<crate::tls::ServerTls>>,
     prometheus: PrometheusHandle,
     /// Keeps the membership (and so its background work) alive; left on shutdown.
     membership: Arc<dyn Membership>,
@@ -299,6 +305,15 @@ impl Node {
             None => None,
         };
         let tls = match config.tls.clone() {
+            Some(files) => Some(Arc::new(crate::tls::ServerTls::load(files)?)),
+            None => None,
+        };
+        let peer_tls = match config.peer_tls.clone() {
+            Some(files) if files.client_ca.is_none() => {
+                return Err(NodeError::Tls(crate::tls::TlsError::Config(
+                    "peer TLS needs the cluster CA (--peer-tls-ca): only members may call the peer listener".into(),
+                )));
+            }
             Some(files) => Some(Arc::new(crate::tls::ServerTls::load(files)?)),
             None => None,
         };
@@ -423,11 +438,15 @@ impl Node {
             );
         }
         let ring = Arc::new(RingView::new(first, config.cluster.replication_factor)?);
-        let transport = Arc::new(GrpcTransport::new(
+        let mut transport = GrpcTransport::new(
             Arc::clone(&ring),
             config.cluster.peer_timeout,
             config.limits.max_response_bytes(),
-        ));
+        );
+        if let Some(t) = &peer_tls {
+            transport = transport.with_tls(Arc::clone(t));
+        }
+        let transport = Arc::new(transport);
         let core = Arc::new(Coordinator::new(
             node_id,
             store,
@@ -462,11 +481,17 @@ impl Node {
             admin,
             resp,
             tls,
+            peer_tls,
             prometheus,
             membership,
             gossip_addr,
             peer_max,
         })
+    }
+
+    /// The peer listener's mutual TLS, to reload its certificate.
+    pub fn peer_tls(&self) -> Option<Arc<crate::tls::ServerTls>> {
+        self.peer_tls.clone()
     }
 
     /// The client listeners' TLS, to reload its certificate (`ServerTls::reload`).
@@ -517,6 +542,7 @@ impl Node {
             admin,
             resp,
             tls,
+            peer_tls,
             prometheus,
             membership,
             gossip_addr,
@@ -664,14 +690,21 @@ impl Node {
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_service(peer_service)
             .serve_with_incoming_shutdown(
-                crate::conn::guarded(
-                    peer,
-                    crate::conn::ConnLimits {
-                        max_connections: peer_max,
-                        ..config.connections
-                    },
-                    Arc::clone(&shared.connections[1]),
-                    "peer",
+                with_tls(
+                    crate::conn::guarded(
+                        peer,
+                        crate::conn::ConnLimits {
+                            max_connections: peer_max,
+                            ..config.connections
+                        },
+                        Arc::clone(&shared.connections[1]),
+                        "peer",
+                    ),
+                    peer_tls,
+                    config
+                        .connections
+                        .handshake_timeout
+                        .unwrap_or(Duration::from_secs(10)),
                 ),
                 peer_stop.clone().cancelled_owned(),
             );

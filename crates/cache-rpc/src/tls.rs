@@ -64,6 +64,8 @@ pub struct ServerTls {
     files: TlsFiles,
     grpc: ArcSwap<rustls::ServerConfig>,
     resp: ArcSwap<rustls::ServerConfig>,
+    /// Bumped by every successful reload (outgoing peer channels are rebuilt on a change).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl ServerTls {
@@ -74,6 +76,7 @@ impl ServerTls {
             files,
             grpc: ArcSwap::from_pointee(grpc),
             resp: ArcSwap::from_pointee(resp),
+            generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -83,7 +86,32 @@ impl ServerTls {
         let (grpc, resp) = build(&self.files)?;
         self.grpc.store(Arc::new(grpc));
         self.resp.store(Arc::new(resp));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// How many times the files were reloaded.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The client side of mutual TLS between members (the peer listener): this node's
+    /// certificate as its identity, the cluster CA (`client_ca`) as the only trusted root.
+    /// Read from the files now, so a channel built after a reload uses the new ones.
+    pub fn peer_client_config(&self) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| file_error(p, e));
+        let ca = self
+            .files
+            .client_ca
+            .as_deref()
+            .ok_or_else(|| TlsError::Config("peer TLS needs the cluster CA".into()))?;
+        Ok(tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?))
+            .identity(tonic::transport::Identity::from_pem(
+                read(&self.files.cert)?,
+                read(&self.files.key)?,
+            )))
     }
 
     /// The files it reads.

@@ -28,9 +28,12 @@ use crate::wire;
 #[derive(Debug)]
 pub struct GrpcTransport {
     ring: Arc<RingView>,
-    channels: Mutex<HashMap<NodeId, (SocketAddr, Channel)>>,
+    /// Per peer: its address, the TLS generation the channel was built with, the channel.
+    channels: Mutex<HashMap<NodeId, (SocketAddr, u64, Channel)>>,
     connect_timeout: Duration,
     max_message_bytes: usize,
+    /// Mutual TLS to other members (`--peer-tls-*`); `None`: plaintext.
+    tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl GrpcTransport {
@@ -42,7 +45,15 @@ impl GrpcTransport {
             channels: Mutex::new(HashMap::new()),
             connect_timeout,
             max_message_bytes,
+            tls: None,
         }
+    }
+
+    /// Calls peers over mutual TLS with `tls`'s certificate and cluster CA; channels are
+    /// rebuilt after the certificate is reloaded.
+    pub fn with_tls(mut self, tls: Arc<crate::tls::ServerTls>) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     fn client(&self, to: &NodeId) -> Result<PeerClient<Channel>, PeerError> {
@@ -55,20 +66,31 @@ impl GrpcTransport {
             .load()
             .peer_addr(to)
             .ok_or_else(|| unreachable("not a member".into()))?;
+        let generation = self.tls.as_ref().map_or(0, |t| t.generation());
         let channel = {
             let mut channels = self.channels.lock();
             match channels.get(to) {
-                Some((a, ch)) if *a == addr => ch.clone(),
+                Some((a, g, ch)) if *a == addr && *g == generation => ch.clone(),
                 _ => {
-                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| unreachable(e.to_string()))?
+                    let scheme = if self.tls.is_some() { "https" } else { "http" };
+                    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                        .map_err(|e| unreachable(e.to_string()))?;
+                    if let Some(tls) = &self.tls {
+                        let config = tls
+                            .peer_client_config()
+                            .map_err(|e| unreachable(e.to_string()))?;
+                        endpoint = endpoint
+                            .tls_config(config)
+                            .map_err(|e| unreachable(e.to_string()))?;
+                    }
+                    let endpoint = endpoint
                         .connect_timeout(self.connect_timeout)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(10))
                         .keep_alive_timeout(self.connect_timeout.max(Duration::from_secs(1)))
                         .keep_alive_while_idle(true);
                     let channel = endpoint.connect_lazy();
-                    channels.insert(to.clone(), (addr, channel.clone()));
+                    channels.insert(to.clone(), (addr, generation, channel.clone()));
                     channel
                 }
             }

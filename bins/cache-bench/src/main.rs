@@ -180,6 +180,21 @@ impl Conn {
         if let Ok(token) = std::env::var("CACHE_TOKEN") {
             builder = builder.token(&token)?;
         }
+        // TLS for nodes started with --tls-cert: the same variables as cache-cli's
+        // --tls-ca, --tls-cert and --tls-key.
+        let path = |name| std::env::var_os(name).map(std::path::PathBuf::from);
+        let (ca, cert, key) = (
+            path("CACHE_TLS_CA"),
+            path("CACHE_TLS_CERT"),
+            path("CACHE_TLS_KEY"),
+        );
+        if ca.is_some() || cert.is_some() {
+            builder = builder.tls(cache_client::Tls::from_files(
+                ca.as_deref(),
+                cert.as_deref(),
+                key.as_deref(),
+            )?);
+        }
         if let Some(seeds) = target.strip_prefix("grpc+cluster://") {
             let client = builder
                 .connect_cluster(seeds.split(','))

@@ -188,6 +188,10 @@ pub(crate) struct Args {
     /// signed (mutual TLS).
     #[arg(long, env = "CACHE_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve the admin HTTP port over TLS too, with --tls-cert (probes then need https;
+    /// with --tls-client-ca they need a client certificate as well).
+    #[arg(long, env = "CACHE_ADMIN_TLS")]
+    admin_tls: bool,
     /// This member's certificate (PEM) for mutual TLS on the peer listener and to other
     /// members; it must name the address others reach it by. With --peer-tls-key and
     /// --peer-tls-ca. Reloaded on SIGHUP.
@@ -307,6 +311,7 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    admin_tls: Option<bool>,
     peer_tls_cert: Option<PathBuf>,
     peer_tls_key: Option<PathBuf>,
     peer_tls_ca: Option<PathBuf>,
@@ -845,6 +850,7 @@ impl Args {
             auth,
             tls,
             peer_tls,
+            admin_tls: self.admin_tls || file.admin_tls.unwrap_or(false),
         };
         let warnings = check_bounds(&node)?;
         protected_mode(

@@ -353,3 +353,86 @@ async fn members_replicate_over_mutual_tls_and_strangers_are_refused() {
         Some(&b"v"[..])
     );
 }
+
+/// Kills the child when dropped, even if the test fails.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_can_serve_https() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = ca("CA");
+    let (cert, key) = leaf(&c, &["localhost", "127.0.0.1"]);
+    let mut child = Command::new(node_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            s(&write(dir.path(), "node.crt", &cert)),
+            "--tls-key",
+            s(&write(dir.path(), "node.key", &key)),
+            "--admin-tls",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let _guard = Kill(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("startup line");
+    let admin: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin= in {line:?}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(&c.pem) {
+        roots.add(cert).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    // Poll until it answers (the node may still be starting).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(admin).await.ok()?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").ok()?;
+            let mut tls = connector.connect(name, tcp).await.ok()?;
+            tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut out = Vec::new();
+            tls.read_to_end(&mut out).await.ok();
+            Some(String::from_utf8_lossy(&out).into_owned())
+        };
+        if let Some(body) = attempt.await.filter(|b| b.starts_with("HTTP/1.1 200")) {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no https answer on {admin}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    // Plain HTTP gets no answer.
+    assert!(cache_testkit::http_get(admin, "/healthz").is_err());
+}

@@ -30,13 +30,36 @@ struct AdminState {
 /// at most [`crate::node::ADMIN_CONNECTIONS`] connections, request headers within
 /// [`crate::node::ADMIN_HEADER_TIMEOUT`] (a slowloris client is cut off), a connection idle
 /// for 30 s closed, and request bodies of at most 64 KiB.
+/// One admin HTTP/1 connection, in the clear or under TLS, until it ends or shutdown.
+async fn serve_connection(
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    router: Router,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tower::ServiceExt;
+    let service = hyper::service::service_fn(move |request| router.clone().oneshot(request));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(crate::node::ADMIN_HEADER_TIMEOUT);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    futures_util::pin_mut!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     stats: Arc<crate::conn::ConnStats>,
     stop: tokio_util::sync::CancellationToken,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) {
-    use tower::ServiceExt;
     let limits = crate::conn::ConnLimits {
         max_connections: crate::node::ADMIN_CONNECTIONS,
         handshake_timeout: None,
@@ -56,20 +79,18 @@ pub(crate) async fn serve(
         };
         let router = router.clone();
         let stop = stop.clone();
+        let acceptor = tls.as_ref().map(|t| t.resp_acceptor());
         connections.spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request| router.clone().oneshot(request));
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(crate::node::ADMIN_HEADER_TIMEOUT);
-            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
-            futures_util::pin_mut!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match acceptor {
+                None => serve_connection(io, router, stop).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(
+                        crate::node::ADMIN_HEADER_TIMEOUT,
+                        acceptor.accept(io),
+                    );
+                    if let Ok(Ok(stream)) = handshake.await {
+                        serve_connection(stream, router, stop).await;
+                    }
                 }
             }
         });

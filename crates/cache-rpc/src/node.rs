@@ -133,6 +133,9 @@ pub struct NodeConfig {
     /// `--peer-tls-key`, `--peer-tls-ca`: `client_ca` is the cluster CA, required);
     /// `None`: plaintext.
     pub peer_tls: Option<crate::tls::TlsFiles>,
+    /// Serve the admin HTTP port over TLS with the client certificate (`--admin-tls`;
+    /// needs `tls`).
+    pub admin_tls: bool,
 }
 
 /// Largest header list (metadata) a request may carry: 64 KiB. gRPC metadata is small;
@@ -180,6 +183,7 @@ impl Default for NodeConfig {
             auth: None,
             tls: None,
             peer_tls: None,
+            admin_tls: false,
         }
     }
 }
@@ -306,6 +310,11 @@ impl Node {
         };
         let tls = match config.tls.clone() {
             Some(files) => Some(Arc::new(crate::tls::ServerTls::load(files)?)),
+            None if config.admin_tls => {
+                return Err(NodeError::Tls(crate::tls::TlsError::Config(
+                    "--admin-tls serves the certificate of --tls-cert/--tls-key: set them".into(),
+                )));
+            }
             None => None,
         };
         let peer_tls = match config.peer_tls.clone() {
@@ -715,6 +724,7 @@ impl Node {
             admin_router,
             Arc::clone(&shared.connections[2]),
             public_stop.clone(),
+            tls.clone().filter(|_| config.admin_tls),
         );
 
         let resp_server = async {

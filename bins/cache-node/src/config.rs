@@ -172,6 +172,11 @@ pub(crate) struct Args {
     /// then removing the old). Every member needs the same file.
     #[arg(long, env = "CACHE_GOSSIP_KEYS_FILE")]
     gossip_keys_file: Option<PathBuf>,
+    /// Encrypt gossip with the --gossip-keys-file secrets (XChaCha20-Poly1305) instead of
+    /// only authenticating it: membership is then unreadable on the wire. Every member must
+    /// set it (an encrypting and a non-encrypting member cannot read each other).
+    #[arg(long, env = "CACHE_GOSSIP_ENCRYPT")]
+    gossip_encrypt: bool,
     /// Client tokens: one `NAME ROLE SHA256-HEX` per line (roles read, write, admin;
     /// `cache-node hash-token NAME ROLE` prints a line). With it every client call needs
     /// `authorization: Bearer TOKEN`; without it anyone who reaches the port may do anything.
@@ -316,6 +321,7 @@ struct FileConfig {
     peer_tls_key: Option<PathBuf>,
     peer_tls_ca: Option<PathBuf>,
     gossip_keys_file: Option<PathBuf>,
+    gossip_encrypt: Option<bool>,
     insecure_allow_plaintext: Option<bool>,
     data_dir: Option<PathBuf>,
     appendfsync: Option<String>,
@@ -410,7 +416,7 @@ fn protected_mode(n: &NodeConfig, allow: bool) -> Result<()> {
         return Ok(());
     }
     bail!(
-        "protected mode: {} reachable beyond this machine without protection, so anyone who reaches it could read and write every key; bind to 127.0.0.1, set --auth-file for clients, or, on a network you trust (a private network, a firewalled VPC), pass --insecure-allow-plaintext (see docs/security.md)",
+        "protected mode: {} reachable beyond this machine without protection, so anyone who reaches it could read and write every key; bind to 127.0.0.1; protect clients with --auth-file or --tls-cert, members with --peer-tls-cert/--peer-tls-key/--peer-tls-ca and --gossip-keys-file; or, on a network you trust (a private network, a firewalled VPC), pass --insecure-allow-plaintext (see docs/security.md)",
         exposed.join(", ")
     );
 }
@@ -797,6 +803,7 @@ impl Args {
                 if cluster_name.len() > 64 {
                     bail!("cluster-name must be at most 64 bytes");
                 }
+                let encrypt = self.gossip_encrypt || file.gossip_encrypt.unwrap_or(false);
                 MembershipMode::Network {
                     protocol,
                     listen,
@@ -808,7 +815,13 @@ impl Args {
                         .clone()
                         .or(file.gossip_keys_file.clone())
                     {
+                        None if encrypt => {
+                            bail!(
+                                "--gossip-encrypt needs --gossip-keys-file (the secrets it encrypts with)"
+                            )
+                        }
                         None => None,
+                        Some(path) if encrypt => Some(read_keyring(&path)?.encrypting()),
                         Some(path) => Some(read_keyring(&path)?),
                     },
                 }

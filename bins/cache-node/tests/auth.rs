@@ -149,7 +149,7 @@ fn protected_mode_refuses_an_exposed_node_without_protection() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("protected mode")
-            && err.contains("--listen 0.0.0.0:0 (no --auth-file)")
+            && err.contains("--listen 0.0.0.0:0 (no --auth-file or --tls-cert)")
             && err.contains("--insecure-allow-plaintext"),
         "{err}"
     );
@@ -202,4 +202,41 @@ fn gossip_with_a_keyring_keeps_strangers_out() {
         metric(&m, "cache_gossip_messages_refused_total").unwrap_or(0.0) > 0.0,
         "refusals are counted"
     );
+}
+
+/// With `--gossip-encrypt` the members form a cluster, and a member with the same secret
+/// that only authenticates cannot read them (nor they it).
+#[test]
+fn encrypted_gossip_forms_a_cluster_and_keeps_non_encrypting_members_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("gossip.keys");
+    std::fs::write(&keys, "correct-horse-battery-staple-42\n").expect("keys");
+    let k = keys.to_str().expect("utf-8");
+    let mut cluster =
+        cache_testkit::Cluster::start_gossip(3, &["--gossip-keys-file", k, "--gossip-encrypt"]);
+    let alive = |node: &NodeProcess| {
+        let (_, m) = node.http_get("/metrics").expect("metrics");
+        metric(&m, "cache_members{state=\"alive\"}").unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cluster.nodes.iter().any(|n| alive(n) != 3.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the encrypting members never converged"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.add_gossip_node(&["--gossip-keys-file", k]);
+    std::thread::sleep(Duration::from_secs(3));
+    for n in &cluster.nodes[..3] {
+        assert_eq!(alive(n), 3.0, "a non-encrypting member joined");
+    }
+    assert_eq!(alive(&cluster.nodes[3]), 1.0);
+    // --gossip-encrypt without secrets is a start-up error.
+    let out = std::process::Command::new(node_binary())
+        .args(["--membership", "gossip", "--gossip-encrypt"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--gossip-keys-file"));
 }

@@ -62,6 +62,15 @@ pub struct GossipConfig {
 
 /// Bytes of the authentication tag appended to every message when a [`Keyring`] is set.
 pub const TAG_BYTES: usize = 32;
+/// Bytes an encrypting [`Keyring`] adds to every message: a 24-byte random nonce and a
+/// 16-byte Poly1305 tag.
+pub const SEALED_BYTES: usize = 24 + 16;
+/// The most any keyring adds to a message (what datagrams leave room for).
+pub const MAX_SEAL_OVERHEAD: usize = if TAG_BYTES > SEALED_BYTES {
+    TAG_BYTES
+} else {
+    SEALED_BYTES
+};
 
 /// Cluster secrets, like memberlist's keyring: every gossip message (datagram or push-pull)
 /// carries an HMAC-SHA256 tag made with the **first** key; a message is accepted if its tag
@@ -71,9 +80,16 @@ pub const TAG_BYTES: usize = 32;
 /// counted in `messages_refused`. Tags authenticate, they do not encrypt: membership
 /// (addresses, states) stays readable on the wire, and an old message can be replayed (SWIM's
 /// incarnation numbers make a replayed state stale).
+///
+/// With [`Keyring::encrypting`] messages are instead encrypted and authenticated with
+/// XChaCha20-Poly1305 (a random 24-byte nonce per message, a key derived from each secret):
+/// nobody without a secret can read membership either. Every member must agree on it:
+/// an encrypting member and a tagging one cannot read each other.
 #[derive(Clone)]
 pub struct Keyring {
     keys: Vec<[u8; 32]>,
+    /// Encryption keys derived from `keys`, when encrypting.
+    ciphers: Option<Vec<chacha20poly1305::XChaCha20Poly1305>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -104,7 +120,34 @@ impl Keyring {
             }
             keys.push(sha2::Sha256::digest(s).into());
         }
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            ciphers: None,
+        })
+    }
+
+    /// The same secrets, encrypting every message (see the type's docs).
+    pub fn encrypting(mut self) -> Self {
+        use chacha20poly1305::KeyInit;
+        use sha2::Digest;
+        let ciphers = self
+            .keys
+            .iter()
+            .map(|k| {
+                let mut h = sha2::Sha256::new();
+                h.update(b"cache-cluster gossip encryption v1");
+                h.update(k);
+                let key: [u8; 32] = h.finalize().into();
+                chacha20poly1305::XChaCha20Poly1305::new(&key.into())
+            })
+            .collect();
+        self.ciphers = Some(ciphers);
+        self
+    }
+
+    /// Whether messages are encrypted.
+    pub fn encrypts(&self) -> bool {
+        self.ciphers.is_some()
     }
 
     fn mac(key: &[u8; 32]) -> HmacSha256 {
@@ -113,9 +156,20 @@ impl Keyring {
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
     }
 
-    /// `bytes` followed by its tag.
+    /// `bytes` followed by its tag, or (encrypting) a nonce and `bytes` encrypted.
     pub fn seal(&self, bytes: &[u8]) -> Vec<u8> {
         use hmac::Mac;
+        if let Some(ciphers) = &self.ciphers {
+            use chacha20poly1305::AeadCore;
+            use chacha20poly1305::aead::{Aead, OsRng};
+            let nonce = chacha20poly1305::XChaCha20Poly1305::generate_nonce(&mut OsRng);
+            // Encryption of an in-memory buffer cannot fail.
+            let sealed = ciphers[0].encrypt(&nonce, bytes).unwrap_or_default();
+            let mut out = Vec::with_capacity(nonce.len() + sealed.len());
+            out.extend_from_slice(&nonce);
+            out.extend_from_slice(&sealed);
+            return out;
+        }
         let mut mac = Self::mac(&self.keys[0]);
         mac.update(bytes);
         let mut out = Vec::with_capacity(bytes.len() + TAG_BYTES);
@@ -125,9 +179,21 @@ impl Keyring {
     }
 
     /// The message without its tag, if the tag matches one of the keys (compared in
-    /// constant time).
-    pub fn open<'a>(&self, sealed: &'a [u8]) -> Option<&'a [u8]> {
+    /// constant time); encrypting, the decrypted message if one of the keys opens it.
+    pub fn open<'a>(&self, sealed: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
         use hmac::Mac;
+        if let Some(ciphers) = &self.ciphers {
+            use chacha20poly1305::aead::Aead;
+            if sealed.len() < SEALED_BYTES {
+                return None;
+            }
+            let (nonce, body) = sealed.split_at(24);
+            let nonce = chacha20poly1305::XNonce::from_slice(nonce);
+            return ciphers
+                .iter()
+                .find_map(|c| c.decrypt(nonce, body).ok())
+                .map(std::borrow::Cow::Owned);
+        }
         let split = sealed.len().checked_sub(TAG_BYTES)?;
         let (body, tag) = sealed.split_at(split);
         let mut ok = false;
@@ -136,7 +202,7 @@ impl Keyring {
             mac.update(body);
             ok |= mac.verify_slice(tag).is_ok();
         }
-        ok.then_some(body)
+        ok.then_some(std::borrow::Cow::Borrowed(body))
     }
 }
 
@@ -195,7 +261,7 @@ impl Shared {
 
     fn handle(self: &Arc<Self>, bytes: &[u8]) {
         let bytes = match &self.keyring {
-            None => bytes,
+            None => std::borrow::Cow::Borrowed(bytes),
             Some(k) => match k.open(bytes) {
                 Some(body) => body,
                 None => {
@@ -207,7 +273,7 @@ impl Shared {
             },
         };
         let now = self.now();
-        let result = self.swim.lock().handle_message(bytes, now);
+        let result = self.swim.lock().handle_message(&bytes, now);
         if let Err(e) = result {
             tracing::debug!(error = %e, "gossip message refused");
         }
@@ -273,7 +339,7 @@ async fn read_stream(mut s: TcpStream) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_MESSAGE_BYTES + TAG_BYTES {
+    if len > MAX_MESSAGE_BYTES + MAX_SEAL_OVERHEAD {
         return Err(std::io::ErrorKind::InvalidData.into());
     }
     let mut buf = vec![0u8; len];
@@ -329,7 +395,7 @@ impl GossipMembership {
                 SwimConfig {
                     // Room for the tag in every datagram.
                     max_datagram: if config.keyring.is_some() {
-                        swim.max_datagram.saturating_sub(TAG_BYTES)
+                        swim.max_datagram.saturating_sub(MAX_SEAL_OVERHEAD)
                     } else {
                         swim.max_datagram
                     },

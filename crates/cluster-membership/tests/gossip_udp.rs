@@ -255,3 +255,58 @@ async fn a_keyring_keeps_strangers_out_and_rotates() {
     );
     assert!(a.stats().messages_refused > 0, "refusals are counted");
 }
+
+/// With encryption, members gossip (datagrams and push-pull) and nothing on the wire shows
+/// a member id; a tagging-only member and a stranger stay out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypting_keyring_hides_membership_and_keeps_strangers_out() {
+    let secret = "encrypting-cluster-secret-0123";
+    let enc = |i: usize, join: Vec<String>, secrets: &[&str]| GossipConfig {
+        keyring: Some(
+            cluster_membership::Keyring::new(secrets)
+                .expect("valid secrets")
+                .encrypting(),
+        ),
+        ..config(i, join)
+    };
+    let a = GossipMembership::start(enc(0, vec![], &[secret]))
+        .await
+        .expect("a");
+    let seed = vec![a.gossip_addr().to_string()];
+    let b = GossipMembership::start(enc(1, seed.clone(), &[secret]))
+        .await
+        .expect("b");
+    let c = GossipMembership::start(enc(2, seed.clone(), &[secret]))
+        .await
+        .expect("c");
+    for m in [&a, &b, &c] {
+        wait_for("three encrypting members", Duration::from_secs(10), || {
+            m.view().borrow().members.len() == 3
+        })
+        .await;
+    }
+    // Same secret, but tagging only: cannot read the others, nor they it.
+    let tagging = GossipMembership::start(keyed(3, seed.clone(), &[secret]))
+        .await
+        .expect("tagging");
+    let stranger = GossipMembership::start(enc(4, seed, &["some-other-secret-abcdefgh"]))
+        .await
+        .expect("stranger");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(a.view().borrow().members.len(), 3, "nobody else joined");
+    assert!(tagging.view().borrow().members.len() <= 1);
+    assert!(stranger.view().borrow().members.len() <= 1);
+
+    // Sealed bytes never contain the plaintext.
+    let k = cluster_membership::Keyring::new(&[secret])
+        .expect("valid")
+        .encrypting();
+    let plain = b"member g0 at 127.0.0.1:7200 is alive";
+    let sealed = k.seal(plain);
+    assert!(!sealed.windows(plain.len()).any(|w| w == plain));
+    assert_eq!(k.open(&sealed).as_deref(), Some(&plain[..]));
+    let mut flipped = sealed.clone();
+    flipped[30] ^= 1;
+    assert!(k.open(&flipped).is_none(), "a changed byte is refused");
+    assert_ne!(k.seal(plain), sealed, "a fresh nonce per message");
+}

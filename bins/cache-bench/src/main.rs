@@ -75,9 +75,26 @@ struct Args {
     /// requests per HTTP/2 stream) or `unary` (one call each).
     #[arg(long, default_value = "stream")]
     grpc_mode: GrpcMode,
+    /// Connect with TLS, trusting this CA (PEM), for nodes started with --tls-cert.
+    #[arg(long, env = "CACHE_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for nodes started with --tls-client-ca; with --tls-key.
+    #[arg(long, env = "CACHE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "CACHE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `--tls-ca`, `--tls-cert`, `--tls-key`.
+#[derive(Debug, Clone, Default)]
+struct TlsPaths {
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
 }
 
 /// `--grpc-mode`.
@@ -170,6 +187,7 @@ impl Conn {
         timeout: Duration,
         consistency: Option<cache_types::Consistency>,
         mode: GrpcMode,
+        tls: &TlsPaths,
     ) -> Result<Self> {
         let mut builder = cache_client::Client::builder()
             .timeout(timeout)
@@ -180,19 +198,11 @@ impl Conn {
         if let Ok(token) = std::env::var("CACHE_TOKEN") {
             builder = builder.token(&token)?;
         }
-        // TLS for nodes started with --tls-cert: the same variables as cache-cli's
-        // --tls-ca, --tls-cert and --tls-key.
-        let path = |name| std::env::var_os(name).map(std::path::PathBuf::from);
-        let (ca, cert, key) = (
-            path("CACHE_TLS_CA"),
-            path("CACHE_TLS_CERT"),
-            path("CACHE_TLS_KEY"),
-        );
-        if ca.is_some() || cert.is_some() {
+        if tls.ca.is_some() || tls.cert.is_some() {
             builder = builder.tls(cache_client::Tls::from_files(
-                ca.as_deref(),
-                cert.as_deref(),
-                key.as_deref(),
+                tls.ca.as_deref(),
+                tls.cert.as_deref(),
+                tls.key.as_deref(),
             )?);
         }
         if let Some(seeds) = target.strip_prefix("grpc+cluster://") {
@@ -440,7 +450,20 @@ async fn main() -> Result<()> {
     }
     let mut conns = Vec::new();
     for _ in 0..args.connections {
-        conns.push(Conn::open(&args.target, args.timeout, args.consistency, args.grpc_mode).await?);
+        conns.push(
+            Conn::open(
+                &args.target,
+                args.timeout,
+                args.consistency,
+                args.grpc_mode,
+                &TlsPaths {
+                    ca: args.tls_ca.clone(),
+                    cert: args.tls_cert.clone(),
+                    key: args.tls_key.clone(),
+                },
+            )
+            .await?,
+        );
     }
     if args.prefill {
         let t = Instant::now();

@@ -157,6 +157,37 @@ async fn every_command_answers_as_redis_does() {
         .await
         .expect("expire");
     assert_eq!(n, 0);
+    // EXPIRE's options, as Redis 7 (a key without a TTL counts as an infinite one).
+    let _: String = q(&mut c, &[b"SET", b"ek", b"v"]).await.expect("set");
+    for (args, want) in [
+        (&[&b"100"[..], b"NX"][..], 1),
+        (&[b"200", b"NX"], 0),
+        (&[b"50", b"GT"], 0),
+        (&[b"500", b"GT"], 1),
+        (&[b"50", b"LT"], 1),
+        (&[b"60", b"XX"], 1),
+    ] {
+        let mut cmd: Vec<&[u8]> = vec![b"EXPIRE", b"ek"];
+        cmd.extend_from_slice(args);
+        let n: i64 = q(&mut c, &cmd).await.expect("expire");
+        assert_eq!(n, want, "EXPIRE ek {args:?}");
+    }
+    let ttl: i64 = q(&mut c, &[b"TTL", b"ek"]).await.expect("ttl");
+    assert!((59..=60).contains(&ttl), "{ttl}");
+    let _: i64 = q(&mut c, &[b"PERSIST", b"ek"]).await.expect("persist");
+    for (args, want) in [
+        (&[&b"100"[..], b"XX"][..], 0),
+        (&[b"100", b"GT"], 0),
+        (&[b"100", b"XX", b"LT"], 0),
+        (&[b"100", b"LT"], 1),
+    ] {
+        let mut cmd: Vec<&[u8]> = vec![b"EXPIRE", b"ek"];
+        cmd.extend_from_slice(args);
+        let n: i64 = q(&mut c, &cmd).await.expect("expire");
+        assert_eq!(n, want, "EXPIRE ek {args:?} on a key without a TTL");
+    }
+    let e = err_text(q::<Value>(&mut c, &[b"EXPIRE", b"ek", b"1", b"NX", b"XX"]).await);
+    assert!(e.contains("not compatible"), "{e}");
     let n: i64 = q(&mut c, &[b"PEXPIREAT", b"e", b"1"])
         .await
         .expect("pexpireat");

@@ -9,8 +9,8 @@ use cache_proto::convert::{self, condition_to_pb, consistency_to_pb};
 use cache_proto::peer::v1 as peer;
 use cache_proto::v1 as pb;
 use cluster_core::{
-    Condition, Consistency, CoreError, Expiry, Mutation, MutationOp, PeerError, Request, Response,
-    SetCommand, SyncEntry, SyncReply, UpdateOp,
+    Condition, Consistency, CoreError, ExpireWhen, Expiry, Mutation, MutationOp, PeerError,
+    Request, Response, SetCommand, SyncEntry, SyncReply, UpdateOp,
 };
 use tonic::{Code, Status};
 
@@ -186,9 +186,21 @@ fn expiry(e: Option<peer::Expiry>) -> Result<Expiry, CoreError> {
 
 fn update_to_pb(key: bytes::Bytes, op: UpdateOp, c: Option<Consistency>) -> peer::UpdateRequest {
     use peer::update_request::Op;
+    let expire_when = match &op {
+        UpdateOp::Expire { when, .. } => match when {
+            ExpireWhen::Always => peer::ExpireWhen::Always,
+            ExpireWhen::NoExpiry => peer::ExpireWhen::NoExpiry,
+            ExpireWhen::HasExpiry => peer::ExpireWhen::HasExpiry,
+            ExpireWhen::Later => peer::ExpireWhen::Later,
+            ExpireWhen::Earlier => peer::ExpireWhen::Earlier,
+            ExpireWhen::EarlierThanSome => peer::ExpireWhen::EarlierThanSome,
+        },
+        _ => peer::ExpireWhen::Always,
+    } as i32;
     peer::UpdateRequest {
         key,
         consistency: consistency_to_pb(c),
+        expire_when,
         op: Some(match op {
             UpdateOp::Incr {
                 delta,
@@ -207,7 +219,7 @@ fn update_to_pb(key: bytes::Bytes, op: UpdateOp, c: Option<Consistency>) -> peer
                 condition: condition_to_pb(condition),
             }),
             UpdateOp::Delete => Op::Delete(peer::Delete {}),
-            UpdateOp::Expire { expiry } => Op::Expire(expiry_to_pb(expiry)),
+            UpdateOp::Expire { expiry, .. } => Op::Expire(expiry_to_pb(expiry)),
         }),
     }
 }
@@ -227,6 +239,20 @@ fn update(req: peer::UpdateRequest) -> Result<Request, CoreError> {
         Some(Op::Delete(_)) => UpdateOp::Delete,
         Some(Op::Expire(e)) => UpdateOp::Expire {
             expiry: expiry(Some(e))?,
+            when: match peer::ExpireWhen::try_from(req.expire_when) {
+                Ok(peer::ExpireWhen::Always) => ExpireWhen::Always,
+                Ok(peer::ExpireWhen::NoExpiry) => ExpireWhen::NoExpiry,
+                Ok(peer::ExpireWhen::HasExpiry) => ExpireWhen::HasExpiry,
+                Ok(peer::ExpireWhen::Later) => ExpireWhen::Later,
+                Ok(peer::ExpireWhen::Earlier) => ExpireWhen::Earlier,
+                Ok(peer::ExpireWhen::EarlierThanSome) => ExpireWhen::EarlierThanSome,
+                Err(_) => {
+                    return Err(CoreError::Invalid(format!(
+                        "unknown expire condition {}",
+                        req.expire_when
+                    )));
+                }
+            },
         },
         None => return Err(CoreError::Invalid("an update names no operation".into())),
     };

@@ -52,7 +52,7 @@ pub use error::{CoreError, PeerError};
 pub use limits::Limits;
 pub use mutation::{DurableWait, Mutation, MutationOp, MutationSink};
 pub use replication::QueueStats;
-pub use request::{Expiry, Request, Response, SetCommand, UpdateOp};
+pub use request::{ExpireWhen, Expiry, Request, Response, SetCommand, UpdateOp};
 pub use ring::{RingChange, RingState, RingView};
 pub use store::{Applied, ApplyReport, RestoreReport, Store, Updated};
 pub use sync::{HandOver, SyncConfig, SyncEntry, SyncReply, SyncRequest, SyncStatus};

@@ -43,6 +43,40 @@ impl Expiry {
     }
 }
 
+/// When an [`UpdateOp::Expire`] applies, given the live value's current expiry (Redis's
+/// `EXPIRE` options; a value without an expiry counts as an infinite one for `Gt`/`Lt`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ExpireWhen {
+    /// Always.
+    #[default]
+    Always,
+    /// Only if the value has no expiry (`NX`).
+    NoExpiry,
+    /// Only if the value has an expiry (`XX`).
+    HasExpiry,
+    /// Only if the new expiry is later (`GT`).
+    Later,
+    /// Only if the new expiry is earlier (`LT`).
+    Earlier,
+    /// Only if the value has an expiry and the new one is earlier (`XX LT`).
+    EarlierThanSome,
+}
+
+impl ExpireWhen {
+    /// Whether a value expiring at `current` gets the expiry `new` (`None`: never).
+    pub fn holds(self, current: Option<u64>, new: Option<u64>) -> bool {
+        let infinite = |at: Option<u64>| at.unwrap_or(u64::MAX);
+        match self {
+            ExpireWhen::Always => true,
+            ExpireWhen::NoExpiry => current.is_none(),
+            ExpireWhen::HasExpiry => current.is_some(),
+            ExpireWhen::Later => infinite(new) > infinite(current),
+            ExpireWhen::Earlier => infinite(new) < infinite(current),
+            ExpireWhen::EarlierThanSome => current.is_some() && infinite(new) < infinite(current),
+        }
+    }
+}
+
 /// An atomic read-modify-write of one key, decided on the key's primary under the engine's
 /// lock and replicated as an ordinary versioned write (so replicas converge exactly as
 /// they do for `Set` and `Delete`). What counters (`INCR`) and Redis's get-and-change
@@ -70,10 +104,13 @@ pub enum UpdateOp {
     },
     /// Deletes a live value (`GETDEL`).
     Delete,
-    /// Changes the expiry of a live value (`GETEX`, `PERSIST`); no change if it is the same.
+    /// Changes the expiry of a live value (`GETEX`, `PERSIST`, `EXPIRE`) if `when` holds; no
+    /// change if it is the same.
     Expire {
         /// The new expiry.
         expiry: Expiry,
+        /// When to change it (`EXPIRE`'s `NX`, `XX`, `GT`, `LT`).
+        when: ExpireWhen,
     },
 }
 

@@ -131,9 +131,9 @@ fn decide(op: &UpdateOp, live: Option<&Lookup>, now_ms: u64) -> (Option<Change>,
             })
         }
         UpdateOp::Delete => live.map(|_| Change::Delete),
-        UpdateOp::Expire { expiry } => live.and_then(|l| {
+        UpdateOp::Expire { expiry, when } => live.and_then(|l| {
             let at = expiry.resolve(l.expires_at, now_ms);
-            (at != l.expires_at).then(|| put(l.value.clone(), at))
+            (at != l.expires_at && when.holds(l.expires_at, at)).then(|| put(l.value.clone(), at))
         }),
     };
     (change, (previous, Ok(())))
@@ -761,6 +761,7 @@ mod tests {
                 &key,
                 &UpdateOp::Expire {
                     expiry: crate::Expiry::Never,
+                    when: crate::ExpireWhen::Always,
                 },
             )
             .expect("applies");

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_core::sim::{SimCluster, SimConfig};
-use cluster_core::{Condition, Consistency, CoreError, Expiry, Request, Response, UpdateOp};
+use cluster_core::{
+    Condition, Consistency, CoreError, ExpireWhen, Expiry, Request, Response, UpdateOp,
+};
 
 const T: Duration = Duration::from_millis(800);
 
@@ -182,6 +184,7 @@ async fn get_and_set_keep_ttl_get_and_delete_and_expiry_changes_replicate() {
                 "k",
                 UpdateOp::Expire {
                     expiry: Expiry::Never,
+                    when: ExpireWhen::Always,
                 },
                 all,
             ),
@@ -206,6 +209,7 @@ async fn get_and_set_keep_ttl_get_and_delete_and_expiry_changes_replicate() {
                 "k",
                 UpdateOp::Expire {
                     expiry: Expiry::AtMs(1),
+                    when: ExpireWhen::Always,
                 },
                 all,
             ),

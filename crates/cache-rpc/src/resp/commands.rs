@@ -10,7 +10,8 @@ use std::time::Instant;
 use bytes::Bytes;
 use cluster_core::store::{NOT_AN_INTEGER, parse_integer};
 use cluster_core::{
-    Condition, CoreError, Expiry, Request, RequestContext, Response, SetCommand, UpdateOp,
+    Condition, CoreError, ExpireWhen, Expiry, Request, RequestContext, Response, SetCommand,
+    UpdateOp,
 };
 
 use super::reply;
@@ -512,12 +513,7 @@ impl Session {
                 reply::int(out, i64::try_from(n).unwrap_or(i64::MAX));
             }
             Cmd::Expire | Cmd::Pexpire | Cmd::Expireat | Cmd::Pexpireat => {
-                if args.len() > 3 {
-                    return Err(format!(
-                        "ERR the NX, XX, GT and LT options of '{}' are not supported",
-                        spec.name
-                    ));
-                }
+                let when = expire_when(&args[3..])?;
                 let n = int_arg(&args[2])?;
                 let invalid = || format!("ERR invalid expire time in '{}' command", spec.name);
                 let expiry = match spec.cmd {
@@ -526,12 +522,20 @@ impl Session {
                     Cmd::Expireat => absolute(n.checked_mul(1000).ok_or_else(invalid)?),
                     _ => absolute(n),
                 };
-                let (previous, _) = self.update(&args[1], UpdateOp::Expire { expiry }).await?;
-                reply::int(out, i64::from(previous.is_some()));
+                let (previous, _) = self
+                    .update(&args[1], UpdateOp::Expire { expiry, when })
+                    .await?;
+                // The primary decided on this same value: the condition's verdict here is
+                // its verdict (a relative expiry is resolved against this node's clock).
+                let now = self.shared.core.store().now_ms();
+                let set = previous
+                    .is_some_and(|l| when.holds(l.expires_at, expiry.resolve(l.expires_at, now)));
+                reply::int(out, i64::from(set));
             }
             Cmd::Persist => {
                 let op = UpdateOp::Expire {
                     expiry: Expiry::Never,
+                    when: ExpireWhen::Always,
                 };
                 let (previous, _) = self.update(&args[1], op).await?;
                 let had_ttl = previous.is_some_and(|l| l.expires_at.is_some());
@@ -760,7 +764,13 @@ impl Session {
                 };
                 found
             }
-            Some(expiry) => self.update(key, UpdateOp::Expire { expiry }).await?.0,
+            Some(expiry) => {
+                let op = UpdateOp::Expire {
+                    expiry,
+                    when: ExpireWhen::Always,
+                };
+                self.update(key, op).await?.0
+            }
         };
         reply::bulk_or_nil(out, value.as_ref().map(|l| &l.value[..]), self.resp3);
         Ok(())
@@ -1086,6 +1096,32 @@ fn hit_or_miss(r: &Response) -> &'static str {
 
 fn mismatch() -> String {
     "ERR internal error: the core answered another request's response".into()
+}
+
+/// `EXPIRE`'s options: `NX`, `XX`, `GT`, `LT` (`XX` combines with `GT` or `LT`, which
+/// then decide; the others exclude each other, as in Redis).
+fn expire_when(options: &[Bytes]) -> Result<ExpireWhen, String> {
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for o in options {
+        match &o.to_ascii_uppercase()[..] {
+            b"NX" => nx = true,
+            b"XX" => xx = true,
+            b"GT" => gt = true,
+            b"LT" => lt = true,
+            _ => return Err(format!("ERR Unsupported option {}", printable(o))),
+        }
+    }
+    if (nx && (xx || gt || lt)) || (gt && lt) {
+        return Err("ERR NX and XX, GT or LT options at the same time are not compatible".into());
+    }
+    Ok(match (nx, xx, gt, lt) {
+        (true, ..) => ExpireWhen::NoExpiry,
+        (_, _, true, _) => ExpireWhen::Later,
+        (_, true, _, true) => ExpireWhen::EarlierThanSome,
+        (_, _, _, true) => ExpireWhen::Earlier,
+        (_, true, ..) => ExpireWhen::HasExpiry,
+        _ => ExpireWhen::Always,
+    })
 }
 
 /// A relative expiry in milliseconds; zero or negative deletes (as Redis does).

@@ -164,6 +164,24 @@ fn protected_mode_refuses_an_exposed_node_without_protection() {
     drop(node);
 }
 
+/// Alive members a node's metrics report.
+fn alive(node: &NodeProcess) -> f64 {
+    let (_, m) = node.http_get("/metrics").expect("metrics");
+    metric(&m, "cache_members{state=\"alive\"}").unwrap_or(0.0)
+}
+
+/// Waits until every node reports all of them alive (10 s at most).
+fn converge(nodes: &[NodeProcess], what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while nodes.iter().any(|n| alive(n) != nodes.len() as f64) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never converged"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Members sharing `--gossip-keys-file` form a cluster; a node with another secret, or
 /// none, is refused (counted) and never becomes a member.
 #[test]
@@ -175,18 +193,7 @@ fn gossip_with_a_keyring_keeps_strangers_out() {
     std::fs::write(&other, "a-different-cluster-secret-99\n").expect("keys");
     let k = keys.to_str().expect("utf-8");
     let mut cluster = cache_testkit::Cluster::start_gossip(3, &["--gossip-keys-file", k]);
-    let alive = |node: &NodeProcess| {
-        let (_, m) = node.http_get("/metrics").expect("metrics");
-        metric(&m, "cache_members{state=\"alive\"}").unwrap_or(0.0)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while cluster.nodes.iter().any(|n| alive(n) != 3.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the keyed members never converged"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    converge(&cluster.nodes, "the keyed members");
     let o = other.to_str().expect("utf-8");
     cluster.add_gossip_node(&["--gossip-keys-file", o]);
     cluster.add_gossip_node(&[]);
@@ -214,18 +221,7 @@ fn encrypted_gossip_forms_a_cluster_and_keeps_non_encrypting_members_out() {
     let k = keys.to_str().expect("utf-8");
     let mut cluster =
         cache_testkit::Cluster::start_gossip(3, &["--gossip-keys-file", k, "--gossip-encrypt"]);
-    let alive = |node: &NodeProcess| {
-        let (_, m) = node.http_get("/metrics").expect("metrics");
-        metric(&m, "cache_members{state=\"alive\"}").unwrap_or(0.0)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while cluster.nodes.iter().any(|n| alive(n) != 3.0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the encrypting members never converged"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    converge(&cluster.nodes, "the encrypting members");
     cluster.add_gossip_node(&["--gossip-keys-file", k]);
     std::thread::sleep(Duration::from_secs(3));
     for n in &cluster.nodes[..3] {

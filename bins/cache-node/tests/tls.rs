@@ -120,18 +120,7 @@ async fn clients_connect_with_the_cluster_ca_and_the_certificate_reloads_on_sigh
     assert_eq!(out.stdout, b"1");
 
     // RESP over TLS.
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile_certs(&first.pem) {
-        roots.add(cert).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = connector(&first.pem);
     let tcp = tokio::net::TcpStream::connect(node.resp.expect("resp address"))
         .await
         .expect("connect");
@@ -171,6 +160,22 @@ async fn clients_connect_with_the_cluster_ca_and_the_certificate_reloads_on_sigh
         "{}",
         node.log()
     );
+}
+
+/// A rustls client trusting only `ca_pem`.
+fn connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(ca_pem) {
+        roots.add(cert).expect("root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
@@ -397,18 +402,7 @@ async fn the_admin_port_can_serve_https() {
         .find_map(|w| w.strip_prefix("admin="))
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no admin= in {line:?}"));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile_certs(&c.pem) {
-        roots.add(cert).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = connector(&c.pem);
     // Poll until it answers (the node may still be starting).
     let until = std::time::Instant::now() + Duration::from_secs(10);
     let body = loop {

@@ -5,7 +5,10 @@
 //! the [`Coordinator`], and maps the [`Response`] or [`CoreError`] back (see
 //! [`wire::status`]). It holds no cluster logic: routing, forwarding, replication and quorums
 //! are the core's. Each client request gets one metric sample; its deadline is the client's
-//! `grpc-timeout` capped at the node's request timeout.
+//! `grpc-timeout` capped at the node's request timeout. Unary calls and the operations of
+//! the pipelined stream (`Pipeline`) go through the same `exec`, so they cannot differ in
+//! validation, routing or metrics; a stream is one task running its operations
+//! concurrently (see `run_pipeline`).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The gRPC front ends, as translators onto the cluster core: the public `cache.v1.Cache`
 //! service and the internal `cache.peer.v1.Peer` service (on its own listener).
 //!
-//! A handler decodes its message into a domain [`Request`] (validating every enum), calls
+//! A handler decodes its message into a domain [`Request`](cluster_core::Request) (validating every enum), calls
 //! the [`Coordinator`], and maps the [`Response`] or [`CoreError`] back (see
 //! [`wire::status`]). It holds no cluster logic: routing, forwarding, replication and quorums
 //! are the core's. Each client request gets one metric sample; its deadline is the client's

@@ -46,6 +46,16 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// A node certificate for `names` signed by `ca`, written to `dir` as `stem.crt` and
+/// `stem.key`.
+fn cert_files(dir: &Path, ca: &Ca, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let (cert, key) = leaf(ca, names);
+    (
+        write(dir, &format!("{stem}.crt"), &cert),
+        write(dir, &format!("{stem}.key"), &key),
+    )
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -65,9 +75,7 @@ async fn tls_client(node: &NodeProcess, ca_pem: &str) -> Result<Client, cache_cl
 async fn clients_connect_with_the_cluster_ca_and_the_certificate_reloads_on_sighup() {
     let dir = tempfile::tempdir().expect("tempdir");
     let first = ca("first CA");
-    let (cert, key) = leaf(&first, &["localhost", "127.0.0.1"]);
-    let cert_path = write(dir.path(), "node.crt", &cert);
-    let key_path = write(dir.path(), "node.key", &key);
+    let (cert_path, key_path) = cert_files(dir.path(), &first, "node", &["localhost", "127.0.0.1"]);
     let node = NodeProcess::start(&[
         "--resp-listen",
         "127.0.0.1:0",
@@ -224,9 +232,7 @@ async fn a_client_ca_makes_client_certificates_mandatory() {
 fn protected_mode_accepts_tls_and_bad_files_are_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = ca("CA");
-    let (cert, key) = leaf(&c, &["localhost"]);
-    let cert_path = write(dir.path(), "node.crt", &cert);
-    let key_path = write(dir.path(), "node.key", &key);
+    let (cert_path, key_path) = cert_files(dir.path(), &c, "node", &["localhost"]);
     // Beyond loopback with TLS (and the peer listener on loopback): starts.
     let node = NodeProcess::spawn(&[
         "--admin-listen",

@@ -79,7 +79,7 @@ pub(crate) async fn serve(
         };
         let router = router.clone();
         let stop = stop.clone();
-        let acceptor = tls.as_ref().map(|t| t.resp_acceptor());
+        let acceptor = tls.as_ref().map(|t| t.acceptor());
         connections.spawn(async move {
             match acceptor {
                 None => serve_connection(io, router, stop).await,

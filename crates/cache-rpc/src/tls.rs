@@ -57,13 +57,13 @@ fn file_error(path: &Path, detail: impl std::fmt::Display) -> TlsError {
     }
 }
 
-/// The server side: one configuration per protocol (gRPC offers ALPN `h2`; RESP none),
-/// swappable.
+/// The server side: two configurations from the same files — gRPC's, which offers ALPN
+/// `h2`, and one without ALPN for RESP and the admin port (HTTP/1) — swappable.
 #[derive(Debug)]
 pub struct ServerTls {
     files: TlsFiles,
     grpc: ArcSwap<rustls::ServerConfig>,
-    resp: ArcSwap<rustls::ServerConfig>,
+    no_alpn: ArcSwap<rustls::ServerConfig>,
     /// Bumped by every successful reload (outgoing peer channels are rebuilt on a change).
     generation: std::sync::atomic::AtomicU64,
 }
@@ -71,11 +71,11 @@ pub struct ServerTls {
 impl ServerTls {
     /// Reads the files and builds the configurations.
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
-        let (grpc, resp) = build(&files)?;
+        let (grpc, no_alpn) = build(&files)?;
         Ok(Self {
             files,
             grpc: ArcSwap::from_pointee(grpc),
-            resp: ArcSwap::from_pointee(resp),
+            no_alpn: ArcSwap::from_pointee(no_alpn),
             generation: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -83,9 +83,9 @@ impl ServerTls {
     /// Reads the files again and, if they form a valid configuration, uses it for every
     /// new connection. On error the old configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let (grpc, resp) = build(&self.files)?;
+        let (grpc, no_alpn) = build(&self.files)?;
         self.grpc.store(Arc::new(grpc));
-        self.resp.store(Arc::new(resp));
+        self.no_alpn.store(Arc::new(no_alpn));
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -124,9 +124,9 @@ impl ServerTls {
         TlsAcceptor::from(self.grpc.load_full())
     }
 
-    /// An acceptor with the current RESP configuration.
-    pub fn resp_acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.resp.load_full())
+    /// An acceptor with the current configuration without ALPN (RESP, the admin port).
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.no_alpn.load_full())
     }
 }
 
@@ -164,12 +164,12 @@ fn build(files: &TlsFiles) -> Result<(rustls::ServerConfig, rustls::ServerConfig
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let resp = builder
+    let no_alpn = builder
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
-    let mut grpc = resp.clone();
+    let mut grpc = no_alpn.clone();
     grpc.alpn_protocols = vec![b"h2".to_vec()];
-    Ok((grpc, resp))
+    Ok((grpc, no_alpn))
 }
 
 /// A client connection, in the clear or under TLS (what the gRPC server is handed).

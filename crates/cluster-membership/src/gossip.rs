@@ -145,11 +145,6 @@ impl Keyring {
         self
     }
 
-    /// Whether messages are encrypted.
-    pub fn encrypts(&self) -> bool {
-        self.ciphers.is_some()
-    }
-
     fn mac(key: &[u8; 32]) -> HmacSha256 {
         use hmac::Mac;
         <HmacSha256 as Mac>::new_from_slice(key)

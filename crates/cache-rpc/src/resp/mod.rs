@@ -105,7 +105,7 @@ pub(crate) async fn serve(
                 tasks.spawn(connection(io, session, parse_limits, stop));
             }
             Some(tls) => {
-                let acceptor = tls.resp_acceptor();
+                let acceptor = tls.acceptor();
                 tasks.spawn(async move {
                     match tokio::time::timeout(handshake, acceptor.accept(io)).await {
                         Ok(Ok(stream)) => connection(stream, session, parse_limits, stop).await,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cache_core::CacheConfig;
+use cache_core::{CacheConfig, EvictionPolicy};
 use cache_rpc::{Consistency, CoreConfig, Limits, MembershipMode, NetworkProtocol, NodeConfig};
 use clap::{Parser, ValueEnum};
 use cluster_membership::default_peer_addr;
@@ -69,6 +69,10 @@ pub(crate) struct Args {
     /// Evict least-recently-used entries when full (false: refuse writes) [default: true].
     #[arg(long, env = "CACHE_EVICTION")]
     eviction: Option<bool>,
+    /// Which entry goes when memory is full: lru (exact least-recently-used) or sieve (keeps
+    /// popular keys through one-off scans; a higher hit ratio on skewed loads) [default: lru].
+    #[arg(long, env = "CACHE_EVICTION_POLICY")]
+    eviction_policy: Option<String>,
     /// Largest key, e.g. 64KiB [default: 64KiB].
     #[arg(long, env = "CACHE_MAX_KEY_SIZE")]
     max_key_size: Option<String>,
@@ -287,6 +291,7 @@ struct FileConfig {
     max_items: Option<u64>,
     shards: Option<usize>,
     eviction: Option<bool>,
+    eviction_policy: Option<String>,
     max_key_size: Option<String>,
     max_value_size: Option<String>,
     max_batch: Option<usize>,
@@ -571,6 +576,12 @@ impl Args {
             max_items: self.max_items.or(file.max_items),
             shards: self.shards.or(file.shards).unwrap_or(dc.shards),
             evict: self.eviction.or(file.eviction).unwrap_or(dc.evict),
+            eviction_policy: match self.eviction_policy.or(file.eviction_policy) {
+                Some(p) => p
+                    .parse::<EvictionPolicy>()
+                    .map_err(|e| anyhow::anyhow!("--eviction-policy: {e}"))?,
+                None => dc.eviction_policy,
+            },
             ..dc
         };
         cache.validate().context("invalid cache settings")?;
@@ -967,5 +978,22 @@ mod tests {
         assert!(format!("{err:#}").contains("--peer-listen"), "{err:#}");
         let err = args(&["--shards", "3"]).resolve().expect_err("bad shards");
         assert!(format!("{err:#}").contains("power of two"), "{err:#}");
+        let err = args(&["--eviction-policy", "arc"])
+            .resolve()
+            .expect_err("bad policy");
+        assert!(
+            format!("{err:#}").contains("--eviction-policy: unknown eviction policy"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn the_eviction_policy_reaches_the_engine() {
+        let config = args(&["--eviction-policy", "sieve"])
+            .resolve()
+            .expect("valid");
+        assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Sieve);
+        let config = args(&[]).resolve().expect("valid");
+        assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Lru);
     }
 }

@@ -390,8 +390,52 @@ async fn metrics_and_status_pages_reflect_traffic() {
     assert_eq!(status, 200);
     assert!(html.contains("<th>items</th><td>1</td>"), "{html}");
     assert!(html.contains("hit ratio</th><td>66.7 %"), "{html}");
+    assert!(
+        html.contains("process resident ") && html.contains("eviction policy lru"),
+        "{html}"
+    );
     assert_eq!(node.http_get("/readyz").expect("readyz").0, 200);
     assert_eq!(node.http_get("/nope").expect("404").0, 404);
+}
+
+/// `--eviction-policy` reaches the engine: on two full nodes, a key read once and then
+/// followed by about 1.5 × capacity new keys nobody reads is gone under `lru` (it fell off the
+/// tail) and kept under `sieve` (its visited bit bought it a second pass of the hand).
+#[tokio::test]
+async fn the_eviction_policy_decides_what_a_stream_of_new_keys_flushes() {
+    for (policy, kept) in [("lru", false), ("sieve", true)] {
+        let node = NodeProcess::start(&[
+            "--eviction-policy",
+            policy,
+            "--max-memory",
+            "256KiB",
+            "--shards",
+            "1",
+        ]);
+        let c = client(&node).await;
+        let value = "x".repeat(100);
+        c.set("hot", value.clone()).await.expect("set hot");
+        assert!(c.get("hot").await.expect("get").is_some());
+        // 256 KiB / (~110 B of key and value + the per-entry overhead) ≈ 1 270 entries.
+        for i in 0..1_900 {
+            c.set(format!("stream-{i:05}"), value.clone())
+                .await
+                .expect("set");
+        }
+        assert_eq!(
+            c.get("hot").await.expect("get").is_some(),
+            kept,
+            "{policy}: the key read before the stream"
+        );
+        let (_, metrics) = node.http_get("/metrics").expect("metrics");
+        let evictions = cache_testkit::metric(&metrics, "cache_evictions_total").expect("series");
+        assert!(evictions > 500.0, "{policy}: {evictions} evictions");
+        let (_, html) = node.http_get("/status").expect("status");
+        assert!(
+            html.contains(&format!("eviction policy {policy}")),
+            "{html}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -263,7 +263,10 @@ async fn every_command_answers_as_redis_does() {
     assert_eq!(cfg, vec!["save".to_string(), String::new()]);
     let info: String = q(&mut c, &[b"INFO"]).await.expect("info");
     assert!(
-        info.contains("redis_version:") && info.contains("db0:keys="),
+        info.contains("redis_version:")
+            && info.contains("db0:keys=")
+            && info.contains("used_memory_rss:")
+            && info.contains("maxmemory_policy:allkeys-lru"),
         "{info}"
     );
     let size: i64 = q(&mut c, &[b"DBSIZE"]).await.expect("dbsize");

@@ -18,7 +18,8 @@ use parking_lot::Mutex;
 
 mod common;
 use common::{
-    BenchCache, KEY_LEN, LruMutex, Moka, QuickCache, VALUE_LEN, key, run_trace, zipf_trace,
+    BenchCache, KEY_LEN, KEYS, LruMutex, Moka, Op, QuickCache, SieveCache, VALUE_LEN, key,
+    run_trace, with_scans, zipf_trace, zipf_trace_with,
 };
 
 struct Counting;
@@ -101,6 +102,55 @@ fn report<C: BenchCache>(settle: impl Fn(&C)) {
         allocs,
         ratio
     );
+}
+
+/// Hit ratio of `C` on `trace` at `capacity` entries: the first third warms the cache, the
+/// rest is measured (gets that hit ÷ gets; a miss sets the key, cache-aside).
+fn ratio_on<C: BenchCache>(trace: &[Op], capacity: usize, settle: &impl Fn(&C)) -> f64 {
+    let cache = C::with_capacity(capacity);
+    let value = [7u8; VALUE_LEN];
+    let warm = trace.len() / 3;
+    run_trace(&cache, &trace[..warm], &value);
+    settle(&cache);
+    let (gets, hits) = run_trace(&cache, &trace[warm..], &value);
+    hits as f64 / gets as f64
+}
+
+/// The eviction policies against the peers: Zipf 0.8, Zipf 1.0, and Zipf 1.0 with one-off
+/// scans, at 1 % and 10 % of the key space. Same traces for every cache.
+fn hit_ratio_table() {
+    const LEN: usize = 3_000_000;
+    let zipf10 = zipf_trace_with(LEN, 7, 1.0);
+    let workloads: [(&str, Vec<Op>); 3] = [
+        ("zipf 0.8", zipf_trace_with(LEN, 7, 0.8)),
+        // Every 20 000 operations a scan of 10 000 keys read once.
+        ("zipf 1.0 + scans", with_scans(&zipf10, 20_000, 10_000)),
+        ("zipf 1.0", zipf10),
+    ];
+    println!(
+        "\nhit ratio by eviction policy ({KEYS} keys, {LEN} operations per workload, \
+         {}% get with set on miss, first third warm-up)",
+        common::GET_PERCENT
+    );
+    println!(
+        "{:<18} {:>9} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "workload", "capacity", "cc lru", "cc sieve", "quick_cache", "moka", "lru"
+    );
+    for (name, trace) in &workloads {
+        for percent in [1usize, 10] {
+            let capacity = KEYS * percent / 100;
+            println!(
+                "{:<18} {:>8}% {:>11.4} {:>11.4} {:>11.4} {:>11.4} {:>11.4}",
+                name,
+                percent,
+                ratio_on::<Cache>(trace, capacity, &|_| {}),
+                ratio_on::<SieveCache>(trace, capacity, &|_| {}),
+                ratio_on::<QuickCache>(trace, capacity, &|_| {}),
+                ratio_on::<Moka>(trace, capacity, &Moka::settle),
+                ratio_on::<LruMutex>(trace, capacity, &|_| {}),
+            );
+        }
+    }
 }
 
 /// 1M entries expiring in the same second: the incremental reaper against the naive design.
@@ -203,5 +253,9 @@ fn main() {
     report::<QuickCache>(|_| {});
     report::<Moka>(Moka::settle);
     report::<LruMutex>(|_| {});
+    hit_ratio_table();
+    if std::env::args().any(|a| a == "hit-ratio") {
+        return;
+    }
     reaper();
 }

@@ -38,6 +38,54 @@ pub struct CacheConfig {
     /// How long a versioned delete keeps its tombstone. It must outlive any replication delay:
     /// an older write that arrives after the tombstone is gone could resurrect the key.
     pub tombstone_ttl: Duration,
+    /// Which entry goes when an insert does not fit: exact LRU (the default) or SIEVE.
+    pub eviction_policy: EvictionPolicy,
+}
+
+/// How a full shard picks the entry to evict. Both run on the same slab and list; see
+/// `docs/why/lru.md` for the measured hit ratios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvictionPolicy {
+    /// Exact least-recently-used: every hit moves the entry to the head of the list; the tail
+    /// goes. Predictable, and what a Redis or memcached user expects.
+    #[default]
+    Lru,
+    /// SIEVE (Zhang et al., NSDI '24): a hit only sets a "visited" bit; new entries enter at
+    /// the head; a hand walks from the tail towards the head, clearing visited bits and
+    /// evicting the first entry not visited since the hand last passed. One-hit wonders (a
+    /// scan) leave quickly and popular entries stay, and a hit writes one bit instead of
+    /// relinking four nodes.
+    Sieve,
+}
+
+impl EvictionPolicy {
+    /// The policy's name as the node's `--eviction-policy` flag spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lru => "lru",
+            Self::Sieve => "sieve",
+        }
+    }
+}
+
+impl std::fmt::Display for EvictionPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for EvictionPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "lru" => Ok(Self::Lru),
+            "sieve" => Ok(Self::Sieve),
+            other => Err(format!(
+                "unknown eviction policy {other:?} (expected \"lru\" or \"sieve\")"
+            )),
+        }
+    }
 }
 
 impl Default for CacheConfig {
@@ -48,13 +96,14 @@ impl Default for CacheConfig {
             shards: 0,
             evict: true,
             tombstone_ttl: Duration::from_secs(60),
+            eviction_policy: EvictionPolicy::Lru,
         }
     }
 }
 
 impl CacheConfig {
-    /// The defaults: 1 GiB, no item cap, shards from the core count, eviction on, tombstones
-    /// kept for 60 s.
+    /// The defaults: 1 GiB, no item cap, shards from the core count, eviction on (exact LRU),
+    /// tombstones kept for 60 s.
     pub fn new() -> Self {
         Self::default()
     }
@@ -80,6 +129,12 @@ impl CacheConfig {
     /// Sets [`CacheConfig::evict`].
     pub fn with_eviction(mut self, evict: bool) -> Self {
         self.evict = evict;
+        self
+    }
+
+    /// Sets [`CacheConfig::eviction_policy`].
+    pub fn with_eviction_policy(mut self, policy: EvictionPolicy) -> Self {
+        self.eviction_policy = policy;
         self
     }
 

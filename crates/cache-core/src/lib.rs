@@ -82,7 +82,7 @@ use parking_lot::Mutex;
 
 pub use cache_types::Condition;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{CacheConfig, MAX_SHARDS};
+pub use config::{CacheConfig, EvictionPolicy, MAX_SHARDS};
 pub use error::{ConfigError, InsertError};
 pub use reaper::Reaper;
 use shard::Shard;
@@ -358,6 +358,7 @@ impl<C: Clock> Cache<C> {
                     capacity,
                     max_items,
                     config.evict,
+                    config.eviction_policy,
                     u64::try_from(config.tombstone_ttl.as_millis()).unwrap_or(u64::MAX),
                     hasher.clone(),
                 )))

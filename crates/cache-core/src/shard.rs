@@ -16,6 +16,7 @@ use bytes::Bytes;
 use hashbrown::HashTable;
 
 use crate::clock::Clock;
+use crate::config::EvictionPolicy;
 use crate::error::InsertError;
 use crate::{
     Condition, DeleteOutcome, Entry, KeyVersion, Lookup, TouchOutcome, VersionedRead, WriteOptions,
@@ -60,6 +61,8 @@ struct Node {
     next: u32,
     /// A tombstone reads as absent but still blocks older versioned writes.
     tombstone: bool,
+    /// SIEVE's bit: used since the hand last passed (always `false` under LRU).
+    visited: bool,
 }
 
 impl Node {
@@ -170,6 +173,11 @@ pub(crate) struct Shard {
     max_items: u64,
     /// Whether an insert that does not fit may evict.
     evict: bool,
+    /// How the entry to evict is chosen.
+    policy: EvictionPolicy,
+    /// SIEVE's hand: the next eviction candidate, walking from the tail towards the head;
+    /// [`NIL`] to start at the tail. Always [`NIL`] under LRU.
+    hand: u32,
     /// How long a tombstone stays, in milliseconds; also how long an expired *versioned*
     /// value keeps blocking older versions (as a tombstone) after its expiry.
     tombstone_ttl_ms: u64,
@@ -192,6 +200,7 @@ impl Shard {
         capacity: u64,
         max_items: u64,
         evict: bool,
+        policy: EvictionPolicy,
         tombstone_ttl_ms: u64,
         hasher: ahash::RandomState,
     ) -> Self {
@@ -206,6 +215,8 @@ impl Shard {
             capacity,
             max_items,
             evict,
+            policy,
+            hand: NIL,
             items: 0,
             tombstones: 0,
             expiring: 0,
@@ -295,6 +306,48 @@ impl Shard {
         }
     }
 
+    /// Records a use of `idx` (a hit, an overwrite, a touch): under LRU it moves to the head;
+    /// under SIEVE it is marked visited and stays where it is.
+    fn promote(&mut self, idx: u32) {
+        match self.policy {
+            EvictionPolicy::Lru => self.move_to_front(idx),
+            EvictionPolicy::Sieve => self.node_mut(idx).visited = true,
+        }
+    }
+
+    /// The next entry to evict, never `protect`; `None` if nothing else is left.
+    fn victim(&mut self, protect: u32) -> Option<u32> {
+        match self.policy {
+            EvictionPolicy::Lru => Some(self.tail).filter(|&t| t != NIL && t != protect),
+            EvictionPolicy::Sieve => self.sieve_victim(protect),
+        }
+    }
+
+    /// SIEVE: from the hand towards the head (wrapping to the tail), clear visited bits until
+    /// an unvisited entry is found; it is the victim and the hand stops just before it. Two
+    /// passes over the list at most: the first clears every bit.
+    fn sieve_victim(&mut self, protect: u32) -> Option<u32> {
+        let entries = self.items + self.tombstones;
+        let mut idx = if self.hand == NIL {
+            self.tail
+        } else {
+            self.hand
+        };
+        let mut steps = 0u64;
+        while idx != NIL && steps <= 2 * entries {
+            steps += 1;
+            let node = self.node_mut(idx);
+            let prev = node.prev;
+            if idx != protect && !node.visited {
+                self.hand = prev;
+                return Some(idx);
+            }
+            node.visited = false;
+            idx = if prev == NIL { self.tail } else { prev };
+        }
+        None
+    }
+
     /// Adds the per-node counters of `node` (`sign` = +1) or removes them (`sign` = -1).
     fn account(&mut self, node_charge: u64, tombstone: bool, expiring: bool, add: bool) {
         let delta = |v: &mut u64, d: u64| {
@@ -353,6 +406,9 @@ impl Shard {
 
     /// Unlinks, un-indexes and frees slot `idx`; returns whether it held a tombstone.
     fn remove_node(&mut self, idx: u32) -> bool {
+        if self.hand == idx {
+            self.hand = self.node(idx).prev;
+        }
         self.unlink(idx);
         let hash = self.hasher.hash_one(self.node(idx).key());
         if let Ok(entry) = self.index.find_entry(hash, |&i| i == idx) {
@@ -403,7 +459,7 @@ impl Shard {
         node.tombstone = tombstone;
         let new_charge = node.charge();
         self.account(new_charge, tombstone, expires_at != NEVER, true);
-        self.move_to_front(idx);
+        self.promote(idx);
     }
 
     /// Evicts from the tail until `extra_bytes` and `extra_items` more fit. Never evicts
@@ -412,11 +468,10 @@ impl Shard {
         while self.used_bytes + extra_bytes > self.capacity
             || self.items + self.tombstones + extra_items > self.max_items
         {
-            let tail = self.tail;
-            if tail == NIL || tail == protect {
+            let Some(victim) = self.victim(protect) else {
                 break;
-            }
-            self.remove_node(tail);
+            };
+            self.remove_node(victim);
             self.counters.evictions += 1;
         }
     }
@@ -597,6 +652,7 @@ impl Shard {
                         prev: NIL,
                         next: NIL,
                         tombstone: false,
+                        visited: false,
                     },
                 );
                 self.counters.inserts += 1;
@@ -681,6 +737,7 @@ impl Shard {
                         prev: NIL,
                         next: NIL,
                         tombstone: true,
+                        visited: false,
                     },
                 );
             }
@@ -719,7 +776,7 @@ impl Shard {
                     (true, false) => self.expiring -= 1,
                     _ => {}
                 }
-                self.move_to_front(idx);
+                self.promote(idx);
             }
         }
         true
@@ -758,7 +815,7 @@ impl Shard {
             expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
         };
         if use_it {
-            self.move_to_front(idx);
+            self.promote(idx);
             self.counters.hits += 1;
         }
         Some(VersionedRead::Live(lookup))
@@ -805,7 +862,7 @@ impl Shard {
             (true, false) => self.expiring -= 1,
             _ => {}
         }
-        self.move_to_front(idx);
+        self.promote(idx);
         TouchOutcome::Touched(Lookup {
             value,
             version,
@@ -944,6 +1001,7 @@ impl Shard {
         self.free_head = NIL;
         self.head = NIL;
         self.tail = NIL;
+        self.hand = NIL;
         self.used_bytes = 0;
         self.items = 0;
         self.tombstones = 0;
@@ -996,6 +1054,16 @@ impl Shard {
         if self.tail != prev {
             return Err(format!("tail is {} but the list ends at {prev}", self.tail));
         }
+        // SIEVE's hand points at a listed entry (or nowhere); LRU never uses it.
+        if self.hand != NIL
+            && (self.policy == EvictionPolicy::Lru
+                || !matches!(self.slots.get(self.hand as usize), Some(Slot::Occupied(_))))
+        {
+            return Err(format!(
+                "hand at slot {}, which is not a listed entry",
+                self.hand
+            ));
+        }
         if seen != occupied {
             return Err(format!(
                 "LRU list has {seen} nodes but {occupied} slots are occupied"
@@ -1033,6 +1101,9 @@ impl Shard {
             let hash = self.hasher.hash_one(node.key());
             if self.find(hash, node.key()) != Some(i as u32) {
                 return Err(format!("slot {i} is not found through the index"));
+            }
+            if node.visited && self.policy == EvictionPolicy::Lru {
+                return Err(format!("slot {i}: visited under LRU"));
             }
             if node.key_len as usize > node.data.len() {
                 return Err(format!("slot {i}: key_len beyond data"));

@@ -2,15 +2,15 @@
 //! implementation, edge cases, the reaper, scans, and a multi-threaded stress test. Every
 //! test calls `validate()` after its steps.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
 
 use crate::{
-    Cache, CacheConfig, Condition, ConfigError, DeleteOutcome, ENTRY_OVERHEAD, InsertError,
-    ManualClock, ScanCursor, Ttl, WriteOptions, WriteOutcome,
+    Cache, CacheConfig, Condition, ConfigError, DeleteOutcome, ENTRY_OVERHEAD, EvictionPolicy,
+    InsertError, ManualClock, ScanCursor, Ttl, WriteOptions, WriteOutcome,
 };
 
 const NEVER: u64 = u64::MAX;
@@ -32,9 +32,14 @@ struct ModelEntry {
     tombstone: bool,
 }
 
-/// The same semantics as a shard, written the obvious way: a `VecDeque` per shard for LRU
-/// order (front = most recent) and a `HashMap` for contents, with the same byte accounting.
+/// The same semantics as a shard, written the obvious way: a `VecDeque` per shard for the
+/// list order (front = head: the most recent use under LRU, the newest insert under SIEVE),
+/// a `HashMap` for contents with the same byte accounting, and for SIEVE a set of visited
+/// keys and each shard's hand (the key it points at).
 struct Model {
+    policy: EvictionPolicy,
+    visited: HashSet<Vec<u8>>,
+    hand: Vec<Option<Vec<u8>>>,
     order: Vec<VecDeque<Vec<u8>>>,
     map: HashMap<Vec<u8>, ModelEntry>,
     used: Vec<u64>,
@@ -81,12 +86,46 @@ impl Model {
     fn remove(&mut self, s: usize, key: &[u8]) {
         let e = self.map.remove(key).expect("model key present");
         self.used[s] -= charge(key, &e);
+        if self.hand[s].as_deref() == Some(key) {
+            // The hand moves to the entry towards the head (none at the head).
+            let at = self.order[s].iter().position(|k| k == key).expect("listed");
+            self.hand[s] = at.checked_sub(1).map(|i| self.order[s][i].clone());
+        }
+        self.visited.remove(key);
         self.order[s].retain(|k| k != key);
     }
 
+    /// A use of `key`: LRU moves it to the front; SIEVE marks a listed key visited and
+    /// puts a new one at the front.
     fn front(&mut self, s: usize, key: &[u8]) {
+        if self.policy == EvictionPolicy::Sieve && self.order[s].iter().any(|k| k == key) {
+            self.visited.insert(key.to_vec());
+            return;
+        }
         self.order[s].retain(|k| k != key);
         self.order[s].push_front(key.to_vec());
+    }
+
+    /// SIEVE's victim, walked from the hand (or the back) towards the front, wrapping.
+    fn sieve_victim(&mut self, s: usize, protect: Option<&[u8]>) -> Option<Vec<u8>> {
+        let len = self.order[s].len();
+        let mut at = match &self.hand[s] {
+            Some(h) => self.order[s]
+                .iter()
+                .position(|k| k == h)
+                .expect("hand listed"),
+            None => len.checked_sub(1)?,
+        };
+        for _ in 0..=2 * len {
+            let key = self.order[s][at].clone();
+            if Some(key.as_slice()) != protect && !self.visited.contains(&key) {
+                self.hand[s] = at.checked_sub(1).map(|i| self.order[s][i].clone());
+                return Some(key);
+            }
+            self.visited.remove(&key);
+            at = at.checked_sub(1).unwrap_or(len - 1);
+        }
+        None
     }
 
     fn put(&mut self, s: usize, key: &[u8], e: ModelEntry) {
@@ -105,13 +144,17 @@ impl Model {
 
     fn evict(&mut self, s: usize, bytes: u64, items: u64, protect: Option<&[u8]>) {
         while !self.fits(s, bytes, items) {
-            let Some(tail) = self.order[s].back().cloned() else {
+            let victim = match self.policy {
+                EvictionPolicy::Lru => self.order[s]
+                    .back()
+                    .cloned()
+                    .filter(|tail| Some(tail.as_slice()) != protect),
+                EvictionPolicy::Sieve => self.sieve_victim(s, protect),
+            };
+            let Some(victim) = victim else {
                 break;
             };
-            if Some(tail.as_slice()) == protect {
-                break;
-            }
-            self.remove(s, &tail);
+            self.remove(s, &victim);
         }
     }
 
@@ -349,8 +392,10 @@ fn run_model(
     per_shard: u64,
     max_items: Option<u64>,
     evict: bool,
+    policy: EvictionPolicy,
 ) -> Result<(), TestCaseError> {
     let config = CacheConfig::new()
+        .with_eviction_policy(policy)
         .with_shards(shards)
         .with_max_bytes(per_shard * shards as u64)
         .with_max_items(max_items)
@@ -358,6 +403,9 @@ fn run_model(
         .with_tombstone_ttl(Duration::from_millis(30));
     let (cache, clock) = manual_cache(config);
     let mut model = Model {
+        policy,
+        visited: HashSet::new(),
+        hand: vec![None; shards],
         order: vec![VecDeque::new(); shards],
         map: HashMap::new(),
         used: vec![0; shards],
@@ -484,19 +532,31 @@ proptest! {
     /// One shard, room for a handful of entries: exact LRU order, eviction, TTLs, versions.
     #[test]
     fn engine_matches_model_one_shard(ops in prop::collection::vec(op_strategy(), 1..120)) {
-        run_model(ops, 1, 4 * (ENTRY_OVERHEAD as u64 + 150), None, true)?;
+        run_model(ops, 1, 4 * (ENTRY_OVERHEAD as u64 + 150), None, true, EvictionPolicy::Lru)?;
     }
 
     /// Two shards with an item cap as well as a byte cap.
     #[test]
     fn engine_matches_model_two_shards_item_cap(ops in prop::collection::vec(op_strategy(), 1..120)) {
-        run_model(ops, 2, 3 * (ENTRY_OVERHEAD as u64 + 150), Some(6), true)?;
+        run_model(ops, 2, 3 * (ENTRY_OVERHEAD as u64 + 150), Some(6), true, EvictionPolicy::Lru)?;
+    }
+
+    /// SIEVE on one shard: the same semantics, SIEVE's victims (hand, visited bits).
+    #[test]
+    fn engine_matches_model_sieve_one_shard(ops in prop::collection::vec(op_strategy(), 1..160)) {
+        run_model(ops, 1, 4 * (ENTRY_OVERHEAD as u64 + 150), None, true, EvictionPolicy::Sieve)?;
+    }
+
+    /// SIEVE on two shards with an item cap as well as a byte cap.
+    #[test]
+    fn engine_matches_model_sieve_two_shards_item_cap(ops in prop::collection::vec(op_strategy(), 1..160)) {
+        run_model(ops, 2, 3 * (ENTRY_OVERHEAD as u64 + 150), Some(6), true, EvictionPolicy::Sieve)?;
     }
 
     /// Eviction disabled: full shards refuse writes with `OutOfMemory` and lose nothing.
     #[test]
     fn engine_matches_model_without_eviction(ops in prop::collection::vec(op_strategy(), 1..120)) {
-        run_model(ops, 1, 3 * (ENTRY_OVERHEAD as u64 + 150), None, false)?;
+        run_model(ops, 1, 3 * (ENTRY_OVERHEAD as u64 + 150), None, false, EvictionPolicy::Lru)?;
     }
 }
 
@@ -556,6 +616,50 @@ fn lru_evicts_the_least_recently_used() {
     assert_eq!(cache.get(b"b"), None);
     assert!(cache.get(b"a").is_some() && cache.get(b"c").is_some() && cache.get(b"d").is_some());
     cache.validate().expect("valid");
+}
+
+/// The difference between the policies on a one-off scan: LRU lets the scan flush a key that
+/// was just read; SIEVE keeps it (its visited bit buys it one pass of the hand) and evicts the
+/// scan's keys, which nobody read.
+#[test]
+fn sieve_keeps_a_read_key_through_a_scan_that_flushes_lru() {
+    for (policy, kept) in [(EvictionPolicy::Lru, false), (EvictionPolicy::Sieve, true)] {
+        let (cache, _) = manual_cache(
+            CacheConfig::new()
+                .with_shards(1)
+                .with_eviction_policy(policy)
+                .with_max_bytes(4 * (ENTRY_OVERHEAD as u64 + 16)),
+        );
+        for k in [b"a", b"b", b"c", b"d"] {
+            cache.set(k, b"v").expect("fits");
+        }
+        assert!(cache.get(b"a").is_some());
+        for i in 0..6u8 {
+            cache.set(&[b's', i], b"v").expect("fits");
+            cache.validate().expect("valid");
+        }
+        assert_eq!(
+            cache.get(b"a").is_some(),
+            kept,
+            "{policy}: the read key after a scan"
+        );
+        assert_eq!(cache.len(), 4, "{policy}");
+        // The scan's newest key is always there (it is being written when room is made).
+        assert!(cache.get(&[b's', 5]).is_some(), "{policy}");
+    }
+}
+
+#[test]
+fn eviction_policies_parse_from_their_names() {
+    assert_eq!("lru".parse::<EvictionPolicy>(), Ok(EvictionPolicy::Lru));
+    assert_eq!("SIEVE".parse::<EvictionPolicy>(), Ok(EvictionPolicy::Sieve));
+    assert!(
+        "arc"
+            .parse::<EvictionPolicy>()
+            .unwrap_err()
+            .contains("unknown eviction policy")
+    );
+    assert_eq!(EvictionPolicy::Sieve.to_string(), "sieve");
 }
 
 #[test]

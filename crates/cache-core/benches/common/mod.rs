@@ -5,7 +5,7 @@
 use std::num::NonZeroUsize;
 
 use bytes::Bytes;
-use cache_core::{Cache, CacheConfig, ENTRY_OVERHEAD};
+use cache_core::{Cache, CacheConfig, ENTRY_OVERHEAD, EvictionPolicy};
 use parking_lot::Mutex;
 
 /// Distinct keys in the workload.
@@ -40,6 +40,30 @@ impl BenchCache for Cache {
     }
     fn set(&self, key: &[u8], value: &[u8]) {
         Cache::set(self, key, value).expect("entry fits");
+    }
+}
+
+/// cache-core with `--eviction-policy sieve`.
+pub struct SieveCache(Cache);
+
+impl BenchCache for SieveCache {
+    const NAME: &'static str = "cache-core sieve";
+    fn with_capacity(entries: usize) -> Self {
+        let per_entry = (KEY_LEN + VALUE_LEN + ENTRY_OVERHEAD) as u64;
+        Self(
+            Cache::new(
+                CacheConfig::new()
+                    .with_max_bytes(entries as u64 * per_entry)
+                    .with_eviction_policy(EvictionPolicy::Sieve),
+            )
+            .expect("valid config"),
+        )
+    }
+    fn get(&self, key: &[u8]) -> Option<Bytes> {
+        self.0.get(key)
+    }
+    fn set(&self, key: &[u8], value: &[u8]) {
+        self.0.set(key, value).expect("entry fits");
     }
 }
 
@@ -139,10 +163,15 @@ pub struct Op {
 /// `len` operations over [`KEYS`] keys with Zipf(`ZIPF_S`) popularity (rank 0 most popular;
 /// rank mapped to a key number by a fixed permutation), [`GET_PERCENT`] % gets.
 pub fn zipf_trace(len: usize, seed: u64) -> Vec<Op> {
+    zipf_trace_with(len, seed, ZIPF_S)
+}
+
+/// [`zipf_trace`] with exponent `s`.
+pub fn zipf_trace_with(len: usize, seed: u64, s: f64) -> Vec<Op> {
     let mut cdf = Vec::with_capacity(KEYS);
     let mut total = 0.0f64;
     for rank in 1..=KEYS {
-        total += 1.0 / (rank as f64).powf(ZIPF_S);
+        total += 1.0 / (rank as f64).powf(s);
         cdf.push(total);
     }
     let mut rng = XorShift::new(seed);
@@ -164,6 +193,27 @@ pub fn zipf_trace(len: usize, seed: u64) -> Vec<Op> {
             }
         })
         .collect()
+}
+
+/// Mixes one-off scans into `trace`: after every `every` operations, `scan_len` gets of keys
+/// that never occur anywhere else (numbers from [`KEYS`] up), each a miss followed by a set —
+/// a batch job or a crawler walking through data nobody reads twice.
+pub fn with_scans(trace: &[Op], every: usize, scan_len: usize) -> Vec<Op> {
+    let mut out = Vec::with_capacity(trace.len() + trace.len() / every * scan_len);
+    let mut next = KEYS as u32;
+    for (i, op) in trace.iter().enumerate() {
+        out.push(*op);
+        if (i + 1) % every == 0 {
+            for _ in 0..scan_len {
+                out.push(Op {
+                    key: next,
+                    is_get: true,
+                });
+                next += 1;
+            }
+        }
+    }
+    out
 }
 
 /// Runs `ops` against `cache`: a get, and on a miss a set (the usual cache-aside pattern);

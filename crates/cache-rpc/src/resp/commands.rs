@@ -1055,7 +1055,8 @@ impl Session {
              redis_mode:standalone\r\nnode_id:{}\r\nprocess_id:{}\r\ntcp_port:{}\r\n\
              uptime_in_seconds:{uptime}\r\nuptime_in_days:{}\r\n\r\n\
              # Clients\r\nconnected_clients:{clients}\r\n\r\n\
-             # Memory\r\nused_memory:{}\r\nmaxmemory:{}\r\nmaxmemory_policy:{}\r\n\r\n\
+             # Memory\r\nused_memory:{}\r\nused_memory_rss:{}\r\nmaxmemory:{}\r\n\
+             maxmemory_policy:{}\r\n\r\n\
              # Persistence\r\naof_enabled:{}\r\n\r\n\
              # Stats\r\ntotal_commands_processed:{}\r\nkeyspace_hits:{}\r\nkeyspace_misses:{}\r\n\
              evicted_keys:{}\r\nexpired_keys:{}\r\n\r\n\
@@ -1068,11 +1069,13 @@ impl Session {
             self.port,
             uptime / 86_400,
             stats.bytes,
+            crate::metrics::resident_memory_bytes().unwrap_or(0),
             cache.max_bytes,
-            if cache.evict {
-                "allkeys-lru"
-            } else {
-                "noeviction"
+            match (cache.evict, cache.eviction_policy) {
+                (false, _) => "noeviction",
+                (true, cache_core::EvictionPolicy::Lru) => "allkeys-lru",
+                // Not a Redis policy name; what a client that prints it should see.
+                (true, cache_core::EvictionPolicy::Sieve) => "allkeys-sieve",
             },
             u8::from(self.shared.persistence.is_some()),
             self.shared.requests.load(Ordering::Relaxed),

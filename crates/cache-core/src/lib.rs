@@ -69,6 +69,10 @@
 pub mod clock;
 mod config;
 mod error;
+/// The reference model and its driver, for the property tests and the fuzz target.
+#[cfg(any(test, feature = "model"))]
+#[doc(hidden)]
+pub mod model;
 pub mod reaper;
 mod shard;
 
@@ -795,7 +799,7 @@ impl<C: Clock> Cache<C> {
         Ok(())
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "model"))]
     pub(crate) fn shard_keys_mru_to_lru(&self, i: usize) -> Vec<Vec<u8>> {
         self.shard(i).lock().keys_mru_to_lru()
     }

@@ -1010,7 +1010,7 @@ impl Shard {
     }
 
     /// Keys from most to least recently used, tombstones and expired entries included.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "model"))]
     pub(crate) fn keys_mru_to_lru(&self) -> Vec<Vec<u8>> {
         let mut keys = Vec::new();
         let mut idx = self.head;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cache_core::{Cache, CacheConfig, ENTRY_OVERHEAD, ManualClock};
+use cache_core::{Cache, CacheConfig, ManualClock, entry_charge};
 use parking_lot::Mutex;
 
 mod common;
@@ -244,7 +244,11 @@ fn main() {
         common::CAPACITY,
         common::GET_PERCENT
     );
-    println!("cache-core charges ENTRY_OVERHEAD = {ENTRY_OVERHEAD} bytes per entry\n");
+    println!(
+        "cache-core charges {} bytes per entry of this size ({} beyond key and value)\n",
+        entry_charge(KEY_LEN, VALUE_LEN),
+        entry_charge(KEY_LEN, VALUE_LEN) - (KEY_LEN + VALUE_LEN) as u64
+    );
     println!(
         "{:<14} {:>22} {:>20} {:>14}",
         "cache", "overhead B/entry", "allocs per get hit", "hit ratio"

@@ -66,6 +66,7 @@
 
 #![forbid(unsafe_code)]
 
+mod arena;
 pub mod clock;
 mod config;
 mod error;
@@ -90,7 +91,7 @@ pub use config::{CacheConfig, EvictionPolicy, MAX_SHARDS};
 pub use error::{ConfigError, InsertError};
 pub use reaper::Reaper;
 use shard::Shard;
-pub use shard::{ENTRY_OVERHEAD, ReapStep};
+pub use shard::{ENTRY_OVERHEAD, ReapStep, entry_charge};
 
 /// What a hit returns: the value (sharing the cache's buffer, no copy) and its metadata.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -660,6 +661,13 @@ impl<C: Clock> Cache<C> {
     /// The largest charge one entry may have: one shard's budget.
     pub fn max_entry_charge(&self) -> u64 {
         self.shard(0).lock().capacity()
+    }
+
+    /// Bytes the engine really holds, summed over shards: slabs, indexes, arena pages and
+    /// large entries, slack included (what [`CacheStats::bytes`] charges leaves the slack out).
+    /// O(pages); for metrics and tests, not for every request.
+    pub fn footprint(&self) -> u64 {
+        self.shards.iter().map(|s| s.0.lock().footprint()).sum()
     }
 
     /// Drops every entry and tombstone, shard by shard.

@@ -15,6 +15,7 @@
 use bytes::Bytes;
 use hashbrown::HashTable;
 
+use crate::arena::{self, Arena};
 use crate::clock::Clock;
 use crate::config::EvictionPolicy;
 use crate::error::InsertError;
@@ -30,35 +31,74 @@ const NIL: u32 = u32::MAX;
 pub(crate) const NEVER: u64 = u64::MAX;
 
 /// Size of the `bytes` crate's shared header (buffer pointer, capacity, refcount), allocated
-/// once per entry when the entry's buffer is made shareable at insert time.
+/// once per large entry when its buffer is made shareable at insert time.
 const BYTES_SHARED_HEADER: usize = 24;
 
 /// Bytes of hash index per entry: a `u32` slot number plus one control byte, at hashbrown's
 /// maximum load factor of 7/8, rounded up.
 const INDEX_BYTES_PER_ENTRY: usize = 8;
 
-/// Fixed bytes charged per entry on top of its key and value: the slab slot, the shared
-/// buffer header and the index slot. `benches/engine_memory.rs` measures the real figure with a
-/// counting allocator and compares it with this constant (see `docs/benchmarks.md`).
-pub const ENTRY_OVERHEAD: usize =
-    std::mem::size_of::<Slot>() + BYTES_SHARED_HEADER + INDEX_BYTES_PER_ENTRY;
+/// Bytes of one slab slot.
+const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
-/// One stored entry: a value, or a tombstone left by a versioned delete.
+// The slot stays at 40 bytes: `Vacant` hides in a `bool`'s spare values, no tag word.
+const _: () = assert!(SLOT_BYTES == 40);
+
+/// `Node::class` of an entry too large for any arena chunk: its key and value are one `Bytes`
+/// in `Shard::large`, and a hit returns a slice of it without copying.
+const LARGE: u8 = u8::MAX;
+
+/// Bytes charged for a large entry beyond its key and value: its `Bytes` handle in
+/// `Shard::large` and the buffer's shared header.
+const LARGE_EXTRA: usize = std::mem::size_of::<Bytes>() + BYTES_SHARED_HEADER;
+
+/// The most bytes charged per small entry (key and value up to 124 bytes together) on top of
+/// its key and value: the slab slot, the index, and at most 16 bytes for the chunk's owner
+/// field and size-class rounding (chunks are at least 16 bytes, then in 8-byte steps). Larger entries are charged their size class (at most 25 % above their
+/// size, up to 1 KiB) or, above 1 KiB, their bytes plus a `Bytes` handle and header; see
+/// [`entry_charge`]. `benches/engine_report.rs` measures the real figure.
+pub const ENTRY_OVERHEAD: usize = SLOT_BYTES + INDEX_BYTES_PER_ENTRY + 16;
+
+/// Bytes an entry with a `key_len`-byte key and a `value_len`-byte value is charged against
+/// the memory limit: what the engine really holds for it (its chunk or buffer, its slot, its
+/// share of the index).
+pub fn entry_charge(key_len: usize, value_len: usize) -> u64 {
+    let data = key_len.saturating_add(value_len);
+    stored_charge(class_of_data(data), data)
+}
+
+/// The arena class for `data_len` bytes of key and value, or [`LARGE`].
+fn class_of_data(data_len: usize) -> u8 {
+    arena::class_for(arena::OWNER_BYTES.saturating_add(data_len)).unwrap_or(LARGE)
+}
+
+fn stored_charge(class: u8, data_len: usize) -> u64 {
+    let stored = if class == LARGE {
+        data_len.saturating_add(LARGE_EXTRA)
+    } else {
+        arena::class_size(class)
+    };
+    stored.saturating_add(SLOT_BYTES + INDEX_BYTES_PER_ENTRY) as u64
+}
+
+/// One stored entry: a value, or a tombstone left by a versioned delete. Its bytes (key, then
+/// value) are in the shard's arena, or in `Shard::large` when `class` is [`LARGE`].
 #[derive(Debug)]
 struct Node {
-    /// The key followed by the value, in one refcounted allocation: one allocation per entry
-    /// instead of two, and a hit returns `data.slice(key_len..)` without copying.
-    data: Bytes,
     /// Absolute expiry in unix milliseconds, [`NEVER`] for none. Tombstones always expire.
     expires_at: u64,
     /// Caller-supplied version; higher wins. `0` for unversioned writes.
     version: u64,
-    /// Length of the key prefix of `data`.
+    /// The arena chunk handle, or the index in `Shard::large` for a [`LARGE`] entry.
+    loc: u32,
     key_len: u32,
+    value_len: u32,
     /// Towards the head (more recently used); [`NIL`] at the head.
     prev: u32,
     /// Towards the tail (less recently used); [`NIL`] at the tail.
     next: u32,
+    /// The arena size class of the chunk, or [`LARGE`].
+    class: u8,
     /// A tombstone reads as absent but still blocks older versioned writes.
     tombstone: bool,
     /// SIEVE's bit: used since the hand last passed (always `false` under LRU).
@@ -66,21 +106,44 @@ struct Node {
 }
 
 impl Node {
-    fn key(&self) -> &[u8] {
-        &self.data[..self.key_len as usize]
-    }
-
-    fn value(&self) -> Bytes {
-        self.data.slice(self.key_len as usize..)
-    }
-
     /// Bytes this entry is charged against the shard's budget.
     fn charge(&self) -> u64 {
-        charge_for(self.data.len())
+        stored_charge(self.class, self.key_len as usize + self.value_len as usize)
     }
 
     fn is_expired(&self, now: &mut Now<'_, impl Clock>) -> bool {
         self.expires_at != NEVER && now.get() >= self.expires_at
+    }
+
+    /// The key, wherever it is stored.
+    fn key<'a>(&self, arena: &'a Arena, large: &'a [Bytes]) -> &'a [u8] {
+        let k = self.key_len as usize;
+        if self.class == LARGE {
+            &large[self.loc as usize][..k]
+        } else {
+            &arena.chunk(self.loc, self.class)[arena::OWNER_BYTES..arena::OWNER_BYTES + k]
+        }
+    }
+
+    /// The key as `Bytes`: a slice of a large entry's buffer, a copy of a small one's.
+    fn key_bytes(&self, arena: &Arena, large: &[Bytes]) -> Bytes {
+        if self.class == LARGE {
+            large[self.loc as usize].slice(..self.key_len as usize)
+        } else {
+            Bytes::copy_from_slice(self.key(arena, large))
+        }
+    }
+
+    /// The value: a slice of a large entry's buffer (no copy), a copy of a small one's (a few
+    /// nanoseconds for a value of up to 1 KiB, against microseconds for a request).
+    fn value(&self, arena: &Arena, large: &[Bytes]) -> Bytes {
+        let (k, v) = (self.key_len as usize, self.value_len as usize);
+        if self.class == LARGE {
+            large[self.loc as usize].slice(k..k + v)
+        } else {
+            let at = arena::OWNER_BYTES + k;
+            Bytes::copy_from_slice(&arena.chunk(self.loc, self.class)[at..at + v])
+        }
     }
 }
 
@@ -91,13 +154,8 @@ enum Slot {
     Vacant { next_free: u32 },
 }
 
-/// Bytes charged for an entry whose key and value together take `data_len` bytes.
-fn charge_for(data_len: usize) -> u64 {
-    (data_len + ENTRY_OVERHEAD) as u64
-}
-
-/// Copies `key` and `value` into one buffer and makes it shareable now, so that every later
-/// hit clones it by refcount without allocating. (A `Bytes` built from a `Vec` allocates its
+/// Copies a large entry's `key` and `value` into one buffer and makes it shareable now, so that
+/// every later hit clones it by refcount without allocating. (A `Bytes` built from a `Vec` allocates its
 /// shared header on first clone; paying that at insert keeps the get path allocation-free.)
 fn entry_buffer(key: &[u8], value: &[u8]) -> Bytes {
     let mut buf = Vec::with_capacity(key.len() + value.len());
@@ -157,6 +215,12 @@ pub struct ReapStep {
 pub(crate) struct Shard {
     /// The slab.
     slots: Vec<Slot>,
+    /// Key and value bytes of small entries.
+    arena: Arena,
+    /// Key and value of each large entry (see [`LARGE`]); freed entries are empty.
+    large: Vec<Bytes>,
+    /// Free indices in `large`.
+    large_free: Vec<u32>,
     /// First vacant slot, or [`NIL`].
     free_head: u32,
     /// Key hash -> slot number.
@@ -207,6 +271,9 @@ impl Shard {
         Self {
             tombstone_ttl_ms,
             slots: Vec::new(),
+            arena: Arena::new(),
+            large: Vec::new(),
+            large_free: Vec::new(),
             free_head: NIL,
             index: HashTable::new(),
             head: NIL,
@@ -242,6 +309,27 @@ impl Shard {
         self.capacity
     }
 
+    /// Bytes this shard really holds: slab capacity, index, arena pages and tables, and large
+    /// entries' buffers and handles. Differs from `used_bytes` by the slack the charges do not
+    /// see (free chunks, slab and index growth room); see `docs/why/lru.md`.
+    pub(crate) fn footprint(&self) -> u64 {
+        let index_buckets = match self.index.capacity() {
+            0 => 0,
+            c => (c * 8 / 7).next_power_of_two(),
+        };
+        let large: usize = self
+            .large
+            .iter()
+            .map(|b| b.len() + BYTES_SHARED_HEADER)
+            .sum();
+        (self.slots.capacity() * SLOT_BYTES
+            + index_buckets * (4 + 1)
+            + self.arena.footprint()
+            + large
+            + self.large.capacity() * std::mem::size_of::<Bytes>()
+            + self.large_free.capacity() * 4) as u64
+    }
+
     // ----- slab and list primitives -------------------------------------------------------
 
     fn node(&self, idx: u32) -> &Node {
@@ -259,13 +347,57 @@ impl Shard {
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        let slots = &self.slots;
+        let (slots, arena, large) = (&self.slots, &self.arena, &self.large);
         self.index
             .find(hash, |&idx| match &slots[idx as usize] {
-                Slot::Occupied(node) => node.key() == key,
+                Slot::Occupied(node) => node.key(arena, large) == key,
                 Slot::Vacant { .. } => false,
             })
             .copied()
+    }
+
+    /// The key of occupied slot `idx`.
+    fn key(&self, idx: u32) -> &[u8] {
+        self.node(idx).key(&self.arena, &self.large)
+    }
+
+    /// Stores `key` and `value` for slot `owner`: in an arena chunk, or as a large entry.
+    /// Returns the node's `(class, loc)`.
+    fn store(&mut self, owner: u32, key: &[u8], value: &[u8]) -> (u8, u32) {
+        let class = class_of_data(key.len() + value.len());
+        if class != LARGE
+            && let Some(h) = self.arena.alloc(class)
+        {
+            self.arena.fill(h, class, owner, key, value);
+            return (class, h);
+        }
+        let data = entry_buffer(key, value);
+        match self.large_free.pop() {
+            Some(i) => {
+                self.large[i as usize] = data;
+                (LARGE, i)
+            }
+            None => {
+                self.large.push(data);
+                (LARGE, (self.large.len() - 1) as u32)
+            }
+        }
+    }
+
+    /// Frees what [`Shard::store`] returned. Arena chunks moved to give a page back are
+    /// followed: their owners' `loc` is updated.
+    fn release(&mut self, class: u8, loc: u32) {
+        if class == LARGE {
+            self.large[loc as usize] = Bytes::new();
+            self.large_free.push(loc);
+            return;
+        }
+        let slots = &mut self.slots;
+        self.arena.free(loc, class, |owner, to| {
+            if let Some(Slot::Occupied(node)) = slots.get_mut(owner as usize) {
+                node.loc = to;
+            }
+        });
     }
 
     /// Unlinks `idx` from the LRU list (the node stays in its slot).
@@ -368,37 +500,56 @@ impl Shard {
         }
     }
 
-    /// Stores `node` in a free slot, links it at the head and indexes it.
-    fn insert_node(&mut self, hash: u64, node: Node) -> u32 {
-        self.account(
-            node.charge(),
-            node.tombstone,
-            node.expires_at != NEVER,
-            true,
-        );
+    /// Stores a new entry in a free slot, links it at the head and indexes it.
+    fn insert_node(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        value: &[u8],
+        expires_at: u64,
+        version: u64,
+        tombstone: bool,
+    ) -> u32 {
         let idx = match self.free_head {
-            NIL => {
-                let idx = u32::try_from(self.slots.len())
-                    .ok()
-                    .filter(|&i| i != NIL)
-                    .expect("a shard holds fewer than u32::MAX entries");
-                self.slots.push(Slot::Occupied(node));
-                idx
-            }
-            idx => {
-                let slot = std::mem::replace(&mut self.slots[idx as usize], Slot::Occupied(node));
-                match slot {
-                    Slot::Vacant { next_free } => self.free_head = next_free,
-                    Slot::Occupied(_) => unreachable!("free list points at occupied slot {idx}"),
-                }
-                idx
-            }
+            NIL => u32::try_from(self.slots.len())
+                .ok()
+                .filter(|&i| i != NIL)
+                .expect("a shard holds fewer than u32::MAX entries"),
+            idx => idx,
         };
+        let (class, loc) = self.store(idx, key, value);
+        let node = Node {
+            expires_at,
+            version,
+            loc,
+            key_len: key.len() as u32,
+            value_len: value.len() as u32,
+            prev: NIL,
+            next: NIL,
+            class,
+            tombstone,
+            visited: false,
+        };
+        self.account(node.charge(), tombstone, expires_at != NEVER, true);
+        if idx as usize == self.slots.len() {
+            // Grow in steps of an eighth, not by doubling: the slab's slack stays small and
+            // bounded (what the memory limit does not see).
+            if self.slots.len() == self.slots.capacity() {
+                self.slots.reserve_exact((self.slots.len() / 8).max(64));
+            }
+            self.slots.push(Slot::Occupied(node));
+        } else {
+            let slot = std::mem::replace(&mut self.slots[idx as usize], Slot::Occupied(node));
+            match slot {
+                Slot::Vacant { next_free } => self.free_head = next_free,
+                Slot::Occupied(_) => unreachable!("free list points at occupied slot {idx}"),
+            }
+        }
         self.push_front(idx);
-        let (slots, hasher) = (&self.slots, &self.hasher);
+        let (slots, arena, large, hasher) = (&self.slots, &self.arena, &self.large, &self.hasher);
         self.index
             .insert_unique(hash, idx, |&i| match &slots[i as usize] {
-                Slot::Occupied(node) => hasher.hash_one(node.key()),
+                Slot::Occupied(node) => hasher.hash_one(node.key(arena, large)),
                 Slot::Vacant { .. } => 0,
             });
         idx
@@ -410,7 +561,7 @@ impl Shard {
             self.hand = self.node(idx).prev;
         }
         self.unlink(idx);
-        let hash = self.hasher.hash_one(self.node(idx).key());
+        let hash = self.hasher.hash_one(self.key(idx));
         if let Ok(entry) = self.index.find_entry(hash, |&i| i == idx) {
             entry.remove();
         }
@@ -429,6 +580,7 @@ impl Shard {
                     node.expires_at != NEVER,
                     false,
                 );
+                self.release(node.class, node.loc);
                 node.tombstone
             }
             Slot::Vacant { .. } => unreachable!("removed vacant slot {idx}"),
@@ -436,30 +588,63 @@ impl Shard {
     }
 
     /// Replaces the contents of occupied slot `idx`, keeping its slot number (so a scan in
-    /// progress neither misses nor repeats it) and moving it to the head.
+    /// progress neither misses nor repeats it) and recording a use (see [`Shard::promote`]).
     fn replace_node(
         &mut self,
         idx: u32,
-        data: Bytes,
-        key_len: u32,
+        key: &[u8],
+        value: &[u8],
         expires_at: u64,
         version: u64,
         tombstone: bool,
     ) {
-        let (old_charge, old_tomb, old_expiring) = {
+        self.rewrite(idx, key, value, expires_at, version, tombstone);
+        self.promote(idx);
+    }
+
+    /// Rewrites occupied slot `idx` in place (same slot, same list position): its bytes go to
+    /// the same chunk if they fit its class, else to new storage, and the old is freed.
+    fn rewrite(
+        &mut self,
+        idx: u32,
+        key: &[u8],
+        value: &[u8],
+        expires_at: u64,
+        version: u64,
+        tombstone: bool,
+    ) {
+        let (old_charge, old_tomb, old_expiring, old_class, old_loc) = {
             let node = self.node(idx);
-            (node.charge(), node.tombstone, node.expires_at != NEVER)
+            let expiring = node.expires_at != NEVER;
+            (
+                node.charge(),
+                node.tombstone,
+                expiring,
+                node.class,
+                node.loc,
+            )
         };
         self.account(old_charge, old_tomb, old_expiring, false);
+        let class = class_of_data(key.len() + value.len());
+        if class == old_class && class != LARGE {
+            self.arena.fill(old_loc, class, idx, key, value);
+        } else {
+            let (class, loc) = self.store(idx, key, value);
+            let node = self.node_mut(idx);
+            node.class = class;
+            node.loc = loc;
+            // The node points at its new bytes before the old are freed: freeing may move
+            // chunks, the new one included, and the move updates the node.
+            self.release(old_class, old_loc);
+        }
         let node = self.node_mut(idx);
-        node.data = data;
-        node.key_len = key_len;
+        node.key_len = key.len() as u32;
+        node.value_len = value.len() as u32;
         node.expires_at = expires_at;
         node.version = version;
         node.tombstone = tombstone;
         let new_charge = node.charge();
         self.account(new_charge, tombstone, expires_at != NEVER, true);
-        self.promote(idx);
     }
 
     /// Evicts from the tail until `extra_bytes` and `extra_items` more fit. Never evicts
@@ -515,19 +700,11 @@ impl Shard {
     }
 
     /// Turns the value in slot `idx` into a tombstone expiring at `expires_at`, in place
-    /// (same slot, same LRU position, same version): frees the value's bytes.
+    /// (same slot, same list position, same version): frees the value's bytes.
     fn entomb(&mut self, idx: u32, expires_at: u64) {
-        let (old_charge, old_tomb, old_expiring) = {
-            let node = self.node(idx);
-            (node.charge(), node.tombstone, node.expires_at != NEVER)
-        };
-        self.account(old_charge, old_tomb, old_expiring, false);
-        let node = self.node_mut(idx);
-        node.data = Bytes::copy_from_slice(node.key());
-        node.expires_at = expires_at;
-        node.tombstone = true;
-        let new_charge = node.charge();
-        self.account(new_charge, true, expires_at != NEVER, true);
+        let key = self.key(idx).to_vec();
+        let version = self.node(idx).version;
+        self.rewrite(idx, &key, &[], expires_at, version, true);
     }
 
     /// Finds `key` and settles it (see [`Shard::settle`]).
@@ -561,9 +738,9 @@ impl Shard {
         clock: &C,
         tombstone_ttl_ms: u64,
     ) -> Result<WriteOutcome, InsertError> {
-        let key_len = u32::try_from(key.len()).map_err(|_| InsertError::KeyTooLong(key.len()))?;
-        let charge = charge_for(key.len() + value.len());
-        if charge > self.capacity {
+        u32::try_from(key.len()).map_err(|_| InsertError::KeyTooLong(key.len()))?;
+        let charge = entry_charge(key.len(), value.len());
+        if charge > self.capacity || u32::try_from(value.len()).is_err() {
             return Err(InsertError::EntryTooLarge {
                 charge,
                 shard_capacity: self.capacity,
@@ -624,14 +801,7 @@ impl Shard {
                 } else {
                     self.counters.inserts += 1;
                 }
-                self.replace_node(
-                    idx,
-                    entry_buffer(key, value),
-                    key_len,
-                    expires_at,
-                    version,
-                    false,
-                );
+                self.replace_node(idx, key, value, expires_at, version, false);
                 self.evict_until_fits(0, 0, idx);
             }
             None => {
@@ -642,19 +812,7 @@ impl Shard {
                     });
                 }
                 self.evict_until_fits(charge, 1, NIL);
-                self.insert_node(
-                    hash,
-                    Node {
-                        data: entry_buffer(key, value),
-                        expires_at,
-                        version,
-                        key_len,
-                        prev: NIL,
-                        next: NIL,
-                        tombstone: false,
-                        visited: false,
-                    },
-                );
+                self.insert_node(hash, key, value, expires_at, version, false);
                 self.counters.inserts += 1;
             }
         }
@@ -707,19 +865,11 @@ impl Shard {
             return outcome;
         };
         let expires_at = now.get().saturating_add(tombstone_ttl_ms);
-        let key_len = u32::try_from(key.len()).unwrap_or(u32::MAX);
         match existing {
             // A tombstone is never larger than what it replaces, so it always fits.
-            Some(idx) => self.replace_node(
-                idx,
-                Bytes::copy_from_slice(key),
-                key_len,
-                expires_at,
-                version,
-                true,
-            ),
+            Some(idx) => self.replace_node(idx, key, &[], expires_at, version, true),
             None => {
-                let charge = charge_for(key.len());
+                let charge = entry_charge(key.len(), 0);
                 // With eviction disabled and no room, or a key too large for any shard, the
                 // tombstone is skipped: the key is absent either way, only the protection
                 // against older replicated writes is lost.
@@ -727,19 +877,7 @@ impl Shard {
                     return outcome;
                 }
                 self.evict_until_fits(charge, 1, NIL);
-                self.insert_node(
-                    hash,
-                    Node {
-                        data: Bytes::copy_from_slice(key),
-                        expires_at,
-                        version,
-                        key_len,
-                        prev: NIL,
-                        next: NIL,
-                        tombstone: true,
-                        visited: false,
-                    },
-                );
+                self.insert_node(hash, key, &[], expires_at, version, true);
             }
         }
         outcome
@@ -810,7 +948,7 @@ impl Shard {
             return Some(VersionedRead::Dead { version });
         }
         let lookup = Lookup {
-            value: node.value(),
+            value: node.value(&self.arena, &self.large),
             version: node.version,
             expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
         };
@@ -851,7 +989,7 @@ impl Shard {
             let _ = self.delete_inner(hash, key, Some(idx), Some(version), &mut now, ttl);
             return TouchOutcome::Deleted;
         }
-        let value = node.value();
+        let value = node.value(&self.arena, &self.large);
         let was_expiring = node.expires_at != NEVER;
         let new_at = expires_at.unwrap_or(NEVER);
         let node = self.node_mut(idx);
@@ -937,8 +1075,8 @@ impl Shard {
                 && !node.is_expired(&mut now)
             {
                 out.push(Entry {
-                    key: node.data.slice(..node.key_len as usize),
-                    value: node.value(),
+                    key: node.key_bytes(&self.arena, &self.large),
+                    value: node.value(&self.arena, &self.large),
                     version: node.version,
                     expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
                 });
@@ -981,14 +1119,10 @@ impl Shard {
                 false
             };
             out.push(KeyVersion {
-                key: node.data.slice(..node.key_len as usize),
+                key: node.key_bytes(&self.arena, &self.large),
                 version: node.version,
                 live,
-                value_len: if live {
-                    node.data.len() - node.key_len as usize
-                } else {
-                    0
-                },
+                value_len: if live { node.value_len as usize } else { 0 },
             });
         }
         (end < self.slots.len()).then_some(end)
@@ -997,6 +1131,9 @@ impl Shard {
     /// Drops every entry (counters other than sizes are kept).
     pub(crate) fn clear(&mut self) {
         self.slots = Vec::new();
+        self.arena.clear();
+        self.large = Vec::new();
+        self.large_free = Vec::new();
         self.index = HashTable::new();
         self.free_head = NIL;
         self.head = NIL;
@@ -1015,7 +1152,7 @@ impl Shard {
         let mut keys = Vec::new();
         let mut idx = self.head;
         while idx != NIL {
-            keys.push(self.node(idx).key().to_vec());
+            keys.push(self.key(idx).to_vec());
             idx = self.node(idx).next;
         }
         keys
@@ -1096,17 +1233,36 @@ impl Shard {
             ));
         }
         let (mut bytes, mut items, mut tombstones, mut expiring) = (0u64, 0u64, 0u64, 0u64);
+        let (mut chunks, mut large) = (Vec::new(), 0usize);
         for (i, slot) in self.slots.iter().enumerate() {
             let Slot::Occupied(node) = slot else { continue };
-            let hash = self.hasher.hash_one(node.key());
-            if self.find(hash, node.key()) != Some(i as u32) {
+            let key = node.key(&self.arena, &self.large);
+            let hash = self.hasher.hash_one(key);
+            if self.find(hash, key) != Some(i as u32) {
                 return Err(format!("slot {i} is not found through the index"));
             }
             if node.visited && self.policy == EvictionPolicy::Lru {
                 return Err(format!("slot {i}: visited under LRU"));
             }
-            if node.key_len as usize > node.data.len() {
-                return Err(format!("slot {i}: key_len beyond data"));
+            if node.class == LARGE {
+                let data = self.large.get(node.loc as usize).map_or(0, Bytes::len);
+                if data != node.key_len as usize + node.value_len as usize {
+                    return Err(format!(
+                        "slot {i}: large entry of {data} bytes, lengths disagree"
+                    ));
+                }
+                large += 1;
+            } else {
+                if arena::class_size(node.class)
+                    < arena::OWNER_BYTES + node.key_len as usize + node.value_len as usize
+                {
+                    return Err(format!("slot {i}: key and value beyond its chunk"));
+                }
+                let owner = &self.arena.chunk(node.loc, node.class)[..arena::OWNER_BYTES];
+                if owner != (i as u32).to_le_bytes() {
+                    return Err(format!("slot {i}: its chunk names another owner"));
+                }
+                chunks.push((node.loc, node.class));
             }
             bytes += node.charge();
             if node.tombstone {
@@ -1128,6 +1284,14 @@ impl Shard {
                 "accounting: counted (bytes {bytes}, items {items}, tombstones {tombstones}, expiring {expiring}) \
                  but the shard says ({}, {}, {}, {})",
                 self.used_bytes, self.items, self.tombstones, self.expiring
+            ));
+        }
+        self.arena.validate(&chunks)?;
+        if large + self.large_free.len() != self.large.len() {
+            return Err(format!(
+                "{large} large entries + {} free != {}",
+                self.large_free.len(),
+                self.large.len()
             ));
         }
         if self.used_bytes > self.capacity {

@@ -133,7 +133,7 @@ fn entry_larger_than_a_shard_is_refused_and_changes_nothing() {
 
 #[test]
 fn capacity_of_exactly_one_entry_keeps_the_newest() {
-    let per_entry = ENTRY_OVERHEAD as u64 + 2;
+    let per_entry = crate::entry_charge(1, 1);
     let (cache, _) = manual_cache(CacheConfig::new().with_shards(1).with_max_bytes(per_entry));
     cache.set(b"a", b"1").expect("fits");
     cache.set(b"b", b"2").expect("fits");
@@ -166,7 +166,7 @@ fn sieve_keeps_a_read_key_through_a_scan_that_flushes_lru() {
             CacheConfig::new()
                 .with_shards(1)
                 .with_eviction_policy(policy)
-                .with_max_bytes(4 * (ENTRY_OVERHEAD as u64 + 16)),
+                .with_max_bytes(4 * crate::entry_charge(2, 1)),
         );
         for k in [b"a", b"b", b"c", b"d"] {
             cache.set(k, b"v").expect("fits");
@@ -333,7 +333,7 @@ fn eviction_disabled_refuses_instead_of_dropping() {
     let (cache, _) = manual_cache(
         CacheConfig::new()
             .with_shards(1)
-            .with_max_bytes(2 * (ENTRY_OVERHEAD as u64 + 2))
+            .with_max_bytes(2 * crate::entry_charge(1, 1))
             .with_eviction(false),
     );
     cache.set(b"a", b"1").expect("fits");
@@ -364,17 +364,31 @@ fn bad_configs_are_errors() {
     );
 }
 
+/// A large value (over 1 KiB with its key) is its own buffer and every hit shares it; a small
+/// one lives in the arena and every hit is a copy of its bytes.
 #[test]
-fn hit_shares_the_stored_buffer() {
-    let (cache, _) = small_cache(8);
-    cache.set(b"k", b"value").expect("fits");
-    let a = cache.get(b"k").expect("hit");
-    let b = cache.get(b"k").expect("hit");
+fn large_hits_share_the_stored_buffer_and_small_hits_copy() {
+    let (cache, _) = manual_cache(CacheConfig::new().with_shards(1).with_max_bytes(1 << 20));
+    let big = vec![7u8; 4096];
+    cache.set(b"big", &big).expect("fits");
+    cache.set(b"small", b"value").expect("fits");
+    let (a, b) = (
+        cache.get(b"big").expect("hit"),
+        cache.get(b"big").expect("hit"),
+    );
     assert_eq!(
         a.as_ptr(),
         b.as_ptr(),
-        "both hits point into the same allocation"
+        "both hits point into the same buffer"
     );
+    assert_eq!(a, big);
+    let (a, b) = (
+        cache.get(b"small").expect("hit"),
+        cache.get(b"small").expect("hit"),
+    );
+    assert_ne!(a.as_ptr(), b.as_ptr(), "each small hit is its own copy");
+    assert_eq!(a, &b"value"[..]);
+    cache.validate().expect("valid");
 }
 
 #[test]
@@ -389,7 +403,8 @@ fn clear_and_stats() {
         (st.inserts, st.updates, st.hits, st.misses, st.items),
         (1, 1, 1, 1, 1)
     );
-    assert_eq!(st.bytes, (1 + 1 + ENTRY_OVERHEAD) as u64);
+    assert_eq!(st.bytes, crate::entry_charge(1, 1));
+    assert!(st.bytes <= (1 + 1 + ENTRY_OVERHEAD) as u64);
     cache.clear();
     assert!(cache.is_empty());
     assert_eq!(cache.bytes_used(), 0);
@@ -488,6 +503,95 @@ fn scan_returns_each_live_entry_once_in_bounded_chunks() {
     assert_eq!(seen.len(), 1_000);
     for i in 0..1_000u32 {
         assert_eq!(seen[&i.to_be_bytes().to_vec()], i.to_le_bytes().to_vec());
+    }
+}
+
+// ----- the arena under churn ---------------------------------------------------------------
+
+/// The value stored for key `k` at write number `n`: its bytes say which write made them, so
+/// a hit that returns another entry's bytes (a chunk moved to the wrong owner) is caught.
+fn churn_value(k: u64, n: u64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    let stamp = (k << 32 | n).to_le_bytes();
+    while v.len() < len {
+        v.push(stamp[v.len() % 8]);
+    }
+    v
+}
+
+/// Many sizes (every arena class and large entries), overwrites that change class, deletes
+/// and evictions: pages are given back and chunks moved, and through it all every hit returns
+/// exactly the bytes last written for its key and `validate()` (owners, chunk accounting,
+/// pages within two of what is live) holds. With eviction off, nothing is lost either.
+#[test]
+fn arena_churn_moves_chunks_without_losing_or_mixing_bytes() {
+    for evict in [false, true] {
+        let max_bytes = if evict { 256 << 10 } else { 64 << 20 };
+        let (cache, _) = manual_cache(
+            CacheConfig::new()
+                .with_shards(1)
+                .with_max_bytes(max_bytes)
+                .with_eviction(evict),
+        );
+        let mut last: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for n in 0..60_000u64 {
+            let r = next();
+            let k = r % 3_000;
+            let key = k.to_be_bytes();
+            match r >> 60 {
+                0..=2 => {
+                    cache.delete(&key);
+                    last.remove(&k);
+                }
+                3..=9 => {
+                    // Mostly small, now and then up to 1.5 KiB (large above ~1 KiB).
+                    let len = if r >> 56 & 7 == 0 {
+                        (r >> 20) as usize % 1_500
+                    } else {
+                        (r >> 20) as usize % 120
+                    };
+                    let v = churn_value(k, n, len);
+                    cache.set(&key, &v).expect("set");
+                    last.insert(k, v);
+                }
+                _ => match cache.get(&key) {
+                    Some(got) => assert_eq!(
+                        Some(got.as_ref()),
+                        last.get(&k).map(Vec::as_slice),
+                        "evict={evict} step {n}: key {k}"
+                    ),
+                    None => {
+                        assert!(evict || !last.contains_key(&k), "step {n}: key {k} lost");
+                        last.remove(&k);
+                    }
+                },
+            }
+            if n % 2_000 == 0 {
+                cache.validate().expect("valid");
+            }
+        }
+        cache.validate().expect("valid");
+        for (k, v) in &last {
+            match cache.get(&k.to_be_bytes()) {
+                Some(got) => assert_eq!(got.as_ref(), v.as_slice(), "key {k}"),
+                None => assert!(evict, "key {k} lost"),
+            }
+        }
+        // The promised bound: charges, plus under two and a half pages per size class, plus
+        // the slab's growth room (an eighth) and the index's load factor.
+        let (footprint, used) = (cache.footprint(), cache.bytes_used());
+        let slack = 27 * 5 * crate::arena::PAGE_SIZE as u64 / 2 + used / 4;
+        assert!(
+            footprint <= used + slack,
+            "evict={evict}: footprint {footprint} for {used} charged"
+        );
     }
 }
 

@@ -590,7 +590,7 @@ impl Store {
             self.limits.check_key(&m.key)?;
             if let MutationOp::Put { value, .. } = &m.op {
                 self.limits.check_value(value)?;
-                let charge = (m.key.len() + value.len() + cache_core::ENTRY_OVERHEAD) as u64;
+                let charge = cache_core::entry_charge(m.key.len(), value.len());
                 if charge > max_charge {
                     return Err(CoreError::TooLarge(format!(
                         "a replicated entry of {charge} bytes (with overhead) exceeds this node's largest entry ({max_charge} bytes: its memory limit divided by its shards)"

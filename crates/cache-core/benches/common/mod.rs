@@ -5,7 +5,7 @@
 use std::num::NonZeroUsize;
 
 use bytes::Bytes;
-use cache_core::{Cache, CacheConfig, ENTRY_OVERHEAD, EvictionPolicy};
+use cache_core::{Cache, CacheConfig, EvictionPolicy, entry_charge};
 use parking_lot::Mutex;
 
 /// Distinct keys in the workload.
@@ -31,7 +31,7 @@ pub trait BenchCache: Send + Sync {
 impl BenchCache for Cache {
     const NAME: &'static str = "cache-core";
     fn with_capacity(entries: usize) -> Self {
-        let per_entry = (KEY_LEN + VALUE_LEN + ENTRY_OVERHEAD) as u64;
+        let per_entry = entry_charge(KEY_LEN, VALUE_LEN);
         Cache::new(CacheConfig::new().with_max_bytes(entries as u64 * per_entry))
             .expect("valid config")
     }
@@ -49,7 +49,7 @@ pub struct SieveCache(Cache);
 impl BenchCache for SieveCache {
     const NAME: &'static str = "cache-core sieve";
     fn with_capacity(entries: usize) -> Self {
-        let per_entry = (KEY_LEN + VALUE_LEN + ENTRY_OVERHEAD) as u64;
+        let per_entry = entry_charge(KEY_LEN, VALUE_LEN);
         Self(
             Cache::new(
                 CacheConfig::new()

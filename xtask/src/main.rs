@@ -186,7 +186,7 @@ fn ratio_table(
 fn bench_engine() -> Result<()> {
     cargo(&["bench", "-p", "cache-core", "--bench", "engine"])?;
     cargo(&["bench", "-p", "cache-core", "--bench", "engine_report"])?;
-    let peers = ["quick_cache", "moka", "lru_mutex"];
+    let peers = ["cache-core-sieve", "quick_cache", "moka", "lru_mutex"];
     // Must match OPS_PER_ITER in crates/cache-core/benches/engine.rs.
     let ops = 10_000.0;
     ratio_table(

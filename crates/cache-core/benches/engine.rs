@@ -5,6 +5,8 @@
 //!   entries, 90 % get (set on miss) / 10 % set, 16-byte keys, 64-byte values. One iteration
 //!   is `OPS_PER_ITER` operations spread over the threads.
 //! - `get_hit`: one get of a present key, single thread.
+//!
+//! `cache-core` is the default (exact LRU); `cache-core-sieve` the same engine with SIEVE.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -16,7 +18,9 @@ use criterion::{
 };
 
 mod common;
-use common::{BenchCache, LruMutex, Moka, Op, QuickCache, VALUE_LEN, key, run_trace, zipf_trace};
+use common::{
+    BenchCache, LruMutex, Moka, Op, QuickCache, SieveCache, VALUE_LEN, key, run_trace, zipf_trace,
+};
 
 /// Operations per criterion iteration (all threads together). `xtask` divides by this.
 const OPS_PER_ITER: usize = 10_000;
@@ -83,6 +87,7 @@ fn benches(c: &mut Criterion) {
         group.throughput(Throughput::Elements(OPS_PER_ITER as u64));
         group.measurement_time(Duration::from_secs(5));
         throughput::<Cache>(&mut group, threads, &traces);
+        throughput::<SieveCache>(&mut group, threads, &traces);
         throughput::<QuickCache>(&mut group, threads, &traces);
         throughput::<Moka>(&mut group, threads, &traces);
         throughput::<LruMutex>(&mut group, threads, &traces);
@@ -90,6 +95,7 @@ fn benches(c: &mut Criterion) {
     }
     let mut group = c.benchmark_group("get_hit");
     get_hit::<Cache>(&mut group);
+    get_hit::<SieveCache>(&mut group);
     get_hit::<QuickCache>(&mut group);
     get_hit::<Moka>(&mut group);
     get_hit::<LruMutex>(&mut group);

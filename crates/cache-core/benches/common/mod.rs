@@ -47,7 +47,7 @@ impl BenchCache for Cache {
 pub struct SieveCache(Cache);
 
 impl BenchCache for SieveCache {
-    const NAME: &'static str = "cache-core sieve";
+    const NAME: &'static str = "cache-core-sieve";
     fn with_capacity(entries: usize) -> Self {
         let per_entry = entry_charge(KEY_LEN, VALUE_LEN);
         Self(

@@ -7,6 +7,8 @@
 //! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
 //! - `cargo xtask bench resp`: only the RESP rows of `bench net` (redis-benchmark against
 //!   cache-node's RESP port and redis-server).
+//! - `cargo xtask bench memory [--node BIN]`: RSS holding 1M small entries against redis-server, and RSS
+//!   against `--max-memory 64MiB` after ~1.7 GB of mixed-size overwrites.
 //! - `cargo xtask bench cluster`: a 3-node cluster: smart vs one-address client, RF 1 vs 3.
 //! - `cargo xtask bench rebalance [--keys N [--sync-rate R]]`: keeping N copies with 5 real
 //!   gossip nodes: restore after `kill -9`, a join under read load, anti-entropy at rest
@@ -46,6 +48,11 @@ fn main() -> Result<()> {
         ["bench", "net"] => net::bench_net(None),
         ["bench", "net", "--baseline", bin] => net::bench_net(Some(bin)),
         ["bench", "resp"] => net::bench_resp(&net::build_release()?),
+        ["bench", "memory"] => net::bench_memory(&net::build_release()?),
+        ["bench", "memory", "--node", bin] => {
+            net::build_release()?;
+            net::bench_memory(bin)
+        }
         ["bench", "cluster"] => net::bench_cluster(),
         ["bench", "pause"] => net::bench_pause(),
         ["bench", "persist"] => persist::bench_persist(1_000_000),

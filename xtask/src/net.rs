@@ -79,11 +79,14 @@ fn spawn_node_line(bin: &str, args: &[&str]) -> Result<(Guard, String, Duration)
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
-            "--max-memory",
-            "4GiB",
             "--log-level",
             "warn",
         ])
+        .args(if args.contains(&"--max-memory") {
+            &[][..]
+        } else {
+            &["--max-memory", "4GiB"][..]
+        })
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -287,7 +290,79 @@ pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
     }
 
     bench_resp(node_bin)?;
+    memory_vs_redis(node_bin)
+}
 
+/// `cargo xtask bench memory`: resident memory against redis-server holding 1M small entries,
+/// then how close RSS stays to `--max-memory` under mixed-size overwrites.
+pub(crate) fn bench_memory(node_bin: &str) -> Result<()> {
+    memory_vs_redis(node_bin)?;
+    memory_limit(node_bin)
+}
+
+/// A node with `--max-memory 64MiB` overwritten with values of many sizes (three passes over
+/// ten sizes from 40 B to 16 KiB, 200 000 keys, ~1.7 GB written): its RSS against the limit,
+/// with the engine's charged bytes and footprint.
+fn memory_limit(node_bin: &str) -> Result<()> {
+    const LIMIT_MIB: u64 = 64;
+    let (node, grpc, admin, _) = spawn_node(node_bin, &["--max-memory", "64MiB"])?;
+    let idle = rss_bytes(node.0.id())?;
+    let sizes = [64u64, 256, 1024, 4096, 16_384, 100, 700, 2_500, 9_000, 40];
+    let mut written = 0u64;
+    let mut peak = idle;
+    for _pass in 0..3 {
+        for size in sizes {
+            let requests = (75_000_000 / size).min(300_000);
+            let (requests_s, size_s) = (requests.to_string(), size.to_string());
+            bench(
+                &format!("grpc://{grpc}"),
+                &[
+                    "--keys",
+                    "200000",
+                    "--value-size",
+                    &size_s,
+                    "--ratio",
+                    "0:1",
+                    "--requests",
+                    &requests_s,
+                    "--warmup",
+                    "0s",
+                    "--concurrency",
+                    "32",
+                ],
+            )?;
+            written += requests * size;
+            peak = peak.max(rss_bytes(node.0.id())?);
+        }
+    }
+    let rss = rss_bytes(node.0.id())?;
+    let text = crate::rebalance::metrics(&admin)?;
+    let charged = crate::rebalance::metric(&text, "cache_bytes");
+    let footprint = crate::rebalance::metric(&text, "cache_engine_footprint_bytes");
+    let limit = (LIMIT_MIB << 20) as f64;
+    println!(
+        "\n--max-memory {LIMIT_MIB}MiB after {:.2} GB of mixed-size writes (40 B to 16 KiB values)\n",
+        written as f64 / 1e9
+    );
+    println!(
+        "| RSS empty | RSS after | peak RSS | engine charged | engine footprint | (RSS − empty) ÷ limit |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!(
+        "| {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} |",
+        mib(idle),
+        mib(rss),
+        mib(peak),
+        charged / (1 << 20) as f64,
+        footprint / (1 << 20) as f64,
+        (rss - idle) as f64 / limit
+    );
+    Ok(())
+}
+
+/// Resident memory holding 1M entries of 16-byte keys and 16-byte values: the node against
+/// redis-server.
+fn memory_vs_redis(node_bin: &str) -> Result<()> {
     // Memory: 1M entries of 16-byte keys and 16-byte values.
     let fill = [
         "--keys",

@@ -71,7 +71,7 @@ fn start(bin: &str, id: usize, join: Option<&str>, extra: &[String]) -> Result<(
 }
 
 /// `GET /metrics` of one node.
-fn metrics(admin: &str) -> Result<String> {
+pub(crate) fn metrics(admin: &str) -> Result<String> {
     let mut s = std::net::TcpStream::connect(admin)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
@@ -83,7 +83,7 @@ fn metrics(admin: &str) -> Result<String> {
     Ok(text)
 }
 
-fn metric(text: &str, series: &str) -> f64 {
+pub(crate) fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)

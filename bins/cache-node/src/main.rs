@@ -5,6 +5,8 @@
 //! on stdout, and maps start-up errors to one line on stderr and exit code 1.
 
 mod config;
+#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
+mod trim;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -274,6 +276,8 @@ async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Resul
     let node_id = config.node_id.clone();
     let node = Node::bind(config).await?;
     let _ = tls_slot.set(node.tls().into_iter().chain(node.peer_tls()).collect());
+    #[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "jemalloc")))]
+    trim::spawn(std::sync::Arc::clone(node.core()), max_bytes);
     // The one startup line, on stdout so scripts and tests can read the bound ports.
     let gossip = node
         .gossip_addr()

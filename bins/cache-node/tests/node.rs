@@ -380,6 +380,7 @@ async fn metrics_and_status_pages_reflect_traffic() {
         "cache_request_duration_seconds_bucket{op=\"get\"",
         "cache_bytes ",
         "process_resident_memory_bytes ",
+        "cache_engine_footprint_bytes ",
     ] {
         assert!(
             body.lines().any(|l| l.starts_with(prefix)),
@@ -391,7 +392,9 @@ async fn metrics_and_status_pages_reflect_traffic() {
     assert!(html.contains("<th>items</th><td>1</td>"), "{html}");
     assert!(html.contains("hit ratio</th><td>66.7 %"), "{html}");
     assert!(
-        html.contains("process resident ") && html.contains("eviction policy lru"),
+        html.contains("process resident ")
+            && html.contains("engine footprint ")
+            && html.contains("eviction policy lru"),
         "{html}"
     );
     assert_eq!(node.http_get("/readyz").expect("readyz").0, 200);

@@ -665,7 +665,8 @@ impl<C: Clock> Cache<C> {
 
     /// Bytes the engine really holds, summed over shards: slabs, indexes, arena pages and
     /// large entries, slack included (what [`CacheStats::bytes`] charges leaves the slack out).
-    /// O(pages); for metrics and tests, not for every request.
+    /// Takes each shard's lock briefly (a few additions); for metrics and the node's memory
+    /// trimming, not for every request.
     pub fn footprint(&self) -> u64 {
         self.shards.iter().map(|s| s.0.lock().footprint()).sum()
     }

@@ -221,6 +221,8 @@ pub(crate) struct Shard {
     large: Vec<Bytes>,
     /// Free indices in `large`.
     large_free: Vec<u32>,
+    /// Bytes of the buffers in `large`, shared headers included.
+    large_bytes: usize,
     /// First vacant slot, or [`NIL`].
     free_head: u32,
     /// Key hash -> slot number.
@@ -274,6 +276,7 @@ impl Shard {
             arena: Arena::new(),
             large: Vec::new(),
             large_free: Vec::new(),
+            large_bytes: 0,
             free_head: NIL,
             index: HashTable::new(),
             head: NIL,
@@ -317,15 +320,10 @@ impl Shard {
             0 => 0,
             c => (c * 8 / 7).next_power_of_two(),
         };
-        let large: usize = self
-            .large
-            .iter()
-            .map(|b| b.len() + BYTES_SHARED_HEADER)
-            .sum();
         (self.slots.capacity() * SLOT_BYTES
             + index_buckets * (4 + 1)
             + self.arena.footprint()
-            + large
+            + self.large_bytes
             + self.large.capacity() * std::mem::size_of::<Bytes>()
             + self.large_free.capacity() * 4) as u64
     }
@@ -372,6 +370,7 @@ impl Shard {
             return (class, h);
         }
         let data = entry_buffer(key, value);
+        self.large_bytes += data.len() + BYTES_SHARED_HEADER;
         match self.large_free.pop() {
             Some(i) => {
                 self.large[i as usize] = data;
@@ -388,7 +387,8 @@ impl Shard {
     /// followed: their owners' `loc` is updated.
     fn release(&mut self, class: u8, loc: u32) {
         if class == LARGE {
-            self.large[loc as usize] = Bytes::new();
+            let data = std::mem::take(&mut self.large[loc as usize]);
+            self.large_bytes -= data.len() + BYTES_SHARED_HEADER;
             self.large_free.push(loc);
             return;
         }
@@ -1134,6 +1134,7 @@ impl Shard {
         self.arena.clear();
         self.large = Vec::new();
         self.large_free = Vec::new();
+        self.large_bytes = 0;
         self.index = HashTable::new();
         self.free_head = NIL;
         self.head = NIL;
@@ -1287,6 +1288,16 @@ impl Shard {
             ));
         }
         self.arena.validate(&chunks)?;
+        let large_bytes: usize = (self.large.iter())
+            .filter(|b| !b.is_empty())
+            .map(|b| b.len() + BYTES_SHARED_HEADER)
+            .sum();
+        if large_bytes != self.large_bytes {
+            return Err(format!(
+                "large entries hold {large_bytes} bytes, counted {}",
+                self.large_bytes
+            ));
+        }
         if large + self.large_free.len() != self.large.len() {
             return Err(format!(
                 "{large} large entries + {} free != {}",

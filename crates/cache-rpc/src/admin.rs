@@ -121,6 +121,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     let store = shared.core.store();
     shared.metrics.publish(
         &store.stats(),
+        store.engine().footprint(),
         store.engine().config().max_bytes,
         shared.started.elapsed(),
     );
@@ -380,7 +381,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
 <tr><th>state</th><td>{state}</td></tr>\
 <tr><th>uptime</th><td>{h}h {m}m {s}s</td></tr>\
 <tr><th>items</th><td>{items}</td></tr>\
-<tr><th>memory</th><td>{bytes} of {max} bytes accounted by the engine ({pct:.1} %); process resident {rss}; eviction policy {policy}</td></tr>\
+<tr><th>memory</th><td>{bytes} of {max} bytes charged by the engine ({pct:.1} %); engine footprint {footprint} bytes (slack included); process resident {rss}; eviction policy {policy}</td></tr>\
 <tr><th>hit ratio</th><td>{hit_ratio} ({hits} hits, {misses} misses)</td></tr>\
 <tr><th>request rate</th><td>{rate:.1} requests/s (since the previous view of this page, up to 60 s)</td></tr>\
 <tr><th>requests</th><td>{total}</td></tr>\
@@ -410,6 +411,7 @@ replication drops are counted in <code>cache_replication_dropped_total</code></p
         items = stats.items,
         bytes = stats.bytes,
         pct = 100.0 * stats.bytes as f64 / max as f64,
+        footprint = shared.core.store().engine().footprint(),
         rss = crate::metrics::resident_memory_bytes()
             .map_or_else(|| "unknown".to_string(), |b| format!("{b} bytes")),
         policy = shared.core.store().engine().config().eviction_policy,

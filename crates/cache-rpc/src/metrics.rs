@@ -229,6 +229,7 @@ pub struct NodeMetrics {
     max_bytes: Gauge,
     uptime: Gauge,
     resident: Gauge,
+    footprint: Gauge,
     forwarded: Counter,
     read_repairs: Counter,
     mismatches: Counter,
@@ -396,6 +397,7 @@ impl NodeMetrics {
             max_bytes,
             uptime,
             resident,
+            footprint: g("cache_engine_footprint_bytes"),
             requests,
             durations,
             hits: c("cache_hits_total"),
@@ -592,7 +594,14 @@ impl NodeMetrics {
 
     /// Copies engine statistics and process figures into the exported series (called on
     /// each scrape).
-    pub fn publish(&self, stats: &cache_core::CacheStats, max_bytes: u64, uptime: Duration) {
+    pub fn publish(
+        &self,
+        stats: &cache_core::CacheStats,
+        footprint: u64,
+        max_bytes: u64,
+        uptime: Duration,
+    ) {
+        self.footprint.set(footprint as f64);
         self.hits.absolute(stats.hits);
         self.misses.absolute(stats.misses);
         self.inserts.absolute(stats.inserts);

@@ -587,23 +587,10 @@ impl Shard {
         }
     }
 
-    /// Replaces the contents of occupied slot `idx`, keeping its slot number (so a scan in
-    /// progress neither misses nor repeats it) and recording a use (see [`Shard::promote`]).
-    fn replace_node(
-        &mut self,
-        idx: u32,
-        key: &[u8],
-        value: &[u8],
-        expires_at: u64,
-        version: u64,
-        tombstone: bool,
-    ) {
-        self.rewrite(idx, key, value, expires_at, version, tombstone);
-        self.promote(idx);
-    }
-
-    /// Rewrites occupied slot `idx` in place (same slot, same list position): its bytes go to
-    /// the same chunk if they fit its class, else to new storage, and the old is freed.
+    /// Rewrites occupied slot `idx` in place, keeping its slot number (so a scan in progress
+    /// neither misses nor repeats it) and its list position: its bytes go to the same chunk if
+    /// they fit its class, else to new storage, and the old is freed. A write then records a
+    /// use ([`Shard::promote`]); an expiry turning a value into a tombstone does not.
     fn rewrite(
         &mut self,
         idx: u32,
@@ -801,7 +788,8 @@ impl Shard {
                 } else {
                     self.counters.inserts += 1;
                 }
-                self.replace_node(idx, key, value, expires_at, version, false);
+                self.rewrite(idx, key, value, expires_at, version, false);
+                self.promote(idx);
                 self.evict_until_fits(0, 0, idx);
             }
             None => {
@@ -867,7 +855,10 @@ impl Shard {
         let expires_at = now.get().saturating_add(tombstone_ttl_ms);
         match existing {
             // A tombstone is never larger than what it replaces, so it always fits.
-            Some(idx) => self.replace_node(idx, key, &[], expires_at, version, true),
+            Some(idx) => {
+                self.rewrite(idx, key, &[], expires_at, version, true);
+                self.promote(idx);
+            }
             None => {
                 let charge = entry_charge(key.len(), 0);
                 // With eviction disabled and no room, or a key too large for any shard, the

@@ -1,5 +1,5 @@
-//! `cache-core`: a sharded, byte-bounded, exact-LRU in-memory cache with TTLs, versions and
-//! tombstones.
+//! `cache-core`: a sharded, byte-bounded in-memory cache — exact LRU by default, SIEVE as an
+//! option — with TTLs, versions and tombstones.
 //!
 //! This is the engine of cache-cluster's nodes, and a crate you can use on its own. It never
 //! does I/O and never needs an async runtime: the only thread it can start is the optional
@@ -8,8 +8,10 @@
 //! # Module map
 //!
 //! - [`Cache`] (this file): picks a shard by key hash, takes its lock, delegates.
-//! - `shard`: the slab + `u32`-linked LRU list + `hashbrown::HashTable<u32>` index, all the
-//!   accounting, and [`Cache::validate`]'s invariant checks.
+//! - `shard`: the slab + `u32`-linked list + `hashbrown::HashTable<u32>` index, eviction
+//!   (LRU or SIEVE), all the accounting, and [`Cache::validate`]'s invariant checks.
+//! - `arena`: where small entries' keys and values live: size-class chunks in 8 KiB pages
+//!   (no allocation per entry); entries above 1 KiB keep a shared `Bytes` of their own.
 //! - [`clock`]: [`Clock`], [`SystemClock`] and [`ManualClock`] (absolute unix milliseconds).
 //! - [`reaper`]: the background thread that runs [`Cache::reap`] periodically.
 //! - [`CacheConfig`], [`ConfigError`], [`InsertError`].
@@ -60,8 +62,8 @@
 //!
 //! # Sharding and exactness
 //!
-//! Each shard is an exact LRU: every hit or write moves the entry to the front and eviction
-//! takes the tail. Across shards the order is approximate (eviction happens in the shard the
+//! Each shard is an exact LRU (with [`EvictionPolicy::Lru`], the default): every hit or write
+//! moves the entry to the front and eviction takes the tail. Across shards the order is approximate (eviction happens in the shard the
 //! new key hashes to), which with uniform hashing behaves like a global LRU in aggregate.
 
 #![forbid(unsafe_code)]
@@ -93,7 +95,9 @@ pub use reaper::Reaper;
 use shard::Shard;
 pub use shard::{ENTRY_OVERHEAD, ReapStep, entry_charge};
 
-/// What a hit returns: the value (sharing the cache's buffer, no copy) and its metadata.
+/// What a hit returns: the value and its metadata. A value of an entry above 1 KiB shares the
+/// cache's buffer (no copy); a smaller one is a copy of its bytes (they live inline in the
+/// shard's pages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lookup {
     /// The value.

@@ -4,8 +4,10 @@
 //!
 //! - Every page is [`PAGE_SIZE`] bytes and belongs to one class while it is in use; a class of
 //!   chunk size `s` fits `PAGE_SIZE / s` chunks in a page. Freed pages are reused by any class.
-//! - A chunk starts with its owner, the shard slot number holding the entry (4 bytes), then the
-//!   key and the value. The owner lets the arena move a chunk and tell the shard where it went.
+//! - A chunk starts with an 8-byte header — its owner, the shard slot number holding the entry
+//!   (4 bytes), the key's length and the value's (2 bytes each) — then the key and the value.
+//!   The owner lets the arena move a chunk and tell the shard where it went; the lengths live
+//!   here rather than in the slot, which keeps the slot at 32 bytes.
 //! - Memory comes back without giving up exact LRU order: evictions free chunks in whatever
 //!   class the victim had, and once a class holds one and a half pages' worth of free chunks
 //!   the arena empties its least-used page into the free chunks of its other pages
@@ -20,8 +22,12 @@
 /// Bytes in every page.
 pub(crate) const PAGE_SIZE: usize = 8192;
 
-/// Bytes at the start of each chunk naming the slot that owns it.
-pub(crate) const OWNER_BYTES: usize = 4;
+/// Bytes at the start of each chunk: the owning slot (`u32`), the key's and the value's
+/// lengths (`u16` each; a chunk is at most 1 KiB).
+pub(crate) const HEADER_BYTES: usize = 8;
+
+/// Bytes of the owner field, the first of the header.
+const OWNER_BYTES: usize = 4;
 
 /// Chunk sizes: 8-byte steps up to 128 (small keys and values waste at most 7 bytes), then
 /// quarter-power-of-two steps up to 1 KiB (at most 25 % waste). An entry that needs more than
@@ -164,15 +170,33 @@ impl Arena {
         &self.pages[page].buf[i * size..(i + 1) * size]
     }
 
-    /// Writes `owner`, `key` and `value` into chunk `h` of `class`.
+    /// Writes the header (`owner` and the lengths), `key` and `value` into chunk `h` of
+    /// `class`, which must hold [`HEADER_BYTES`] + both.
     pub(crate) fn fill(&mut self, h: u32, class: u8, owner: u32, key: &[u8], value: &[u8]) {
         let (page, i) = split(h);
         let size = class_size(class);
         let chunk = &mut self.pages[page].buf[i * size..(i + 1) * size];
         chunk[..OWNER_BYTES].copy_from_slice(&owner.to_le_bytes());
-        let k = OWNER_BYTES + key.len();
-        chunk[OWNER_BYTES..k].copy_from_slice(key);
+        chunk[4..6].copy_from_slice(&(key.len() as u16).to_le_bytes());
+        chunk[6..8].copy_from_slice(&(value.len() as u16).to_le_bytes());
+        let k = HEADER_BYTES + key.len();
+        chunk[HEADER_BYTES..k].copy_from_slice(key);
         chunk[k..k + value.len()].copy_from_slice(value);
+    }
+
+    /// The key and the value stored in chunk `h` of `class`.
+    pub(crate) fn entry(&self, h: u32, class: u8) -> (&[u8], &[u8]) {
+        let chunk = self.chunk(h, class);
+        let k = usize::from(u16::from_le_bytes([chunk[4], chunk[5]]));
+        let v = usize::from(u16::from_le_bytes([chunk[6], chunk[7]]));
+        let (key, rest) = chunk[HEADER_BYTES..].split_at(k);
+        (key, &rest[..v])
+    }
+
+    /// The slot that owns chunk `h` of `class`.
+    pub(crate) fn owner(&self, h: u32, class: u8) -> u32 {
+        let chunk = self.chunk(h, class);
+        u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])
     }
 
     /// Frees chunk `h` of `class`. If the class now holds 1.5 pages' worth of free chunks,
@@ -342,6 +366,7 @@ mod tests {
         for owner in 0..2_000u32 {
             let h = arena.alloc(class).expect("alloc");
             arena.fill(h, class, owner, &owner.to_le_bytes(), &[owner as u8; 60]);
+            assert_eq!(arena.owner(h, class), owner);
             at.push(Some(h));
         }
         let full = arena.footprint();
@@ -353,10 +378,10 @@ mod tests {
         }
         for (owner, h) in at.iter().enumerate() {
             if let Some(h) = *h {
-                let chunk = arena.chunk(h, class);
-                assert_eq!(&chunk[..4], &(owner as u32).to_le_bytes());
-                assert_eq!(&chunk[4..8], &(owner as u32).to_le_bytes());
-                assert_eq!(chunk[8], owner as u8);
+                assert_eq!(arena.owner(h, class), owner as u32);
+                let (key, value) = arena.entry(h, class);
+                assert_eq!(key, &(owner as u32).to_le_bytes());
+                assert_eq!(value, &[owner as u8; 60][..]);
             }
         }
         let live = at.iter().flatten().count();

@@ -41,23 +41,29 @@ const INDEX_BYTES_PER_ENTRY: usize = 8;
 /// Bytes of one slab slot.
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
 
-// The slot stays at 40 bytes: `Vacant` hides in a `bool`'s spare values, no tag word.
-const _: () = assert!(SLOT_BYTES == 40);
+// The slot stays at 32 bytes: `Vacant` hides in a `bool`'s spare values, no tag word.
+const _: () = assert!(SLOT_BYTES == 32);
 
 /// `Node::class` of an entry too large for any arena chunk: its key and value are one `Bytes`
 /// in `Shard::large`, and a hit returns a slice of it without copying.
 const LARGE: u8 = u8::MAX;
 
-/// Bytes charged for a large entry beyond its key and value: its `Bytes` handle in
-/// `Shard::large` and the buffer's shared header.
-const LARGE_EXTRA: usize = std::mem::size_of::<Bytes>() + BYTES_SHARED_HEADER;
+/// Bytes at the start of a large entry's buffer: the key's length (`u32`).
+const LARGE_HEADER: usize = 4;
 
-/// The most bytes charged per small entry (key and value up to 124 bytes together) on top of
-/// its key and value: the slab slot, the index, and at most 16 bytes for the chunk's owner
-/// field and size-class rounding (chunks are at least 16 bytes, then in 8-byte steps). Larger entries are charged their size class (at most 25 % above their
+/// Bytes charged for a large entry beyond its key and value: its `Bytes` handle in
+/// `Shard::large`, the buffer's shared header and its length header.
+const LARGE_EXTRA: usize = std::mem::size_of::<Bytes>() + BYTES_SHARED_HEADER + LARGE_HEADER;
+
+/// The most bytes charged per small entry (key and value up to 120 bytes together) on top of
+/// its key and value: the slab slot, the index, and at most 16 bytes for the chunk's header
+/// and size-class rounding (chunks are at least 16 bytes, then in 8-byte steps). Larger entries are charged their size class (at most 25 % above their
 /// size, up to 1 KiB) or, above 1 KiB, their bytes plus a `Bytes` handle and header; see
 /// [`entry_charge`]. `benches/engine_report.rs` measures the real figure.
 pub const ENTRY_OVERHEAD: usize = SLOT_BYTES + INDEX_BYTES_PER_ENTRY + 16;
+
+// Small entries' rounding and header fit the bound: 8 header bytes + at most 7 of rounding.
+const _: () = assert!(arena::HEADER_BYTES + 7 <= 16);
 
 /// Bytes an entry with a `key_len`-byte key and a `value_len`-byte value is charged against
 /// the memory limit: what the engine really holds for it (its chunk or buffer, its slot, its
@@ -69,7 +75,7 @@ pub fn entry_charge(key_len: usize, value_len: usize) -> u64 {
 
 /// The arena class for `data_len` bytes of key and value, or [`LARGE`].
 fn class_of_data(data_len: usize) -> u8 {
-    arena::class_for(arena::OWNER_BYTES.saturating_add(data_len)).unwrap_or(LARGE)
+    arena::class_for(arena::HEADER_BYTES.saturating_add(data_len)).unwrap_or(LARGE)
 }
 
 fn stored_charge(class: u8, data_len: usize) -> u64 {
@@ -89,10 +95,9 @@ struct Node {
     expires_at: u64,
     /// Caller-supplied version; higher wins. `0` for unversioned writes.
     version: u64,
-    /// The arena chunk handle, or the index in `Shard::large` for a [`LARGE`] entry.
+    /// The arena chunk handle, or the index in `Shard::large` for a [`LARGE`] entry. The
+    /// key's and value's lengths are stored with the bytes (see `arena.rs`, [`LARGE_HEADER`]).
     loc: u32,
-    key_len: u32,
-    value_len: u32,
     /// Towards the head (more recently used); [`NIL`] at the head.
     prev: u32,
     /// Towards the tail (less recently used); [`NIL`] at the tail.
@@ -107,28 +112,39 @@ struct Node {
 
 impl Node {
     /// Bytes this entry is charged against the shard's budget.
-    fn charge(&self) -> u64 {
-        stored_charge(self.class, self.key_len as usize + self.value_len as usize)
+    fn charge(&self, large: &[Bytes]) -> u64 {
+        if self.class == LARGE {
+            stored_charge(LARGE, large[self.loc as usize].len() - LARGE_HEADER)
+        } else {
+            stored_charge(self.class, 0)
+        }
     }
 
     fn is_expired(&self, now: &mut Now<'_, impl Clock>) -> bool {
         self.expires_at != NEVER && now.get() >= self.expires_at
     }
 
+    /// The key and the value, wherever they are stored.
+    fn entry<'a>(&self, arena: &'a Arena, large: &'a [Bytes]) -> (&'a [u8], &'a [u8]) {
+        if self.class == LARGE {
+            let (k, rest) = large_parts(&large[self.loc as usize]);
+            rest.split_at(k)
+        } else {
+            arena.entry(self.loc, self.class)
+        }
+    }
+
     /// The key, wherever it is stored.
     fn key<'a>(&self, arena: &'a Arena, large: &'a [Bytes]) -> &'a [u8] {
-        let k = self.key_len as usize;
-        if self.class == LARGE {
-            &large[self.loc as usize][..k]
-        } else {
-            &arena.chunk(self.loc, self.class)[arena::OWNER_BYTES..arena::OWNER_BYTES + k]
-        }
+        self.entry(arena, large).0
     }
 
     /// The key as `Bytes`: a slice of a large entry's buffer, a copy of a small one's.
     fn key_bytes(&self, arena: &Arena, large: &[Bytes]) -> Bytes {
         if self.class == LARGE {
-            large[self.loc as usize].slice(..self.key_len as usize)
+            let buf = &large[self.loc as usize];
+            let (k, _) = large_parts(buf);
+            buf.slice(LARGE_HEADER..LARGE_HEADER + k)
         } else {
             Bytes::copy_from_slice(self.key(arena, large))
         }
@@ -137,14 +153,23 @@ impl Node {
     /// The value: a slice of a large entry's buffer (no copy), a copy of a small one's (a few
     /// nanoseconds for a value of up to 1 KiB, against microseconds for a request).
     fn value(&self, arena: &Arena, large: &[Bytes]) -> Bytes {
-        let (k, v) = (self.key_len as usize, self.value_len as usize);
         if self.class == LARGE {
-            large[self.loc as usize].slice(k..k + v)
+            let buf = &large[self.loc as usize];
+            let (k, _) = large_parts(buf);
+            buf.slice(LARGE_HEADER + k..)
         } else {
-            let at = arena::OWNER_BYTES + k;
-            Bytes::copy_from_slice(&arena.chunk(self.loc, self.class)[at..at + v])
+            Bytes::copy_from_slice(self.entry(arena, large).1)
         }
     }
+}
+
+/// A large entry's buffer `[key length | key | value]` as the key's length and the rest.
+fn large_parts(buf: &[u8]) -> (usize, &[u8]) {
+    let (len, rest) = buf.split_at(LARGE_HEADER);
+    (
+        u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize,
+        rest,
+    )
 }
 
 /// A slab slot.
@@ -158,7 +183,8 @@ enum Slot {
 /// every later hit clones it by refcount without allocating. (A `Bytes` built from a `Vec` allocates its
 /// shared header on first clone; paying that at insert keeps the get path allocation-free.)
 fn entry_buffer(key: &[u8], value: &[u8]) -> Bytes {
-    let mut buf = Vec::with_capacity(key.len() + value.len());
+    let mut buf = Vec::with_capacity(LARGE_HEADER + key.len() + value.len());
+    buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
     buf.extend_from_slice(key);
     buf.extend_from_slice(value);
     let data = Bytes::from(buf);
@@ -522,15 +548,18 @@ impl Shard {
             expires_at,
             version,
             loc,
-            key_len: key.len() as u32,
-            value_len: value.len() as u32,
             prev: NIL,
             next: NIL,
             class,
             tombstone,
             visited: false,
         };
-        self.account(node.charge(), tombstone, expires_at != NEVER, true);
+        self.account(
+            node.charge(&self.large),
+            tombstone,
+            expires_at != NEVER,
+            true,
+        );
         if idx as usize == self.slots.len() {
             // Grow in steps of an eighth, not by doubling: the slab's slack stays small and
             // bounded (what the memory limit does not see).
@@ -575,7 +604,7 @@ impl Shard {
         match slot {
             Slot::Occupied(node) => {
                 self.account(
-                    node.charge(),
+                    node.charge(&self.large),
                     node.tombstone,
                     node.expires_at != NEVER,
                     false,
@@ -604,7 +633,7 @@ impl Shard {
             let node = self.node(idx);
             let expiring = node.expires_at != NEVER;
             (
-                node.charge(),
+                node.charge(&self.large),
                 node.tombstone,
                 expiring,
                 node.class,
@@ -625,12 +654,10 @@ impl Shard {
             self.release(old_class, old_loc);
         }
         let node = self.node_mut(idx);
-        node.key_len = key.len() as u32;
-        node.value_len = value.len() as u32;
         node.expires_at = expires_at;
         node.version = version;
         node.tombstone = tombstone;
-        let new_charge = node.charge();
+        let new_charge = self.node(idx).charge(&self.large);
         self.account(new_charge, tombstone, expires_at != NEVER, true);
     }
 
@@ -775,7 +802,7 @@ impl Shard {
 
         match existing {
             Some(idx) => {
-                let old_charge = self.node(idx).charge();
+                let old_charge = self.node(idx).charge(&self.large);
                 let grow = charge.saturating_sub(old_charge);
                 if !self.evict && !self.fits(grow, 0) {
                     return Err(InsertError::OutOfMemory {
@@ -1113,7 +1140,11 @@ impl Shard {
                 key: node.key_bytes(&self.arena, &self.large),
                 version: node.version,
                 live,
-                value_len: if live { node.value_len as usize } else { 0 },
+                value_len: if live {
+                    node.entry(&self.arena, &self.large).1.len()
+                } else {
+                    0
+                },
             });
         }
         (end < self.slots.len()).then_some(end)
@@ -1238,25 +1269,27 @@ impl Shard {
             }
             if node.class == LARGE {
                 let data = self.large.get(node.loc as usize).map_or(0, Bytes::len);
-                if data != node.key_len as usize + node.value_len as usize {
+                if data < LARGE_HEADER
+                    || large_parts(&self.large[node.loc as usize]).0 > data - LARGE_HEADER
+                {
                     return Err(format!(
-                        "slot {i}: large entry of {data} bytes, lengths disagree"
+                        "slot {i}: large entry of {data} bytes, its key length beyond it"
                     ));
                 }
                 large += 1;
             } else {
-                if arena::class_size(node.class)
-                    < arena::OWNER_BYTES + node.key_len as usize + node.value_len as usize
-                {
+                let chunk = self.arena.chunk(node.loc, node.class);
+                let k = usize::from(u16::from_le_bytes([chunk[4], chunk[5]]));
+                let v = usize::from(u16::from_le_bytes([chunk[6], chunk[7]]));
+                if arena::HEADER_BYTES + k + v > chunk.len() {
                     return Err(format!("slot {i}: key and value beyond its chunk"));
                 }
-                let owner = &self.arena.chunk(node.loc, node.class)[..arena::OWNER_BYTES];
-                if owner != (i as u32).to_le_bytes() {
+                if self.arena.owner(node.loc, node.class) != i as u32 {
                     return Err(format!("slot {i}: its chunk names another owner"));
                 }
                 chunks.push((node.loc, node.class));
             }
-            bytes += node.charge();
+            bytes += node.charge(&self.large);
             if node.tombstone {
                 tombstones += 1;
                 if node.expires_at == NEVER {

@@ -8,7 +8,7 @@
 //! to 40 MiB (see `docs/benchmarks.md`). So a thread compares, four times a second, the process's
 //! resident memory with what the engine holds ([`cache_core::Cache::footprint`]) and, when
 //! the gap has grown by more than an eighth of the memory limit (at least 8 MiB) beyond what
-//! it was at start, calls `malloc_trim(0)`, which gives every whole free page back to the
+//! it was at start (what the process held besides the engine), calls `malloc_trim(0)`, which gives every whole free page back to the
 //! system. The call takes the allocator's locks for as long as it walks the heaps (about a
 //! millisecond per hundred MiB of heap here), which is why it runs on its own thread and only
 //! when there is something to give back.
@@ -30,6 +30,9 @@ pub(crate) fn spawn(core: Arc<NodeCore>, max_bytes: u64) {
     let Some(start_rss) = cache_rpc::metrics::resident_memory_bytes() else {
         return;
     };
+    // What the process holds besides the engine (a node that recovered data from disk
+    // already holds some at start).
+    let base = start_rss.saturating_sub(core.store().engine().footprint());
     let slack = (max_bytes / 8).max(8 << 20);
     let spawned = std::thread::Builder::new()
         .name("memory-trim".into())
@@ -40,7 +43,7 @@ pub(crate) fn spawn(core: Arc<NodeCore>, max_bytes: u64) {
                     return;
                 };
                 let held = core.store().engine().footprint();
-                if rss <= start_rss + held + slack {
+                if rss <= base + held + slack {
                     continue;
                 }
                 let began = Instant::now();

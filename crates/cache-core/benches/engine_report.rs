@@ -258,8 +258,5 @@ fn main() {
     report::<Moka>(Moka::settle);
     report::<LruMutex>(|_| {});
     hit_ratio_table();
-    if std::env::args().any(|a| a == "hit-ratio") {
-        return;
-    }
     reaper();
 }

@@ -175,9 +175,9 @@ fn key(i: u64) -> Bytes {
 /// One connection to the system under test.
 #[derive(Clone)]
 enum Conn {
+    /// `grpc://addr` (through that node) or `grpc+cluster://seed,seed,...` (the ring-aware
+    /// client, straight to each key's owner): the same SDK client either way.
     Grpc(cache_client::Client),
-    /// `grpc+cluster://seed,seed,...`: the ring-aware client, straight to each key's owner.
-    Cluster(cache_client::ClusterClient),
     Redis(redis::aio::MultiplexedConnection),
 }
 
@@ -210,7 +210,7 @@ impl Conn {
                 .connect_cluster(seeds.split(','))
                 .await
                 .with_context(|| format!("connecting to the cluster {target}"))?;
-            Ok(Self::Cluster(client))
+            Ok(Self::Grpc(client))
         } else if let Some(addr) = target.strip_prefix("grpc://") {
             let client = builder
                 .retries(0)
@@ -243,15 +243,6 @@ impl Conn {
                 .iter()
                 .flatten()
                 .count()),
-            Self::Cluster(c) if keys.len() == 1 => {
-                Ok(usize::from(c.get(keys[0].clone()).await?.is_some()))
-            }
-            Self::Cluster(c) => Ok(c
-                .get_many(keys.iter().cloned())
-                .await?
-                .iter()
-                .flatten()
-                .count()),
             Self::Redis(c) if keys.len() == 1 => {
                 let v: Option<Vec<u8>> = redis::cmd("GET").arg(&keys[0][..]).query_async(c).await?;
                 Ok(usize::from(v.is_some()))
@@ -272,12 +263,6 @@ impl Conn {
         match self {
             Self::Grpc(c) if keys.len() == 1 => Ok(c.set(keys[0].clone(), value.clone()).await?),
             Self::Grpc(c) => Ok(c
-                .set_many(keys.iter().map(|k| (k.clone(), value.clone())), None)
-                .await?),
-            Self::Cluster(c) if keys.len() == 1 => {
-                Ok(c.set(keys[0].clone(), value.clone()).await?)
-            }
-            Self::Cluster(c) => Ok(c
                 .set_many(keys.iter().map(|k| (k.clone(), value.clone())), None)
                 .await?),
             Self::Redis(c) if keys.len() == 1 => {

@@ -182,6 +182,9 @@ fn json_output_is_parseable() {
     assert_eq!(miss.status.code(), Some(1));
     assert_eq!(parse(&miss)["found"], false);
     let stats = parse(&cli(n, &["--json", "stats"]));
+    assert_eq!(stats["total"]["items"], 1);
+    assert_eq!(stats["members"].as_array().expect("members").len(), 1);
+    let stats = parse(&cli(n, &["--json", "stats", "--node"]));
     assert_eq!(stats["items"], 1);
     let info = parse(&cli(n, &["--json", "info"]));
     assert_eq!(info["members"][0]["rpc_addr"], node.addr());
@@ -305,4 +308,166 @@ fn snapshot_asks_the_node_for_one_and_says_when_it_cannot() {
     let o = cli(Some(&plain), &["snapshot"]);
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("--data-dir"), "{}", stderr(&o));
+}
+
+#[test]
+fn output_suits_scripts_and_mistakes_are_usage_errors() {
+    let node = NodeProcess::start(&[]);
+    let n = Some(&node);
+    // A miss: nothing on stdout, the note on stderr.
+    let o = cli(n, &["get", "missing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty(), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("(not found: missing)"),
+        "{}",
+        stderr(&o)
+    );
+    // TTLs print in whole seconds, as the docs show.
+    assert_eq!(
+        cli(n, &["set", "t", "v", "--ttl", "10m"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(stdout(&cli(n, &["ttl", "t"])), "10m\n");
+    // Usage errors: exit 2 with the cause, no colour when stderr is not a terminal.
+    for (args, cause) in [
+        (&["set", "k", "v", "--ttl", "0s"][..], "more than zero"),
+        (&["touch", "k", "--ttl", "0ms"][..], "more than zero"),
+        (&["--addr", "127.0.0.1", "get", "k"][..], "no port"),
+        (&["--addr", "127.0.0.1:http", "get", "k"][..], "not a port"),
+        (
+            &["--addr", "ftp://h:1", "get", "k"][..],
+            "unsupported scheme",
+        ),
+        (
+            &[
+                "--addr",
+                "127.0.0.1:1",
+                "--seeds",
+                "127.0.0.1:2",
+                "get",
+                "k",
+            ][..],
+            "cannot be used with",
+        ),
+        (&["frobnicate"][..], "unrecognized subcommand"),
+    ] {
+        let o = cli(None, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(cause), "{args:?}: {}", stderr(&o));
+        assert!(
+            !stderr(&o).contains('\u{1b}'),
+            "no ANSI colour: {}",
+            stderr(&o)
+        );
+    }
+    // The help is the tool's own, with examples.
+    let help = stdout(&cli(None, &["--help"]));
+    assert!(
+        help.contains("Read and write keys in a cache-cluster"),
+        "{help}"
+    );
+    assert!(help.contains("Examples:"), "{help}");
+    assert!(!help.contains('\u{1b}'));
+}
+
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cache-cli"))
+        .args(["completions", "zsh"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cache-cli");
+    // Like `| head -c 1`: read a byte, then close the pipe.
+    let mut out = child.stdout.take().expect("piped");
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut out, &mut first).expect("some output");
+    drop(out);
+    let o = child.wait_with_output().expect("exits");
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(o.status.code().is_some(), "exited, not killed by a signal");
+}
+
+#[test]
+fn operator_commands_cover_the_whole_cluster() {
+    let cluster = cache_testkit::Cluster::start(3, &["--replication-factor", "2"]);
+    let seeds = cluster.seeds().join(",");
+    let s = |args: &[&str]| {
+        let mut all = vec!["--seeds", &seeds];
+        all.extend_from_slice(args);
+        cli(None, &all)
+    };
+    for i in 0..30 {
+        assert_eq!(
+            s(&["set", &format!("user:{i}"), "v"]).status.code(),
+            Some(0)
+        );
+    }
+    assert_eq!(s(&["set", "order:1", "v"]).status.code(), Some(0));
+    // dbsize: 31 keys, each on two members.
+    let o = s(&["dbsize"]);
+    assert_eq!(stdout(&o), "31\n", "{}", stderr(&o));
+    let one = cli(Some(&cluster.nodes[0]), &["dbsize", "--node"]);
+    assert_eq!(one.status.code(), Some(0));
+    let stats: serde_json::Value =
+        serde_json::from_slice(&s(&["--json", "stats"]).stdout).expect("JSON");
+    assert_eq!(stats["members"].as_array().expect("members").len(), 3);
+    assert_eq!(stats["total"]["items"], 62);
+    // scan: every matching key once, from every member.
+    let o = s(&["scan", "--match", "user:*", "--count", "5"]);
+    let mut keys: Vec<&str> = std::str::from_utf8(&o.stdout)
+        .expect("utf-8")
+        .lines()
+        .collect();
+    keys.sort_unstable();
+    let mut want: Vec<String> = (0..30).map(|i| format!("user:{i}")).collect();
+    want.sort_unstable();
+    assert_eq!(keys, want);
+    // scan --cursor: one step at a time on one node, the cursor first, until it is 0.
+    let (mut cursor, mut stepped) = ("0".to_string(), 0usize);
+    for _ in 0..10_000 {
+        let o = cli(
+            Some(&cluster.nodes[0]),
+            &["scan", "--cursor", &cursor, "--count", "3"],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let text = stdout(&o);
+        let mut lines = text.lines();
+        cursor = lines.next().expect("a cursor").to_string();
+        stepped += lines.count();
+        if cursor == "0" {
+            break;
+        }
+    }
+    assert_eq!(cursor, "0", "the iteration ends");
+    let held = stdout(&cli(Some(&cluster.nodes[0]), &["dbsize", "--node"]));
+    assert_eq!(
+        stepped.to_string(),
+        held.trim(),
+        "every key of the node, once"
+    );
+    // locate: the two replicas, both holding the same version.
+    let o = s(&["--json", "locate", "user:3"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let loc: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let replicas = loc["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 2);
+    assert!(replicas.iter().all(|r| r["holds"] == "value"));
+    assert_eq!(replicas[0]["version"], replicas[1]["version"]);
+    assert_eq!(s(&["locate", "nobody"]).status.code(), Some(1));
+    // flush: refused without confirmation when stdin is not a terminal.
+    let o = s(&["flush"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--yes"), "{}", stderr(&o));
+    assert_eq!(
+        s(&["get", "user:1"]).status.code(),
+        Some(0),
+        "nothing was deleted"
+    );
+    let o = s(&["flush", "--yes"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 3, "{}", stdout(&o));
+    assert_eq!(s(&["get", "user:1"]).status.code(), Some(1));
+    assert_eq!(stdout(&s(&["dbsize"])), "0\n");
 }

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cache_client::{Client, ClusterClient, Consistency, Error};
+use cache_client::{Client, Consistency, Error};
 use cache_testkit::{Cluster, NodeProcess, metric};
 
 /// `None`: the node's default.
@@ -18,11 +18,7 @@ async fn plain(node: &NodeProcess, consistency: Option<Consistency>) -> Client {
 }
 
 /// `None`: the node's default for writes, the primary for reads.
-async fn smart(
-    cluster: &Cluster,
-    write: Option<Consistency>,
-    read: Option<Consistency>,
-) -> ClusterClient {
+async fn smart(cluster: &Cluster, write: Option<Consistency>, read: Option<Consistency>) -> Client {
     let mut builder = Client::builder().timeout(Duration::from_secs(5));
     if let Some(c) = write {
         builder = builder.write_consistency(c);

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use cache_client::{Client, ClusterClient, Consistency};
+use cache_client::{Client, Consistency};
 use cache_proto::v1::{ClusterInfoRequest, MemberState, cache_client::CacheClient};
 use cache_testkit::{Cluster, NodeProcess, metric};
 
@@ -220,7 +220,7 @@ async fn a_ring_aware_client_follows_joins_and_deaths_without_requests() {
         .connect_cluster(vec![cluster.nodes[0].addr()])
         .await
         .expect("cluster client");
-    let owners = |c: &cache_client::ClusterClient| -> Vec<String> {
+    let owners = |c: &cache_client::Client| -> Vec<String> {
         let mut v: Vec<String> = c
             .members()
             .into_iter()
@@ -355,7 +355,7 @@ async fn a_cpu_starved_cluster_declares_nobody_dead() {
 
 /// One `QUORUM` set-then-get per step against a ring-aware client, recording each step's
 /// latency and whether it failed.
-async fn quorum_steps(client: &ClusterClient, until: Instant, i: &mut u64) -> (Vec<Duration>, u32) {
+async fn quorum_steps(client: &Client, until: Instant, i: &mut u64) -> (Vec<Duration>, u32) {
     let mut latencies = Vec::new();
     let mut errors = 0;
     while Instant::now() < until {

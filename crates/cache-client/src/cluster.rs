@@ -2,7 +2,7 @@
 //!
 //! It bootstraps from seed addresses through `ClusterInfo`, builds the same ring as the
 //! nodes with `cluster-ring` (and checks the fingerprint to be sure), and keeps one
-//! [`Client`] per member. Each request goes to the key's primary — reads too, since the
+//! [`Node`] per member. Each request goes to the key's primary — reads too, since the
 //! nodes serve `One` reads at the primary — and, if that node is unreachable, to the next
 //! replica.
 //! Batches are split per primary and sent in parallel. The client keeps a `WatchCluster`
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use cache_proto::v1 as pb;
 use cluster_ring::{Member as RingMember, NodeId, Ring};
 
-use crate::{Client, ClientBuilder, Entry, Error, MemberState, SetOptions};
+use crate::{ClientBuilder, Entry, Error, MemberState, Node, SetOptions};
 
 /// One member as the client sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,18 +38,18 @@ pub struct ClusterMember {
 }
 
 /// The client's picture of the cluster at one epoch.
-struct View {
+pub(crate) struct View {
     ring: Ring,
     epoch: u64,
     replication_factor: usize,
     members: Vec<ClusterMember>,
     /// Member id → client.
-    nodes: HashMap<String, Client>,
+    nodes: HashMap<String, Node>,
 }
 
 /// A ring-aware client for a cache-cluster. Cheap to clone.
 #[derive(Clone)]
-pub struct ClusterClient {
+pub(crate) struct Router {
     builder: ClientBuilder,
     seeds: Arc<RwLock<Vec<String>>>,
     view: Arc<RwLock<Arc<View>>>,
@@ -74,13 +74,32 @@ struct Unhealthy {
 /// The longest wait between two probes of an unhealthy member.
 const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
-impl std::fmt::Debug for ClusterClient {
+impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let view = self.view();
-        f.debug_struct("ClusterClient")
+        f.debug_struct("Router")
             .field("epoch", &view.epoch)
             .field("members", &view.members.len())
             .finish_non_exhaustive()
+    }
+}
+
+impl View {
+    /// Every member with its connection.
+    pub(crate) fn member_nodes(&self) -> Vec<(ClusterMember, Node)> {
+        self.members
+            .iter()
+            .filter_map(|m| self.nodes.get(&m.id).map(|n| (m.clone(), n.clone())))
+            .collect()
+    }
+
+    /// The ids of `key`'s replicas, primary first.
+    pub(crate) fn replicas_of(&self, key: &[u8]) -> Vec<String> {
+        self.ring
+            .replicas(key, self.replication_factor)
+            .into_iter()
+            .map(|m| m.id.to_string())
+            .collect()
     }
 }
 
@@ -88,7 +107,7 @@ fn retryable(e: &Error) -> bool {
     matches!(e, Error::Unavailable(_) | Error::TimedOut(_))
 }
 
-impl ClusterClient {
+impl Router {
     pub(crate) async fn connect(builder: ClientBuilder, seeds: Vec<String>) -> Result<Self, Error> {
         if seeds.is_empty() {
             return Err(Error::Cluster("no seed addresses given".into()));
@@ -136,7 +155,7 @@ impl ClusterClient {
                 let addr = addrs[turn % addrs.len().max(1)].clone();
                 turn += 1;
                 let watched = async {
-                    let client = builder.clone().retries(0).connect_lazy(addr)?;
+                    let client = builder.clone().retries(0).node_lazy(addr)?;
                     let mut stream = client.watch_cluster().await?;
                     while let Some(info) = stream.message().await.map_err(|s| {
                         Error::Unavailable(format!("cluster watch ended: {}", s.message()))
@@ -165,10 +184,13 @@ impl ClusterClient {
     }
 
     /// Asks each seed in turn for `ClusterInfo` and builds a view from the first answer.
-    async fn fetch_view(builder: &ClientBuilder, seeds: &[String]) -> Result<View, Error> {
+    pub(crate) async fn fetch_view(
+        builder: &ClientBuilder,
+        seeds: &[String],
+    ) -> Result<View, Error> {
         let mut last = None;
         for seed in seeds {
-            let client = match builder.clone().retries(0).connect(seed.clone()).await {
+            let client = match builder.clone().retries(0).connect_node(seed.clone()).await {
                 Ok(c) => c,
                 Err(e) => {
                     last = Some(e);
@@ -239,11 +261,9 @@ impl ClusterClient {
             });
             let client = match reused {
                 Some(c) => c,
-                None => builder
-                    .clone()
-                    .retries(0)
-                    .connect_lazy(m.rpc_addr.clone())?,
+                None => builder.clone().retries(0).node_lazy(m.rpc_addr.clone())?,
             };
+            client.learn_max_batch(info.max_batch);
             nodes.insert(m.id.clone(), client);
             members.push(ClusterMember {
                 id: m.id.clone(),
@@ -372,9 +392,19 @@ impl ClusterClient {
         Arc::clone(&self.view.read().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The current view.
+    pub(crate) fn current_view(&self) -> Arc<View> {
+        self.view()
+    }
+
+    /// The builder the router's connections were made with.
+    pub(crate) fn builder(&self) -> &ClientBuilder {
+        &self.builder
+    }
+
     /// Rebuilds the view from any member (or seed). Called when a node reports another
     /// epoch or says it is the wrong node.
-    pub async fn refresh(&self) -> Result<(), Error> {
+    pub(crate) async fn refresh(&self) -> Result<(), Error> {
         let current = self.view();
         let mut addrs: Vec<String> = current.members.iter().map(|m| m.addr.clone()).collect();
         addrs.extend(
@@ -390,24 +420,19 @@ impl ClusterClient {
     }
 
     /// Members with their address, state and share of the key space.
-    pub fn members(&self) -> Vec<ClusterMember> {
+    pub(crate) fn members(&self) -> Vec<ClusterMember> {
         self.view().members.clone()
     }
 
     /// The ring's fingerprint, epoch and replication factor.
-    pub fn ring_summary(&self) -> (u64, u64, usize) {
+    pub(crate) fn ring_summary(&self) -> (u64, u64, usize) {
         let v = self.view();
         (v.ring.fingerprint(), v.epoch, v.replication_factor)
     }
 
     /// The ids of `key`'s replicas, primary first.
-    pub fn replicas_of(&self, key: &[u8]) -> Vec<String> {
-        let v = self.view();
-        v.ring
-            .replicas(key, v.replication_factor)
-            .into_iter()
-            .map(|m| m.id.to_string())
-            .collect()
+    pub(crate) fn replicas_of(&self, key: &[u8]) -> Vec<String> {
+        self.view().replicas_of(key)
     }
 
     /// Runs `op` against the key's replicas in order until one answers; refreshes the view
@@ -419,7 +444,7 @@ impl ClusterClient {
         op: F,
     ) -> Result<T, Error>
     where
-        F: Fn(Client) -> Fut,
+        F: Fn(Node) -> Fut,
         Fut: std::future::Future<Output = Result<T, Error>>,
     {
         for attempt in 0..2 {
@@ -475,14 +500,8 @@ impl ClusterClient {
         Err(Error::Unavailable("the cluster view kept changing".into()))
     }
 
-    /// The value of `key`, or `None` on a miss.
-    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
-        Ok(self.get_entry(key).await?.map(|e| e.value))
-    }
-
     /// The value of `key` with its TTL and version.
-    pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
-        let key = key.into();
+    pub(crate) async fn get_entry(&self, key: Bytes) -> Result<Option<Entry>, Error> {
         self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let key = key.clone();
             async move { c.get_entry(key).await }
@@ -490,21 +509,13 @@ impl ClusterClient {
         .await
     }
 
-    /// Stores `key` = `value`.
-    pub async fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<(), Error> {
-        self.set_with(key, value, SetOptions::default())
-            .await
-            .map(drop)
-    }
-
     /// Stores with options; returns whether it was stored.
-    pub async fn set_with(
+    pub(crate) async fn set_with(
         &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
+        key: Bytes,
+        value: Bytes,
         options: SetOptions,
     ) -> Result<bool, Error> {
-        let (key, value) = (key.into(), value.into());
         self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let (key, value) = (key.clone(), value.clone());
             async move { c.set_with(key, value, options).await }
@@ -513,8 +524,7 @@ impl ClusterClient {
     }
 
     /// Removes `key`; returns whether it held a live value.
-    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
-        let key = key.into();
+    pub(crate) async fn delete(&self, key: Bytes) -> Result<bool, Error> {
         self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let key = key.clone();
             async move { c.delete(key).await }
@@ -522,17 +532,16 @@ impl ClusterClient {
         .await
     }
 
-    /// Adds `delta` to the integer at `key` and returns the result (see [`Client::incr`]).
+    /// Adds `delta` to the integer at `key` and returns the result (see [`Node::incr`]).
     /// Sent to the key's first healthy replica (which hands it to the primary) and never
     /// re-sent elsewhere: an increment is not idempotent, so a failed call's outcome is
     /// unknown.
-    pub async fn incr(
+    pub(crate) async fn incr(
         &self,
-        key: impl Into<Bytes>,
+        key: Bytes,
         delta: i64,
         ttl_if_created: Option<Duration>,
     ) -> Result<i64, Error> {
-        let key = key.into();
         let view = self.view();
         let Some((id, client)) = self
             .replicas_by_health(&key)
@@ -553,8 +562,7 @@ impl ClusterClient {
     }
 
     /// Sets the TTL of a live key; returns whether it existed.
-    pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
-        let key = key.into();
+    pub(crate) async fn touch(&self, key: Bytes, ttl: Option<Duration>) -> Result<bool, Error> {
         self.within_deadline(self.routed(&key, self.deadline(), |c| {
             let key = key.clone();
             async move { c.touch(key, ttl).await }
@@ -578,7 +586,7 @@ impl ClusterClient {
     ) -> Result<Vec<T>, Error>
     where
         T: Send + 'static,
-        F: Fn(Client, Vec<usize>) -> Fut,
+        F: Fn(Node, Vec<usize>) -> Fut,
         Fut: std::future::Future<Output = Result<Vec<T>, Error>> + Send + 'static,
     {
         let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(keys.len()).collect();
@@ -669,11 +677,7 @@ impl ClusterClient {
 
     /// The values of `keys`, in order: one `MultiGet` per primary, in parallel; the keys of
     /// an unreachable primary are read, in batches again, from their next replicas.
-    pub async fn get_many<K: Into<Bytes>>(
-        &self,
-        keys: impl IntoIterator<Item = K>,
-    ) -> Result<Vec<Option<Bytes>>, Error> {
-        let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
+    pub(crate) async fn get_many(&self, keys: Vec<Bytes>) -> Result<Vec<Option<Bytes>>, Error> {
         let shared = Arc::new(keys.clone());
         self.within_deadline(self.batched(&keys, self.deadline(), move |c, idx| {
             let group: Vec<Bytes> = idx.iter().map(|&i| shared[i].clone()).collect();
@@ -684,17 +688,12 @@ impl ClusterClient {
 
     /// Stores every pair with the same TTL: one `MultiSet` per primary, in parallel; the
     /// entries of an unreachable primary go, in batches again, to their next replicas.
-    pub async fn set_many<K: Into<Bytes>, V: Into<Bytes>>(
+    pub(crate) async fn set_many(
         &self,
-        entries: impl IntoIterator<Item = (K, V)>,
+        entries: Vec<(Bytes, Bytes)>,
         ttl: Option<Duration>,
     ) -> Result<(), Error> {
-        let entries: Arc<Vec<(Bytes, Bytes)>> = Arc::new(
-            entries
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-        );
+        let entries = Arc::new(entries);
         let keys: Vec<Bytes> = entries.iter().map(|(k, _)| k.clone()).collect();
         self.within_deadline(self.batched(&keys, self.deadline(), move |c, idx| {
             let group: Vec<(Bytes, Bytes)> = idx.iter().map(|&i| entries[i].clone()).collect();
@@ -705,18 +704,6 @@ impl ClusterClient {
         }))
         .await
         .map(drop)
-    }
-
-    /// Counters of every member (unreachable ones are skipped).
-    pub async fn stats(&self) -> Vec<(String, Result<pb::StatsResponse, Error>)> {
-        let view = self.view();
-        let mut out = Vec::new();
-        for m in &view.members {
-            if let Some(c) = view.nodes.get(&m.id) {
-                out.push((m.id.clone(), c.stats().await));
-            }
-        }
-        out
     }
 }
 

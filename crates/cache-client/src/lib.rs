@@ -1,41 +1,64 @@
 //! `cache-client`: the async Rust SDK for cache-cluster.
 //!
-//! [`Client`] talks to one node (which forwards what it does not own); [`ClusterClient`]
-//! computes the ring itself with `cluster-ring`. It depends only on the compiled API
-//! (`cache-proto`) and the ring, never on the server, the engine or the metrics stack.
+//! One type, [`Client`], does everything. It depends only on the compiled API
+//! (`cache-proto`) and the ring (`cluster-ring`), never on the server, the engine or the
+//! metrics stack.
+//!
+//! # Connecting
+//!
+//! [`ClientBuilder::connect`] talks to one node, which forwards what it does not own (one
+//! extra hop for most keys, nothing to configure). [`ClientBuilder::connect_cluster`]
+//! reads the member list from any seed, builds the nodes' ring itself and sends each key
+//! straight to its replicas: no forwarding hop, failover to the next replica, batches split
+//! per node, and the view follows joins, deaths and leaves as they happen. Both give the
+//! same [`Client`]; [`Client::routing`] says which it is. [`ClientBuilder::connect_lazy`]
+//! makes no connection until the first call, for services that start before the cache.
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use cache_client::{Client, SetOptions};
+//! use cache_client::{Client, Consistency, SetOptions};
 //!
 //! # async fn demo() -> Result<(), cache_client::Error> {
 //! let client = Client::builder()
 //!     .timeout(Duration::from_millis(500))
-//!     .connect("127.0.0.1:7000")
-//!     .await?;
-//! client.set("greeting", "hello").await?;
-//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
-//! client.set_with("session", "token", SetOptions::ttl(Duration::from_secs(30))).await?;
-//! let values = client.get_many(["greeting", "missing"]).await?;
-//! assert_eq!(values[1], None); // a miss is `None`, not an error
-//! # Ok(()) }
-//! ```
-//!
-//! Against a cluster, the ring-aware [`ClusterClient`] sends each key straight to its
-//! replicas (no forwarding hop), fails over to the next replica, and splits batches per node:
-//!
-//! ```no_run
-//! use cache_client::{Client, Consistency};
-//!
-//! # async fn demo() -> Result<(), cache_client::Error> {
-//! let cluster = Client::builder()
 //!     .write_consistency(Consistency::Quorum)
 //!     .connect_cluster(["127.0.0.1:7000", "127.0.0.1:7001", "127.0.0.1:7002"])
 //!     .await?;
-//! cluster.set("user:42", "Ada").await?;
-//! println!("user:42 lives on {:?}", cluster.replicas_of(b"user:42"));
+//! client.set("greeting", "hello").await?;
+//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+//!
+//! // Keys and values by reference or owned: &str, &[u8], String, Vec<u8>, Bytes, ...
+//! let user = String::from("user:42");
+//! client.set_with(&user, b"Ada", SetOptions::ttl(Duration::from_secs(30))).await?;
+//! println!("{user} lives on {:?}", client.replicas_of(&user));
+//!
+//! // Batches of any size (split to the node's limit); a miss is `None`, not an error.
+//! let values = client.get_many(["greeting", "missing"]).await?;
+//! assert_eq!(values[1], None);
 //! # Ok(()) }
 //! ```
+//!
+//! # Cache-aside without a thundering herd
+//!
+//! [`Client::get_or_insert_with`] returns the cached value or runs a loader, stores its
+//! result and returns it; concurrent misses of one key in one process run the loader once.
+//!
+//! ```no_run
+//! # async fn demo(client: cache_client::Client) -> Result<(), cache_client::Error> {
+//! use std::time::Duration;
+//! let page = client
+//!     .get_or_insert_with("page:/home", Some(Duration::from_secs(10)), || async {
+//!         Ok::<_, std::io::Error>(String::from("<html>...</html>")) // render once
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Counters: [`Client::incr`] adds to an integer atomically on the key's primary (a fixed-
+//! window rate limiter is `incr(key, 1, Some(window))`).
+//!
+//! A complete program is `examples/quickstart.rs`:
+//! `cargo run -p cache-client --example quickstart -- 127.0.0.1:7000`.
 //!
 //! # Transport
 //!
@@ -45,31 +68,38 @@
 //! unary gRPC call (docs/why/protocols.md). [`ClientBuilder::pipelined`]`(false)` makes every
 //! call a unary RPC; requests over 64 KiB always are.
 //!
-//! Counters: [`Client::incr`] adds to an integer atomically on the key's primary (a fixed-
-//! window rate limiter is `incr(key, 1, Some(window))`).
-//!
-//! A complete program is `examples/quickstart.rs`:
-//! `cargo run -p cache-client --example quickstart -- 127.0.0.1:7000`.
-//!
 //! # Errors and retries
 //!
 //! Every call has a deadline ([`ClientBuilder::timeout`]), sent to the node as the gRPC
 //! deadline and enforced locally. Failures are an [`Error`] that says what kind of problem
-//! it is. Idempotent calls (everything except a conditional set and `incr`) are retried on
-//! [`Error::Unavailable`] with exponential backoff, up to [`ClientBuilder::retries`] times.
+//! it is; a miss is never an error. Idempotent calls (everything except a conditional set,
+//! `incr` and `flush`) are retried on [`Error::Unavailable`] with exponential backoff, up to
+//! [`ClientBuilder::retries`] times.
+//!
+//! # Operating a cluster
+//!
+//! [`Client::each_member`] gives a direct client per member, for the per-node calls:
+//! [`Client::stats`], [`Client::scan`], [`Client::flush`], [`Client::snapshot`].
+//! [`Client::locate`] shows which members hold a key and at which version.
 
 #![forbid(unsafe_code)]
 
+mod client;
 mod cluster;
+mod node_arg;
 mod pipeline;
+mod single_flight;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use cache_types::{Condition, Consistency, MemberState};
-pub use cluster::{ClusterClient, ClusterMember};
+pub use client::{Client, Location, RingSummary, Routing};
+pub use cluster::ClusterMember;
+use cluster::Router;
+pub use node_arg::ToBytes;
 
 use bytes::Bytes;
 use cache_proto::v1::pipelined_op::Op;
@@ -78,15 +108,16 @@ use cache_proto::v1::{self as pb, cache_client::CacheClient};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
+/// The batch limit a node has unless started with `--max-batch`.
+const DEFAULT_MAX_BATCH: usize = 1024;
+
 /// The generated API types, for calls the SDK does not wrap (`Stats`, `ClusterInfo` results).
 pub use cache_proto::v1 as proto;
 
 /// What went wrong, by what the caller can do about it.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The node reported that something does not exist (a miss is *not* this: it is `None`).
-    #[error("not found: {0}")]
-    NotFound(String),
     /// The request itself is wrong: empty key, a key/value/batch over the node's limits,
     /// an unknown option. Retrying will not help; fix the request.
     #[error("invalid request ({code:?}): {message}")]
@@ -128,6 +159,10 @@ pub enum Error {
     /// taking a snapshot).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The loader of [`Client::get_or_insert_with`] failed (every task waiting on the same
+    /// load gets this error); the source is the loader's own error.
+    #[error("loader failed: {0}")]
+    Loader(#[source] Arc<dyn std::error::Error + Send + Sync>),
     /// Any other status from the node.
     #[error("server error ({code:?}): {message}")]
     Server {
@@ -142,7 +177,6 @@ impl Error {
     fn from_status(status: Status, addr: &str, timeout: Duration) -> Self {
         let message = status.message().to_string();
         match status.code() {
-            Code::NotFound => Error::NotFound(message),
             code @ (Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition) => {
                 Error::InvalidRequest { code, message }
             }
@@ -216,7 +250,8 @@ pub struct Entry {
     pub version: u64,
 }
 
-/// Configures and connects a [`Client`] (one node) or a [`ClusterClient`] (ring-aware).
+/// Configures and connects a [`Client`]: to one node ([`ClientBuilder::connect`]) or to a
+/// cluster, ring-aware ([`ClientBuilder::connect_cluster`]).
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     timeout: Duration,
@@ -413,8 +448,8 @@ impl ClientBuilder {
             .keep_alive_while_idle(true))
     }
 
-    fn client(self, channel: Channel, addr: String) -> Client {
-        Client {
+    fn node(self, channel: Channel, addr: String) -> Node {
+        Node {
             inner: CacheClient::new(channel)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
@@ -422,6 +457,7 @@ impl ClientBuilder {
             cfg: self,
             epoch: Arc::new(AtomicU64::new(0)),
             pipeline: Arc::new(pipeline::Pipeline::new()),
+            max_batch: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -429,71 +465,143 @@ impl ClientBuilder {
     /// forwards requests for keys it does not own. Fails with [`Error::Unavailable`] if
     /// nothing answers there.
     pub async fn connect(self, addr: impl Into<String>) -> Result<Client, Error> {
-        let addr = addr.into();
+        Ok(Client::direct(self.connect_node(addr.into()).await?))
+    }
+
+    /// A connection to `addr`, made now.
+    pub(crate) async fn connect_node(self, addr: String) -> Result<Node, Error> {
         let channel = self.endpoint(&addr)?.connect().await.map_err(|e| {
             Error::Unavailable(format!(
                 "cannot connect to {addr}: is cache-node running? ({e})"
             ))
         })?;
-        Ok(self.client(channel, addr))
+        Ok(self.node(channel, addr))
     }
 
-    /// A client for `addr` that connects on first use (for cluster members that may be down).
-    fn connect_lazy(self, addr: String) -> Result<Client, Error> {
+    /// A client for one node at `addr` that connects on its first call, not now: for
+    /// services that must start while the cache is down (calls fail with
+    /// [`Error::Unavailable`] until it is up). Fails only on a malformed address.
+    pub fn connect_lazy(self, addr: impl Into<String>) -> Result<Client, Error> {
+        Ok(Client::direct(self.node_lazy(addr.into())?))
+    }
+
+    /// A connection to `addr` made on first use (for cluster members that may be down).
+    pub(crate) fn node_lazy(self, addr: String) -> Result<Node, Error> {
         let channel = self.endpoint(&addr)?.connect_lazy();
-        Ok(self.client(channel, addr))
+        Ok(self.node(channel, addr))
     }
 
     /// Connects to a cluster through any of `seeds`: reads the member list and ring
     /// parameters (`ClusterInfo`), builds the same ring as the nodes, and then sends every
-    /// request straight to the key's replicas. See [`ClusterClient`].
+    /// request straight to the key's replicas (see [`Client`]).
     pub async fn connect_cluster<S: Into<String>>(
         self,
         seeds: impl IntoIterator<Item = S>,
-    ) -> Result<ClusterClient, Error> {
-        ClusterClient::connect(self, seeds.into_iter().map(Into::into).collect()).await
+    ) -> Result<Client, Error> {
+        let router = Router::connect(self, seeds.into_iter().map(Into::into).collect()).await?;
+        Ok(Client::ring(router))
     }
 }
 
-/// A connection to a cache node. Cheap to clone; clones share the HTTP/2 connection, which
+/// A connection to one node: what [`Client`] uses directly, or once per member when it
+/// routes by the ring. Cheap to clone; clones share the HTTP/2 connection, which
 /// multiplexes concurrent calls.
 #[derive(Debug, Clone)]
-pub struct Client {
+pub(crate) struct Node {
     inner: CacheClient<Channel>,
     addr: String,
     cfg: ClientBuilder,
-    /// The ring epoch of the node's last answer (for [`ClusterClient`]'s staleness check).
+    /// The ring epoch of the node's last answer (for the ring router's staleness check).
     epoch: Arc<AtomicU64>,
     /// The pipelined stream, shared by clones.
     pipeline: Arc<pipeline::Pipeline>,
+    /// The node's batch limit (`ClusterInfo.max_batch`), learnt before the first batch;
+    /// 0 until then.
+    max_batch: Arc<AtomicUsize>,
 }
 
-impl Client {
-    /// A builder with the default timeouts and retries.
-    pub fn builder() -> ClientBuilder {
-        ClientBuilder::default()
-    }
-
+impl Node {
     /// The same connection with another call deadline (sent to the node as `grpc-timeout`,
     /// so the node plans its own forwarding within it).
-    pub(crate) fn within(&self, timeout: Duration) -> Client {
+    pub(crate) fn within(&self, timeout: Duration) -> Node {
         let mut c = self.clone();
         c.cfg.timeout = timeout;
         c
     }
 
-    /// Connects with the defaults.
-    pub async fn connect(addr: impl Into<String>) -> Result<Self, Error> {
-        Self::builder().connect(addr).await
-    }
-
     /// The address this client talks to.
-    pub fn addr(&self) -> &str {
+    pub(crate) fn addr(&self) -> &str {
         &self.addr
     }
 
+    /// The settings this connection was made with.
+    pub(crate) fn builder(&self) -> &ClientBuilder {
+        &self.cfg
+    }
+
+    /// Records the node's batch limit, from a `ClusterInfo` answer (0: an older node that
+    /// does not say; the default limit is assumed).
+    pub(crate) fn learn_max_batch(&self, limit: u32) {
+        let limit = match limit {
+            0 => DEFAULT_MAX_BATCH,
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        self.max_batch.store(limit, Ordering::Relaxed);
+    }
+
+    /// The node's batch limit, asking it once if it is not known yet.
+    async fn max_batch(&self) -> usize {
+        match self.max_batch.load(Ordering::Relaxed) {
+            0 => {
+                // If the node cannot say, the batch will most likely fail the same way;
+                // the default limit is the best guess meanwhile.
+                let limit = self.cluster_info().await.map_or(0, |i| i.max_batch);
+                self.learn_max_batch(limit);
+                self.max_batch.load(Ordering::Relaxed)
+            }
+            n => n,
+        }
+    }
+
+    /// Runs `call` on `items` in parts of at most the node's batch limit, concurrently, and
+    /// joins the results in order.
+    async fn in_parts<I, T, F, Fut>(&self, items: Vec<I>, call: F) -> Result<Vec<T>, Error>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(Node, Vec<I>) -> Fut,
+        Fut: Future<Output = Result<Vec<T>, Error>> + Send + 'static,
+    {
+        let limit = self.max_batch().await.max(1);
+        if items.len() <= limit {
+            return call(self.clone(), items).await;
+        }
+        let mut parts = tokio::task::JoinSet::new();
+        let mut items = items.into_iter();
+        let mut index = 0usize;
+        loop {
+            let part: Vec<I> = items.by_ref().take(limit).collect();
+            if part.is_empty() {
+                break;
+            }
+            let fut = call(self.clone(), part);
+            parts.spawn(async move { (index, fut.await) });
+            index += 1;
+        }
+        let mut done: Vec<(usize, Vec<T>)> = Vec::with_capacity(index);
+        while let Some(joined) = parts.join_next().await {
+            let (i, result) = joined.map_err(|e| Error::Server {
+                code: Code::Internal,
+                message: format!("a batch part failed: {e}"),
+            })?;
+            done.push((i, result?));
+        }
+        done.sort_unstable_by_key(|(i, _)| *i);
+        Ok(done.into_iter().flat_map(|(_, part)| part).collect())
+    }
+
     /// The ring epoch the node reported in its last answer (0 before any, or on one node).
-    pub fn last_ring_epoch(&self) -> u64 {
+    pub(crate) fn last_ring_epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
     }
 
@@ -536,11 +644,6 @@ impl Client {
         }
     }
 
-    /// The value of `key`, or `None` on a miss.
-    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
-        Ok(self.get_entry(key).await?.map(|e| e.value))
-    }
-
     /// Runs one operation — on the pipelined stream, or as a unary call — with the
     /// deadline, retrying `Unavailable` if `idempotent`.
     async fn op(&self, idempotent: bool, op: Op) -> Result<PResult, Error> {
@@ -560,12 +663,9 @@ impl Client {
     }
 
     /// The value of `key` with its TTL and version, or `None` on a miss.
-    pub async fn get_entry(&self, key: impl Into<Bytes>) -> Result<Option<Entry>, Error> {
+    pub(crate) async fn get_entry(&self, key: Bytes) -> Result<Option<Entry>, Error> {
         let consistency = consistency_pb(self.cfg.read_consistency);
-        let op = Op::Get(pb::GetRequest {
-            key: key.into(),
-            consistency,
-        });
+        let op = Op::Get(pb::GetRequest { key, consistency });
         let PResult::Get(resp) = self.op(true, op).await? else {
             return Err(mismatch());
         };
@@ -573,27 +673,15 @@ impl Client {
         Ok(to_entry(resp))
     }
 
-    /// Stores `key` = `value` with no expiry.
-    pub async fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<(), Error> {
-        self.set_with(key, value, SetOptions::default())
-            .await
-            .map(drop)
-    }
-
     /// Stores `key` = `value` with options; returns whether it was stored (`false` only when
     /// a condition did not hold).
-    pub async fn set_with(
+    pub(crate) async fn set_with(
         &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
+        key: Bytes,
+        value: Bytes,
         options: SetOptions,
     ) -> Result<bool, Error> {
-        let req = set_request(
-            key.into(),
-            value.into(),
-            options,
-            self.cfg.write_consistency,
-        );
+        let req = set_request(key, value, options, self.cfg.write_consistency);
         // A conditional write is not idempotent: a retry after an unknown outcome could
         // see its own first attempt and report "not stored".
         let idempotent = options.condition == Condition::Always;
@@ -605,9 +693,9 @@ impl Client {
     }
 
     /// Removes `key`; returns whether it held a live value.
-    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
+    pub(crate) async fn delete(&self, key: Bytes) -> Result<bool, Error> {
         let op = Op::Delete(pb::DeleteRequest {
-            key: key.into(),
+            key,
             consistency: consistency_pb(self.cfg.write_consistency),
         });
         let PResult::Delete(resp) = self.op(true, op).await? else {
@@ -618,9 +706,9 @@ impl Client {
     }
 
     /// Sets (or with `None` removes) the TTL of a live key; returns whether the key existed.
-    pub async fn touch(&self, key: impl Into<Bytes>, ttl: Option<Duration>) -> Result<bool, Error> {
+    pub(crate) async fn touch(&self, key: Bytes, ttl: Option<Duration>) -> Result<bool, Error> {
         let op = Op::Touch(pb::TouchRequest {
-            key: key.into(),
+            key,
             ttl_ms: ttl.map_or(0, |t| duration_ms(t).max(1)),
             consistency: consistency_pb(self.cfg.write_consistency),
         });
@@ -638,14 +726,14 @@ impl Client {
     ///
     /// Never retried: an increment is not idempotent, so a call that timed out or lost its
     /// connection may or may not have been applied.
-    pub async fn incr(
+    pub(crate) async fn incr(
         &self,
-        key: impl Into<Bytes>,
+        key: Bytes,
         delta: i64,
         ttl_if_created: Option<Duration>,
     ) -> Result<i64, Error> {
         let op = Op::Incr(pb::IncrRequest {
-            key: key.into(),
+            key,
             delta,
             ttl_ms_if_created: ttl_if_created.map_or(0, |t| duration_ms(t).max(1)),
             consistency: consistency_pb(self.cfg.write_consistency),
@@ -657,54 +745,102 @@ impl Client {
         Ok(resp.value)
     }
 
-    /// The values of `keys`, in order (`None` for each miss), in one round trip.
-    pub async fn get_many<K: Into<Bytes>>(
-        &self,
-        keys: impl IntoIterator<Item = K>,
-    ) -> Result<Vec<Option<Bytes>>, Error> {
-        let keys: Vec<Bytes> = keys.into_iter().map(Into::into).collect();
-        let PResult::MultiGet(resp) = self
-            .op(true, Op::MultiGet(pb::MultiGetRequest { keys }))
-            .await?
-        else {
-            return Err(mismatch());
-        };
-        self.saw_epoch(resp.ring_epoch);
-        Ok(resp
-            .results
-            .into_iter()
-            .map(|r| to_entry(r).map(|e| e.value))
-            .collect())
+    /// The values of `keys`, in order (`None` for each miss): one `MultiGet` per part of
+    /// at most the node's batch limit.
+    pub(crate) async fn get_many(&self, keys: Vec<Bytes>) -> Result<Vec<Option<Bytes>>, Error> {
+        self.in_parts(keys, |node, keys| async move {
+            let PResult::MultiGet(resp) = node
+                .op(true, Op::MultiGet(pb::MultiGetRequest { keys }))
+                .await?
+            else {
+                return Err(mismatch());
+            };
+            node.saw_epoch(resp.ring_epoch);
+            Ok(resp
+                .results
+                .into_iter()
+                .map(|r| to_entry(r).map(|e| e.value))
+                .collect())
+        })
+        .await
     }
 
-    /// Stores every `(key, value)` pair with the same TTL, in one round trip. Not atomic: on
-    /// an error, the message says how many entries were applied.
-    pub async fn set_many<K: Into<Bytes>, V: Into<Bytes>>(
+    /// Stores every `(key, value)` pair with the same TTL: one `MultiSet` per part of at
+    /// most the node's batch limit. Not atomic.
+    pub(crate) async fn set_many(
         &self,
-        entries: impl IntoIterator<Item = (K, V)>,
+        entries: Vec<(Bytes, Bytes)>,
         ttl: Option<Duration>,
     ) -> Result<(), Error> {
         let options = SetOptions {
             ttl,
             ..SetOptions::default()
         };
-        let entries: Vec<pb::SetRequest> = entries
-            .into_iter()
-            .map(|(k, v)| set_request(k.into(), v.into(), options, None))
-            .collect();
-        let op = Op::MultiSet(pb::MultiSetRequest {
-            entries,
-            consistency: consistency_pb(self.cfg.write_consistency),
-        });
-        let PResult::MultiSet(resp) = self.op(true, op).await? else {
-            return Err(mismatch());
-        };
-        self.saw_epoch(resp.ring_epoch);
-        Ok(())
+        self.in_parts(entries, move |node, part| async move {
+            let n = part.len();
+            let entries: Vec<pb::SetRequest> = part
+                .into_iter()
+                .map(|(k, v)| set_request(k, v, options, None))
+                .collect();
+            let op = Op::MultiSet(pb::MultiSetRequest {
+                entries,
+                consistency: consistency_pb(node.cfg.write_consistency),
+            });
+            let PResult::MultiSet(resp) = node.op(true, op).await? else {
+                return Err(mismatch());
+            };
+            node.saw_epoch(resp.ring_epoch);
+            Ok(vec![(); n])
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Deletes every key the node holds (admin). Never retried.
+    pub(crate) async fn flush(&self) -> Result<pb::FlushResponse, Error> {
+        self.call(false, |mut c, t| async move {
+            c.flush(with_timeout(pb::FlushRequest {}, t)).await
+        })
+        .await
+    }
+
+    /// One step of a scan of the node's keys.
+    pub(crate) async fn scan(
+        &self,
+        cursor: u64,
+        pattern: Bytes,
+        count: u32,
+    ) -> Result<(Vec<Bytes>, u64), Error> {
+        let resp = self
+            .call(true, |mut c, t| {
+                let pattern = pattern.clone();
+                async move {
+                    c.scan(with_timeout(
+                        pb::ScanRequest {
+                            cursor,
+                            pattern,
+                            count,
+                        },
+                        t,
+                    ))
+                    .await
+                }
+            })
+            .await?;
+        Ok((resp.keys, resp.cursor))
+    }
+
+    /// The node's own copy of `key`.
+    pub(crate) async fn inspect(&self, key: Bytes) -> Result<pb::InspectResponse, Error> {
+        self.call(true, |mut c, t| {
+            let key = key.clone();
+            async move { c.inspect(with_timeout(pb::InspectRequest { key }, t)).await }
+        })
+        .await
     }
 
     /// The node's counters and sizes.
-    pub async fn stats(&self) -> Result<pb::StatsResponse, Error> {
+    pub(crate) async fn stats(&self) -> Result<pb::StatsResponse, Error> {
         self.call(true, |mut c, t| async move {
             c.stats(with_timeout(pb::StatsRequest {}, t)).await
         })
@@ -714,7 +850,7 @@ impl Client {
     /// Asks the node to take a snapshot of its data now; answers once it is durable (an
     /// admin operation; the node must run with `--data-dir`). Large data takes a while:
     /// give the client a timeout to match.
-    pub async fn snapshot(&self) -> Result<pb::SnapshotResponse, Error> {
+    pub(crate) async fn snapshot(&self) -> Result<pb::SnapshotResponse, Error> {
         self.call(false, |mut c, t| async move {
             c.snapshot(with_timeout(pb::SnapshotRequest {}, t)).await
         })
@@ -722,7 +858,7 @@ impl Client {
     }
 
     /// Members and ring parameters.
-    pub async fn cluster_info(&self) -> Result<pb::ClusterInfoResponse, Error> {
+    pub(crate) async fn cluster_info(&self) -> Result<pb::ClusterInfoResponse, Error> {
         self.call(true, |mut c, t| async move {
             c.cluster_info(with_timeout(pb::ClusterInfoRequest {}, t))
                 .await
@@ -732,7 +868,9 @@ impl Client {
 
     /// The cluster view now, then each time it changes, until the stream ends (the node
     /// shuts down or the connection breaks). Only the opening call has a deadline.
-    pub async fn watch_cluster(&self) -> Result<tonic::Streaming<pb::ClusterInfoResponse>, Error> {
+    pub(crate) async fn watch_cluster(
+        &self,
+    ) -> Result<tonic::Streaming<pb::ClusterInfoResponse>, Error> {
         let mut c = self.inner.clone();
         let t = self.cfg.connect_timeout;
         let mut req = Request::new(pb::ClusterInfoRequest {});
@@ -845,7 +983,7 @@ mod tests {
         assert!(matches!(map(Code::ResourceExhausted), Error::Full(_)));
         assert!(matches!(map(Code::Unavailable), Error::Unavailable(_)));
         assert!(matches!(map(Code::DeadlineExceeded), Error::TimedOut(_)));
-        assert!(matches!(map(Code::NotFound), Error::NotFound(_)));
+        assert!(matches!(map(Code::NotFound), Error::Server { .. }));
         assert!(matches!(map(Code::Internal), Error::Server { .. }));
         assert!(matches!(map(Code::Cancelled), Error::Unavailable(_)));
         assert!(matches!(map(Code::Aborted), Error::WrongNode(_)));

@@ -324,6 +324,27 @@ pub struct ScanCursor {
     slot: usize,
 }
 
+impl ScanCursor {
+    /// Bits of [`ScanCursor::to_u64`] that hold the slot; the shard is above them.
+    const SLOT_BITS: u32 = 48;
+
+    /// The cursor as one number, for a client to hand back (`SCAN`): the start is `0`, and
+    /// a cursor returned by [`Cache::scan`] is never `0`.
+    pub fn to_u64(self) -> u64 {
+        let slot = (self.slot as u64) & ((1 << Self::SLOT_BITS) - 1);
+        ((self.shard as u64) << Self::SLOT_BITS) | slot
+    }
+
+    /// A cursor from a number a client sent. Any number is safe: one that no scan returned
+    /// resumes somewhere, or ends the iteration, but never fails.
+    pub fn from_u64(raw: u64) -> Self {
+        Self {
+            shard: usize::try_from(raw >> Self::SLOT_BITS).unwrap_or(usize::MAX),
+            slot: usize::try_from(raw & ((1 << Self::SLOT_BITS) - 1)).unwrap_or(usize::MAX),
+        }
+    }
+}
+
 /// A shard padded to its own cache lines so that two threads working on neighbouring shards
 /// do not invalidate each other's lock word.
 #[repr(align(128))]

@@ -93,6 +93,9 @@ fn deadline(metadata: &MetadataMap, cap: Duration) -> tokio::time::Instant {
     tokio::time::Instant::now() + budget
 }
 
+/// Most entries one `Scan` call examines (its `count` is capped here).
+const MAX_SCAN_COUNT: usize = 10_000;
+
 /// The `cache.v1.Cache` service. Cheap to clone (one `Arc`).
 #[derive(Debug, Clone)]
 pub struct CacheService {
@@ -599,6 +602,105 @@ impl cache_server::Cache for CacheService {
         }
     }
 
+    async fn flush(
+        &self,
+        request: tonic::Request<pb::FlushRequest>,
+    ) -> Result<tonic::Response<pb::FlushResponse>, Status> {
+        self.authorize(&request, Role::Admin)?;
+        let start = Instant::now();
+        let store = self.core().store();
+        let mut deleted = 0u64;
+        let mut cursor = Some(cache_core::ScanCursor::default());
+        while let Some(c) = cursor {
+            if self.shared.stopping.is_cancelled() {
+                return Err(Status::unavailable(format!(
+                    "the node is shutting down; {deleted} keys were deleted"
+                )));
+            }
+            let (entries, next) = store.engine().scan(c, 1024);
+            for e in entries {
+                // A delete with a tombstone: newer than every other replica's copy, so
+                // anti-entropy spreads the delete rather than restoring the value.
+                match store.delete(&e.key, true) {
+                    Ok((true, _)) => deleted += 1,
+                    Ok((false, _)) => {}
+                    Err(e) => return Err(wire::status(&e)),
+                }
+            }
+            cursor = next;
+            // Let other requests in between chunks of a large flush.
+            tokio::task::yield_now().await;
+        }
+        tracing::warn!(deleted, "flushed by an admin request");
+        Ok(tonic::Response::new(pb::FlushResponse {
+            deleted,
+            took_ms: u32::try_from(start.elapsed().as_millis()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn scan(
+        &self,
+        request: tonic::Request<pb::ScanRequest>,
+    ) -> Result<tonic::Response<pb::ScanResponse>, Status> {
+        self.authorize(&request, Role::Read)?;
+        let req = request.into_inner();
+        let limits = *self.core().store().limits();
+        if req.pattern.len() > limits.max_key_bytes {
+            return Err(Status::out_of_range(format!(
+                "a pattern of {} bytes is over the key limit of {} bytes",
+                req.pattern.len(),
+                limits.max_key_bytes
+            )));
+        }
+        let count = match req.count {
+            0 => 10,
+            n => usize::try_from(n).unwrap_or(usize::MAX).min(MAX_SCAN_COUNT),
+        };
+        let engine = self.core().store().engine();
+        let (entries, next) = engine.scan(cache_core::ScanCursor::from_u64(req.cursor), count);
+        let keys = entries
+            .into_iter()
+            .filter(|e| req.pattern.is_empty() || cache_types::glob_match(&req.pattern, &e.key))
+            .map(|e| e.key)
+            .collect();
+        Ok(tonic::Response::new(pb::ScanResponse {
+            keys,
+            cursor: next.map_or(0, cache_core::ScanCursor::to_u64),
+        }))
+    }
+
+    async fn inspect(
+        &self,
+        request: tonic::Request<pb::InspectRequest>,
+    ) -> Result<tonic::Response<pb::InspectResponse>, Status> {
+        self.authorize(&request, Role::Read)?;
+        let key = request.into_inner().key;
+        let store = self.core().store();
+        store
+            .limits()
+            .check_key(&key)
+            .map_err(|e| wire::status(&e))?;
+        let now = store.now_ms();
+        let mut out = pb::InspectResponse {
+            node_id: self.core().local_id().to_string(),
+            ..Default::default()
+        };
+        match store.engine().peek_versioned(&key) {
+            Some(cache_core::VersionedRead::Live(l)) => {
+                out.found = true;
+                out.version = l.version;
+                out.ttl_ms = l.expires_at.map(|at| at.saturating_sub(now));
+                out.value_bytes = l.value.len() as u64;
+            }
+            Some(cache_core::VersionedRead::Dead { version }) => {
+                out.tombstone = true;
+                out.version = version;
+            }
+            None => {}
+        }
+        Ok(tonic::Response::new(out))
+    }
+
     async fn cluster_info(
         &self,
         request: tonic::Request<pb::ClusterInfoRequest>,
@@ -652,6 +754,7 @@ impl cache_server::Cache for CacheService {
 impl CacheService {
     /// `ClusterInfo` of one ring state.
     fn cluster_info_of(&self, state: &cluster_core::RingState) -> pb::ClusterInfoResponse {
+        let limits = *self.core().store().limits();
         pb::ClusterInfoResponse {
             node_id: self.core().local_id().to_string(),
             members: state
@@ -670,6 +773,9 @@ impl CacheService {
             ring_format_version: cluster_ring::FORMAT_VERSION,
             ring_fingerprint: state.ring.fingerprint(),
             replication_factor: u32::try_from(state.replication_factor).unwrap_or(u32::MAX),
+            max_batch: u32::try_from(limits.max_batch).unwrap_or(u32::MAX),
+            max_key_bytes: limits.max_key_bytes as u64,
+            max_value_bytes: limits.max_value_bytes as u64,
             ring_epoch: state.epoch,
         }
     }

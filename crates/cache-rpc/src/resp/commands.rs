@@ -1032,7 +1032,7 @@ impl Session {
             .filter(|(name, _)| {
                 args[2..]
                     .iter()
-                    .any(|p| glob(&p.to_ascii_lowercase(), name.as_bytes()))
+                    .any(|p| cache_types::glob_match(&p.to_ascii_lowercase(), name.as_bytes()))
             })
             .collect();
         reply::map(out, matching.len(), self.resp3);
@@ -1150,19 +1150,6 @@ fn check_name(name: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Glob matching with `*` and `?` (enough for `CONFIG GET`).
-fn glob(pattern: &[u8], text: &[u8]) -> bool {
-    match (pattern.first(), text.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => {
-            glob(&pattern[1..], text) || (!text.is_empty() && glob(pattern, &text[1..]))
-        }
-        (Some(b'?'), Some(_)) => glob(&pattern[1..], &text[1..]),
-        (Some(p), Some(t)) if p == t => glob(&pattern[1..], &text[1..]),
-        _ => false,
-    }
-}
-
 /// One `COMMAND` entry: name, arity, flags, first key, last key, step.
 fn command_entry(s: &Spec, out: &mut Vec<u8>) {
     reply::array(out, 6);
@@ -1243,10 +1230,10 @@ mod tests {
 
     #[test]
     fn config_patterns_glob() {
-        assert!(glob(b"*", b"save"));
-        assert!(glob(b"max*", b"maxmemory-policy"));
-        assert!(glob(b"s?ve", b"save"));
-        assert!(!glob(b"max", b"maxmemory"));
+        assert!(cache_types::glob_match(b"*", b"save"));
+        assert!(cache_types::glob_match(b"max*", b"maxmemory-policy"));
+        assert!(cache_types::glob_match(b"s?ve", b"save"));
+        assert!(!cache_types::glob_match(b"max", b"maxmemory"));
     }
 
     #[test]

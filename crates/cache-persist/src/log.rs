@@ -439,7 +439,7 @@ impl<R: Read> LogReader<R> {
 
     /// The next record; `Ok(None)` at the clean end or at a torn tail (see
     /// [`LogReader::torn_tail`]); `Err(Corrupt)` when a bad record is followed by data that
-    /// a crash cannot leave (see [`LogReader::is_torn_tail`]).
+    /// a crash cannot leave (see `LogReader::is_torn_tail`).
     pub fn next_record(&mut self) -> Result<Option<Mutation>, LogError> {
         if self.suspect.is_some() || self.end_count.is_some() {
             return Ok(None);

@@ -1,4 +1,4 @@
-//! Compiles `proto/cache/v1/cache.proto` and `proto/cache/peer/v1/peer.proto` with `protox` (a pure-Rust protobuf compiler, so no
+//! Compiles `crates/cache-proto/proto/cache/v1/cache.proto` and `crates/cache-proto/proto/cache/peer/v1/peer.proto` with `protox` (a pure-Rust protobuf compiler, so no
 //! system `protoc` is needed) and generates prost types and tonic stubs. Also writes the
 //! encoded descriptor set that the node serves through gRPC reflection.
 
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
     let files = [
         root.join("cache/v1/cache.proto"),
         root.join("cache/peer/v1/peer.proto"),

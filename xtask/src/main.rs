@@ -115,10 +115,15 @@ pub(crate) fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The cargo that runs this xtask.
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
 /// Runs `cargo <args>` in the workspace root, failing if it fails.
 fn cargo(args: &[&str]) -> Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = Command::new(cargo_bin())
         .args(args)
         .current_dir(root())
         .status()
@@ -140,7 +145,41 @@ fn ci() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    docs()?;
+    deny()?;
     Ok(())
+}
+
+/// `cargo doc` with warnings as errors: every public item documented, no broken links.
+fn docs() -> Result<()> {
+    let status = Command::new(cargo_bin())
+        .current_dir(root())
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .args(["doc", "--workspace", "--no-deps"])
+        .status()
+        .context("running cargo doc")?;
+    if !status.success() {
+        bail!("cargo doc -D warnings failed");
+    }
+    Ok(())
+}
+
+/// `cargo deny check` of licenses, bans and sources (deny.toml), installing cargo-deny
+/// from crates.io first if this machine lacks it. Advisories are not checked here: their
+/// database is fetched from GitHub, which CI machines cannot reach; run
+/// `cargo deny check advisories` where it can.
+fn deny() -> Result<()> {
+    let have = Command::new(cargo_bin())
+        .args(["deny", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        eprintln!("cargo-deny is not installed: installing it from crates.io (a few minutes)");
+        cargo(&["install", "--locked", "cargo-deny@0.20.2"])?;
+    }
+    cargo(&["deny", "--workspace", "check", "licenses", "bans", "sources"])
 }
 
 /// Mean time per iteration (ns) of a criterion benchmark, from its `estimates.json`.

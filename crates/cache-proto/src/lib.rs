@@ -1,7 +1,7 @@
 //! `cache-proto`: the compiled cache-cluster APIs: the public `cache.v1` and the
 //! node-to-node `cache.peer.v1`.
 //!
-//! Generated from `proto/cache/v1/cache.proto` and `proto/cache/peer/v1/peer.proto` at build time (by `protox`, no system
+//! Generated from `crates/cache-proto/proto/cache/v1/cache.proto` and `crates/cache-proto/proto/cache/peer/v1/peer.proto` at build time (by `protox`, no system
 //! `protoc`). It holds only types, client stubs and server traits, so the client SDK can
 //! depend on it without pulling in the server, the engine or the metrics stack.
 //! `bytes` fields are `bytes::Bytes`, so values move between the network and the engine

@@ -179,7 +179,14 @@ fn deny() -> Result<()> {
         eprintln!("cargo-deny is not installed: installing it from crates.io (a few minutes)");
         cargo(&["install", "--locked", "cargo-deny@0.20.2"])?;
     }
-    cargo(&["deny", "--workspace", "check", "licenses", "bans", "sources"])
+    cargo(&[
+        "deny",
+        "--workspace",
+        "check",
+        "licenses",
+        "bans",
+        "sources",
+    ])
 }
 
 /// Mean time per iteration (ns) of a criterion benchmark, from its `estimates.json`.

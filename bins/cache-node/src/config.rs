@@ -888,12 +888,38 @@ impl Args {
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Pretty),
-            log_level: self
-                .log_level
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".into()),
+            log_level: check_log_level(
+                self.log_level
+                    .or(file.log_level)
+                    .unwrap_or_else(|| "info".into()),
+            )?,
         })
     }
+}
+
+/// Checks a `--log-level`: a level (`trace`, `debug`, `info`, `warn`, `error`, `off`) or a
+/// comma-separated list of `target=level` directives (RUST_LOG syntax). The filter parser
+/// itself takes any bare word as a target name, so a typo (`--log-level verbose`) would
+/// silently log nothing but that target's events: refused here instead.
+pub(crate) fn check_log_level(spec: String) -> anyhow::Result<String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(s.trim()));
+    for directive in spec.split(',').filter(|d| !d.trim().is_empty()) {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !is_level(level) {
+            bail!(
+                "log-level {spec:?}: {:?} is not a level (trace, debug, info, warn, error, off) \
+                 or a target=level directive",
+                directive.trim()
+            );
+        }
+    }
+    if spec.trim().is_empty() {
+        bail!("log-level must not be empty (trace, debug, info, warn, error, off)");
+    }
+    tracing_subscriber::EnvFilter::try_new(&spec)
+        .map_err(|e| anyhow::anyhow!("log-level {spec:?}: {e}"))?;
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -995,5 +1021,22 @@ mod tests {
         assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Sieve);
         let config = args(&[]).resolve().expect("valid");
         assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Lru);
+    }
+
+    #[test]
+    fn an_unknown_log_level_is_an_error_not_silence() {
+        for good in [
+            "info",
+            "DEBUG",
+            "warn,cache_rpc=debug",
+            "cluster_core=trace",
+            "off",
+        ] {
+            assert_eq!(check_log_level(good.into()).expect(good), good);
+        }
+        for bad in ["verbose", "", "cache_rpc=loud", "info,chatty"] {
+            let e = check_log_level(bad.into()).expect_err(bad).to_string();
+            assert!(e.contains("level"), "{bad}: {e}");
+        }
     }
 }

@@ -296,6 +296,18 @@ async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Resul
         node.admin_addr(),
         max_bytes
     );
+    // The same, as a record in the log stream (for log collectors that never see stdout).
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node_id = %node_id,
+        grpc = %node.grpc_addr(),
+        peer = %node.peer_addr(),
+        admin = %node.admin_addr(),
+        gossip = ?node.gossip_addr(),
+        resp = ?node.resp_addr(),
+        max_memory = max_bytes,
+        "listening"
+    );
     node.run(shutdown_signal()).await?;
     Ok(())
 }

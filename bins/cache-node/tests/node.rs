@@ -396,11 +396,33 @@ async fn metrics_and_status_pages_reflect_traffic() {
         "cache_bytes ",
         "process_resident_memory_bytes ",
         "cache_engine_footprint_bytes ",
+        "process_cpu_seconds_total ",
+        "process_open_fds ",
+        "process_max_fds ",
+        "process_start_time_seconds ",
+        "cache_build_info{",
     ] {
         assert!(
             body.lines().any(|l| l.starts_with(prefix)),
             "missing {prefix:?} in:\n{body}"
         );
+    }
+    // Every series says what it is, and no series stands for what cannot happen: an
+    // error's series appears once it happened (set's invalid_argument above), not before.
+    for ty in body.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = ty.split_whitespace().nth(2).expect("name");
+        assert!(
+            body.lines()
+                .any(|l| l.starts_with(&format!("# HELP {name} "))),
+            "no HELP for {name}"
+        );
+    }
+    for absent in [
+        "op=\"stats\",result=\"miss\"",
+        "op=\"get\",result=\"not_stored\"",
+        "op=\"get\",result=\"invalid_argument\"",
+    ] {
+        assert!(!body.contains(absent), "{absent} in:\n{body}");
     }
     let (status, html) = node.http_get("/status").expect("status");
     assert_eq!(status, 200);

@@ -212,8 +212,11 @@ pub struct NodeMetrics {
     auth_failures: [Counter; 3],
     /// Persistence series, once registered (`--data-dir`).
     persist: std::sync::OnceLock<Arc<PersistSeries>>,
-    /// `cache_requests_total{op,result}`, indexed `[op][result]`.
-    requests: Vec<Vec<Counter>>,
+    /// `cache_requests_total{op,result}`, indexed `[op][result]`; an error's series is
+    /// registered when it first happens.
+    requests: Vec<Vec<std::sync::OnceLock<Counter>>>,
+    /// The standard `process_*` series.
+    process: ProcessSeries,
     /// `cache_request_duration_seconds{op}`, indexed by op.
     durations: Vec<Histogram>,
     hits: Counter,
@@ -304,21 +307,54 @@ impl NodeMetrics {
     pub fn register(recorder: PrometheusRecorder) -> Self {
         let r: &dyn Recorder = &recorder;
         let recorder_ref = r;
-        let requests = OPS
+        describe(recorder_ref);
+        let c = |name| counter(recorder_ref, name, Vec::new());
+        // The successful outcomes of each operation exist from the start (at zero); an
+        // error series appears when that error first happens, so no series stands for a
+        // combination that cannot occur.
+        let requests: Vec<Vec<std::sync::OnceLock<Counter>>> = OPS
             .iter()
             .map(|op| {
                 RESULTS
                     .iter()
                     .map(|res| {
-                        counter(
-                            recorder_ref,
-                            "cache_requests_total",
-                            vec![Label::new("op", *op), Label::new("result", *res)],
-                        )
+                        let cell = std::sync::OnceLock::new();
+                        if success_results(op).contains(res) {
+                            let _ = cell.set(counter(
+                                recorder_ref,
+                                "cache_requests_total",
+                                vec![Label::new("op", *op), Label::new("result", *res)],
+                            ));
+                        }
+                        cell
                     })
                     .collect()
             })
             .collect();
+        recorder_ref
+            .register_gauge(
+                &Key::from_parts(
+                    "cache_build_info",
+                    vec![
+                        Label::new("version", env!("CARGO_PKG_VERSION")),
+                        Label::new("edition", "2024"),
+                    ],
+                ),
+                &META,
+            )
+            .set(1.0);
+        let process = ProcessSeries {
+            cpu: c("process_cpu_seconds_total"),
+            open_fds: gauge(recorder_ref, "process_open_fds"),
+            max_fds: gauge(recorder_ref, "process_max_fds"),
+            virtual_memory: gauge(recorder_ref, "process_virtual_memory_bytes"),
+            start_time: gauge(recorder_ref, "process_start_time_seconds"),
+        };
+        process.start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         let durations = OPS
             .iter()
             .map(|op| {
@@ -331,7 +367,6 @@ impl NodeMetrics {
                 )
             })
             .collect();
-        let c = |name| counter(recorder_ref, name, Vec::new());
         let forwarded = c("cache_forwarded_requests_total");
         let read_repairs = c("cache_read_repairs_total");
         let mismatches = c("cache_ring_fingerprint_mismatch_total");
@@ -397,6 +432,7 @@ impl NodeMetrics {
             max_bytes,
             uptime,
             resident,
+            process,
             footprint: g("cache_engine_footprint_bytes"),
             requests,
             durations,
@@ -588,7 +624,18 @@ impl NodeMetrics {
             .iter()
             .position(|x| *x == result)
             .unwrap_or(RESULTS.len() - 1);
-        self.requests[op as usize][r].increment(1);
+        self.requests[op as usize][r]
+            .get_or_init(|| {
+                counter(
+                    &self.recorder,
+                    "cache_requests_total",
+                    vec![
+                        Label::new("op", OPS[op as usize]),
+                        Label::new("result", RESULTS[r]),
+                    ],
+                )
+            })
+            .increment(1);
         self.durations[op as usize].record(elapsed.as_secs_f64());
     }
 
@@ -616,6 +663,317 @@ impl NodeMetrics {
         self.uptime.set(uptime.as_secs_f64());
         if let Some(rss) = resident_memory_bytes() {
             self.resident.set(rss as f64);
+        }
+        self.process.publish();
+    }
+}
+
+/// The standard process series (the names the Prometheus client libraries use), read
+/// from `/proc` on each scrape; absent figures (other systems) are left at zero.
+#[derive(Debug)]
+struct ProcessSeries {
+    cpu: Counter,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    virtual_memory: Gauge,
+    start_time: Gauge,
+}
+
+impl ProcessSeries {
+    fn publish(&self) {
+        // utime and stime, fields 14 and 15 of /proc/self/stat, in clock ticks (100 per
+        // second on Linux), counted after the parenthesised command name.
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some((_, rest)) = stat.rsplit_once(')')
+        {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            if let (Some(user), Some(system)) = (ticks(11), ticks(12)) {
+                self.cpu.absolute((user + system) / 100);
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as f64);
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits")
+            && let Some(line) = limits.lines().find(|l| l.starts_with("Max open files"))
+            && let Some(soft) = line.split_whitespace().nth(3)
+            && let Ok(n) = soft.parse::<f64>()
+        {
+            self.max_fds.set(n);
+        }
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
+            && let Some(Ok(pages)) = statm.split_whitespace().next().map(str::parse::<u64>)
+        {
+            self.virtual_memory.set((pages * 4096) as f64);
+        }
+    }
+}
+
+/// The results an operation answers when it succeeds (its `result` label values that
+/// exist from the start).
+fn success_results(op: &str) -> &'static [&'static str] {
+    match op {
+        "get" => &["hit", "miss"],
+        "set" | "update" => &["ok", "not_stored"],
+        "delete" | "touch" => &["ok", "miss"],
+        _ => &["ok"],
+    }
+}
+
+/// `# HELP` text of every series the node exports.
+const HELP: &[(&str, &str)] = &[
+    (
+        "cache_requests_total",
+        "Client requests answered, by operation and result (hit, miss, ok, not_stored, or the error kind).",
+    ),
+    (
+        "cache_request_duration_seconds",
+        "Time from a client request reaching its handler to its answer, by operation (queueing before the handler is not included).",
+    ),
+    (
+        "cache_build_info",
+        "Always 1; the labels say which build runs.",
+    ),
+    (
+        "cache_hits_total",
+        "Engine lookups that found a live value.",
+    ),
+    (
+        "cache_misses_total",
+        "Engine lookups that found nothing live.",
+    ),
+    ("cache_inserts_total", "Writes that created a key."),
+    ("cache_updates_total", "Writes that replaced a live value."),
+    ("cache_deletes_total", "Deletes that removed a live value."),
+    (
+        "cache_evictions_total",
+        "Entries evicted to stay within the memory limit.",
+    ),
+    (
+        "cache_expired_total",
+        "Entries removed because their TTL passed.",
+    ),
+    (
+        "cache_stale_writes_total",
+        "Replicated or synced writes refused because a newer version was held.",
+    ),
+    (
+        "cache_items",
+        "Entries held, including expired ones not yet reclaimed.",
+    ),
+    (
+        "cache_bytes",
+        "Bytes charged against the memory limit (keys, values, per-entry overhead).",
+    ),
+    ("cache_max_bytes", "The memory limit (--max-memory)."),
+    (
+        "cache_engine_footprint_bytes",
+        "Memory the engine holds for entries, index and page slack.",
+    ),
+    ("process_uptime_seconds", "Seconds since the node started."),
+    (
+        "process_resident_memory_bytes",
+        "Resident set size of the process.",
+    ),
+    (
+        "process_cpu_seconds_total",
+        "User and system CPU time of the process.",
+    ),
+    ("process_open_fds", "Open file descriptors."),
+    ("process_max_fds", "The open file descriptor limit."),
+    (
+        "process_virtual_memory_bytes",
+        "Virtual memory size of the process.",
+    ),
+    (
+        "process_start_time_seconds",
+        "Start time of the process, in seconds since the Unix epoch.",
+    ),
+    (
+        "cache_forwarded_requests_total",
+        "Requests this node forwarded to the key's owner.",
+    ),
+    (
+        "cache_read_repairs_total",
+        "Stale replicas repaired by QUORUM or ALL reads.",
+    ),
+    (
+        "cache_ring_fingerprint_mismatch_total",
+        "Peer requests refused because the sender's ring differed from this node's.",
+    ),
+    (
+        "cache_versions_refused_total",
+        "Writes refused because their version was not newer.",
+    ),
+    (
+        "cache_stale_write_retries_total",
+        "Writes retried with a newer version after a clock skew between replicas.",
+    ),
+    (
+        "cache_sync_syncing",
+        "1 while the node syncs with its replicas (after a start, a restart or a ring change).",
+    ),
+    (
+        "cache_sync_peers",
+        "Peers this node shares keys with under its ring.",
+    ),
+    (
+        "cache_sync_peers_synced",
+        "Of those, peers it has synced with.",
+    ),
+    ("cache_sync_rounds_total", "Anti-entropy rounds completed."),
+    (
+        "cache_sync_failures_total",
+        "Anti-entropy rounds that failed.",
+    ),
+    (
+        "cache_sync_keys_total",
+        "Keys pulled or pushed by anti-entropy, by direction.",
+    ),
+    ("cache_sync_bytes_total", "Bytes moved by anti-entropy."),
+    (
+        "cache_sync_last_round_seconds",
+        "Duration of the last anti-entropy round.",
+    ),
+    (
+        "cache_members",
+        "Cluster members by state, as this node sees them.",
+    ),
+    (
+        "cache_gossip_messages_received_total",
+        "Gossip messages received.",
+    ),
+    (
+        "cache_gossip_bytes_received_total",
+        "Gossip bytes received.",
+    ),
+    (
+        "cache_gossip_messages_refused_total",
+        "Gossip messages refused (malformed, oversized, wrong key or cluster).",
+    ),
+    ("cache_gossip_messages_sent_total", "Gossip messages sent."),
+    ("cache_gossip_bytes_sent_total", "Gossip bytes sent."),
+    ("cache_gossip_probes_total", "Failure-detector probes sent."),
+    (
+        "cache_gossip_suspicions_total",
+        "Members this node began to suspect.",
+    ),
+    (
+        "cache_gossip_refutations_total",
+        "Suspicions of this node that it refuted.",
+    ),
+    ("cache_gossip_deaths_total", "Members declared dead."),
+    (
+        "cache_gossip_suspicion_to_dead_milliseconds_total",
+        "Sum of times from suspicion to death, for the mean detection time.",
+    ),
+    (
+        "cache_coordinator_up",
+        "1 while the membership coordinator answers (coordinator mode).",
+    ),
+    (
+        "cache_auth_failures_total",
+        "Requests refused by authentication, by reason.",
+    ),
+    (
+        "cache_connections",
+        "Open connections, by listener (client, peer, admin, resp).",
+    ),
+    (
+        "cache_connections_closed_total",
+        "Connections closed, by listener and reason.",
+    ),
+    (
+        "cache_connections_refused_total",
+        "Connections refused at the listener's cap, by listener.",
+    ),
+    (
+        "cache_accept_errors_total",
+        "Errors accepting connections, by listener.",
+    ),
+    (
+        "cache_replication_sent_total",
+        "Mutations replicated to a peer.",
+    ),
+    (
+        "cache_replication_dropped_total",
+        "Mutations that could not be queued for a peer (then hinted or left to anti-entropy).",
+    ),
+    (
+        "cache_replication_queue_depth",
+        "Mutations waiting to be sent to a peer.",
+    ),
+    (
+        "cache_replication_lag_seconds",
+        "Age of the oldest mutation waiting for a peer.",
+    ),
+    (
+        "cache_hints_stored_total",
+        "Hints stored for an unreachable replica.",
+    ),
+    (
+        "cache_hints_delivered_total",
+        "Hints delivered once the replica was back.",
+    ),
+    (
+        "cache_hints_dropped_total",
+        "Hints dropped (too many, or too old).",
+    ),
+    ("cache_hints_pending", "Hints waiting for a replica."),
+    ("cache_peer_up", "1 if the last call to the peer succeeded."),
+    (
+        "cache_aof_fsync_seconds",
+        "Time of each append-only file fsync.",
+    ),
+    ("cache_aof_bytes", "Size of the append-only file."),
+    (
+        "cache_aof_written_bytes_total",
+        "Bytes written to the append-only file.",
+    ),
+    (
+        "cache_aof_errors_total",
+        "Append-only file write or fsync errors.",
+    ),
+    (
+        "cache_aof_writable",
+        "1 while the append-only file accepts writes.",
+    ),
+    ("cache_snapshots_total", "Snapshots taken, by result."),
+    (
+        "cache_snapshot_last_unix_seconds",
+        "When the last snapshot completed.",
+    ),
+    (
+        "cache_snapshot_duration_seconds",
+        "Duration of the last snapshot.",
+    ),
+    ("cache_snapshot_bytes", "Size of the last snapshot."),
+    ("cache_snapshot_entries", "Entries in the last snapshot."),
+    (
+        "cache_recovery_seconds",
+        "Time the last start spent recovering data.",
+    ),
+    (
+        "cache_recovery_records",
+        "Records replayed at the last start.",
+    ),
+];
+
+/// Gives every series its `# HELP` line.
+fn describe(r: &dyn Recorder) {
+    for (name, help) in HELP {
+        let key = metrics::KeyName::from_const_str(name);
+        let text = metrics::SharedString::const_str(help);
+        if matches!(
+            *name,
+            "cache_request_duration_seconds" | "cache_aof_fsync_seconds"
+        ) {
+            r.describe_histogram(key, None, text);
+        } else if name.ends_with("_total") {
+            r.describe_counter(key, None, text);
+        } else {
+            r.describe_gauge(key, None, text);
         }
     }
 }

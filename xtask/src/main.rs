@@ -36,6 +36,7 @@ use anyhow::{Context, Result, bail};
 
 mod net;
 mod persist;
+mod prom;
 mod rebalance;
 
 fn main() -> Result<()> {
@@ -43,6 +44,7 @@ fn main() -> Result<()> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
         ["ci"] => ci(),
+        ["prometheus"] => prom::check(),
         ["bench", "engine"] => bench_engine(),
         ["bench", "ring"] => bench_ring(),
         ["bench", "net"] => net::bench_net(None),
@@ -121,7 +123,7 @@ fn cargo_bin() -> String {
 }
 
 /// Runs `cargo <args>` in the workspace root, failing if it fails.
-fn cargo(args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     eprintln!("$ cargo {}", args.join(" "));
     let status = Command::new(cargo_bin())
         .args(args)

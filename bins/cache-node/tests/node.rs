@@ -409,12 +409,22 @@ async fn metrics_and_status_pages_reflect_traffic() {
     }
     // Every series says what it is, and no series stands for what cannot happen: an
     // error's series appears once it happened (set's invalid_argument above), not before.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/grafana/cache-cluster.json"),
+    )
+    .expect("the dashboard");
     for ty in body.lines().filter(|l| l.starts_with("# TYPE ")) {
         let name = ty.split_whitespace().nth(2).expect("name");
         assert!(
             body.lines()
                 .any(|l| l.starts_with(&format!("# HELP {name} "))),
             "no HELP for {name}"
+        );
+        // ...and has a panel on the Grafana dashboard (deploy/grafana/generate.py).
+        assert!(
+            dashboard.contains(&format!("\"title\": \"{name}\"")),
+            "no dashboard panel for {name}: run python3 deploy/grafana/generate.py"
         );
     }
     for absent in [

@@ -34,6 +34,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+mod docker;
 mod net;
 mod persist;
 mod prom;
@@ -45,6 +46,8 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["ci"] => ci(),
         ["prometheus"] => prom::check(),
+        ["docker", "build"] => docker::build().map(drop),
+        ["docker", "chaos"] => docker::chaos(),
         ["bench", "engine"] => bench_engine(),
         ["bench", "ring"] => bench_ring(),
         ["bench", "net"] => net::bench_net(None),

@@ -268,6 +268,17 @@ pub(crate) enum NodeCommand {
         #[arg(long)]
         max_value_size: Option<String>,
     },
+    /// Check that a node on this machine is alive: GET /healthz on its admin listener, exit
+    /// 0 if it answers 200 within 2 s, 1 otherwise. For container health checks, which
+    /// have no curl in a minimal image. Plain HTTP only (not an admin port with TLS).
+    Healthcheck {
+        /// The admin address; a wildcard IP (0.0.0.0, [::]) means this machine's loopback.
+        #[arg(long, env = "CACHE_ADMIN_LISTEN", default_value = "127.0.0.1:7080")]
+        admin: String,
+        /// The path to ask: /healthz (alive) or /readyz (ready for traffic).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
     /// Print the --auth-file line for a token read from stdin (its first line), so the
     /// token never appears in a command line or shell history.
     HashToken {

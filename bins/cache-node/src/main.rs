@@ -78,6 +78,47 @@ fn main() -> ExitCode {
     }
 }
 
+/// GET `path` from the admin listener at `admin`; Ok if it answers 200 within 2 s.
+fn healthcheck(admin: &str, path: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = admin
+        .parse()
+        .map_err(|e| format!("admin address {admin:?}: {e}"))?;
+    let addr = if addr.ip().is_unspecified() {
+        let lo: std::net::IpAddr = if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        };
+        std::net::SocketAddr::new(lo, addr.port())
+    } else {
+        addr
+    };
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).map_err(|e| format!("{addr}: {e}"))?;
+    let status = String::from_utf8_lossy(&head[..n]);
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr}{path} answered {:?}",
+            status.lines().next().unwrap_or("")
+        ))
+    }
+}
+
 /// Runs a maintenance command (no node is started).
 fn maintenance(command: NodeCommand) -> ExitCode {
     match command {
@@ -99,6 +140,13 @@ fn maintenance(command: NodeCommand) -> ExitCode {
             println!("{name} {role} {}", cache_rpc::auth::hash_token(token));
             ExitCode::SUCCESS
         }
+        NodeCommand::Healthcheck { admin, path } => match healthcheck(&admin, &path) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cache-node: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         NodeCommand::CheckData {
             dir,
             repair,

@@ -13,9 +13,7 @@
 //! token's *name* when it is known, never the token.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 /// What a token may do. Ordered: each role includes the ones before it.
@@ -167,7 +165,7 @@ pub struct Auth {
     tokens: Vec<TokenEntry>,
     /// Refusals: missing, unknown, forbidden.
     pub failures: [AtomicU64; 3],
-    last_log: Mutex<Option<Instant>>,
+    log: cluster_core::LogThrottle,
 }
 
 impl Auth {
@@ -176,7 +174,7 @@ impl Auth {
         Self {
             tokens,
             failures: Default::default(),
-            last_log: Mutex::new(None),
+            log: cluster_core::LogThrottle::default(),
         }
     }
 
@@ -216,11 +214,9 @@ impl Auth {
             AuthError::Forbidden { .. } => 2,
         };
         self.failures[i].fetch_add(1, Ordering::Relaxed);
-        let mut last = self.last_log.lock();
-        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            *last = Some(Instant::now());
-            tracing::warn!(reason = %e, "request refused: authentication (logged at most every 10 s; see cache_auth_failures_total)");
-        }
+        self.log.run(|held_back| {
+            tracing::warn!(reason = %e, held_back, "request refused: authentication (logged at most every 10 s; see cache_auth_failures_total)");
+        });
     }
 
     fn lookup(&self, header: Option<&[u8]>) -> Result<(&str, Role), AuthError> {

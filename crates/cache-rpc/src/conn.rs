@@ -28,7 +28,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -189,7 +188,7 @@ pub fn guarded(
     what: &'static str,
 ) -> impl futures_util::Stream<Item = Result<GuardedIo, io::Error>> + Send + 'static {
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let last_warning: Arc<Mutex<Option<std::time::Instant>>> = Arc::new(Mutex::new(None));
+    let last_warning = Arc::new(cluster_core::LogThrottle::default());
     futures_util::stream::unfold(listener, move |listener| {
         let (permits, stats, last_warning) = (
             Arc::clone(&permits),
@@ -202,8 +201,8 @@ pub fn guarded(
                     Ok(s) => s,
                     Err(e) => {
                         stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                        warn_every(&last_warning, || {
-                            tracing::warn!(listener = what, error = %e, "accept failed (out of file descriptors?); retrying in 100 ms");
+                        last_warning.run(|held_back| {
+                            tracing::warn!(listener = what, error = %e, held_back, "accept failed (out of file descriptors?); retrying in 100 ms");
                         });
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
@@ -211,10 +210,11 @@ pub fn guarded(
                 };
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                     stats.refused.fetch_add(1, Ordering::Relaxed);
-                    warn_every(&last_warning, || {
+                    last_warning.run(|held_back| {
                         tracing::warn!(
                             listener = what,
                             limit = limits.max_connections,
+                            held_back,
                             "connection limit reached: refusing new connections (see --max-connections)"
                         );
                     });
@@ -241,15 +241,6 @@ pub fn guarded(
             }
         }
     })
-}
-
-/// Runs `log` unless it ran less than 10 s ago.
-fn warn_every(last: &Mutex<Option<std::time::Instant>>, log: impl FnOnce()) {
-    let mut last = last.lock();
-    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-        *last = Some(std::time::Instant::now());
-        log();
-    }
 }
 
 /// The soft limit on open file descriptors (`ulimit -n`), from `/proc/self/limits` (Linux);

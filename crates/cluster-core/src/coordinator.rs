@@ -1160,7 +1160,11 @@ impl<T: PeerTransport> Coordinator<T> {
         if version(&local) < winner.version() {
             self.read_repairs.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.store.apply_replicated(std::slice::from_ref(&repair)) {
-                tracing::warn!(error = %e, "read repair of the local copy failed");
+                static THROTTLE: crate::LogThrottle =
+                    crate::LogThrottle::new(crate::LogThrottle::DEFAULT_INTERVAL);
+                THROTTLE.run(|held_back| {
+                    tracing::warn!(error = %e, held_back, "read repair of the local copy failed");
+                });
             }
         }
         for (peer, read) in &answers {

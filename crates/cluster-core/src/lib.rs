@@ -43,6 +43,7 @@ pub mod ring;
 pub mod sim;
 pub mod store;
 pub mod sync;
+pub mod throttle;
 pub mod transport;
 
 pub use cache_types::{Condition, Consistency, MemberState};
@@ -56,4 +57,5 @@ pub use request::{ExpireWhen, Expiry, Request, Response, SetCommand, UpdateOp};
 pub use ring::{RingChange, RingState, RingView};
 pub use store::{Applied, ApplyReport, RestoreReport, Store, Updated};
 pub use sync::{HandOver, SyncConfig, SyncEntry, SyncReply, SyncRequest, SyncStatus};
+pub use throttle::LogThrottle;
 pub use transport::{PeerCall, PeerReply, PeerTransport};

@@ -198,6 +198,7 @@ impl<T: PeerTransport> Replicator<T> {
             drain_until: Arc::clone(&self.drain_until),
             held: Mutex::new(None),
             on_outcome: self.on_outcome.clone(),
+            hints_full_log: crate::LogThrottle::default(),
         };
         self.tracker.spawn(sender.run(rx));
         PeerQueue { tx, counters }
@@ -247,6 +248,8 @@ struct Sender<T: PeerTransport> {
     /// A mutation taken from the queue that did not fit the last batch's byte bound.
     held: Mutex<Option<Queued>>,
     on_outcome: Option<OutcomeHook>,
+    /// "hints full" can happen on every batch while the peer is down.
+    hints_full_log: crate::LogThrottle,
 }
 
 /// The hints kept for one peer: the newest mutation per key.
@@ -423,11 +426,15 @@ impl<T: PeerTransport> Sender<T> {
             self.counters
                 .hints_dropped
                 .fetch_add(dropped, Ordering::Relaxed);
-            tracing::warn!(
-                peer = %self.peer,
-                dropped,
-                "hints full: mutations dropped (anti-entropy repairs them)"
-            );
+            self.hints_full_log.run(|held_back| {
+                tracing::warn!(
+                    peer = %self.peer,
+                    dropped,
+                    held_back,
+                    "hints full: mutations dropped (anti-entropy repairs them; \
+                     cache_hints_dropped_total counts every one)"
+                );
+            });
         }
         self.counters
             .hints_pending

@@ -136,6 +136,14 @@ pub(crate) struct Args {
     /// client deadline wins), e.g. 2s [default: 5s].
     #[arg(long, env = "CACHE_REQUEST_TIMEOUT")]
     request_timeout: Option<String>,
+    /// Requests taking at least this long go to the slow log (cache-cli slowlog, RESP
+    /// SLOWLOG) and are logged, at most once a second, e.g. 50ms; `off` disables it
+    /// [default: 10ms].
+    #[arg(long, env = "CACHE_SLOWLOG_THRESHOLD")]
+    slowlog_threshold: Option<String>,
+    /// Slow requests the slow log keeps, newest first (0 to 100 000) [default: 128].
+    #[arg(long, env = "CACHE_SLOWLOG_MAX_LEN")]
+    slowlog_max_len: Option<usize>,
     /// How far ahead of this node's clock a version from a peer may be; later ones are
     /// refused and counted (cache_versions_refused_total), e.g. 5s [default: 5s].
     #[arg(long, env = "CACHE_MAX_CLOCK_DRIFT")]
@@ -320,6 +328,8 @@ struct FileConfig {
     write_consistency: Option<String>,
     peer_timeout: Option<String>,
     request_timeout: Option<String>,
+    slowlog_threshold: Option<String>,
+    slowlog_max_len: Option<usize>,
     max_clock_drift: Option<String>,
     replication_queue: Option<usize>,
     hints_memory: Option<String>,
@@ -454,6 +464,10 @@ fn check_bounds(n: &NodeConfig) -> Result<Vec<String>> {
         Duration::from_secs(300),
     )?;
     within("request-timeout", n.request_timeout, MS, HOUR)?;
+    within("slowlog-max-len", n.slowlog.max_len, 0, 100_000)?;
+    if let Some(t) = n.slowlog.threshold {
+        within("slowlog-threshold", t, Duration::ZERO, HOUR)?;
+    }
     within("max-clock-drift", n.max_clock_drift, MS, HOUR)?;
     within("replication-factor", n.cluster.replication_factor, 1, 16)?;
     within("replication-queue", n.cluster.queue_capacity, 1, 10_000_000)?;
@@ -642,6 +656,17 @@ impl Args {
         let max_clock_drift = match self.max_clock_drift.or(file.max_clock_drift) {
             Some(s) => parse_duration("max-clock-drift", &s)?,
             None => d.max_clock_drift,
+        };
+        let slowlog = cache_rpc::slowlog::SlowLogConfig {
+            threshold: match self.slowlog_threshold.or(file.slowlog_threshold) {
+                Some(s) if s.eq_ignore_ascii_case("off") => None,
+                Some(s) => Some(parse_duration("slowlog-threshold", &s)?),
+                None => d.slowlog.threshold,
+            },
+            max_len: self
+                .slowlog_max_len
+                .or(file.slowlog_max_len)
+                .unwrap_or(d.slowlog.max_len),
         };
         if request_timeout.is_zero() || max_clock_drift.is_zero() {
             bail!("request-timeout and max-clock-drift must be greater than zero");
@@ -856,6 +881,7 @@ impl Args {
             listen,
             peer_listen,
             request_timeout,
+            slowlog,
             max_clock_drift,
             admin_listen: self
                 .admin_listen

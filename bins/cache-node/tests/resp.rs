@@ -523,3 +523,112 @@ async fn any_node_serves_any_key_and_counters_count_once() {
         assert_eq!(total, 300);
     }
 }
+
+#[tokio::test]
+async fn slowlog_scan_and_flushall_work_for_redis_tools() {
+    // Threshold 0: every request is slow, so the log's contents are exact.
+    let node = resp_node(&["--slowlog-threshold", "0s", "--slowlog-max-len", "5"]);
+    let mut c = connect(node.resp.expect("resp address")).await;
+    for i in 0..7 {
+        let () = q(&mut c, &[b"SET", format!("user:{i}").as_bytes(), b"v"])
+            .await
+            .expect("set");
+    }
+    let () = q(&mut c, &[b"SET", b"order:1", b"v"]).await.expect("set");
+    assert_eq!(
+        q::<i64>(&mut c, &[b"SLOWLOG", b"LEN"]).await.expect("len"),
+        5
+    );
+    let entries: Vec<Value> = q(&mut c, &[b"SLOWLOG", b"GET", b"2"]).await.expect("get");
+    assert_eq!(entries.len(), 2);
+    let Value::Array(newest) = &entries[0] else {
+        panic!("an entry is an array: {entries:?}")
+    };
+    assert_eq!(
+        newest.len(),
+        6,
+        "id, time, duration, args, addr, name: {newest:?}"
+    );
+    assert_eq!(newest[0], Value::Int(7), "ids count every slow request");
+    assert_eq!(
+        newest[3],
+        Value::Array(vec![
+            Value::BulkString(b"set".to_vec()),
+            Value::BulkString(b"order:1".to_vec())
+        ])
+    );
+    let all: Vec<Value> = q(&mut c, &[b"SLOWLOG", b"GET", b"-1"]).await.expect("all");
+    assert_eq!(all.len(), 5);
+    let () = q(&mut c, &[b"SLOWLOG", b"RESET"]).await.expect("reset");
+    assert_eq!(
+        q::<i64>(&mut c, &[b"SLOWLOG", b"LEN"]).await.expect("len"),
+        0
+    );
+    assert!(err_text(q::<Value>(&mut c, &[b"SLOWLOG", b"NOPE"]).await).contains("SLOWLOG HELP"));
+
+    // SCAN: the cursor walks to 0 and MATCH filters.
+    let (mut cursor, mut keys) = ("0".to_string(), Vec::<Vec<u8>>::new());
+    loop {
+        let (next, batch): (String, Vec<Vec<u8>>) = q(
+            &mut c,
+            &[
+                b"SCAN",
+                cursor.as_bytes(),
+                b"MATCH",
+                b"user:*",
+                b"COUNT",
+                b"3",
+            ],
+        )
+        .await
+        .expect("scan");
+        keys.extend(batch);
+        if next == "0" {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    let want: Vec<Vec<u8>> = (0..7).map(|i| format!("user:{i}").into_bytes()).collect();
+    assert_eq!(keys, want);
+    assert!(err_text(q::<Value>(&mut c, &[b"SCAN", b"nope"]).await).contains("invalid cursor"));
+    let (_, none): (String, Vec<Vec<u8>>) = q(
+        &mut c,
+        &[b"SCAN", b"0", b"TYPE", b"hash", b"COUNT", b"1000"],
+    )
+    .await
+    .expect("scan by type");
+    assert!(none.is_empty(), "every key is a string");
+
+    // FLUSHALL empties the node.
+    let () = q(&mut c, &[b"FLUSHALL"]).await.expect("flushall");
+    assert_eq!(q::<i64>(&mut c, &[b"DBSIZE"]).await.expect("dbsize"), 0);
+    assert_eq!(
+        q::<Option<Vec<u8>>>(&mut c, &[b"GET", b"user:1"])
+            .await
+            .expect("get"),
+        None
+    );
+    assert!(err_text(q::<Value>(&mut c, &[b"FLUSHALL", b"NOW"]).await).contains("syntax"));
+
+    // The gRPC side sees the same log, and the CLI prints it.
+    let out = std::process::Command::new(cache_testkit::cli_binary())
+        .args(["--addr", &node.addr(), "--json", "slowlog", "--count", "3"])
+        .output()
+        .expect("cache-cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let entries = v["members"][0]["entries"].as_array().expect("entries");
+    // Since the reset: the GET after the flush (SCAN and FLUSHALL run on this node alone
+    // and are not requests of the core).
+    assert_eq!(entries.len(), 1, "{v}");
+    assert_eq!(v["members"][0]["threshold_us"], 0);
+    assert_eq!(entries[0]["op"], "get");
+    assert_eq!(entries[0]["result"], "miss");
+    assert_eq!(entries[0]["key"], "user:1");
+    assert_eq!(entries[0]["via"], "resp");
+}

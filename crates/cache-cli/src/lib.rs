@@ -209,6 +209,19 @@ enum Command {
         /// The key.
         key: OsString,
     },
+    /// Print the slow log of every member (--node: the node at --addr): requests that took
+    /// at least the node's --slowlog-threshold, newest first.
+    Slowlog {
+        /// Entries per node.
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        /// Clear the slow logs after printing them (an admin operation).
+        #[arg(long)]
+        reset: bool,
+        /// Only the node at --addr.
+        #[arg(long)]
+        node: bool,
+    },
     /// Make the node (--addr) write a snapshot of its data now (it must run with
     /// --data-dir); waits until it is durable: raise --timeout for large data.
     Snapshot,
@@ -832,6 +845,78 @@ async fn run(
                 human: human.into_bytes(),
                 note: None,
                 json: json!({ "found": held, "replicas": rows }),
+            }
+        }
+        Command::Slowlog { count, reset, node } => {
+            let rows = if node {
+                let n = one_node().await?;
+                let r = n.slowlog(count, reset).await;
+                vec![(
+                    r.as_ref()
+                        .map_or_else(|_| addr.clone(), |r| r.node_id.clone()),
+                    r,
+                )]
+            } else {
+                every_member(&client, |c| async move { c.slowlog(count, reset).await })
+                    .await
+                    .map_err(fail)?
+            };
+            let mut human = format!(
+                "{:<16} {:>8} {:<24} {:>10}  {:<10} {:<12} {:<5} {}\n",
+                "member", "id", "finished (UTC)", "took", "op", "result", "via", "key"
+            );
+            let mut members = Vec::new();
+            let mut worst = EXIT_OK;
+            for (id, r) in rows {
+                match r {
+                    Ok(log) => {
+                        let mut entries = Vec::new();
+                        for e in &log.entries {
+                            let at = humantime::format_rfc3339_millis(
+                                std::time::UNIX_EPOCH + Duration::from_millis(e.at_unix_ms),
+                            );
+                            let key = String::from_utf8_lossy(&e.key);
+                            let more = if e.keys > 1 {
+                                format!(" (+{} keys)", e.keys - 1)
+                            } else {
+                                String::new()
+                            };
+                            human.push_str(&format!(
+                                "{:<16} {:>8} {:<24} {:>8.2}ms  {:<10} {:<12} {:<5} {key}{more}\n",
+                                id,
+                                e.id,
+                                at,
+                                e.duration_us as f64 / 1000.0,
+                                e.op,
+                                e.result,
+                                e.via
+                            ));
+                            entries.push(json!({
+                                "id": e.id, "at_unix_ms": e.at_unix_ms, "duration_us": e.duration_us,
+                                "op": e.op, "result": e.result, "key": json_key(&e.key),
+                                "key_len": e.key_len, "keys": e.keys, "via": e.via,
+                            }));
+                        }
+                        members.push(json!({
+                            "node_id": id, "len": log.len, "threshold_us": log.threshold_us,
+                            "entries": entries,
+                        }));
+                    }
+                    Err(e) => {
+                        let (code, message) = failure(&id, e);
+                        human.push_str(&format!("{id:<16} unreachable: {message}\n"));
+                        members.push(json!({ "node_id": id, "error": message }));
+                        if worst == EXIT_OK {
+                            worst = code;
+                        }
+                    }
+                }
+            }
+            Outcome {
+                code: worst,
+                human: human.into_bytes(),
+                note: None,
+                json: json!({ "members": members }),
             }
         }
         Command::Snapshot => {

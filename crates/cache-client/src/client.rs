@@ -21,7 +21,7 @@ use crate::{ClientBuilder, Entry, Error, Node, SetOptions, ToBytes};
 /// batches per node. The data calls are the same either way.
 ///
 /// Per-node operations ([`Client::stats`], [`Client::snapshot`], [`Client::flush`],
-/// [`Client::scan`], [`Client::inspect`], [`Client::cluster_info`]) go to the node a
+/// [`Client::scan`], [`Client::inspect`], [`Client::slowlog`], [`Client::cluster_info`]) go to the node a
 /// direct client talks to; for a cluster, [`Client::each_member`] gives a direct client per
 /// member.
 #[derive(Clone)]
@@ -473,6 +473,12 @@ impl Client {
         self.node("scan")?
             .scan(cursor, pattern.to_bytes(), count)
             .await
+    }
+
+    /// The node's slow log: the newest `count` requests (0: 10) that took at least its
+    /// `--slowlog-threshold`, newest first; `reset` clears it afterwards (an admin call).
+    pub async fn slowlog(&self, count: u32, reset: bool) -> Result<pb::SlowLogResponse, Error> {
+        self.node("slowlog")?.slowlog(count, reset).await
     }
 
     /// The node's own copy of `key` (no forwarding, no read-through).

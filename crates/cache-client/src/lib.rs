@@ -830,6 +830,19 @@ impl Node {
         Ok((resp.keys, resp.cursor))
     }
 
+    /// The node's slow log, newest first; `reset` clears it afterwards (admin).
+    pub(crate) async fn slowlog(
+        &self,
+        count: u32,
+        reset: bool,
+    ) -> Result<pb::SlowLogResponse, Error> {
+        self.call(!reset, |mut c, t| async move {
+            c.slow_log(with_timeout(pb::SlowLogRequest { count, reset }, t))
+                .await
+        })
+        .await
+    }
+
     /// The node's own copy of `key`.
     pub(crate) async fn inspect(&self, key: Bytes) -> Result<pb::InspectResponse, Error> {
         self.call(true, |mut c, t| {

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod node;
 pub mod resp;
 pub mod service;
+pub mod slowlog;
 pub mod tls;
 pub mod transport;
 pub mod wire;

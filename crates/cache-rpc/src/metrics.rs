@@ -217,6 +217,8 @@ pub struct NodeMetrics {
     requests: Vec<Vec<std::sync::OnceLock<Counter>>>,
     /// The standard `process_*` series.
     process: ProcessSeries,
+    /// `cache_slow_requests_total`.
+    slow: Counter,
     /// `cache_request_duration_seconds{op}`, indexed by op.
     durations: Vec<Histogram>,
     hits: Counter,
@@ -433,6 +435,7 @@ impl NodeMetrics {
             uptime,
             resident,
             process,
+            slow: c("cache_slow_requests_total"),
             footprint: g("cache_engine_footprint_bytes"),
             requests,
             durations,
@@ -639,6 +642,11 @@ impl NodeMetrics {
         self.durations[op as usize].record(elapsed.as_secs_f64());
     }
 
+    /// Counts a request the slow log kept.
+    pub fn count_slow(&self) {
+        self.slow.increment(1);
+    }
+
     /// Copies engine statistics and process figures into the exported series (called on
     /// each scrape).
     pub fn publish(
@@ -723,6 +731,10 @@ fn success_results(op: &str) -> &'static [&'static str] {
 
 /// `# HELP` text of every series the node exports.
 const HELP: &[(&str, &str)] = &[
+    (
+        "cache_slow_requests_total",
+        "Client requests that took at least --slowlog-threshold (see cache-cli slowlog).",
+    ),
     (
         "cache_requests_total",
         "Client requests answered, by operation and result (hit, miss, ok, not_stored, or the error kind).",

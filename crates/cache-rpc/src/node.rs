@@ -116,6 +116,8 @@ pub struct NodeConfig {
     pub max_clock_drift: Duration,
     /// Longest a client request may take (a shorter client deadline wins).
     pub request_timeout: Duration,
+    /// Which requests the slow log keeps (`--slowlog-threshold`, `--slowlog-max-len`).
+    pub slowlog: crate::slowlog::SlowLogConfig,
     /// Anti-entropy and range sync (`None`: off; a restarted node then stays empty).
     pub anti_entropy: Option<SyncConfig>,
     /// The append-only file and snapshots (`None`: nothing is persisted).
@@ -173,6 +175,7 @@ impl Default for NodeConfig {
             cluster: CoreConfig::default(),
             max_clock_drift: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
+            slowlog: crate::slowlog::SlowLogConfig::default(),
             anti_entropy: Some(SyncConfig::default()),
             persistence: None,
             connections: crate::conn::ConnLimits {
@@ -473,6 +476,7 @@ impl Node {
             requests: AtomicU64::new(0),
             started: Instant::now(),
             request_timeout: config.request_timeout,
+            slowlog: crate::slowlog::SlowLog::new(config.slowlog),
             stopping: CancellationToken::new(),
             membership: crate::service::MembershipHandle(Arc::clone(&membership)),
             persistence,

@@ -44,6 +44,8 @@ pub struct Shared {
     pub started: Instant,
     /// Longest a client request may take (a shorter `grpc-timeout` wins).
     pub request_timeout: Duration,
+    /// Requests that took at least the slow-log threshold.
+    pub slowlog: crate::slowlog::SlowLog,
     /// Cancelled when shutdown begins: ends the open `WatchCluster` streams.
     pub stopping: tokio_util::sync::CancellationToken,
     /// The membership, for its gossip counters.
@@ -54,6 +56,89 @@ pub struct Shared {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// Connection counters of the client, peer, admin and RESP listeners, in that order.
     pub connections: [Arc<crate::conn::ConnStats>; 4],
+}
+
+impl Shared {
+    /// Deletes every key this node holds, each as a delete with a tombstone (newer than
+    /// every other replica's copy, so anti-entropy spreads it rather than restoring the
+    /// value; the append-only file records it). Yields between chunks. Returns the live
+    /// keys deleted and the time taken; stops with `ShuttingDown` if shutdown begins.
+    pub async fn flush(&self) -> Result<(u64, Duration), CoreError> {
+        let start = Instant::now();
+        let store = self.core.store();
+        let mut deleted = 0u64;
+        let mut cursor = Some(cache_core::ScanCursor::default());
+        while let Some(c) = cursor {
+            if self.stopping.is_cancelled() {
+                tracing::warn!(deleted, "flush stopped by shutdown");
+                return Err(CoreError::ShuttingDown);
+            }
+            let (entries, next) = store.engine().scan(c, 1024);
+            for e in entries {
+                if store.delete(&e.key, true)?.0 {
+                    deleted += 1;
+                }
+            }
+            cursor = next;
+            tokio::task::yield_now().await;
+        }
+        tracing::warn!(deleted, "flushed by an admin request");
+        Ok((deleted, start.elapsed()))
+    }
+
+    /// One step of a scan of this node's keys: up to `count` entries examined from
+    /// `cursor` (0 starts), the keys matching `pattern` (empty: all), and the next cursor
+    /// (0 when done).
+    pub fn scan(&self, cursor: u64, pattern: &[u8], count: usize) -> (Vec<bytes::Bytes>, u64) {
+        let (entries, next) = self.core.store().engine().scan(
+            cache_core::ScanCursor::from_u64(cursor),
+            count.clamp(1, MAX_SCAN_COUNT),
+        );
+        let keys = entries
+            .into_iter()
+            .filter(|e| pattern.is_empty() || cache_types::glob_match(pattern, &e.key))
+            .map(|e| e.key)
+            .collect();
+        (keys, next.map_or(0, cache_core::ScanCursor::to_u64))
+    }
+
+    /// Records a request in the slow log (and its counter) if it took long enough.
+    pub fn record_slow(
+        &self,
+        op: Op,
+        result: &'static str,
+        elapsed: Duration,
+        key: Option<&bytes::Bytes>,
+        keys: usize,
+        via: &'static str,
+    ) {
+        if self.slowlog.is_slow(elapsed)
+            && self.slowlog.record(
+                crate::metrics::OPS[op as usize],
+                result,
+                elapsed,
+                key,
+                keys,
+                via,
+            )
+        {
+            self.metrics.count_slow();
+        }
+    }
+}
+
+/// The first key of an operation and how many it carries (a cheap `Bytes` clone), for the
+/// slow log.
+fn first_key(op: &POp) -> (Option<bytes::Bytes>, usize) {
+    match op {
+        POp::Get(r) => (Some(r.key.clone()), 1),
+        POp::Set(r) => (Some(r.key.clone()), 1),
+        POp::Delete(r) => (Some(r.key.clone()), 1),
+        POp::Touch(r) => (Some(r.key.clone()), 1),
+        POp::Incr(r) => (Some(r.key.clone()), 1),
+        POp::MultiGet(r) => (r.keys.first().cloned(), r.keys.len()),
+        POp::MultiSet(r) => (r.entries.first().map(|e| e.key.clone()), r.entries.len()),
+    }
 }
 
 /// The node's membership behind a `Debug` name.
@@ -94,7 +179,7 @@ fn deadline(metadata: &MetadataMap, cap: Duration) -> tokio::time::Instant {
 }
 
 /// Most entries one `Scan` call examines (its `count` is capped here).
-const MAX_SCAN_COUNT: usize = 10_000;
+pub const MAX_SCAN_COUNT: usize = 10_000;
 
 /// The `cache.v1.Cache` service. Cheap to clone (one `Arc`).
 #[derive(Debug, Clone)]
@@ -181,13 +266,17 @@ impl CacheService {
     /// Runs one operation through the core by `deadline` and records its metric.
     async fn exec(&self, op: POp, deadline: tokio::time::Instant) -> Result<PResult, CoreError> {
         let metric = op_kind(&op).0;
+        let (key, keys) = first_key(&op);
         let start = Instant::now();
         let outcome = self.exec_op(op, deadline).await;
         let result = match &outcome {
             Ok((_, label)) => label,
             Err(e) => wire::error_kind(e),
         };
-        self.shared.metrics.record(metric, result, start.elapsed());
+        let elapsed = start.elapsed();
+        self.shared.metrics.record(metric, result, elapsed);
+        self.shared
+            .record_slow(metric, result, elapsed, key.as_ref(), keys, "grpc");
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
         outcome.map(|(r, _)| r)
     }
@@ -607,34 +696,10 @@ impl cache_server::Cache for CacheService {
         request: tonic::Request<pb::FlushRequest>,
     ) -> Result<tonic::Response<pb::FlushResponse>, Status> {
         self.authorize(&request, Role::Admin)?;
-        let start = Instant::now();
-        let store = self.core().store();
-        let mut deleted = 0u64;
-        let mut cursor = Some(cache_core::ScanCursor::default());
-        while let Some(c) = cursor {
-            if self.shared.stopping.is_cancelled() {
-                return Err(Status::unavailable(format!(
-                    "the node is shutting down; {deleted} keys were deleted"
-                )));
-            }
-            let (entries, next) = store.engine().scan(c, 1024);
-            for e in entries {
-                // A delete with a tombstone: newer than every other replica's copy, so
-                // anti-entropy spreads the delete rather than restoring the value.
-                match store.delete(&e.key, true) {
-                    Ok((true, _)) => deleted += 1,
-                    Ok((false, _)) => {}
-                    Err(e) => return Err(wire::status(&e)),
-                }
-            }
-            cursor = next;
-            // Let other requests in between chunks of a large flush.
-            tokio::task::yield_now().await;
-        }
-        tracing::warn!(deleted, "flushed by an admin request");
+        let (deleted, took) = self.shared.flush().await.map_err(|e| wire::status(&e))?;
         Ok(tonic::Response::new(pb::FlushResponse {
             deleted,
-            took_ms: u32::try_from(start.elapsed().as_millis()).unwrap_or(u32::MAX),
+            took_ms: u32::try_from(took.as_millis()).unwrap_or(u32::MAX),
         }))
     }
 
@@ -656,16 +721,53 @@ impl cache_server::Cache for CacheService {
             0 => 10,
             n => usize::try_from(n).unwrap_or(usize::MAX).min(MAX_SCAN_COUNT),
         };
-        let engine = self.core().store().engine();
-        let (entries, next) = engine.scan(cache_core::ScanCursor::from_u64(req.cursor), count);
-        let keys = entries
+        let (keys, cursor) = self.shared.scan(req.cursor, &req.pattern, count);
+        Ok(tonic::Response::new(pb::ScanResponse { keys, cursor }))
+    }
+
+    async fn slow_log(
+        &self,
+        request: tonic::Request<pb::SlowLogRequest>,
+    ) -> Result<tonic::Response<pb::SlowLogResponse>, Status> {
+        let need = if request.get_ref().reset {
+            Role::Admin
+        } else {
+            Role::Read
+        };
+        self.authorize(&request, need)?;
+        let req = request.into_inner();
+        let count = match req.count {
+            0 => 10,
+            n => usize::try_from(n).unwrap_or(usize::MAX).min(MAX_SCAN_COUNT),
+        };
+        let log = &self.shared.slowlog;
+        let len = u32::try_from(log.len()).unwrap_or(u32::MAX);
+        let entries = log
+            .get(count)
             .into_iter()
-            .filter(|e| req.pattern.is_empty() || cache_types::glob_match(&req.pattern, &e.key))
-            .map(|e| e.key)
+            .map(|e| pb::SlowLogEntry {
+                id: e.id,
+                at_unix_ms: e.at_unix_ms,
+                duration_us: u64::try_from(e.duration.as_micros()).unwrap_or(u64::MAX),
+                op: e.op.to_string(),
+                result: e.result.to_string(),
+                key: e.key,
+                key_len: e.key_len as u64,
+                keys: u32::try_from(e.keys).unwrap_or(u32::MAX),
+                via: e.via.to_string(),
+            })
             .collect();
-        Ok(tonic::Response::new(pb::ScanResponse {
-            keys,
-            cursor: next.map_or(0, cache_core::ScanCursor::to_u64),
+        if req.reset {
+            log.reset();
+        }
+        Ok(tonic::Response::new(pb::SlowLogResponse {
+            entries,
+            len,
+            threshold_us: log
+                .config()
+                .threshold
+                .map(|t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX)),
+            node_id: self.core().local_id().to_string(),
         }))
     }
 

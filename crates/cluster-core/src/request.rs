@@ -171,6 +171,21 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The request's first key and how many keys it carries (for logs: the slow log).
+    pub fn first_key(&self) -> (Option<&Bytes>, usize) {
+        match self {
+            Request::Get { key, .. }
+            | Request::Delete { key, .. }
+            | Request::Touch { key, .. }
+            | Request::Update { key, .. } => (Some(key), 1),
+            Request::Set { cmd, .. } => (Some(&cmd.key), 1),
+            Request::MultiGet { keys } => (keys.first(), keys.len()),
+            Request::MultiSet { entries, .. } => (entries.first().map(|e| &e.key), entries.len()),
+        }
+    }
+}
+
 /// The answer to a [`Request`], variant for variant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {

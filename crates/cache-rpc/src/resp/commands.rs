@@ -41,6 +41,9 @@ enum Cmd {
     Config,
     Info,
     Dbsize,
+    Scan,
+    Slowlog,
+    Flushall,
     Auth,
     Get,
     Set,
@@ -113,6 +116,7 @@ const fn spec(
 
 const R: Option<Role> = Some(Role::Read);
 const W: Option<Role> = Some(Role::Write);
+const A: Option<Role> = Some(Role::Admin);
 const NONE: (i32, i32, i32) = (0, 0, 0);
 const ONE: (i32, i32, i32) = (1, 1, 1);
 const ALL: (i32, i32, i32) = (1, -1, 1);
@@ -130,6 +134,17 @@ static TABLE: &[Spec] = &[
     spec("config", -2, CONN, NONE, R, Cmd::Config),
     spec("info", -1, CONN, NONE, R, Cmd::Info),
     spec("dbsize", 1, RO, NONE, R, Cmd::Dbsize),
+    spec("scan", -2, &["readonly"], NONE, R, Cmd::Scan),
+    spec(
+        "slowlog",
+        -2,
+        &["admin", "loading", "stale"],
+        NONE,
+        A,
+        Cmd::Slowlog,
+    ),
+    spec("flushall", -1, &["write"], NONE, A, Cmd::Flushall),
+    spec("flushdb", -1, &["write"], NONE, A, Cmd::Flushall),
     spec("get", 2, RO, ONE, R, Cmd::Get),
     spec("set", -3, WR, ONE, W, Cmd::Set),
     spec("setex", 4, WR, ONE, W, Cmd::Setex),
@@ -280,13 +295,18 @@ impl Session {
         request: Request,
         label: impl FnOnce(&Response) -> &'static str,
     ) -> Result<Response, String> {
+        let (key, keys) = request.first_key();
+        let key = key.cloned();
         let start = Instant::now();
         let outcome = self.shared.core.handle(request, self.ctx()).await;
         let result = match &outcome {
             Ok(r) => label(r),
             Err(e) => crate::wire::error_kind(e),
         };
-        self.shared.metrics.record(op, result, start.elapsed());
+        let elapsed = start.elapsed();
+        self.shared.metrics.record(op, result, elapsed);
+        self.shared
+            .record_slow(op, result, elapsed, key.as_ref(), keys, "resp");
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
         outcome.map_err(|e| core_error(&e))
     }
@@ -460,6 +480,19 @@ impl Session {
             Cmd::Dbsize => {
                 let n = self.shared.core.store().engine().len();
                 reply::int(out, i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            Cmd::Scan => self.scan(args, out)?,
+            Cmd::Slowlog => self.slowlog(args, out)?,
+            Cmd::Flushall => {
+                // ASYNC and SYNC both run it now; nothing else is accepted.
+                let mode_ok = args
+                    .get(1)
+                    .is_none_or(|m| matches!(&m.to_ascii_uppercase()[..], b"ASYNC" | b"SYNC"));
+                if !mode_ok || args.len() > 2 {
+                    return Err("ERR syntax error".into());
+                }
+                self.shared.flush().await.map_err(|e| core_error(&e))?;
+                reply::simple(out, "OK");
             }
             Cmd::Get => {
                 let request = Request::Get {
@@ -990,6 +1023,118 @@ impl Session {
 
     /// `CONFIG GET pattern...`: the few settings clients and `redis-benchmark` ask for,
     /// answered from the node's real configuration. Nothing can be set at run time.
+    /// `SCAN cursor [MATCH pattern] [COUNT count] [TYPE type]`: one step over this node's
+    /// keys (they are all strings, so `TYPE string` changes nothing and another type finds
+    /// none).
+    fn scan(&self, args: &[Bytes], out: &mut Vec<u8>) -> Result<(), String> {
+        let cursor: u64 = std::str::from_utf8(&args[1])
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .ok_or("ERR invalid cursor")?;
+        let (mut pattern, mut count, mut strings) = (&b""[..], 10usize, true);
+        let mut rest = args[2..].chunks(2);
+        for pair in rest.by_ref() {
+            let [option, value] = pair else {
+                return Err("ERR syntax error".into());
+            };
+            match &option.to_ascii_uppercase()[..] {
+                b"MATCH" => pattern = if &value[..] == b"*" { b"" } else { &value[..] },
+                b"COUNT" => {
+                    count = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|c| c.parse::<usize>().ok())
+                        .filter(|&c| c >= 1)
+                        .ok_or("ERR value is not an integer or out of range")?;
+                }
+                b"TYPE" => strings = value.eq_ignore_ascii_case(b"string"),
+                _ => return Err("ERR syntax error".into()),
+            }
+        }
+        if pattern.len() > self.shared.core.store().limits().max_key_bytes {
+            return Err("ERR pattern is longer than the largest key".into());
+        }
+        let (keys, next) = self.shared.scan(cursor, pattern, count);
+        let keys = if strings { keys } else { Vec::new() };
+        reply::array(out, 2);
+        reply::bulk(out, next.to_string().as_bytes());
+        reply::array(out, keys.len());
+        for k in &keys {
+            reply::bulk(out, k);
+        }
+        Ok(())
+    }
+
+    /// `SLOWLOG GET [count] | LEN | RESET | HELP`, in Redis's reply shapes: each entry is
+    /// id, Unix time (s), duration (µs), the arguments (operation and first key), and an
+    /// empty client address and name.
+    fn slowlog(&self, args: &[Bytes], out: &mut Vec<u8>) -> Result<(), String> {
+        let log = &self.shared.slowlog;
+        match &args[1].to_ascii_uppercase()[..] {
+            b"GET" if args.len() <= 3 => {
+                let count = match args.get(2) {
+                    None => 10,
+                    Some(n) => {
+                        let n: i64 = std::str::from_utf8(n)
+                            .ok()
+                            .and_then(|n| n.parse().ok())
+                            .ok_or("ERR value is not an integer or out of range")?;
+                        // Redis: -1 means all.
+                        if n < 0 {
+                            usize::MAX
+                        } else {
+                            usize::try_from(n).unwrap_or(usize::MAX)
+                        }
+                    }
+                };
+                let entries = log.get(count);
+                reply::array(out, entries.len());
+                for e in entries {
+                    reply::array(out, 6);
+                    reply::int(out, i64::try_from(e.id).unwrap_or(i64::MAX));
+                    reply::int(out, i64::try_from(e.at_unix_ms / 1000).unwrap_or(i64::MAX));
+                    reply::int(
+                        out,
+                        i64::try_from(e.duration.as_micros()).unwrap_or(i64::MAX),
+                    );
+                    reply::array(out, 2);
+                    reply::bulk(out, e.op.as_bytes());
+                    reply::bulk(out, &e.key);
+                    reply::bulk(out, b"");
+                    reply::bulk(out, e.via.as_bytes());
+                }
+            }
+            b"LEN" if args.len() == 2 => {
+                reply::int(out, i64::try_from(log.len()).unwrap_or(i64::MAX));
+            }
+            b"RESET" if args.len() == 2 => {
+                log.reset();
+                reply::simple(out, "OK");
+            }
+            b"HELP" if args.len() == 2 => {
+                let lines = [
+                    "SLOWLOG <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
+                    "GET [<count>]",
+                    "    Return top <count> entries from the slowlog (default: 10, -1 mean all).",
+                    "LEN",
+                    "    Return the length of the slowlog.",
+                    "RESET",
+                    "    Reset the slowlog.",
+                ];
+                reply::array(out, lines.len());
+                for l in lines {
+                    reply::simple(out, l);
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "ERR unknown subcommand or wrong number of arguments for '{}'. Try SLOWLOG HELP.",
+                    printable(&args[1])
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn config(&self, args: &[Bytes], out: &mut Vec<u8>) -> Result<(), String> {
         let sub = args[1].to_ascii_uppercase();
         if &sub[..] != b"GET" {

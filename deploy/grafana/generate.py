@@ -8,7 +8,12 @@ import re
 
 SRC = "crates/cache-rpc/src/metrics.rs"
 OUT = "deploy/grafana/cache-cluster.json"
-HISTOGRAMS = {"cache_request_duration_seconds", "cache_aof_fsync_seconds"}
+# Histograms and the labels their quantiles are grouped by.
+HISTOGRAMS = {
+    "cache_request_duration_seconds": ["op"],
+    "cache_transport_request_duration_seconds": ["transport", "op"],
+    "cache_aof_fsync_seconds": [],
+}
 # Labels besides `instance` that each labelled series carries.
 BY = {
     "cache_requests_total": "op, result", "cache_members": "state",
@@ -33,9 +38,11 @@ def series():
 def targets(name):
     sel = '{instance=~"$instance"}'
     if name in HISTOGRAMS:
+        group = ", ".join(["le"] + HISTOGRAMS[name])
+        legend = " ".join("{{%s}}" % l for l in HISTOGRAMS[name])
         return [
-            {"expr": f"histogram_quantile({q}, sum by (le, op) (rate({name}_bucket{sel}[5m])))",
-             "legendFormat": f"p{int(q * 100)} {{{{op}}}}", "refId": ref}
+            {"expr": f"histogram_quantile({q}, sum by ({group}) (rate({name}_bucket{sel}[5m])))",
+             "legendFormat": f"p{int(q * 100)} {legend}".strip(), "refId": ref}
             for q, ref in ((0.99, "A"), (0.5, "B"))
         ]
     extra = [l.strip() for l in BY.get(name, "").split(",") if l.strip()]

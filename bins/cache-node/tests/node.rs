@@ -373,14 +373,36 @@ async fn metrics_and_status_pages_reflect_traffic() {
     c.get("k").await.expect("get");
     c.get("missing").await.expect("get");
     let _ = c.set("", "v").await;
+    // One unary call too (the SDK uses the pipelined stream).
+    let mut raw =
+        cache_proto::v1::cache_client::CacheClient::connect(format!("http://{}", node.addr()))
+            .await
+            .expect("raw client");
+    raw.get(cache_proto::v1::GetRequest {
+        key: Bytes::from_static(b"k"),
+        consistency: 0,
+    })
+    .await
+    .expect("unary get");
     let (status, body) = node.http_get("/metrics").expect("metrics");
+    // Latency as the transport sees it, per transport and operation.
+    let count = |labels: &str| -> f64 {
+        let prefix = format!("cache_transport_request_duration_seconds_count{{{labels}}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(count("transport=\"grpc_stream\",op=\"get\""), 3.0, "{body}");
+    assert_eq!(count("transport=\"grpc_stream\",op=\"set\""), 2.0, "{body}");
+    assert_eq!(count("transport=\"grpc\",op=\"get\""), 1.0, "{body}");
     assert_eq!(status, 200);
     for line in [
-        "cache_requests_total{op=\"get\",result=\"hit\"} 2",
+        "cache_requests_total{op=\"get\",result=\"hit\"} 3",
         "cache_requests_total{op=\"get\",result=\"miss\"} 1",
         "cache_requests_total{op=\"set\",result=\"ok\"} 1",
         "cache_requests_total{op=\"set\",result=\"invalid_argument\"} 1",
-        "cache_hits_total 2",
+        "cache_hits_total 3",
         "cache_misses_total 1",
         "cache_items 1",
         "cache_evictions_total 0",
@@ -437,7 +459,7 @@ async fn metrics_and_status_pages_reflect_traffic() {
     let (status, html) = node.http_get("/status").expect("status");
     assert_eq!(status, 200);
     assert!(html.contains("<th>items</th><td>1</td>"), "{html}");
-    assert!(html.contains("hit ratio</th><td>66.7 %"), "{html}");
+    assert!(html.contains("hit ratio</th><td>75.0 %"), "{html}");
     assert!(
         html.contains("process resident ")
             && html.contains("engine footprint ")

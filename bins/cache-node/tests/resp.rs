@@ -535,6 +535,10 @@ async fn slowlog_scan_and_flushall_work_for_redis_tools() {
             .expect("set");
     }
     let () = q(&mut c, &[b"SET", b"order:1", b"v"]).await.expect("set");
+    // Each command's latency as the connection saw it: read to reply written.
+    let (_, metrics) = node.http_get("/metrics").expect("metrics");
+    let want = "cache_transport_request_duration_seconds_count{transport=\"resp\",op=\"set\"} 8";
+    assert!(metrics.lines().any(|l| l == want), "{metrics}");
     assert_eq!(
         q::<i64>(&mut c, &[b"SLOWLOG", b"LEN"]).await.expect("len"),
         5

@@ -25,6 +25,7 @@
 mod admin;
 pub mod auth;
 pub mod conn;
+pub mod latency;
 pub mod metrics;
 pub mod node;
 pub mod resp;

@@ -19,6 +19,29 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.25, 1.0,
 ];
 
+/// Buckets of `cache_transport_request_duration_seconds`: 50 µs to 2.5 s (what clients
+/// see includes queueing, so the tail reaches further than the handler's).
+const TRANSPORT_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+
+/// Where a request came in, for `cache_transport_request_duration_seconds{transport}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A unary gRPC call: from its headers reaching the server to its response's last
+    /// frame handed to HTTP/2.
+    Grpc = 0,
+    /// An operation of the pipelined stream: from its message being read off the stream
+    /// to its answer being queued for sending.
+    GrpcStream = 1,
+    /// A RESP command: from the read that brought it to its reply written to the socket.
+    Resp = 2,
+}
+
+/// `transport` label values, indexed by [`Transport`].
+const TRANSPORTS: [&str; 3] = ["grpc", "grpc_stream", "resp"];
+
 /// The RPCs, as they appear in the `op` label.
 pub const OPS: [&str; 10] = [
     "get",
@@ -64,6 +87,12 @@ pub fn recorder() -> PrometheusRecorder {
             Matcher::Full("cache_request_duration_seconds".into()),
             LATENCY_BUCKETS,
         )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("cache_transport_request_duration_seconds".into()),
+                TRANSPORT_BUCKETS,
+            )
+        })
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Full("cache_aof_fsync_seconds".into()),
@@ -219,6 +248,9 @@ pub struct NodeMetrics {
     process: ProcessSeries,
     /// `cache_slow_requests_total`.
     slow: Counter,
+    /// `cache_transport_request_duration_seconds{transport,op}`, indexed
+    /// `[transport][op]` (the last op index is `other`); registered on first use.
+    transport: Vec<Vec<std::sync::OnceLock<Histogram>>>,
     /// `cache_request_duration_seconds{op}`, indexed by op.
     durations: Vec<Histogram>,
     hits: Counter,
@@ -436,6 +468,14 @@ impl NodeMetrics {
             resident,
             process,
             slow: c("cache_slow_requests_total"),
+            transport: TRANSPORTS
+                .iter()
+                .map(|_| {
+                    (0..=OPS.len())
+                        .map(|_| std::sync::OnceLock::new())
+                        .collect()
+                })
+                .collect(),
             footprint: g("cache_engine_footprint_bytes"),
             requests,
             durations,
@@ -642,6 +682,27 @@ impl NodeMetrics {
         self.durations[op as usize].record(elapsed.as_secs_f64());
     }
 
+    /// Records what a request took as its client's transport saw it (`op`: `None` for calls
+    /// outside [`OPS`], labelled `other`).
+    pub fn record_transport(&self, transport: Transport, op: Option<Op>, elapsed: Duration) {
+        let t = transport as usize;
+        let o = op.map_or(OPS.len(), |op| op as usize);
+        self.transport[t][o]
+            .get_or_init(|| {
+                self.recorder.register_histogram(
+                    &Key::from_parts(
+                        "cache_transport_request_duration_seconds",
+                        vec![
+                            Label::new("transport", TRANSPORTS[t]),
+                            Label::new("op", OPS.get(o).copied().unwrap_or("other")),
+                        ],
+                    ),
+                    &META,
+                )
+            })
+            .record(elapsed.as_secs_f64());
+    }
+
     /// Counts a request the slow log kept.
     pub fn count_slow(&self) {
         self.slow.increment(1);
@@ -731,6 +792,10 @@ fn success_results(op: &str) -> &'static [&'static str] {
 
 /// `# HELP` text of every series the node exports.
 const HELP: &[(&str, &str)] = &[
+    (
+        "cache_transport_request_duration_seconds",
+        "Request latency as the transport sees it, queueing included: a unary gRPC call from its headers to its last response frame, a pipelined operation from its message to its answer, a RESP command from its read to its reply's write.",
+    ),
     (
         "cache_slow_requests_total",
         "Client requests that took at least --slowlog-threshold (see cache-cli slowlog).",

@@ -671,6 +671,9 @@ impl Node {
             // connection lives), and the server answers a larger header block on its own
             // stream instead of tearing the connection down.
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .layer(crate::latency::LatencyLayer::new(Arc::clone(
+                &shared.metrics,
+            )))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)

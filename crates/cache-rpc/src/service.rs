@@ -399,15 +399,24 @@ impl CacheService {
         let stopping = self.shared.stopping.clone();
         loop {
             tokio::select! {
-                Some((id, outcome)) = running.next(), if !running.is_empty() => {
+                Some((id, outcome, timed)) = running.next(), if !running.is_empty() => {
                     let mut results = vec![pipelined_result(id, outcome)];
+                    let mut clocks: Vec<(Instant, Option<Op>)> = vec![timed];
                     aborts.remove(&id);
-                    while let Some(Some((id, outcome))) = running.next().now_or_never() {
+                    while let Some(Some((id, outcome, timed))) = running.next().now_or_never() {
                         aborts.remove(&id);
                         results.push(pipelined_result(id, outcome));
+                        clocks.push(timed);
                     }
                     if tx.send(Ok(pb::PipelineResponse { results })).await.is_err() {
                         return;
+                    }
+                    for (arrived, op) in clocks {
+                        self.shared.metrics.record_transport(
+                            crate::metrics::Transport::GrpcStream,
+                            op,
+                            arrived.elapsed(),
+                        );
                     }
                 }
                 // Shutdown: read nothing more, answer what is running, end the stream.
@@ -440,8 +449,10 @@ impl CacheService {
                             handle.abort();
                         }
                     }
+                    let arrived = Instant::now();
                     for op in request.ops {
                         let id = op.id;
+                        let kind = op.op.as_ref().map(|o| op_kind(o).0);
                         let timeout = match op.timeout_ms {
                             0 => cap,
                             ms => Duration::from_millis(u64::from(ms)).min(cap),
@@ -473,7 +484,8 @@ impl CacheService {
                                 .unwrap_or_else(|e| error_result(&e))
                         };
                         running.push(
-                            Abortable::new(work, registration).map(move |r| (id, r.ok())),
+                            Abortable::new(work, registration)
+                                .map(move |r| (id, r.ok(), (arrived, kind))),
                         );
                     }
                 }

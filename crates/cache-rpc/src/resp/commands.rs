@@ -260,6 +260,9 @@ pub(super) struct Session {
     queued_bytes: usize,
     /// A command of the `MULTI` block was refused: `EXEC` aborts.
     multi_failed: bool,
+    /// The core requests run since the replies were last written (their latency is
+    /// recorded once the write is done).
+    ran: parking_lot::Mutex<Vec<Op>>,
 }
 
 impl Session {
@@ -280,6 +283,21 @@ impl Session {
             queued: None,
             queued_bytes: 0,
             multi_failed: false,
+            ran: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records the latency of every request run since the last call, as the client sees
+    /// it: from `read_at` (the read that brought the commands) to now (their replies are
+    /// written).
+    pub(super) fn replies_written(&mut self, read_at: std::time::Instant) {
+        let elapsed = read_at.elapsed();
+        for op in self.ran.get_mut().drain(..) {
+            self.shared.metrics.record_transport(
+                crate::metrics::Transport::Resp,
+                Some(op),
+                elapsed,
+            );
         }
     }
 
@@ -307,6 +325,7 @@ impl Session {
         self.shared.metrics.record(op, result, elapsed);
         self.shared
             .record_slow(op, result, elapsed, key.as_ref(), keys, "resp");
+        self.ran.lock().push(op);
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
         outcome.map_err(|e| core_error(&e))
     }

@@ -133,6 +133,8 @@ async fn connection(
     let mut out: Vec<u8> = Vec::with_capacity(READ_BUFFER);
     let mut ranges = Vec::new();
     let mut args: Vec<Bytes> = Vec::new();
+    // When the bytes being parsed arrived (the start of their commands' latency).
+    let mut read_at = std::time::Instant::now();
     loop {
         // Run every complete command in the buffer.
         loop {
@@ -153,6 +155,7 @@ async fn connection(
                         if io.write_all(&out).await.is_err() {
                             return;
                         }
+                        session.replies_written(read_at);
                         out.clear();
                     }
                 }
@@ -173,6 +176,7 @@ async fn connection(
             if io.write_all(&out).await.is_err() {
                 return;
             }
+            session.replies_written(read_at);
             out.clear();
             if out.capacity() > 4 * FLUSH_AT {
                 out.shrink_to(READ_BUFFER);
@@ -184,7 +188,7 @@ async fn connection(
         tokio::select! {
             read = io.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(_) => read_at = std::time::Instant::now(),
             },
             () = stop.cancelled() => return,
         }

@@ -723,17 +723,10 @@ async fn run(
                             m.id, r.deleted, r.took_ms
                         ));
                         rows.push(
-                            json!({ "id": m.id, "deleted": r.deleted, "took_ms": r.took_ms }),
+                            json!({ "node_id": m.id, "deleted": r.deleted, "took_ms": r.took_ms }),
                         );
                     }
-                    Err(e) => {
-                        let (code, message) = failure(&m.addr, e);
-                        human.push_str(&format!("{:<16} FAILED: {message}\n", m.id));
-                        rows.push(json!({ "id": m.id, "error": message }));
-                        if worst == EXIT_OK {
-                            worst = code;
-                        }
-                    }
+                    Err(e) => member_failed(&m.id, &m.addr, e, &mut human, &mut rows, &mut worst),
                 }
             }
             Outcome {
@@ -902,14 +895,7 @@ async fn run(
                             "entries": entries,
                         }));
                     }
-                    Err(e) => {
-                        let (code, message) = failure(&id, e);
-                        human.push_str(&format!("{id:<16} unreachable: {message}\n"));
-                        members.push(json!({ "node_id": id, "error": message }));
-                        if worst == EXIT_OK {
-                            worst = code;
-                        }
-                    }
+                    Err(e) => member_failed(&id, &id, e, &mut human, &mut members, &mut worst),
                 }
             }
             Outcome {
@@ -1024,6 +1010,24 @@ async fn run(
         }
         Command::Completions { .. } => unreachable!("handled before connecting"),
     })
+}
+
+/// Notes a member whose call failed: a line of the table, a JSON row, and (for the first
+/// failure) the exit code.
+fn member_failed(
+    id: &str,
+    addr: &str,
+    e: Error,
+    human: &mut String,
+    rows: &mut Vec<Value>,
+    worst: &mut u8,
+) {
+    let (code, message) = failure(addr, e);
+    human.push_str(&format!("{id:<16} FAILED: {message}\n"));
+    rows.push(json!({ "node_id": id, "error": message }));
+    if *worst == EXIT_OK {
+        *worst = code;
+    }
 }
 
 /// Runs `call` on every member that owns keys (alive or suspect), one after another; the

@@ -1389,7 +1389,7 @@ mod tests {
             );
         }
         assert!(lookup(b"gEt").is_some());
-        assert!(lookup(b"flushall").is_none());
+        assert!(lookup(b"lpush").is_none());
     }
 
     #[test]

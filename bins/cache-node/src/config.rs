@@ -280,7 +280,7 @@ pub(crate) enum NodeCommand {
     /// 0 if it answers 200 within 2 s, 1 otherwise. For container health checks, which
     /// have no curl in a minimal image. Plain HTTP only (not an admin port with TLS).
     Healthcheck {
-        /// The admin address; a wildcard IP (0.0.0.0, [::]) means this machine's loopback.
+        /// The admin address; a wildcard IP (`0.0.0.0`, `[::]`) means this machine's loopback.
         #[arg(long, env = "CACHE_ADMIN_LISTEN", default_value = "127.0.0.1:7080")]
         admin: String,
         /// The path to ask: /healthz (alive) or /readyz (ready for traffic).

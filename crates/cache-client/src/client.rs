@@ -32,7 +32,6 @@ pub struct Client {
 /// What clones of a [`Client`] share.
 struct Inner {
     route: Route,
-    builder: ClientBuilder,
     flights: Flights,
 }
 
@@ -91,24 +90,28 @@ fn cache_unreachable(e: &Error) -> bool {
 
 impl Client {
     pub(crate) fn direct(node: Node) -> Self {
-        let builder = node.builder().clone();
         Self {
             inner: Arc::new(Inner {
                 route: Route::Direct(node),
-                builder,
                 flights: Flights::default(),
             }),
         }
     }
 
     pub(crate) fn ring(router: Router) -> Self {
-        let builder = router.builder().clone();
         Self {
             inner: Arc::new(Inner {
                 route: Route::Ring(router),
-                builder,
                 flights: Flights::default(),
             }),
+        }
+    }
+
+    /// The settings the client was built with.
+    fn settings(&self) -> &ClientBuilder {
+        match &self.inner.route {
+            Route::Direct(n) => n.builder(),
+            Route::Ring(r) => r.builder(),
         }
     }
 
@@ -414,7 +417,7 @@ impl Client {
         match &self.inner.route {
             Route::Ring(r) => Ok(r.current_view()),
             Route::Direct(n) => Ok(Arc::new(
-                Router::fetch_view(&self.inner.builder, &[n.addr().to_string()]).await?,
+                Router::fetch_view(self.settings(), &[n.addr().to_string()]).await?,
             )),
         }
     }

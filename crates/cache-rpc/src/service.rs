@@ -112,16 +112,14 @@ impl Shared {
         keys: usize,
         via: &'static str,
     ) {
-        if self.slowlog.is_slow(elapsed)
-            && self.slowlog.record(
-                crate::metrics::OPS[op as usize],
-                result,
-                elapsed,
-                key,
-                keys,
-                via,
-            )
-        {
+        if self.slowlog.record(
+            crate::metrics::OPS[op as usize],
+            result,
+            elapsed,
+            key,
+            keys,
+            via,
+        ) {
             self.metrics.count_slow();
         }
     }

@@ -198,8 +198,10 @@ impl Peers {
 /// Where a key lives, from one ring state.
 struct Placement {
     state: Arc<RingState>,
-    replicas: Vec<NodeId>,
-    /// This node's position among `replicas`, if it is one.
+    /// The key's replicas, primary first (member indices of `state`'s ring: placing a
+    /// request allocates nothing).
+    set: cluster_ring::ReplicaSet,
+    /// This node's position among the replicas, if it is one.
     local_index: Option<usize>,
 }
 
@@ -212,9 +214,25 @@ impl Placement {
         self.local_index.is_some()
     }
 
+    /// How many replicas the key has.
+    fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    /// The replicas' ids, primary first.
+    fn replicas(&self) -> impl Iterator<Item = &NodeId> + '_ {
+        self.set.indices().iter().map(|&i| self.state.id_at(i))
+    }
+
+    /// The primary's id.
+    fn primary(&self) -> Option<&NodeId> {
+        self.replicas().next()
+    }
+
     /// The replicas ahead of this node (all of them if it is not a replica).
-    fn ahead(&self) -> &[NodeId] {
-        &self.replicas[..self.local_index.unwrap_or(self.replicas.len())]
+    fn ahead(&self) -> impl Iterator<Item = &NodeId> + '_ {
+        self.replicas()
+            .take(self.local_index.unwrap_or(self.set.len()))
     }
 }
 
@@ -499,11 +517,14 @@ impl<T: PeerTransport> Coordinator<T> {
     }
 
     fn place(&self, state: &Arc<RingState>, key: &[u8]) -> Placement {
-        let replicas = state.replicas(key);
-        let local_index = replicas.iter().position(|r| *r == self.local);
+        let set = state.replica_set(key);
+        let local_index = set
+            .indices()
+            .iter()
+            .position(|&i| *state.id_at(i) == self.local);
         Placement {
             state: Arc::clone(state),
-            replicas,
+            set,
             local_index,
         }
     }
@@ -633,9 +654,10 @@ impl<T: PeerTransport> Coordinator<T> {
         if state.replication_factor <= 1 {
             return;
         }
-        for peer in state.replicas(&m.key) {
-            if peer != self.local {
-                self.replicator.enqueue(&peer, m.clone());
+        for &i in state.replica_set(&m.key).indices() {
+            let peer = state.id_at(i);
+            if *peer != self.local {
+                self.replicator.enqueue(peer, m.clone());
             }
         }
     }
@@ -740,7 +762,7 @@ impl<T: PeerTransport> Coordinator<T> {
         key: &Bytes,
         ctx: RequestContext,
     ) -> Result<(), CoreError> {
-        if p.replicas.len() <= 1 || !self.is_syncing() {
+        if p.len() <= 1 || !self.is_syncing() {
             return Ok(());
         }
         let answers = self
@@ -792,9 +814,9 @@ impl<T: PeerTransport> Coordinator<T> {
     /// targets first. Unhealthy ones are tried last, and only if `try_unhealthy` (that is,
     /// when nothing else can serve the request). `fallback`: the caller can still serve the
     /// request another way if every target fails (so no attempt may use the whole budget).
-    async fn forward_first(
+    async fn forward_first<'t>(
         &self,
-        targets: &[NodeId],
+        targets: impl IntoIterator<Item = &'t NodeId>,
         request: &Request,
         ctx: RequestContext,
         try_unhealthy: bool,
@@ -802,7 +824,7 @@ impl<T: PeerTransport> Coordinator<T> {
     ) -> Result<Response, ForwardFailure> {
         let mut last = String::from("no reachable replica");
         let (healthy, unhealthy): (Vec<&NodeId>, Vec<&NodeId>) = targets
-            .iter()
+            .into_iter()
             .filter(|t| **t != self.local)
             .partition(|t| !self.unhealthy(t));
         if !unhealthy.is_empty() {
@@ -886,7 +908,7 @@ impl<T: PeerTransport> Coordinator<T> {
         match request {
             Request::Get { key, consistency } => {
                 let consistency = consistency.unwrap_or(Consistency::One);
-                if consistency == Consistency::One || p.replicas.len() <= 1 {
+                if consistency == Consistency::One || p.len() <= 1 {
                     let found = self
                         .local_reads(&p.state, std::slice::from_ref(&key), ctx.deadline)
                         .await;
@@ -916,7 +938,7 @@ impl<T: PeerTransport> Coordinator<T> {
                 Ok(Response::Set { stored })
             }
             Request::Delete { key, consistency } => {
-                let (deleted, m) = self.store.delete(&key, p.replicas.len() > 1)?;
+                let (deleted, m) = self.store.delete(&key, p.len() > 1)?;
                 self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
                     .await?;
                 Ok(Response::Delete { deleted })
@@ -983,11 +1005,10 @@ impl<T: PeerTransport> Coordinator<T> {
         consistency: Consistency,
         ctx: RequestContext,
     ) -> Result<(), CoreError> {
-        let n = p.replicas.len();
+        let n = p.len();
         let required = consistency.required(n);
         let others: Vec<NodeId> = p
-            .replicas
-            .iter()
+            .replicas()
             .filter(|r| **r != self.local)
             .cloned()
             .collect();
@@ -1087,11 +1108,10 @@ impl<T: PeerTransport> Coordinator<T> {
         consistency: Consistency,
         ctx: RequestContext,
     ) -> Result<Option<Lookup>, CoreError> {
-        let required = consistency.required(p.replicas.len());
+        let required = consistency.required(p.len());
         let local = self.store.get_versioned(key);
         let mut fetches: FuturesUnordered<_> = p
-            .replicas
-            .iter()
+            .replicas()
             .filter(|r| **r != self.local)
             .map(|peer| {
                 let call = self.call(ctx.deadline);
@@ -1233,11 +1253,17 @@ impl<T: PeerTransport> Coordinator<T> {
             } else {
                 // The primary, unless a recent call to it failed: then the first replica
                 // that is healthy (or this node, if it is one), as a single request would.
-                let target = p
-                    .replicas
-                    .iter()
+                let Some(target) = p
+                    .replicas()
                     .find(|r| **r == self.local || !self.unhealthy(r))
-                    .unwrap_or(&p.replicas[0]);
+                    .or_else(|| p.primary())
+                else {
+                    return Err(CoreError::Unavailable {
+                        acks: 0,
+                        required: 1,
+                        detail: "the ring has no member to serve this key".into(),
+                    });
+                };
                 groups.entry(target.clone()).or_default().push(i);
             }
         }
@@ -1441,19 +1467,14 @@ impl<T: PeerTransport> Coordinator<T> {
                 Applied::Done(m) => {
                     let p = self.place(state, &e.key);
                     let others: Vec<NodeId> = p
-                        .replicas
-                        .iter()
+                        .replicas()
                         .filter(|r| **r != self.local)
                         .cloned()
                         .collect();
                     for peer in &others {
                         per_peer.entry(peer.clone()).or_default().push(m.clone());
                     }
-                    needs.push((
-                        others,
-                        consistency.required(p.replicas.len()),
-                        p.replicas.len(),
-                    ));
+                    needs.push((others, consistency.required(p.len()), p.len()));
                     stored.push(true);
                 }
                 Applied::NotApplied => stored.push(false),

@@ -43,6 +43,17 @@ impl RingState {
         })
     }
 
+    /// `key`'s replicas as member indices of this ring, primary first, without allocating
+    /// (what each request is placed by); [`RingState::id_at`] names them.
+    pub fn replica_set(&self, key: &[u8]) -> cluster_ring::ReplicaSet {
+        self.ring.replica_set(key, self.replication_factor)
+    }
+
+    /// The id of the member at `index` of a [`RingState::replica_set`].
+    pub fn id_at(&self, index: u32) -> &NodeId {
+        &self.ring.member_at(index).id
+    }
+
     /// The ids of `key`'s replicas, primary first.
     pub fn replicas(&self, key: &[u8]) -> Vec<NodeId> {
         self.ring

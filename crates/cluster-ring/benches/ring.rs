@@ -44,6 +44,10 @@ fn benches(c: &mut Criterion) {
         group.bench_function("ring_replicas_3", |b| {
             b.iter(|| black_box(ring.replicas(black_box(next()), 3).len()))
         });
+        // The same placement without allocating (what the node's request path uses).
+        group.bench_function("ring_replica_set_3", |b| {
+            b.iter(|| black_box(ring.replica_set(black_box(next()), 3).len()))
+        });
         group.bench_function("mod_n", |b| {
             b.iter(|| black_box(key_hash(black_box(next())) % n as u64))
         });

@@ -183,6 +183,67 @@ pub struct Ring {
     fingerprint: u64,
 }
 
+/// Most replicas a [`ReplicaSet`] holds (a node's `--replication-factor` is at most this).
+pub const MAX_REPLICAS: usize = 16;
+
+/// A key's replicas as member indices of one [`Ring`], primary first, in a fixed-size
+/// value: computing it allocates nothing. From [`Ring::replica_set`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplicaSet {
+    members: [u32; MAX_REPLICAS],
+    len: u8,
+}
+
+impl ReplicaSet {
+    /// The member indices, primary first.
+    pub fn indices(&self) -> &[u32] {
+        &self.members[..usize::from(self.len)]
+    }
+
+    /// How many replicas.
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+
+    /// Whether there are none (an empty ring).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Where [`Ring::walk`] collects owners.
+trait Replicas {
+    fn count(&self) -> usize;
+    fn holds(&self, member: u32) -> bool;
+    fn add(&mut self, member: u32);
+}
+
+impl Replicas for Vec<u32> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn holds(&self, member: u32) -> bool {
+        self.contains(&member)
+    }
+    fn add(&mut self, member: u32) {
+        self.push(member);
+    }
+}
+
+impl Replicas for ReplicaSet {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn holds(&self, member: u32) -> bool {
+        self.indices().contains(&member)
+    }
+    fn add(&mut self, member: u32) {
+        // The walk stops at MAX_REPLICAS.
+        self.members[usize::from(self.len)] = member;
+        self.len += 1;
+    }
+}
+
 impl fmt::Debug for Ring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ring")
@@ -322,23 +383,51 @@ impl Ring {
 
     /// [`Ring::replicas`] for a ring position.
     pub fn replicas_of_hash(&self, hash: u64, n: usize) -> Vec<&Member> {
-        let n = n.min(self.members.len());
-        let mut found: Vec<u32> = Vec::with_capacity(n);
-        let start = self.first_point(hash);
-        let len = self.hashes.len();
-        for step in 0..len {
-            if found.len() == n {
-                break;
-            }
-            let owner = self.owners[(start + step) % len];
-            if !found.contains(&owner) {
-                found.push(owner);
-            }
-        }
+        let mut found: Vec<u32> = Vec::with_capacity(n.min(self.members.len()));
+        self.walk(hash, n, &mut found);
         found
             .into_iter()
             .map(|i| &self.members[i as usize])
             .collect()
+    }
+
+    /// [`Ring::replicas`] without allocating: the first `min(n, MAX_REPLICAS)` replicas as
+    /// member indices in a fixed-size value (what a node computes for every request).
+    /// [`Ring::member_at`] turns an index into its member.
+    pub fn replica_set(&self, key: &[u8], n: usize) -> ReplicaSet {
+        self.replica_set_of_hash(key_hash(key), n)
+    }
+
+    /// [`Ring::replica_set`] for a ring position.
+    pub fn replica_set_of_hash(&self, hash: u64, n: usize) -> ReplicaSet {
+        let mut set = ReplicaSet::default();
+        self.walk(hash, n.min(MAX_REPLICAS), &mut set);
+        set
+    }
+
+    /// The member at `index` (an entry of a [`ReplicaSet`] of this ring).
+    ///
+    /// # Panics
+    ///
+    /// If `index` is not a member index of this ring (it did not come from this ring).
+    pub fn member_at(&self, index: u32) -> &Member {
+        &self.members[index as usize]
+    }
+
+    /// Walks the ring clockwise from `hash`, collecting the first `n` distinct owners.
+    fn walk(&self, hash: u64, n: usize, found: &mut impl Replicas) {
+        let n = n.min(self.members.len());
+        let start = self.first_point(hash);
+        let len = self.hashes.len();
+        for step in 0..len {
+            if found.count() == n {
+                break;
+            }
+            let owner = self.owners[(start + step) % len];
+            if !found.holds(owner) {
+                found.add(owner);
+            }
+        }
     }
 
     /// Each member's share of the key space as primary owner, exactly (by arc length), in

@@ -319,3 +319,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_replica_set_is_the_replica_list_without_allocating() {
+    let ring = Ring::new(equal_members(node_names(20)), 64).expect("valid ring");
+    for n in [0, 1, 2, 3, 5, 16, 17, 40] {
+        for k in 0..2_000u32 {
+            let key = k.to_be_bytes();
+            let list: Vec<&NodeId> = ring.replicas(&key, n).into_iter().map(|m| &m.id).collect();
+            let set = ring.replica_set(&key, n);
+            let from_set: Vec<&NodeId> = set
+                .indices()
+                .iter()
+                .map(|&i| &ring.member_at(i).id)
+                .collect();
+            let want = n.min(cluster_ring::MAX_REPLICAS).min(20);
+            assert_eq!(from_set.len(), want);
+            assert_eq!(&list[..want], &from_set[..], "key {k}, n {n}");
+        }
+    }
+}

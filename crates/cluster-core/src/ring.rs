@@ -34,7 +34,10 @@ impl RingState {
             .map(|m| Ok(RingMember::new(NodeId::new(m.id.clone())?, m.weight)))
             .collect::<Result<_, RingError>>()?;
         let ring = Ring::new(owners, DEFAULT_VNODES_PER_WEIGHT)?.with_epoch(view.epoch);
-        let replication_factor = configured_rf.clamp(1, ring.members().len().max(1));
+        // At most the members, and at most what a placement holds (the node's
+        // --replication-factor is bounded to the same 16).
+        let replication_factor =
+            configured_rf.clamp(1, ring.members().len().clamp(1, cluster_ring::MAX_REPLICAS));
         Ok(Self {
             ring,
             epoch: view.epoch,

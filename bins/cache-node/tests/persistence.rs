@@ -421,7 +421,9 @@ async fn the_log_is_compacted_once_it_outgrows_the_last_snapshot() {
 
 /// A flush is recorded like any delete: after a restart from the data directory (log and,
 /// after a snapshot, the snapshot), the flushed keys stay gone and later writes stay.
-#[tokio::test]
+// Multi-threaded: the clients' connection tasks must keep running (answering the server's
+// GOAWAY ping) while this test blocks in `wait_exit`, or shutdown waits its whole grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_survives_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut node = start(dir.path(), "always");

@@ -455,8 +455,8 @@ async fn shutdown_counts_the_replication_it_could_not_deliver() {
             "1s",
         ],
     );
-    // The peer is paused: nothing queued for it can be delivered.
-    cluster.nodes[1].signal("STOP");
+    // The peer is paused (and seen stopped): nothing queued for it can be delivered.
+    cluster.nodes[1].pause();
     let client = plain(&cluster.nodes[0], Some(Consistency::One)).await;
     let view_keys: Vec<String> = (0..200u32).map(|i| format!("q{i}")).collect();
     let mut written = 0;

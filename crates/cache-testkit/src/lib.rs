@@ -229,6 +229,30 @@ impl NodeProcess {
         assert!(status.success(), "kill -{sig} failed");
     }
 
+    /// Stops the process (SIGSTOP) and waits until the kernel reports it stopped: `kill`
+    /// returns once the signal is queued, and a node can still answer a call or two before
+    /// every thread has stopped. Panics if it is not stopped within 5 s.
+    pub fn pause(&self) {
+        self.signal("STOP");
+        let stat = format!("/proc/{}/stat", self.pid());
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            // The state is the field after the parenthesised command name.
+            let state = std::fs::read_to_string(&stat).ok().and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_string))
+            });
+            if matches!(state.as_deref(), Some("T" | "t")) {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "node not stopped after SIGSTOP: {state:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits up to `deadline` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
         let until = Instant::now() + deadline;

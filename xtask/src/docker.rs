@@ -11,21 +11,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, root};
+use crate::root;
 
 /// The image's name.
 pub(crate) const IMAGE: &str = "cache-cluster";
 
 /// Builds the image; returns its tag (`cache-cluster:VERSION`, also tagged `latest`).
 pub(crate) fn build() -> Result<String> {
-    cargo(&[
-        "build",
-        "--release",
-        "--bin",
-        "cache-node",
-        "--bin",
-        "cache-cli",
-    ])?;
+    crate::net::build_release_bins(&["cache-node", "cache-cli"])?;
     let ctx = root().join("target/docker");
     let _ = std::fs::remove_dir_all(&ctx);
     let rootfs = ctx.join("rootfs");

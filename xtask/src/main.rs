@@ -286,14 +286,7 @@ fn cluster_up(n: usize) -> Result<()> {
     if !(1..=10).contains(&n) {
         bail!("cluster up takes 1 to 10 nodes");
     }
-    cargo(&[
-        "build",
-        "--release",
-        "--bin",
-        "cache-node",
-        "--bin",
-        "cache-cli",
-    ])?;
+    crate::net::build_release_bins(&["cache-node", "cache-cli"])?;
     let bin = root().join("target/release/cache-node");
     let peers: Vec<String> = (0..n)
         .map(|i| format!("node-{i}=127.0.0.1:{}", 7000 + i))

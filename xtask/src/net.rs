@@ -159,16 +159,18 @@ fn rss_bytes(pid: u32) -> Result<u64> {
 
 /// Builds release `cache-node` and `cache-bench`; returns the node binary's path.
 pub(crate) fn build_release() -> Result<String> {
-    cargo(&[
-        "build",
-        "--release",
-        "--bin",
-        "cache-node",
-        "--bin",
-        "cache-bench",
-    ])?;
+    build_release_bins(&["cache-node", "cache-bench"])?;
     let bin = root().join("target/release/cache-node");
     Ok(bin.to_str().context("utf-8 path")?.to_string())
+}
+
+/// Builds the release binaries `bins` (the one `cargo build --release` every task uses).
+pub(crate) fn build_release_bins(bins: &[&str]) -> Result<()> {
+    let mut args = vec!["build", "--release"];
+    for bin in bins {
+        args.extend(["--bin", bin]);
+    }
+    cargo(&args)
 }
 
 pub(crate) fn f(v: &Value, path: &[&str]) -> f64 {

@@ -25,7 +25,7 @@ pub(crate) fn check() -> Result<()> {
     run("promtool", &["check", "rules", "alerts.yml"], &rules)?;
     run("promtool", &["test", "rules", "alerts_test.yml"], &rules)?;
 
-    crate::cargo(&["build", "--release", "--bin", "cache-node"])?;
+    crate::net::build_release_bins(&["cache-node"])?;
     let bin = root().join("target/release/cache-node");
     let (_node, _grpc, admin, _) = spawn_node(bin.to_str().context("utf-8 path")?, &[])?;
 

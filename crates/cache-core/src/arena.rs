@@ -1,23 +1,25 @@
-//! Per-shard storage for small entries: the key and value bytes live inline in fixed-size
-//! pages carved into size-class chunks (memcached's slab classes), so a small entry costs no
-//! allocation of its own, no allocator header and no refcount.
+//! Per-shard entry storage: every entry is one **chunk** in fixed-size pages carved into size
+//! classes (memcached's slab classes). The chunk *is* the entry — its LRU links, version,
+//! expiry and lengths in a 24-byte header, then the key and the value — so a small entry
+//! costs no allocation of its own, no allocator header, no refcount and no separate slot.
 //!
 //! - Every page is [`PAGE_SIZE`] bytes and belongs to one class while it is in use; a class of
 //!   chunk size `s` fits `PAGE_SIZE / s` chunks in a page. Freed pages are reused by any class.
-//! - A chunk starts with an 8-byte header — its owner, the shard slot number holding the entry
-//!   (4 bytes), the key's length and the value's (2 bytes each) — then the key and the value.
-//!   The owner lets the arena move a chunk and tell the shard where it went; the lengths live
-//!   here rather than in the slot, which keeps the slot at 32 bytes.
+//! - A chunk handle is a `u32`: the page number times 512 plus the chunk number in the page.
+//!   The shard's index, its LRU links and SIEVE's hand all hold handles.
+//! - Header (little-endian): `prev: u32`, `next: u32`, `version: u64`, `meta: u64`. The
+//!   arena only knows that `meta == 0` marks a free chunk (the shard's encoding never
+//!   produces 0 for an entry; see `shard.rs`).
 //! - Memory comes back without giving up exact LRU order: evictions free chunks in whatever
 //!   class the victim had, and once a class holds one and a half pages' worth of free chunks
-//!   the arena empties its least-used page into the free chunks of its other pages
-//!   ([`Arena::free`] calls back with every move) and gives the page up. So each class holds
-//!   less than two and a half pages more than its live chunks need (one partly used page, and
-//!   free chunks short of the threshold), and giving a page back costs one page of copying.
-//!   The half page of hysteresis keeps a class that alternates allocs and frees at the
-//!   threshold from giving a page up and taking one again every time.
-//!
-//! A chunk handle is a `u32`: the page number times 512 plus the chunk number in the page.
+//!   the arena empties its least-used page into the free chunks of its other pages and gives
+//!   the page up. Moving a chunk changes its handle, so the shard moves chunks one at a time
+//!   ([`Arena::free`] returns a [`Release`], [`Arena::move_one`] moves the next live chunk)
+//!   and repoints the chunk's neighbours, the index and its own cursors after each move. So
+//!   each class holds less than two and a half pages more than its live chunks need, and
+//!   giving a page back costs one page of copying. The half page of hysteresis keeps a class
+//!   that alternates allocs and frees at the threshold from giving a page up and taking one
+//!   again every time.
 //!
 //! Known cost: choosing the page to give back walks the shard's page table (O(pages), under
 //! the shard lock), once per half page of frees in a class. At 8 KiB pages that is ~16 000
@@ -27,16 +29,13 @@
 /// Bytes in every page.
 pub(crate) const PAGE_SIZE: usize = 8192;
 
-/// Bytes at the start of each chunk: the owning slot (`u32`), the key's and the value's
-/// lengths (`u16` each; a chunk is at most 1 KiB).
-pub(crate) const HEADER_BYTES: usize = 8;
-
-/// Bytes of the owner field, the first of the header.
-const OWNER_BYTES: usize = 4;
+/// Bytes at the start of each chunk: `prev`, `next` (`u32` each), `version`, `meta` (`u64`
+/// each).
+pub(crate) const HEADER_BYTES: usize = 24;
 
 /// Chunk sizes: 8-byte steps up to 128 (small keys and values waste at most 7 bytes), then
 /// quarter-power-of-two steps up to 1 KiB (at most 25 % waste). An entry that needs more than
-/// the largest chunk is stored as its own `Bytes` by the shard.
+/// the largest chunk keeps its bytes in a `Bytes` of its own and a small chunk for its header.
 const CLASS_SIZES: [u16; 27] = [
     16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 160, 192, 224, 256, 320, 384,
     448, 512, 640, 768, 896, 1024,
@@ -45,19 +44,20 @@ const CLASS_SIZES: [u16; 27] = [
 /// Number of size classes.
 pub(crate) const CLASSES: usize = CLASS_SIZES.len();
 
-/// The largest chunk, owner bytes included.
+/// The largest chunk, header included.
 pub(crate) const MAX_CHUNK: usize = CLASS_SIZES[CLASSES - 1] as usize;
 
 /// Chunk number bits in a handle: up to 512 chunks per page (`PAGE_SIZE / 16`).
-const CHUNK_BITS: u32 = 9;
+pub(crate) const CHUNK_BITS: u32 = 9;
 
-/// Most pages a shard can address with a `u32` handle (64 GiB of pages per shard).
-const MAX_PAGES: usize = 1 << (32 - CHUNK_BITS);
+/// Most pages a shard can address with a `u32` handle below `u32::MAX` (64 GiB of pages per
+/// shard; `u32::MAX` itself is the shard's "no link").
+const MAX_PAGES: usize = (1 << (32 - CHUNK_BITS)) - 1;
 
 /// Released pages kept for reuse instead of going back to the allocator.
 const SPARE_PAGES: usize = 2;
 
-/// The class whose chunks hold `len` bytes (owner included), or `None` if none is that big.
+/// The class whose chunks hold `len` bytes (header included), or `None` if none is that big.
 pub(crate) fn class_for(len: usize) -> Option<u8> {
     if len <= 128 {
         return Some((len.max(16).div_ceil(8) - 2) as u8);
@@ -93,12 +93,36 @@ fn split(h: u32) -> (usize, usize) {
     )
 }
 
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+const PREV: usize = 0;
+const NEXT: usize = 4;
+const VERSION: usize = 8;
+const META: usize = 16;
+
 /// A page: its bytes and, while in use, its class and live chunk count.
 struct Page {
     /// `PAGE_SIZE` bytes; empty while the page number is unused.
     buf: Box<[u8]>,
     class: u8,
     live: u16,
+}
+
+/// A page being given up: its live chunks still have to move ([`Arena::move_one`]).
+#[derive(Debug)]
+pub(crate) struct Release {
+    page: usize,
+    class: u8,
+    /// The next chunk number to look at.
+    at: usize,
 }
 
 /// The chunk store of one shard. See the module docs.
@@ -123,7 +147,8 @@ impl Arena {
     }
 
     /// A free chunk of `class`, taking a new page if the class has none; `None` only when the
-    /// shard's page numbers are exhausted (64 GiB of pages).
+    /// shard's page numbers are exhausted (64 GiB of pages). Its `meta` is 0 until the shard
+    /// writes the header.
     pub(crate) fn alloc(&mut self, class: u8) -> Option<u32> {
         let c = usize::from(class);
         let h = match self.free[c].pop() {
@@ -141,10 +166,15 @@ impl Arena {
     }
 
     fn new_page(&mut self, class: u8) -> Option<usize> {
-        let buf = self
+        let mut buf = self
             .spare
             .pop()
             .unwrap_or_else(|| vec![0u8; PAGE_SIZE].into_boxed_slice());
+        // Every chunk starts free (`meta == 0`), whatever the page held before.
+        let size = class_size(class);
+        for i in 0..per_page(class) {
+            buf[i * size + META..i * size + META + 8].fill(0);
+        }
         let page = Page {
             buf,
             class,
@@ -164,95 +194,151 @@ impl Arena {
         Some(id)
     }
 
-    /// The whole chunk `h` of `class` (owner, key, value and the class's rounding).
-    pub(crate) fn chunk(&self, h: u32, class: u8) -> &[u8] {
+    /// The class of the page holding chunk `h`.
+    pub(crate) fn class_of(&self, h: u32) -> u8 {
+        self.pages[split(h).0].class
+    }
+
+    fn chunk(&self, h: u32) -> &[u8] {
         let (page, i) = split(h);
-        let size = class_size(class);
-        &self.pages[page].buf[i * size..(i + 1) * size]
+        let p = &self.pages[page];
+        let size = class_size(p.class);
+        &p.buf[i * size..(i + 1) * size]
     }
 
-    /// Writes the header (`owner` and the lengths), `key` and `value` into chunk `h` of
-    /// `class`, which must hold [`HEADER_BYTES`] + both.
-    pub(crate) fn fill(&mut self, h: u32, class: u8, owner: u32, key: &[u8], value: &[u8]) {
+    fn chunk_mut(&mut self, h: u32) -> &mut [u8] {
         let (page, i) = split(h);
-        let size = class_size(class);
-        let chunk = &mut self.pages[page].buf[i * size..(i + 1) * size];
-        chunk[..OWNER_BYTES].copy_from_slice(&owner.to_le_bytes());
-        chunk[4..6].copy_from_slice(&(key.len() as u16).to_le_bytes());
-        chunk[6..8].copy_from_slice(&(value.len() as u16).to_le_bytes());
-        let k = HEADER_BYTES + key.len();
-        chunk[HEADER_BYTES..k].copy_from_slice(key);
-        chunk[k..k + value.len()].copy_from_slice(value);
+        let p = &mut self.pages[page];
+        let size = class_size(p.class);
+        &mut p.buf[i * size..(i + 1) * size]
     }
 
-    /// The key and the value stored in chunk `h` of `class`.
-    pub(crate) fn entry(&self, h: u32, class: u8) -> (&[u8], &[u8]) {
-        let chunk = self.chunk(h, class);
-        let k = usize::from(u16::from_le_bytes([chunk[4], chunk[5]]));
-        let v = usize::from(u16::from_le_bytes([chunk[6], chunk[7]]));
-        let (key, rest) = chunk[HEADER_BYTES..].split_at(k);
-        (key, &rest[..v])
+    pub(crate) fn prev(&self, h: u32) -> u32 {
+        read_u32(self.chunk(h), PREV)
     }
 
-    /// The slot that owns chunk `h` of `class`.
-    pub(crate) fn owner(&self, h: u32, class: u8) -> u32 {
-        let chunk = self.chunk(h, class);
-        u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])
+    pub(crate) fn next(&self, h: u32) -> u32 {
+        read_u32(self.chunk(h), NEXT)
     }
 
-    /// Frees chunk `h` of `class`. If the class now holds 1.5 pages' worth of free chunks,
-    /// empties its least-used page into its other free chunks and gives the page up; every
-    /// chunk moved is reported as `moved(owner, new_handle)` so the shard can follow it.
-    pub(crate) fn free(&mut self, h: u32, class: u8, moved: impl FnMut(u32, u32)) {
+    pub(crate) fn version(&self, h: u32) -> u64 {
+        read_u64(self.chunk(h), VERSION)
+    }
+
+    pub(crate) fn meta(&self, h: u32) -> u64 {
+        read_u64(self.chunk(h), META)
+    }
+
+    pub(crate) fn set_prev(&mut self, h: u32, v: u32) {
+        self.chunk_mut(h)[PREV..PREV + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    pub(crate) fn set_next(&mut self, h: u32, v: u32) {
+        self.chunk_mut(h)[NEXT..NEXT + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    pub(crate) fn set_version(&mut self, h: u32, v: u64) {
+        self.chunk_mut(h)[VERSION..VERSION + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// Writes `meta`; it must not be 0 (that marks a free chunk).
+    pub(crate) fn set_meta(&mut self, h: u32, v: u64) {
+        debug_assert_ne!(v, 0, "meta 0 marks a free chunk");
+        self.chunk_mut(h)[META..META + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// The chunk's bytes after the header (data and the class's rounding).
+    pub(crate) fn data(&self, h: u32) -> &[u8] {
+        &self.chunk(h)[HEADER_BYTES..]
+    }
+
+    /// Writes `parts` one after the other after the header; they must fit.
+    pub(crate) fn write_data(&mut self, h: u32, parts: &[&[u8]]) {
+        let chunk = self.chunk_mut(h);
+        let mut at = HEADER_BYTES;
+        for part in parts {
+            chunk[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+    }
+
+    /// Frees chunk `h` (its `meta` becomes 0). If its class now holds 1.5 pages' worth of free
+    /// chunks, starts giving its least-used page up: the caller moves that page's live chunks
+    /// with [`Arena::move_one`] until it returns `None`.
+    pub(crate) fn free(&mut self, h: u32) -> Option<Release> {
+        let class = self.class_of(h);
+        self.chunk_mut(h)[META..META + 8].fill(0);
         let c = usize::from(class);
         self.pages[split(h).0].live -= 1;
         self.free[c].push(h);
-        if self.free[c].len() >= release_threshold(class) {
-            self.release_page(class, moved);
+        if self.free[c].len() < release_threshold(class) {
+            return None;
         }
+        let victim = (0..self.pages.len())
+            .filter(|&p| !self.pages[p].buf.is_empty() && self.pages[p].class == class)
+            .min_by_key(|&p| self.pages[p].live)?;
+        // Its free chunks leave the free list, so nothing moves into it.
+        self.free[c].retain(|&h| split(h).0 != victim);
+        Some(Release {
+            page: victim,
+            class,
+            at: 0,
+        })
     }
 
-    fn release_page(&mut self, class: u8, mut moved: impl FnMut(u32, u32)) {
-        let c = usize::from(class);
-        let size = class_size(class);
-        let n = per_page(class);
-        let Some(victim) = (0..self.pages.len())
-            .filter(|&p| !self.pages[p].buf.is_empty() && self.pages[p].class == class)
-            .min_by_key(|&p| self.pages[p].live)
-        else {
-            return;
-        };
-        // Its free chunks leave the free list; what is not free on it is live.
-        let mut is_free = [false; PAGE_SIZE / 16];
-        self.free[c].retain(|&h| {
-            let (page, i) = split(h);
-            if page == victim {
-                is_free[i] = true;
-                false
-            } else {
-                true
+    /// Moves the next live chunk of the page being given up into a free chunk of another
+    /// page and returns `(from, to)`; when none is left, gives the page up and returns `None`.
+    pub(crate) fn move_one(&mut self, rel: &mut Release) -> Option<(u32, u32)> {
+        let size = class_size(rel.class);
+        let n = per_page(rel.class);
+        while rel.at < n {
+            let i = rel.at;
+            rel.at += 1;
+            let from = handle(rel.page, i);
+            if self.meta(from) == 0 {
+                continue;
             }
-        });
-        let mut tmp = [0u8; MAX_CHUNK];
-        for i in (0..n).filter(|&i| !is_free[i]) {
             // Enough free chunks are left on other pages: the trigger was more than a page's
             // worth, and the victim held at most `n - live` of them.
-            let Some(to) = self.free[c].pop() else {
-                unreachable!("class {class}: no free chunk to move a live one into");
+            let Some(to) = self.free[usize::from(rel.class)].pop() else {
+                unreachable!("class {}: no free chunk to move a live one into", rel.class);
             };
-            tmp[..size].copy_from_slice(&self.pages[victim].buf[i * size..(i + 1) * size]);
-            let (page, j) = split(to);
-            self.pages[page].buf[j * size..(j + 1) * size].copy_from_slice(&tmp[..size]);
-            self.pages[page].live += 1;
-            let owner = u32::from_le_bytes(tmp[..OWNER_BYTES].try_into().expect("4 bytes"));
-            moved(owner, to);
+            let mut tmp = [0u8; MAX_CHUNK];
+            tmp[..size].copy_from_slice(self.chunk(from));
+            self.chunk_mut(to).copy_from_slice(&tmp[..size]);
+            self.pages[split(to).0].live += 1;
+            return Some((from, to));
         }
-        let buf = std::mem::take(&mut self.pages[victim].buf);
-        self.pages[victim].live = 0;
+        let buf = std::mem::take(&mut self.pages[rel.page].buf);
+        self.pages[rel.page].live = 0;
         if self.spare.len() < SPARE_PAGES {
             self.spare.push(buf);
         }
-        self.unused.push(victim as u32);
+        self.unused.push(rel.page as u32);
+        None
+    }
+
+    /// One past the highest chunk position (`page << CHUNK_BITS | chunk`) there can be.
+    pub(crate) fn positions(&self) -> usize {
+        self.pages.len() << CHUNK_BITS
+    }
+
+    /// The live chunk at position `pos`, if there is one; else where to look next (the next
+    /// chunk of the page, or the start of the next page once past its last chunk).
+    pub(crate) fn live_at(&self, pos: usize) -> Result<u32, usize> {
+        let (page, i) = (pos >> CHUNK_BITS, pos & ((1 << CHUNK_BITS) - 1));
+        let Some(p) = self.pages.get(page) else {
+            return Err(self.positions());
+        };
+        if p.buf.is_empty() || i >= per_page(p.class) {
+            return Err((page + 1) << CHUNK_BITS);
+        }
+        let h = handle(page, i);
+        if self.meta(h) == 0 {
+            Err(pos + 1)
+        } else {
+            Ok(h)
+        }
     }
 
     /// Bytes the arena holds: pages in use and spare pages, its tables included.
@@ -268,9 +354,9 @@ impl Arena {
         *self = Self::new();
     }
 
-    /// Checks the arena's own invariants against the chunks the shard says are in use
-    /// (`(handle, class)` per entry); `Err` names the first one broken.
-    pub(crate) fn validate(&self, used: &[(u32, u8)]) -> Result<(), String> {
+    /// Checks the arena's own invariants against the chunks the shard says hold its entries;
+    /// `Err` names the first one broken.
+    pub(crate) fn validate(&self, used: &[u32]) -> Result<(), String> {
         let mut live = vec![0usize; self.pages.len()];
         // One bit per chunk of every page: set when the chunk is accounted for.
         let mut seen = vec![[0u64; (PAGE_SIZE / 16) / 64]; self.pages.len()];
@@ -281,25 +367,20 @@ impl Arena {
             *word |= 1 << (i % 64);
             fresh
         };
-        for &(h, class) in used.iter() {
+        for &h in used {
             let (page, i) = split(h);
             let p = self
                 .pages
                 .get(page)
                 .ok_or(format!("chunk {h:#x}: no page {page}"))?;
-            if p.buf.is_empty() || p.class != class || i >= per_page(class) {
-                return Err(format!(
-                    "chunk {h:#x} of class {class} is not in a page of it"
-                ));
+            if p.buf.is_empty() || i >= per_page(p.class) {
+                return Err(format!("chunk {h:#x} is not in a page in use"));
+            }
+            if self.meta(h) == 0 {
+                return Err(format!("chunk {h:#x} holds an entry but is marked free"));
             }
             if !mark(h) {
                 return Err(format!("chunk {h:#x} is used twice"));
-            }
-            let chunk = self.chunk(h, class);
-            let k = usize::from(u16::from_le_bytes([chunk[4], chunk[5]]));
-            let v = usize::from(u16::from_le_bytes([chunk[6], chunk[7]]));
-            if HEADER_BYTES + k + v > chunk.len() {
-                return Err(format!("chunk {h:#x}: key and value beyond it"));
             }
             live[page] += 1;
         }
@@ -310,6 +391,9 @@ impl Arena {
                 if p.buf.is_empty() || usize::from(p.class) != c || i >= per_page(c as u8) {
                     return Err(format!("free chunk {h:#x} is not in a page of class {c}"));
                 }
+                if self.meta(h) != 0 {
+                    return Err(format!("free chunk {h:#x} is not marked free"));
+                }
                 if !mark(h) {
                     return Err(format!("chunk {h:#x} is both free and used, or free twice"));
                 }
@@ -319,11 +403,28 @@ impl Arena {
             }
         }
         for (page, p) in self.pages.iter().enumerate() {
-            if !p.buf.is_empty() && usize::from(p.live) != live[page] {
+            if p.buf.is_empty() {
+                continue;
+            }
+            if usize::from(p.live) != live[page] {
                 return Err(format!(
                     "page {page}: live {} but {} used",
                     p.live, live[page]
                 ));
+            }
+            for i in 0..per_page(p.class) {
+                if seen[page][i / 64] & (1 << (i % 64)) == 0 {
+                    return Err(format!(
+                        "chunk {:#x} is neither used nor free",
+                        handle(page, i)
+                    ));
+                }
+                if self.meta(handle(page, i)) != 0 && live[page] == 0 {
+                    return Err(format!(
+                        "chunk {:#x}: live on an empty page",
+                        handle(page, i)
+                    ));
+                }
             }
         }
         Ok(())
@@ -358,28 +459,35 @@ mod tests {
     #[test]
     fn freeing_gives_pages_back_and_moves_live_chunks_intact() {
         let mut arena = Arena::new();
-        let class = class_for(100).expect("class");
-        // owner -> handle
+        let class = class_for(HEADER_BYTES + 64).expect("class");
+        // owner -> handle; the owner number is the chunk's version.
         let mut at: Vec<Option<u32>> = Vec::new();
         for owner in 0..2_000u32 {
             let h = arena.alloc(class).expect("alloc");
-            arena.fill(h, class, owner, &owner.to_le_bytes(), &[owner as u8; 60]);
-            assert_eq!(arena.owner(h, class), owner);
+            arena.set_version(h, u64::from(owner));
+            arena.set_meta(h, 1);
+            arena.write_data(h, &[&owner.to_le_bytes(), &[owner as u8; 60]]);
             at.push(Some(h));
         }
         let full = arena.footprint();
         for owner in (0..2_000u32).filter(|o| o % 7 != 0) {
             let h = at[owner as usize].take().expect("live");
-            arena.free(h, class, |o, to| at[o as usize] = Some(to));
-            let used: Vec<(u32, u8)> = at.iter().flatten().map(|&h| (h, class)).collect();
+            if let Some(mut rel) = arena.free(h) {
+                while let Some((from, to)) = arena.move_one(&mut rel) {
+                    let o = arena.version(to) as usize;
+                    assert_eq!(at[o], Some(from));
+                    at[o] = Some(to);
+                }
+            }
+            let used: Vec<u32> = at.iter().flatten().copied().collect();
             arena.validate(&used).expect("valid");
         }
         for (owner, h) in at.iter().enumerate() {
             if let Some(h) = *h {
-                assert_eq!(arena.owner(h, class), owner as u32);
-                let (key, value) = arena.entry(h, class);
-                assert_eq!(key, &(owner as u32).to_le_bytes());
-                assert_eq!(value, &[owner as u8; 60][..]);
+                assert_eq!(arena.version(h), owner as u64);
+                let data = arena.data(h);
+                assert_eq!(&data[..4], &(owner as u32).to_le_bytes());
+                assert_eq!(&data[4..64], &[owner as u8; 60][..]);
             }
         }
         let live = at.iter().flatten().count();

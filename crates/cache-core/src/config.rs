@@ -168,9 +168,19 @@ impl CacheConfig {
         if self.max_items == Some(0) {
             return Err(ConfigError::ZeroMaxItems);
         }
+        if self.max_bytes / shards as u64 > MAX_SHARD_BYTES {
+            return Err(ConfigError::ShardTooLarge {
+                max_bytes: self.max_bytes,
+                shards,
+            });
+        }
         Ok(())
     }
 }
+
+/// The most bytes one shard may hold: a shard addresses its chunks with `u32` handles (64 GiB
+/// of pages); half of that leaves room for the pages' slack.
+pub const MAX_SHARD_BYTES: u64 = 32 << 30;
 
 /// The largest shard count accepted: far more than any machine needs, small enough that the
 /// shard index comes from hash bits the per-shard table does not use (see `cache.rs`).

@@ -19,6 +19,16 @@ pub enum ConfigError {
     /// `max_items = Some(0)` would refuse every write; use `None` for "no item cap".
     #[error("max_items must be at least 1 (use no limit instead of 0)")]
     ZeroMaxItems,
+    /// One shard would hold more than [`MAX_SHARD_BYTES`](crate::MAX_SHARD_BYTES) (32 GiB).
+    #[error(
+        "max_bytes {max_bytes} over {shards} shards is more than 32 GiB per shard: use more shards"
+    )]
+    ShardTooLarge {
+        /// The configured memory limit.
+        max_bytes: u64,
+        /// The resolved shard count.
+        shards: usize,
+    },
 }
 
 /// Why a write was refused. The cache is unchanged when one of these is returned.

@@ -89,7 +89,7 @@ use parking_lot::Mutex;
 
 pub use cache_types::Condition;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{CacheConfig, EvictionPolicy, MAX_SHARDS};
+pub use config::{CacheConfig, EvictionPolicy, MAX_SHARD_BYTES, MAX_SHARDS};
 pub use error::{ConfigError, InsertError};
 pub use reaper::Reaper;
 use shard::Shard;
@@ -382,6 +382,7 @@ impl<C: Clock> Cache<C> {
         let hasher = ahash::RandomState::new();
         let capacity = config.max_bytes / n as u64;
         let max_items = config.max_items.map_or(u64::MAX, |m| m.div_ceil(n as u64));
+        let now_ms = clock.now_ms();
         let shards = (0..n)
             .map(|_| {
                 PaddedShard(Mutex::new(Shard::new(
@@ -391,6 +392,7 @@ impl<C: Clock> Cache<C> {
                     config.eviction_policy,
                     u64::try_from(config.tombstone_ttl.as_millis()).unwrap_or(u64::MAX),
                     hasher.clone(),
+                    now_ms,
                 )))
             })
             .collect();

@@ -1,21 +1,33 @@
-//! One shard: an exact LRU over a slab of nodes linked by `u32` indices, indexed by a
-//! `hashbrown::HashTable<u32>`.
+//! One shard: an exact LRU over entries stored as arena chunks linked by `u32` handles,
+//! indexed by a `hashbrown::HashTable<u32>`.
 //!
 //! This module owns every invariant of the engine's memory layout and accounting; the
 //! [`Cache`](crate::Cache) only picks a shard and takes its lock. It never does I/O, never
 //! reads the clock unless an entry with an expiry is involved, and never holds more than the
 //! one lock its caller took.
 //!
-//! Layout: `slots` is a `Vec` of [`Slot`]s. An occupied slot holds a [`Node`] with `prev`/`next`
-//! indices into the same `Vec` (the intrusive doubly linked LRU list: `head` is the most
-//! recently used, `tail` the least). Vacant slots form a singly linked free list through
-//! `next_free`, so slot numbers are reused and never move while an entry lives — which is what
-//! lets [`Shard::scan`] resume from a slot number.
+//! Layout: every entry is one chunk of the shard's [`Arena`] — a 24-byte header (`prev`,
+//! `next`, `version`, `meta`) followed by the key and the value (see `arena.rs`). The
+//! header's `prev`/`next` are chunk handles: the intrusive doubly linked LRU list (`head` is
+//! the most recently used, `tail` the least). The index maps a key's hash to its chunk. An
+//! entry too large for any chunk (over 1 000 bytes of key and value) keeps its bytes in one
+//! `Bytes` in `large` and a 32-byte chunk holding its header and that buffer's number.
+//!
+//! A chunk can move: when the arena gives a page back it moves the page's live chunks
+//! elsewhere, and a rewrite to a different size class takes a new chunk. After every move
+//! [`Shard::moved`] repoints the neighbours' links, `head`/`tail`, SIEVE's hand and the index
+//! entry. Code that holds a handle across an operation that frees chunks follows it through
+//! `tracked`.
+//!
+//! `meta` packs, from the lowest bit: the expiry (41 bits, milliseconds after the shard's
+//! `base_ms`, all ones for "never"), the key's and the value's lengths (10 bits each; a
+//! chunk is at most 1 KiB), and the tombstone, visited (SIEVE) and large flags. An entry's
+//! `meta` is never 0, which is how the arena tells a free chunk.
 
 use bytes::Bytes;
 use hashbrown::HashTable;
 
-use crate::arena::{self, Arena};
+use crate::arena::{self, Arena, HEADER_BYTES};
 use crate::clock::Clock;
 use crate::config::EvictionPolicy;
 use crate::error::InsertError;
@@ -24,7 +36,7 @@ use crate::{
     WriteOutcome,
 };
 
-/// The "no link" value of `prev`, `next`, `head`, `tail` and `free_head`.
+/// The "no link" value of `prev`, `next`, `head`, `tail`, `hand` and `tracked`.
 const NIL: u32 = u32::MAX;
 
 /// `expires_at` of an entry that never expires.
@@ -34,132 +46,99 @@ pub(crate) const NEVER: u64 = u64::MAX;
 /// once per large entry when its buffer is made shareable at insert time.
 const BYTES_SHARED_HEADER: usize = 24;
 
-/// Bytes of hash index per entry: a `u32` slot number plus one control byte, at hashbrown's
+/// Bytes of hash index per entry: a `u32` chunk handle plus one control byte, at hashbrown's
 /// maximum load factor of 7/8, rounded up.
 const INDEX_BYTES_PER_ENTRY: usize = 8;
-
-/// Bytes of one slab slot.
-const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
-
-// The slot stays at 32 bytes: `Vacant` hides in a `bool`'s spare values, no tag word.
-const _: () = assert!(SLOT_BYTES == 32);
-
-/// `Node::class` of an entry too large for any arena chunk: its key and value are one `Bytes`
-/// in `Shard::large`, and a hit returns a slice of it without copying.
-const LARGE: u8 = u8::MAX;
 
 /// Bytes at the start of a large entry's buffer: the key's length (`u32`).
 const LARGE_HEADER: usize = 4;
 
-/// Bytes charged for a large entry beyond its key and value: its `Bytes` handle in
+/// Bytes charged for a large entry beyond its key, value and chunk: its `Bytes` handle in
 /// `Shard::large`, the buffer's shared header and its length header.
 const LARGE_EXTRA: usize = std::mem::size_of::<Bytes>() + BYTES_SHARED_HEADER + LARGE_HEADER;
 
-/// The most bytes charged per small entry (key and value up to 120 bytes together) on top of
-/// its key and value: the slab slot, the index, and at most 16 bytes for the chunk's header
-/// and size-class rounding (chunks are at least 16 bytes, then in 8-byte steps). Larger entries are charged their size class (at most 25 % above their
-/// size, up to 1 KiB) or, above 1 KiB, their bytes plus a `Bytes` handle and header; see
+/// The most bytes charged per small entry (key and value up to 104 bytes together) on top of
+/// its key and value: the chunk's header, at most 7 bytes of size-class rounding, and the
+/// index. Larger entries are charged their size class (at most 25 % above their size, up to
+/// 1 KiB) or, above that, their bytes plus a 32-byte chunk, a `Bytes` handle and header; see
 /// [`entry_charge`]. `benches/engine_report.rs` measures the real figure.
-pub const ENTRY_OVERHEAD: usize = SLOT_BYTES + INDEX_BYTES_PER_ENTRY + 16;
+pub const ENTRY_OVERHEAD: usize = HEADER_BYTES + 7 + INDEX_BYTES_PER_ENTRY;
 
-// Small entries' rounding and header fit the bound: 8 header bytes + at most 7 of rounding.
-const _: () = assert!(arena::HEADER_BYTES + 7 <= 16);
+/// Largest key plus value kept inline in a chunk.
+const MAX_INLINE: usize = arena::MAX_CHUNK - HEADER_BYTES;
+
+// Lengths of inline entries fit their 10-bit fields.
+const _: () = assert!(MAX_INLINE < 1 << LEN_BITS);
+
+const EXPIRY_BITS: u32 = 41;
+const LEN_BITS: u32 = 10;
+/// The expiry code for "never".
+const E_NEVER: u64 = (1 << EXPIRY_BITS) - 1;
+const KLEN_SHIFT: u32 = EXPIRY_BITS;
+const VLEN_SHIFT: u32 = EXPIRY_BITS + LEN_BITS;
+const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
+const TOMBSTONE: u64 = 1 << 61;
+const VISITED: u64 = 1 << 62;
+const LARGE: u64 = 1 << 63;
+
+/// How far before the shard's creation its expiry codes start: a wall clock stepped back by
+/// up to this much still encodes exactly. Codes then reach `2^41 - 2^38` ms (~61 years)
+/// after creation; a later expiry is stored as that (it reads back earlier than asked, by
+/// more than six decades).
+const BASE_MARGIN_MS: u64 = 1 << 38;
 
 /// Bytes an entry with a `key_len`-byte key and a `value_len`-byte value is charged against
-/// the memory limit: what the engine really holds for it (its chunk or buffer, its slot, its
-/// share of the index).
+/// the memory limit: what the engine really holds for it (its chunk, or its chunk and buffer,
+/// and its share of the index).
 pub fn entry_charge(key_len: usize, value_len: usize) -> u64 {
     let data = key_len.saturating_add(value_len);
-    stored_charge(class_of_data(data), data)
+    charge_for(layout(data), data)
 }
 
-/// The arena class for `data_len` bytes of key and value, or [`LARGE`].
-fn class_of_data(data_len: usize) -> u8 {
-    arena::class_for(arena::HEADER_BYTES.saturating_add(data_len)).unwrap_or(LARGE)
+/// Where `data_len` bytes of key and value go: the chunk class, and whether they live in a
+/// buffer of their own (`true`) rather than inline.
+fn layout(data_len: usize) -> (u8, bool) {
+    match arena::class_for(HEADER_BYTES.saturating_add(data_len)) {
+        Some(class) => (class, false),
+        None => (large_class(), true),
+    }
 }
 
-fn stored_charge(class: u8, data_len: usize) -> u64 {
-    let stored = if class == LARGE {
-        data_len.saturating_add(LARGE_EXTRA)
-    } else {
-        arena::class_size(class)
-    };
-    stored.saturating_add(SLOT_BYTES + INDEX_BYTES_PER_ENTRY) as u64
+/// The chunk class of a large entry: its header and the buffer's number.
+fn large_class() -> u8 {
+    arena::class_for(HEADER_BYTES + 4).unwrap_or(0)
 }
 
-/// One stored entry: a value, or a tombstone left by a versioned delete. Its bytes (key, then
-/// value) are in the shard's arena, or in `Shard::large` when `class` is [`LARGE`].
-#[derive(Debug)]
+fn charge_for((class, large): (u8, bool), data_len: usize) -> u64 {
+    let mut stored = arena::class_size(class) + INDEX_BYTES_PER_ENTRY;
+    if large {
+        stored = stored.saturating_add(data_len.saturating_add(LARGE_EXTRA));
+    }
+    stored as u64
+}
+
+/// One entry's header, decoded.
+#[derive(Debug, Clone, Copy)]
 struct Node {
     /// Absolute expiry in unix milliseconds, [`NEVER`] for none. Tombstones always expire.
     expires_at: u64,
     /// Caller-supplied version; higher wins. `0` for unversioned writes.
     version: u64,
-    /// The arena chunk handle, or the index in `Shard::large` for a [`LARGE`] entry. The
-    /// key's and value's lengths are stored with the bytes (see `arena.rs`, [`LARGE_HEADER`]).
-    loc: u32,
     /// Towards the head (more recently used); [`NIL`] at the head.
     prev: u32,
     /// Towards the tail (less recently used); [`NIL`] at the tail.
     next: u32,
-    /// The arena size class of the chunk, or [`LARGE`].
-    class: u8,
     /// A tombstone reads as absent but still blocks older versioned writes.
     tombstone: bool,
     /// SIEVE's bit: used since the hand last passed (always `false` under LRU).
     visited: bool,
+    /// Key and value are in `Shard::large`, not inline.
+    large: bool,
 }
 
 impl Node {
-    /// Bytes this entry is charged against the shard's budget.
-    fn charge(&self, large: &[Bytes]) -> u64 {
-        if self.class == LARGE {
-            stored_charge(LARGE, large[self.loc as usize].len() - LARGE_HEADER)
-        } else {
-            stored_charge(self.class, 0)
-        }
-    }
-
     fn is_expired(&self, now: &mut Now<'_, impl Clock>) -> bool {
         self.expires_at != NEVER && now.get() >= self.expires_at
-    }
-
-    /// The key and the value, wherever they are stored.
-    fn entry<'a>(&self, arena: &'a Arena, large: &'a [Bytes]) -> (&'a [u8], &'a [u8]) {
-        if self.class == LARGE {
-            let (k, rest) = large_parts(&large[self.loc as usize]);
-            rest.split_at(k)
-        } else {
-            arena.entry(self.loc, self.class)
-        }
-    }
-
-    /// The key, wherever it is stored.
-    fn key<'a>(&self, arena: &'a Arena, large: &'a [Bytes]) -> &'a [u8] {
-        self.entry(arena, large).0
-    }
-
-    /// The key as `Bytes`: a slice of a large entry's buffer, a copy of a small one's.
-    fn key_bytes(&self, arena: &Arena, large: &[Bytes]) -> Bytes {
-        if self.class == LARGE {
-            let buf = &large[self.loc as usize];
-            let (k, _) = large_parts(buf);
-            buf.slice(LARGE_HEADER..LARGE_HEADER + k)
-        } else {
-            Bytes::copy_from_slice(self.key(arena, large))
-        }
-    }
-
-    /// The value: a slice of a large entry's buffer (no copy), a copy of a small one's (a few
-    /// nanoseconds for a value of up to 1 KiB, against microseconds for a request).
-    fn value(&self, arena: &Arena, large: &[Bytes]) -> Bytes {
-        if self.class == LARGE {
-            let buf = &large[self.loc as usize];
-            let (k, _) = large_parts(buf);
-            buf.slice(LARGE_HEADER + k..)
-        } else {
-            Bytes::copy_from_slice(self.entry(arena, large).1)
-        }
     }
 }
 
@@ -172,11 +151,24 @@ fn large_parts(buf: &[u8]) -> (usize, &[u8]) {
     )
 }
 
-/// A slab slot.
-#[derive(Debug)]
-enum Slot {
-    Occupied(Node),
-    Vacant { next_free: u32 },
+/// The number of a large entry's buffer, stored in its chunk.
+fn large_index(arena: &Arena, h: u32) -> usize {
+    let d = arena.data(h);
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]]) as usize
+}
+
+/// The key and the value of the entry in chunk `h`, wherever they are stored.
+fn entry_in<'a>(arena: &'a Arena, large: &'a [Bytes], h: u32) -> (&'a [u8], &'a [u8]) {
+    let meta = arena.meta(h);
+    if meta & LARGE != 0 {
+        let (k, rest) = large_parts(&large[large_index(arena, h)]);
+        rest.split_at(k)
+    } else {
+        let k = ((meta >> KLEN_SHIFT) & LEN_MASK) as usize;
+        let v = ((meta >> VLEN_SHIFT) & LEN_MASK) as usize;
+        let (key, rest) = arena.data(h).split_at(k);
+        (key, &rest[..v])
+    }
 }
 
 /// Copies a large entry's `key` and `value` into one buffer and makes it shareable now, so that
@@ -229,35 +221,33 @@ pub(crate) struct ShardCounters {
 /// Result of one bounded reaper step on a shard ([`Cache::reap_step`](crate::Cache::reap_step)).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ReapStep {
-    /// Slots examined (at most the budget).
+    /// Chunks examined (at most the budget).
     pub visited: usize,
     /// Expired entries and tombstones removed.
     pub reclaimed: usize,
-    /// True when the sweep reached the end of the slab and starts over next time.
+    /// True when the sweep reached the end of the shard's pages and starts over next time.
     pub pass_complete: bool,
 }
 
 /// One shard of the cache. See the module docs for the layout.
 pub(crate) struct Shard {
-    /// The slab.
-    slots: Vec<Slot>,
-    /// Key and value bytes of small entries.
+    /// Every entry's chunk.
     arena: Arena,
-    /// Key and value of each large entry (see [`LARGE`]); freed entries are empty.
+    /// Key and value of each large entry; freed entries are empty.
     large: Vec<Bytes>,
     /// Free indices in `large`.
     large_free: Vec<u32>,
     /// Bytes of the buffers in `large`, shared headers included.
     large_bytes: usize,
-    /// First vacant slot, or [`NIL`].
-    free_head: u32,
-    /// Key hash -> slot number.
+    /// Key hash -> chunk handle.
     index: HashTable<u32>,
     /// Most recently used entry, or [`NIL`] when empty.
     head: u32,
     /// Least recently used entry (next to be evicted), or [`NIL`] when empty.
     tail: u32,
-    /// Sum of the charges of all occupied slots.
+    /// A handle an operation holds across frees; [`Shard::moved`] keeps it current.
+    tracked: u32,
+    /// Sum of the charges of all entries.
     used_bytes: u64,
     /// This shard's share of `max_bytes`.
     capacity: u64,
@@ -273,21 +263,30 @@ pub(crate) struct Shard {
     /// How long a tombstone stays, in milliseconds; also how long an expired *versioned*
     /// value keeps blocking older versions (as a tombstone) after its expiry.
     tombstone_ttl_ms: u64,
-    /// Occupied slots holding values (not tombstones), expired or not.
+    /// Entries holding values (not tombstones), expired or not.
     items: u64,
-    /// Occupied slots holding tombstones.
+    /// Entries holding tombstones.
     tombstones: u64,
-    /// Occupied slots with an expiry; when 0 the reaper has nothing to do here.
+    /// Entries with an expiry; when 0 the reaper has nothing to do here.
     expiring: u64,
-    /// Where the reaper's sweep resumes.
-    reap_cursor: u32,
-    /// Re-hashes keys when the index grows or an entry is found by slot number; the same
-    /// hasher the cache uses to pick the shard.
+    /// Where the reaper's sweep resumes (a chunk position, see [`Arena::live_at`]).
+    reap_cursor: usize,
+    /// While a reaper step settles an entry: the sweep's position.
+    reaping_at: Option<usize>,
+    /// An entry with an expiry moved behind the sweep during this pass: the pass goes again
+    /// before it reports itself complete.
+    reap_missed: bool,
+    /// Expiry codes count milliseconds from here (see [`BASE_MARGIN_MS`]).
+    base_ms: u64,
+    /// Re-hashes keys when the index grows or a chunk moves; the same hasher the cache uses
+    /// to pick the shard.
     hasher: ahash::RandomState,
     pub(crate) counters: ShardCounters,
 }
 
 impl Shard {
+    /// A shard; `now_ms` is the clock's reading at creation (expiry codes start
+    /// [`BASE_MARGIN_MS`] before it).
     pub(crate) fn new(
         capacity: u64,
         max_items: u64,
@@ -295,18 +294,18 @@ impl Shard {
         policy: EvictionPolicy,
         tombstone_ttl_ms: u64,
         hasher: ahash::RandomState,
+        now_ms: u64,
     ) -> Self {
         Self {
             tombstone_ttl_ms,
-            slots: Vec::new(),
             arena: Arena::new(),
             large: Vec::new(),
             large_free: Vec::new(),
             large_bytes: 0,
-            free_head: NIL,
             index: HashTable::new(),
             head: NIL,
             tail: NIL,
+            tracked: NIL,
             used_bytes: 0,
             capacity,
             max_items,
@@ -317,6 +316,9 @@ impl Shard {
             tombstones: 0,
             expiring: 0,
             reap_cursor: 0,
+            reaping_at: None,
+            reap_missed: false,
+            base_ms: now_ms.saturating_sub(BASE_MARGIN_MS),
             hasher,
             counters: ShardCounters::default(),
         }
@@ -338,138 +340,249 @@ impl Shard {
         self.capacity
     }
 
-    /// Bytes this shard really holds: slab capacity, index, arena pages and tables, and large
-    /// entries' buffers and handles. Differs from `used_bytes` by the slack the charges do not
-    /// see (free chunks, slab and index growth room); see `docs/why/lru.md`.
+    /// Bytes this shard really holds: index, arena pages and tables, and large entries'
+    /// buffers and handles. Differs from `used_bytes` by the slack the charges do not see
+    /// (free chunks, index growth room); see `docs/why/lru.md`.
     pub(crate) fn footprint(&self) -> u64 {
         let index_buckets = match self.index.capacity() {
             0 => 0,
             c => (c * 8 / 7).next_power_of_two(),
         };
-        (self.slots.capacity() * SLOT_BYTES
-            + index_buckets * (4 + 1)
+        (index_buckets * (4 + 1)
             + self.arena.footprint()
             + self.large_bytes
             + self.large.capacity() * std::mem::size_of::<Bytes>()
             + self.large_free.capacity() * 4) as u64
     }
 
-    // ----- slab and list primitives -------------------------------------------------------
+    // ----- headers ------------------------------------------------------------------------
 
-    fn node(&self, idx: u32) -> &Node {
-        match &self.slots[idx as usize] {
-            Slot::Occupied(node) => node,
-            Slot::Vacant { .. } => unreachable!("slot {idx} is linked but vacant"),
+    fn encode_expiry(&self, at: u64) -> u64 {
+        if at == NEVER {
+            E_NEVER
+        } else {
+            at.saturating_sub(self.base_ms).clamp(1, E_NEVER - 1)
         }
     }
 
-    fn node_mut(&mut self, idx: u32) -> &mut Node {
-        match &mut self.slots[idx as usize] {
-            Slot::Occupied(node) => node,
-            Slot::Vacant { .. } => unreachable!("slot {idx} is linked but vacant"),
+    fn node(&self, h: u32) -> Node {
+        let meta = self.arena.meta(h);
+        let e = meta & E_NEVER;
+        Node {
+            expires_at: if e == E_NEVER {
+                NEVER
+            } else {
+                self.base_ms + e
+            },
+            version: self.arena.version(h),
+            prev: self.arena.prev(h),
+            next: self.arena.next(h),
+            tombstone: meta & TOMBSTONE != 0,
+            visited: meta & VISITED != 0,
+            large: meta & LARGE != 0,
+        }
+    }
+
+    /// Writes `node`'s header into chunk `h`; `inline` is the key's and value's lengths of
+    /// an inline entry (ignored for a large one).
+    fn write_node(&mut self, h: u32, node: &Node, inline: (usize, usize)) {
+        let mut meta = self.encode_expiry(node.expires_at);
+        if node.large {
+            meta |= LARGE;
+        } else {
+            meta |= (inline.0 as u64) << KLEN_SHIFT | (inline.1 as u64) << VLEN_SHIFT;
+        }
+        if node.tombstone {
+            meta |= TOMBSTONE;
+        }
+        if node.visited {
+            meta |= VISITED;
+        }
+        self.arena.set_prev(h, node.prev);
+        self.arena.set_next(h, node.next);
+        self.arena.set_version(h, node.version);
+        self.arena.set_meta(h, meta);
+    }
+
+    fn set_expiry(&mut self, h: u32, at: u64) {
+        let meta = self.arena.meta(h) & !E_NEVER;
+        let code = self.encode_expiry(at);
+        self.arena.set_meta(h, meta | code);
+    }
+
+    fn set_visited(&mut self, h: u32, visited: bool) {
+        let meta = self.arena.meta(h);
+        let meta = if visited {
+            meta | VISITED
+        } else {
+            meta & !VISITED
+        };
+        self.arena.set_meta(h, meta);
+    }
+
+    /// The key and the value of entry `h`.
+    fn entry(&self, h: u32) -> (&[u8], &[u8]) {
+        entry_in(&self.arena, &self.large, h)
+    }
+
+    /// The key of entry `h`.
+    fn key(&self, h: u32) -> &[u8] {
+        self.entry(h).0
+    }
+
+    /// The key as `Bytes`: a slice of a large entry's buffer, a copy of a small one's.
+    fn key_bytes(&self, h: u32) -> Bytes {
+        if self.arena.meta(h) & LARGE != 0 {
+            let buf = &self.large[large_index(&self.arena, h)];
+            let (k, _) = large_parts(buf);
+            buf.slice(LARGE_HEADER..LARGE_HEADER + k)
+        } else {
+            Bytes::copy_from_slice(self.key(h))
+        }
+    }
+
+    /// The value: a slice of a large entry's buffer (no copy), a copy of a small one's (a few
+    /// nanoseconds for a value of up to 1 KiB, against microseconds for a request).
+    fn value(&self, h: u32) -> Bytes {
+        if self.arena.meta(h) & LARGE != 0 {
+            let buf = &self.large[large_index(&self.arena, h)];
+            let (k, _) = large_parts(buf);
+            buf.slice(LARGE_HEADER + k..)
+        } else {
+            Bytes::copy_from_slice(self.entry(h).1)
+        }
+    }
+
+    /// Bytes entry `h` is charged against the shard's budget.
+    fn charge(&self, h: u32) -> u64 {
+        if self.arena.meta(h) & LARGE != 0 {
+            let data = self.large[large_index(&self.arena, h)].len() - LARGE_HEADER;
+            charge_for((large_class(), true), data)
+        } else {
+            charge_for((self.arena.class_of(h), false), 0)
         }
     }
 
     fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        let (slots, arena, large) = (&self.slots, &self.arena, &self.large);
+        let (arena, large) = (&self.arena, &self.large);
         self.index
-            .find(hash, |&idx| match &slots[idx as usize] {
-                Slot::Occupied(node) => node.key(arena, large) == key,
-                Slot::Vacant { .. } => false,
-            })
+            .find(hash, |&h| entry_in(arena, large, h).0 == key)
             .copied()
     }
 
-    /// The key of occupied slot `idx`.
-    fn key(&self, idx: u32) -> &[u8] {
-        self.node(idx).key(&self.arena, &self.large)
-    }
+    // ----- storage ------------------------------------------------------------------------
 
-    /// Stores `key` and `value` for slot `owner`: in an arena chunk, or as a large entry.
-    /// Returns the node's `(class, loc)`.
-    fn store(&mut self, owner: u32, key: &[u8], value: &[u8]) -> (u8, u32) {
-        let class = class_of_data(key.len() + value.len());
-        if class != LARGE
-            && let Some(h) = self.arena.alloc(class)
-        {
-            self.arena.fill(h, class, owner, key, value);
-            return (class, h);
-        }
+    /// Stores a large entry's bytes; returns its number in `large`.
+    fn store_large(&mut self, key: &[u8], value: &[u8]) -> u32 {
         let data = entry_buffer(key, value);
         self.large_bytes += data.len() + BYTES_SHARED_HEADER;
         match self.large_free.pop() {
             Some(i) => {
                 self.large[i as usize] = data;
-                (LARGE, i)
+                i
             }
             None => {
                 self.large.push(data);
-                (LARGE, (self.large.len() - 1) as u32)
+                (self.large.len() - 1) as u32
             }
         }
     }
 
-    /// Frees what [`Shard::store`] returned. Arena chunks moved to give a page back are
-    /// followed: their owners' `loc` is updated.
-    fn release(&mut self, class: u8, loc: u32) {
-        if class == LARGE {
-            let data = std::mem::take(&mut self.large[loc as usize]);
-            self.large_bytes -= data.len() + BYTES_SHARED_HEADER;
-            self.large_free.push(loc);
-            return;
-        }
-        let slots = &mut self.slots;
-        self.arena.free(loc, class, |owner, to| {
-            if let Some(Slot::Occupied(node)) = slots.get_mut(owner as usize) {
-                node.loc = to;
-            }
-        });
+    fn release_large(&mut self, i: usize) {
+        let data = std::mem::take(&mut self.large[i]);
+        self.large_bytes -= data.len() + BYTES_SHARED_HEADER;
+        self.large_free.push(i as u32);
     }
 
-    /// Unlinks `idx` from the LRU list (the node stays in its slot).
-    fn unlink(&mut self, idx: u32) {
-        let (prev, next) = {
-            let node = self.node(idx);
-            (node.prev, node.next)
-        };
+    /// A chunk of `class`. The configuration bounds a shard's budget to what its page
+    /// numbers address (see `CacheConfig::validate`), and charges count whole chunks, so the
+    /// arena cannot run out of pages before the budget runs out.
+    fn alloc(&mut self, class: u8) -> u32 {
+        self.arena
+            .alloc(class)
+            .expect("a shard's budget fits in its page numbers")
+    }
+
+    /// Frees chunk `h` (already unlinked and unindexed) and follows every chunk the arena
+    /// moves to give a page back.
+    fn free_chunk(&mut self, h: u32) {
+        if let Some(mut release) = self.arena.free(h) {
+            while let Some((from, to)) = self.arena.move_one(&mut release) {
+                self.moved(from, to);
+            }
+        }
+    }
+
+    /// The entry in chunk `from` now lives in chunk `to` (header and bytes copied): points
+    /// its neighbours, the list ends, the hand, `tracked` and the index at `to`.
+    fn moved(&mut self, from: u32, to: u32) {
+        let (prev, next) = (self.arena.prev(to), self.arena.next(to));
+        match prev {
+            NIL => self.head = to,
+            p => self.arena.set_next(p, to),
+        }
+        match next {
+            NIL => self.tail = to,
+            n => self.arena.set_prev(n, to),
+        }
+        if self.hand == from {
+            self.hand = to;
+        }
+        if self.tracked == from {
+            self.tracked = to;
+        }
+        if let Some(pos) = self.reaping_at
+            && (to as usize) < pos
+            && self.arena.meta(to) & E_NEVER != E_NEVER
+        {
+            self.reap_missed = true;
+        }
+        let hash = self.hasher.hash_one(self.key(to));
+        if let Some(slot) = self.index.find_mut(hash, |&h| h == from) {
+            *slot = to;
+        }
+    }
+
+    // ----- list primitives ----------------------------------------------------------------
+
+    /// Unlinks `h` from the LRU list (the entry stays in its chunk).
+    fn unlink(&mut self, h: u32) {
+        let (prev, next) = (self.arena.prev(h), self.arena.next(h));
         match prev {
             NIL => self.head = next,
-            p => self.node_mut(p).next = next,
+            p => self.arena.set_next(p, next),
         }
         match next {
             NIL => self.tail = prev,
-            n => self.node_mut(n).prev = prev,
+            n => self.arena.set_prev(n, prev),
         }
     }
 
-    /// Links `idx` at the head (most recently used).
-    fn push_front(&mut self, idx: u32) {
+    /// Links `h` at the head (most recently used).
+    fn push_front(&mut self, h: u32) {
         let old_head = self.head;
-        {
-            let node = self.node_mut(idx);
-            node.prev = NIL;
-            node.next = old_head;
-        }
+        self.arena.set_prev(h, NIL);
+        self.arena.set_next(h, old_head);
         match old_head {
-            NIL => self.tail = idx,
-            h => self.node_mut(h).prev = idx,
+            NIL => self.tail = h,
+            o => self.arena.set_prev(o, h),
         }
-        self.head = idx;
+        self.head = h;
     }
 
-    fn move_to_front(&mut self, idx: u32) {
-        if self.head != idx {
-            self.unlink(idx);
-            self.push_front(idx);
+    fn move_to_front(&mut self, h: u32) {
+        if self.head != h {
+            self.unlink(h);
+            self.push_front(h);
         }
     }
 
-    /// Records a use of `idx` (a hit, an overwrite, a touch): under LRU it moves to the head;
+    /// Records a use of `h` (a hit, an overwrite, a touch): under LRU it moves to the head;
     /// under SIEVE it is marked visited and stays where it is.
-    fn promote(&mut self, idx: u32) {
+    fn promote(&mut self, h: u32) {
         match self.policy {
-            EvictionPolicy::Lru => self.move_to_front(idx),
-            EvictionPolicy::Sieve => self.node_mut(idx).visited = true,
+            EvictionPolicy::Lru => self.move_to_front(h),
+            EvictionPolicy::Sieve => self.set_visited(h, true),
         }
     }
 
@@ -486,28 +599,30 @@ impl Shard {
     /// passes over the list at most: the first clears every bit.
     fn sieve_victim(&mut self, protect: u32) -> Option<u32> {
         let entries = self.items + self.tombstones;
-        let mut idx = if self.hand == NIL {
+        let mut h = if self.hand == NIL {
             self.tail
         } else {
             self.hand
         };
         let mut steps = 0u64;
-        while idx != NIL && steps <= 2 * entries {
+        while h != NIL && steps <= 2 * entries {
             steps += 1;
-            let node = self.node_mut(idx);
-            let prev = node.prev;
-            if idx != protect && !node.visited {
+            let prev = self.arena.prev(h);
+            let visited = self.arena.meta(h) & VISITED != 0;
+            if h != protect && !visited {
                 self.hand = prev;
-                return Some(idx);
+                return Some(h);
             }
-            node.visited = false;
-            idx = if prev == NIL { self.tail } else { prev };
+            if visited {
+                self.set_visited(h, false);
+            }
+            h = if prev == NIL { self.tail } else { prev };
         }
         None
     }
 
-    /// Adds the per-node counters of `node` (`sign` = +1) or removes them (`sign` = -1).
-    fn account(&mut self, node_charge: u64, tombstone: bool, expiring: bool, add: bool) {
+    /// Adds the per-entry counters (`add`) or removes them.
+    fn account(&mut self, charge: u64, tombstone: bool, expiring: bool, add: bool) {
         let delta = |v: &mut u64, d: u64| {
             if add {
                 *v += d;
@@ -515,7 +630,7 @@ impl Shard {
                 *v -= d;
             }
         };
-        delta(&mut self.used_bytes, node_charge);
+        delta(&mut self.used_bytes, charge);
         if tombstone {
             delta(&mut self.tombstones, 1);
         } else {
@@ -526,7 +641,7 @@ impl Shard {
         }
     }
 
-    /// Stores a new entry in a free slot, links it at the head and indexes it.
+    /// Stores a new entry in a new chunk, links it at the head and indexes it.
     fn insert_node(
         &mut self,
         hash: u64,
@@ -536,143 +651,140 @@ impl Shard {
         version: u64,
         tombstone: bool,
     ) -> u32 {
-        let idx = match self.free_head {
-            NIL => u32::try_from(self.slots.len())
-                .ok()
-                .filter(|&i| i != NIL)
-                .expect("a shard holds fewer than u32::MAX entries"),
-            idx => idx,
-        };
-        let (class, loc) = self.store(idx, key, value);
+        let (class, large) = layout(key.len() + value.len());
+        let h = self.alloc(class);
+        if large {
+            let i = self.store_large(key, value);
+            self.arena.write_data(h, &[&i.to_le_bytes()]);
+        } else {
+            self.arena.write_data(h, &[key, value]);
+        }
         let node = Node {
             expires_at,
             version,
-            loc,
             prev: NIL,
             next: NIL,
-            class,
             tombstone,
             visited: false,
+            large,
         };
-        self.account(
-            node.charge(&self.large),
-            tombstone,
-            expires_at != NEVER,
-            true,
-        );
-        if idx as usize == self.slots.len() {
-            // Grow in steps of an eighth, not by doubling: the slab's slack stays small and
-            // bounded (what the memory limit does not see).
-            if self.slots.len() == self.slots.capacity() {
-                self.slots.reserve_exact((self.slots.len() / 8).max(64));
-            }
-            self.slots.push(Slot::Occupied(node));
-        } else {
-            let slot = std::mem::replace(&mut self.slots[idx as usize], Slot::Occupied(node));
-            match slot {
-                Slot::Vacant { next_free } => self.free_head = next_free,
-                Slot::Occupied(_) => unreachable!("free list points at occupied slot {idx}"),
-            }
-        }
-        self.push_front(idx);
-        let (slots, arena, large, hasher) = (&self.slots, &self.arena, &self.large, &self.hasher);
+        self.write_node(h, &node, (key.len(), value.len()));
+        self.account(self.charge(h), tombstone, expires_at != NEVER, true);
+        self.push_front(h);
+        let (arena, large, hasher) = (&self.arena, &self.large, &self.hasher);
         self.index
-            .insert_unique(hash, idx, |&i| match &slots[i as usize] {
-                Slot::Occupied(node) => hasher.hash_one(node.key(arena, large)),
-                Slot::Vacant { .. } => 0,
-            });
-        idx
+            .insert_unique(hash, h, |&i| hasher.hash_one(entry_in(arena, large, i).0));
+        h
     }
 
-    /// Unlinks, un-indexes and frees slot `idx`; returns whether it held a tombstone.
-    fn remove_node(&mut self, idx: u32) -> bool {
-        if self.hand == idx {
-            self.hand = self.node(idx).prev;
+    /// Unlinks, un-indexes and frees entry `h`; returns whether it held a tombstone.
+    fn remove_node(&mut self, h: u32) -> bool {
+        let node = self.node(h);
+        if self.hand == h {
+            self.hand = node.prev;
         }
-        self.unlink(idx);
-        let hash = self.hasher.hash_one(self.key(idx));
-        if let Ok(entry) = self.index.find_entry(hash, |&i| i == idx) {
+        self.unlink(h);
+        let hash = self.hasher.hash_one(self.key(h));
+        if let Ok(entry) = self.index.find_entry(hash, |&i| i == h) {
             entry.remove();
         }
-        let slot = std::mem::replace(
-            &mut self.slots[idx as usize],
-            Slot::Vacant {
-                next_free: self.free_head,
-            },
+        self.account(
+            self.charge(h),
+            node.tombstone,
+            node.expires_at != NEVER,
+            false,
         );
-        self.free_head = idx;
-        match slot {
-            Slot::Occupied(node) => {
-                self.account(
-                    node.charge(&self.large),
-                    node.tombstone,
-                    node.expires_at != NEVER,
-                    false,
-                );
-                self.release(node.class, node.loc);
-                node.tombstone
-            }
-            Slot::Vacant { .. } => unreachable!("removed vacant slot {idx}"),
+        if node.large {
+            self.release_large(large_index(&self.arena, h));
         }
+        self.free_chunk(h);
+        node.tombstone
     }
 
-    /// Rewrites occupied slot `idx` in place, keeping its slot number (so a scan in progress
-    /// neither misses nor repeats it) and its list position: its bytes go to the same chunk if
-    /// they fit its class, else to new storage, and the old is freed. A write then records a
-    /// use ([`Shard::promote`]); an expiry turning a value into a tombstone does not.
+    /// Rewrites entry `h` keeping its list position: its bytes go to the same chunk if they
+    /// fit its class, else to a new chunk, and the old one is freed. Returns the entry's
+    /// handle afterwards. A write then records a use ([`Shard::promote`]); an expiry turning
+    /// a value into a tombstone does not.
     fn rewrite(
         &mut self,
-        idx: u32,
+        h: u32,
         key: &[u8],
         value: &[u8],
         expires_at: u64,
         version: u64,
         tombstone: bool,
-    ) {
-        let (old_charge, old_tomb, old_expiring, old_class, old_loc) = {
-            let node = self.node(idx);
-            let expiring = node.expires_at != NEVER;
-            (
-                node.charge(&self.large),
-                node.tombstone,
-                expiring,
-                node.class,
-                node.loc,
-            )
-        };
-        self.account(old_charge, old_tomb, old_expiring, false);
-        let class = class_of_data(key.len() + value.len());
-        if class == old_class && class != LARGE {
-            self.arena.fill(old_loc, class, idx, key, value);
+    ) -> u32 {
+        let old = self.node(h);
+        self.account(
+            self.charge(h),
+            old.tombstone,
+            old.expires_at != NEVER,
+            false,
+        );
+        let (class, large) = layout(key.len() + value.len());
+        let target = if class == self.arena.class_of(h) {
+            h
         } else {
-            let (class, loc) = self.store(idx, key, value);
-            let node = self.node_mut(idx);
-            node.class = class;
-            node.loc = loc;
-            // The node points at its new bytes before the old are freed: freeing may move
-            // chunks, the new one included, and the move updates the node.
-            self.release(old_class, old_loc);
+            self.alloc(class)
+        };
+        // The bytes: a large entry keeps its buffer number when it stays large.
+        let old_large = old.large.then(|| large_index(&self.arena, h));
+        match (old_large, large) {
+            (Some(i), true) => {
+                let data = entry_buffer(key, value);
+                self.large_bytes -= self.large[i].len();
+                self.large_bytes += data.len();
+                self.large[i] = data;
+                self.arena.write_data(target, &[&(i as u32).to_le_bytes()]);
+            }
+            (old_large, true) => {
+                if let Some(i) = old_large {
+                    self.release_large(i);
+                }
+                let i = self.store_large(key, value);
+                self.arena.write_data(target, &[&i.to_le_bytes()]);
+            }
+            (old_large, false) => {
+                if let Some(i) = old_large {
+                    self.release_large(i);
+                }
+                self.arena.write_data(target, &[key, value]);
+            }
         }
-        let node = self.node_mut(idx);
-        node.expires_at = expires_at;
-        node.version = version;
-        node.tombstone = tombstone;
-        let new_charge = self.node(idx).charge(&self.large);
-        self.account(new_charge, tombstone, expires_at != NEVER, true);
+        let node = Node {
+            expires_at,
+            version,
+            tombstone,
+            large,
+            ..old
+        };
+        self.write_node(target, &node, (key.len(), value.len()));
+        self.account(self.charge(target), tombstone, expires_at != NEVER, true);
+        if target == h {
+            return h;
+        }
+        // The entry moved: take over the old chunk's place in the list and the index, then
+        // free it (which may move chunks again, the new one included).
+        self.moved(h, target);
+        self.tracked = target;
+        self.free_chunk(h);
+        std::mem::replace(&mut self.tracked, NIL)
     }
 
-    /// Evicts from the tail until `extra_bytes` and `extra_items` more fit. Never evicts
-    /// `protect` (the entry being written, already at the head).
-    fn evict_until_fits(&mut self, extra_bytes: u64, extra_items: u64, protect: u32) {
+    /// Evicts until `extra_bytes` and `extra_items` more fit. Never evicts `protect` (the
+    /// entry being written, already in place); returns its handle afterwards.
+    fn evict_until_fits(&mut self, extra_bytes: u64, extra_items: u64, protect: u32) -> u32 {
+        self.tracked = protect;
         while self.used_bytes + extra_bytes > self.capacity
             || self.items + self.tombstones + extra_items > self.max_items
         {
-            let Some(victim) = self.victim(protect) else {
+            let Some(victim) = self.victim(self.tracked) else {
                 break;
             };
             self.remove_node(victim);
             self.counters.evictions += 1;
         }
+        std::mem::replace(&mut self.tracked, NIL)
     }
 
     /// Would an insert of `extra_bytes` / `extra_items` fit without evicting?
@@ -681,7 +793,7 @@ impl Shard {
             && self.items + self.tombstones + extra_items <= self.max_items
     }
 
-    /// Brings the entry in slot `idx` up to date with the clock and returns it if it still
+    /// Brings entry `h` up to date with the clock and returns its handle if it still
     /// exists: an expired tombstone is freed; an expired value is freed if unversioned, and
     /// otherwise becomes a tombstone at its version until `expires_at + tombstone_ttl`.
     ///
@@ -689,36 +801,33 @@ impl Shard {
     /// expired value simply vanished, its version would be lost and an older live copy on
     /// another replica (one that missed the write) would win a versioned read or a repair,
     /// bringing an expired value back.
-    fn settle<C: Clock>(&mut self, idx: u32, now: &mut Now<'_, C>) -> Option<u32> {
-        let (expires_at, tombstone, version) = {
-            let node = self.node(idx);
-            (node.expires_at, node.tombstone, node.version)
-        };
-        if expires_at == NEVER || now.get() < expires_at {
-            return Some(idx);
+    fn settle<C: Clock>(&mut self, h: u32, now: &mut Now<'_, C>) -> Option<u32> {
+        let node = self.node(h);
+        if node.expires_at == NEVER || now.get() < node.expires_at {
+            return Some(h);
         }
-        if tombstone {
-            self.remove_node(idx);
+        if node.tombstone {
+            self.remove_node(h);
             return None;
         }
         self.counters.expirations += 1;
-        let dead_until = expires_at
+        let dead_until = node
+            .expires_at
             .saturating_add(self.tombstone_ttl_ms)
             .min(NEVER - 1);
-        if version == 0 || now.get() >= dead_until {
-            self.remove_node(idx);
+        if node.version == 0 || now.get() >= dead_until {
+            self.remove_node(h);
             return None;
         }
-        self.entomb(idx, dead_until);
-        Some(idx)
+        Some(self.entomb(h, dead_until))
     }
 
-    /// Turns the value in slot `idx` into a tombstone expiring at `expires_at`, in place
-    /// (same slot, same list position, same version): frees the value's bytes.
-    fn entomb(&mut self, idx: u32, expires_at: u64) {
-        let key = self.key(idx).to_vec();
-        let version = self.node(idx).version;
-        self.rewrite(idx, &key, &[], expires_at, version, true);
+    /// Turns the value in entry `h` into a tombstone expiring at `expires_at`, in place
+    /// (same list position, same version): frees the value's bytes. Returns its handle.
+    fn entomb(&mut self, h: u32, expires_at: u64) -> u32 {
+        let key = self.key(h).to_vec();
+        let version = self.node(h).version;
+        self.rewrite(h, &key, &[], expires_at, version, true)
     }
 
     /// Finds `key` and settles it (see [`Shard::settle`]).
@@ -728,8 +837,8 @@ impl Shard {
         key: &[u8],
         now: &mut Now<'_, C>,
     ) -> Option<u32> {
-        let idx = self.find(hash, key)?;
-        self.settle(idx, now)
+        let h = self.find(hash, key)?;
+        self.settle(h, now)
     }
 
     // ----- operations ---------------------------------------------------------------------
@@ -802,7 +911,7 @@ impl Shard {
 
         match existing {
             Some(idx) => {
-                let old_charge = self.node(idx).charge(&self.large);
+                let old_charge = self.charge(idx);
                 let grow = charge.saturating_sub(old_charge);
                 if !self.evict && !self.fits(grow, 0) {
                     return Err(InsertError::OutOfMemory {
@@ -815,7 +924,7 @@ impl Shard {
                 } else {
                     self.counters.inserts += 1;
                 }
-                self.rewrite(idx, key, value, expires_at, version, false);
+                let idx = self.rewrite(idx, key, value, expires_at, version, false);
                 self.promote(idx);
                 self.evict_until_fits(0, 0, idx);
             }
@@ -883,7 +992,7 @@ impl Shard {
         match existing {
             // A tombstone is never larger than what it replaces, so it always fits.
             Some(idx) => {
-                self.rewrite(idx, key, &[], expires_at, version, true);
+                let idx = self.rewrite(idx, key, &[], expires_at, version, true);
                 self.promote(idx);
             }
             None => {
@@ -926,7 +1035,7 @@ impl Shard {
             _ => {
                 let was_expiring = node.expires_at != NEVER;
                 let new_at = expires_at.unwrap_or(NEVER);
-                self.node_mut(idx).expires_at = new_at;
+                self.set_expiry(idx, new_at);
                 match (was_expiring, new_at != NEVER) {
                     (false, true) => self.expiring += 1,
                     (true, false) => self.expiring -= 1,
@@ -966,7 +1075,7 @@ impl Shard {
             return Some(VersionedRead::Dead { version });
         }
         let lookup = Lookup {
-            value: node.value(&self.arena, &self.large),
+            value: self.value(idx),
             version: node.version,
             expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
         };
@@ -1007,12 +1116,11 @@ impl Shard {
             let _ = self.delete_inner(hash, key, Some(idx), Some(version), &mut now, ttl);
             return TouchOutcome::Deleted;
         }
-        let value = node.value(&self.arena, &self.large);
+        let value = self.value(idx);
         let was_expiring = node.expires_at != NEVER;
         let new_at = expires_at.unwrap_or(NEVER);
-        let node = self.node_mut(idx);
-        node.expires_at = new_at;
-        node.version = version;
+        self.set_expiry(idx, new_at);
+        self.arena.set_version(idx, version);
         match (was_expiring, new_at != NEVER) {
             (false, true) => self.expiring += 1,
             (true, false) => self.expiring -= 1,
@@ -1043,41 +1151,80 @@ impl Shard {
         Some((node.expires_at != NEVER).then_some(node.expires_at))
     }
 
-    /// One bounded step of the expiry sweep: examines at most `budget` slots from where the
+    /// One bounded step of the expiry sweep: examines at most `budget` chunks from where the
     /// last step stopped and frees the expired entries and tombstones among them.
     pub(crate) fn reap_step<C: Clock>(&mut self, budget: usize, clock: &C) -> ReapStep {
         let mut step = ReapStep::default();
         if self.expiring == 0 {
             self.reap_cursor = 0;
+            self.reap_missed = false;
             step.pass_complete = true;
             return step;
         }
         let now = clock.now_ms();
-        let end = self.slots.len();
-        let mut cursor = self.reap_cursor as usize;
-        while step.visited < budget && cursor < end {
-            if let Slot::Occupied(node) = &self.slots[cursor]
-                && node.expires_at != NEVER
-                && node.expires_at <= now
-            {
-                let mut now = Now::new(clock);
-                // A versioned value becomes a tombstone (its bytes are freed all the same).
-                let _ = self.settle(cursor as u32, &mut now);
-                step.reclaimed += 1;
+        let mut pos = self.reap_cursor;
+        while step.visited < budget && pos < self.arena.positions() {
+            match self.arena.live_at(pos) {
+                Ok(h) => {
+                    let expires_at = self.node(h).expires_at;
+                    if expires_at != NEVER && expires_at <= now {
+                        let mut now = Now::new(clock);
+                        // A versioned value becomes a tombstone (its bytes are freed all the
+                        // same). Chunks may move meanwhile: if one with an expiry lands
+                        // behind the sweep, the pass goes round again.
+                        self.reaping_at = Some(pos);
+                        let _ = self.settle(h, &mut now);
+                        self.reaping_at = None;
+                        step.reclaimed += 1;
+                    }
+                    step.visited += 1;
+                    pos += 1;
+                }
+                Err(next) => {
+                    if next == pos + 1 {
+                        step.visited += 1;
+                    }
+                    pos = next;
+                }
             }
-            cursor += 1;
-            step.visited += 1;
         }
-        if cursor >= end {
-            cursor = 0;
-            step.pass_complete = true;
+        if pos >= self.arena.positions() {
+            pos = 0;
+            step.pass_complete = !std::mem::take(&mut self.reap_missed);
         }
-        self.reap_cursor = cursor as u32;
+        self.reap_cursor = pos;
         step
     }
 
-    /// Live values in slots `from..` examining at most `budget` slots. Returns the entries and
-    /// the slot to resume from (`None` when the shard is done).
+    /// Calls `each` with every entry in chunk positions `from..`, examining at most `budget`
+    /// chunks. Returns the position to resume from (`None` when the shard is done).
+    fn walk(&self, from: usize, budget: usize, mut each: impl FnMut(u32)) -> Option<usize> {
+        let (end, mut pos, mut examined) = (self.arena.positions(), from, 0);
+        while examined < budget.max(1) && pos < end {
+            match self.arena.live_at(pos) {
+                Ok(h) => {
+                    each(h);
+                    examined += 1;
+                    pos += 1;
+                }
+                Err(next) => {
+                    if next == pos + 1 {
+                        examined += 1;
+                    }
+                    pos = next;
+                }
+            }
+        }
+        (pos < end).then_some(pos)
+    }
+
+    /// Live values in chunk positions `from..`, examining at most `budget` chunks. Returns
+    /// the entries and the position to resume from (`None` when the shard is done).
+    ///
+    /// An entry present for the whole scan is returned unless a page was given back while
+    /// the scan was under way and moved it from ahead of the cursor to behind it; one moved
+    /// the other way can be returned twice. Entries move only when a size class has shrunk
+    /// by one and a half pages' worth of entries.
     pub(crate) fn scan<C: Clock>(
         &self,
         from: usize,
@@ -1086,21 +1233,17 @@ impl Shard {
         out: &mut Vec<Entry>,
     ) -> Option<usize> {
         let mut now = Now::new(clock);
-        let end = self.slots.len().min(from.saturating_add(budget.max(1)));
-        for slot in self.slots.get(from..end).unwrap_or_default() {
-            if let Slot::Occupied(node) = slot
-                && !node.tombstone
-                && !node.is_expired(&mut now)
-            {
+        self.walk(from, budget, |h| {
+            let node = self.node(h);
+            if !node.tombstone && !node.is_expired(&mut now) {
                 out.push(Entry {
-                    key: node.key_bytes(&self.arena, &self.large),
-                    value: node.value(&self.arena, &self.large),
+                    key: self.key_bytes(h),
+                    value: self.value(h),
                     version: node.version,
                     expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
                 });
             }
-        }
-        (end < self.slots.len()).then_some(end)
+        })
     }
 
     /// Like [`Shard::scan`] for anti-entropy: every versioned entry's key and version, live
@@ -1115,13 +1258,10 @@ impl Shard {
         out: &mut Vec<KeyVersion>,
     ) -> Option<usize> {
         let mut now = Now::new(clock);
-        let end = self.slots.len().min(from.saturating_add(budget.max(1)));
-        for slot in self.slots.get(from..end).unwrap_or_default() {
-            let Slot::Occupied(node) = slot else {
-                continue;
-            };
+        self.walk(from, budget, |h| {
+            let node = self.node(h);
             if node.version == 0 {
-                continue;
+                return;
             }
             let live = if !node.is_expired(&mut now) {
                 !node.tombstone
@@ -1132,163 +1272,156 @@ impl Shard {
                         .saturating_add(self.tombstone_ttl_ms)
                         .min(NEVER - 1)
             {
-                continue;
+                return;
             } else {
                 false
             };
             out.push(KeyVersion {
-                key: node.key_bytes(&self.arena, &self.large),
+                key: self.key_bytes(h),
                 version: node.version,
                 live,
-                value_len: if live {
-                    node.entry(&self.arena, &self.large).1.len()
-                } else {
-                    0
-                },
+                value_len: if live { self.entry(h).1.len() } else { 0 },
             });
-        }
-        (end < self.slots.len()).then_some(end)
+        })
     }
 
     /// Drops every entry (counters other than sizes are kept).
     pub(crate) fn clear(&mut self) {
-        self.slots = Vec::new();
         self.arena.clear();
         self.large = Vec::new();
         self.large_free = Vec::new();
         self.large_bytes = 0;
         self.index = HashTable::new();
-        self.free_head = NIL;
         self.head = NIL;
         self.tail = NIL;
         self.hand = NIL;
+        self.tracked = NIL;
         self.used_bytes = 0;
         self.items = 0;
         self.tombstones = 0;
         self.expiring = 0;
         self.reap_cursor = 0;
+        self.reap_missed = false;
     }
 
     /// Keys from most to least recently used, tombstones and expired entries included.
     #[cfg(any(test, feature = "model"))]
     pub(crate) fn keys_mru_to_lru(&self) -> Vec<Vec<u8>> {
         let mut keys = Vec::new();
-        let mut idx = self.head;
-        while idx != NIL {
-            keys.push(self.key(idx).to_vec());
-            idx = self.node(idx).next;
+        let mut h = self.head;
+        while h != NIL {
+            keys.push(self.key(h).to_vec());
+            h = self.arena.next(h);
         }
         keys
     }
 
     /// Checks every invariant of the shard; `Err` names the first one broken.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        let occupied = self
-            .slots
-            .iter()
-            .filter(|s| matches!(s, Slot::Occupied(_)))
-            .count();
-        // The LRU list: well linked, acyclic, covering every occupied slot.
+        // Every entry, found by walking the pages.
+        let mut entries = Vec::new();
+        let mut pos = 0;
+        while pos < self.arena.positions() {
+            match self.arena.live_at(pos) {
+                Ok(h) => {
+                    entries.push(h);
+                    pos += 1;
+                }
+                Err(next) => pos = next,
+            }
+        }
+        let occupied = entries.len();
+        let is_entry = |h: u32| entries.binary_search(&h).is_ok();
+        // The LRU list: well linked, acyclic, covering every entry.
         let mut seen = 0usize;
         let mut prev = NIL;
-        let mut idx = self.head;
-        while idx != NIL {
+        let mut h = self.head;
+        while h != NIL {
             if seen > occupied {
-                return Err("LRU list has a cycle or more nodes than occupied slots".into());
+                return Err("LRU list has a cycle or more nodes than entries".into());
             }
-            let Some(Slot::Occupied(node)) = self.slots.get(idx as usize) else {
+            if !is_entry(h) {
                 return Err(format!(
-                    "LRU list reaches slot {idx}, which is not occupied"
-                ));
-            };
-            if node.prev != prev {
-                return Err(format!(
-                    "slot {idx}: prev is {} but the list came from {prev}",
-                    node.prev
+                    "LRU list reaches chunk {h:#x}, which holds no entry"
                 ));
             }
-            prev = idx;
-            idx = node.next;
+            if self.arena.prev(h) != prev {
+                return Err(format!(
+                    "chunk {h:#x}: prev is {:#x} but the list came from {prev:#x}",
+                    self.arena.prev(h)
+                ));
+            }
+            prev = h;
+            h = self.arena.next(h);
             seen += 1;
         }
         if self.tail != prev {
-            return Err(format!("tail is {} but the list ends at {prev}", self.tail));
-        }
-        // SIEVE's hand points at a listed entry (or nowhere); LRU never uses it.
-        if self.hand != NIL
-            && (self.policy == EvictionPolicy::Lru
-                || !matches!(self.slots.get(self.hand as usize), Some(Slot::Occupied(_))))
-        {
             return Err(format!(
-                "hand at slot {}, which is not a listed entry",
-                self.hand
+                "tail is {:#x} but the list ends at {prev:#x}",
+                self.tail
             ));
         }
         if seen != occupied {
             return Err(format!(
-                "LRU list has {seen} nodes but {occupied} slots are occupied"
+                "LRU list has {seen} nodes but {occupied} chunks hold entries"
             ));
         }
-        // The free list: only vacant slots, acyclic, covering every vacant slot.
-        let mut free = 0usize;
-        let mut idx = self.free_head;
-        while idx != NIL {
-            if free > self.slots.len() - occupied {
-                return Err("free list has a cycle".into());
-            }
-            match self.slots.get(idx as usize) {
-                Some(Slot::Vacant { next_free }) => idx = *next_free,
-                _ => return Err(format!("free list reaches slot {idx}, which is not vacant")),
-            }
-            free += 1;
-        }
-        if free + occupied != self.slots.len() {
+        // SIEVE's hand points at a listed entry (or nowhere); LRU never uses it.
+        if self.hand != NIL && (self.policy == EvictionPolicy::Lru || !is_entry(self.hand)) {
             return Err(format!(
-                "{free} free + {occupied} occupied != {} slots",
-                self.slots.len()
+                "hand at chunk {:#x}, which is not a listed entry",
+                self.hand
             ));
         }
-        // The index agrees with the slab.
+        if self.tracked != NIL {
+            return Err(format!("chunk {:#x} still tracked", self.tracked));
+        }
+        // The index agrees with the chunks.
         if self.index.len() != occupied {
             return Err(format!(
-                "index has {} entries, slab {occupied}",
+                "index has {} entries, the pages {occupied}",
                 self.index.len()
             ));
         }
         let (mut bytes, mut items, mut tombstones, mut expiring) = (0u64, 0u64, 0u64, 0u64);
-        let (mut chunks, mut large) = (Vec::new(), 0usize);
-        for (i, slot) in self.slots.iter().enumerate() {
-            let Slot::Occupied(node) = slot else { continue };
-            let key = node.key(&self.arena, &self.large);
-            let hash = self.hasher.hash_one(key);
-            if self.find(hash, key) != Some(i as u32) {
-                return Err(format!("slot {i} is not found through the index"));
-            }
-            if node.visited && self.policy == EvictionPolicy::Lru {
-                return Err(format!("slot {i}: visited under LRU"));
-            }
-            if node.class == LARGE {
-                let data = self.large.get(node.loc as usize).map_or(0, Bytes::len);
-                if data < LARGE_HEADER
-                    || large_parts(&self.large[node.loc as usize]).0 > data - LARGE_HEADER
-                {
+        let mut large = 0usize;
+        for &h in &entries {
+            let node = self.node(h);
+            if node.large {
+                let i = large_index(&self.arena, h);
+                let data = self.large.get(i).map_or(0, Bytes::len);
+                if data < LARGE_HEADER || large_parts(&self.large[i]).0 > data - LARGE_HEADER {
                     return Err(format!(
-                        "slot {i}: large entry of {data} bytes, its key length beyond it"
+                        "chunk {h:#x}: large entry of {data} bytes, its key length beyond it"
                     ));
+                }
+                if self.arena.class_of(h) != large_class() {
+                    return Err(format!("chunk {h:#x}: large entry in the wrong class"));
                 }
                 large += 1;
             } else {
-                // The arena checks each chunk's header (`Arena::validate` below).
-                if self.arena.owner(node.loc, node.class) != i as u32 {
-                    return Err(format!("slot {i}: its chunk names another owner"));
+                let meta = self.arena.meta(h);
+                let k = ((meta >> KLEN_SHIFT) & LEN_MASK) as usize;
+                let v = ((meta >> VLEN_SHIFT) & LEN_MASK) as usize;
+                if layout(k + v) != (self.arena.class_of(h), false) {
+                    return Err(format!(
+                        "chunk {h:#x}: {k} + {v} bytes in class {}, not their own",
+                        self.arena.class_of(h)
+                    ));
                 }
-                chunks.push((node.loc, node.class));
             }
-            bytes += node.charge(&self.large);
+            let key = self.key(h);
+            if self.find(self.hasher.hash_one(key), key) != Some(h) {
+                return Err(format!("chunk {h:#x} is not found through the index"));
+            }
+            if node.visited && self.policy == EvictionPolicy::Lru {
+                return Err(format!("chunk {h:#x}: visited under LRU"));
+            }
+            bytes += self.charge(h);
             if node.tombstone {
                 tombstones += 1;
                 if node.expires_at == NEVER {
-                    return Err(format!("slot {i}: tombstone without expiry"));
+                    return Err(format!("chunk {h:#x}: tombstone without expiry"));
                 }
             } else {
                 items += 1;
@@ -1306,7 +1439,7 @@ impl Shard {
                 self.used_bytes, self.items, self.tombstones, self.expiring
             ));
         }
-        self.arena.validate(&chunks)?;
+        self.arena.validate(&entries)?;
         let large_bytes: usize = (self.large.iter())
             .filter(|b| !b.is_empty())
             .map(|b| b.len() + BYTES_SHARED_HEADER)

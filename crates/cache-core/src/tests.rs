@@ -104,7 +104,7 @@ fn small_cache(per_shard_entries: u64) -> (Cache<ManualClock>, ManualClock) {
     manual_cache(
         CacheConfig::new()
             .with_shards(1)
-            .with_max_bytes(per_shard_entries * (ENTRY_OVERHEAD as u64 + 16)),
+            .with_max_bytes(per_shard_entries * crate::entry_charge(1, 1)),
     )
 }
 

@@ -29,7 +29,7 @@ pub struct CacheConfig {
     pub max_items: Option<u64>,
     /// Number of shards; a power of two. `0` picks one from the core count
     /// (`4 × cores`, rounded up to a power of two), enough that two threads rarely meet on a
-    /// lock.
+    /// lock — or more, so that no shard holds over [`MAX_SHARD_BYTES`].
     pub shards: usize,
     /// When `true` (the default) an insert that does not fit evicts least-recently-used entries.
     /// When `false` it is refused with [`InsertError::OutOfMemory`](crate::InsertError) instead —
@@ -150,7 +150,14 @@ impl CacheConfig {
             return self.shards;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores * 4).next_power_of_two().min(MAX_SHARDS)
+        // Enough shards that none holds more than `MAX_SHARD_BYTES`.
+        let for_bytes =
+            usize::try_from(self.max_bytes.div_ceil(MAX_SHARD_BYTES)).unwrap_or(usize::MAX);
+        (cores * 4)
+            .max(for_bytes)
+            .checked_next_power_of_two()
+            .unwrap_or(MAX_SHARDS)
+            .min(MAX_SHARDS)
     }
 
     /// Checks the configuration; [`Cache::new`](crate::Cache::new) calls this.

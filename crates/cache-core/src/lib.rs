@@ -8,10 +8,11 @@
 //! # Module map
 //!
 //! - [`Cache`] (this file): picks a shard by key hash, takes its lock, delegates.
-//! - `shard`: the slab + `u32`-linked list + `hashbrown::HashTable<u32>` index, eviction
+//! - `shard`: entries as arena chunks + `u32`-linked list + `hashbrown::HashTable<u32>` index, eviction
 //!   (LRU or SIEVE), all the accounting, and [`Cache::validate`]'s invariant checks.
-//! - `arena`: where small entries' keys and values live: size-class chunks in 8 KiB pages
-//!   (no allocation per entry); entries above 1 KiB keep a shared `Bytes` of their own.
+//! - `arena`: where entries live: one size-class chunk in 8 KiB pages per entry (its header,
+//!   key and value; no allocation per entry); entries above 1 000 bytes keep their key and
+//!   value in a shared `Bytes` of their own.
 //! - [`clock`]: [`Clock`], [`SystemClock`] and [`ManualClock`] (absolute unix milliseconds).
 //! - [`reaper`]: the background thread that runs [`Cache::reap`] periodically.
 //! - [`CacheConfig`], [`ConfigError`], [`InsertError`].
@@ -313,7 +314,7 @@ pub struct ReapReport {
     pub visited: usize,
     /// Expired values and tombstones freed.
     pub reclaimed: usize,
-    /// Lock acquisitions: each examined at most `budget` slots.
+    /// Lock acquisitions: each examined at most `budget` chunks.
     pub steps: usize,
 }
 
@@ -690,7 +691,7 @@ impl<C: Clock> Cache<C> {
         self.shard(0).lock().capacity()
     }
 
-    /// Bytes the engine really holds, summed over shards: slabs, indexes, arena pages and
+    /// Bytes the engine really holds, summed over shards: indexes, arena pages and
     /// large entries, slack included (what [`CacheStats::bytes`] charges leaves the slack out).
     /// Takes each shard's lock briefly (a few additions); for metrics and the node's memory
     /// trimming, not for every request.
@@ -727,7 +728,7 @@ impl<C: Clock> Cache<C> {
     }
 
     /// One full pass of the expiry sweep over every shard: frees expired values and
-    /// tombstones. Each lock acquisition examines at most `budget` slots (`budget` is raised
+    /// tombstones. Each lock acquisition examines at most `budget` chunks (`budget` is raised
     /// to 1), and the lock is released between steps, so other operations interleave.
     /// Shards with no expiring entries are skipped in O(1).
     pub fn reap(&self, budget: usize) -> ReapReport {
@@ -747,7 +748,7 @@ impl<C: Clock> Cache<C> {
     }
 
     /// One bounded step of the sweep on shard `shard` (`0..shard_count()`), for callers that
-    /// schedule the work themselves: one lock acquisition, at most `budget` slots examined.
+    /// schedule the work themselves: one lock acquisition, at most `budget` chunks examined.
     ///
     /// # Panics
     ///
@@ -759,10 +760,13 @@ impl<C: Clock> Cache<C> {
     }
 
     /// Live entries in chunks: returns the entries found while examining at most `budget`
-    /// slots under one shard lock, and the cursor to continue from (`None` when done).
+    /// chunks under one shard lock, and the cursor to continue from (`None` when done).
     ///
-    /// Entries present and unchanged for the whole scan are returned exactly once; entries
-    /// written or deleted during the scan may or may not be. Order is unspecified.
+    /// Entries present and unchanged for the whole scan are returned exactly once, unless
+    /// other entries were deleted, evicted or shrunk meanwhile so that a size class gave a
+    /// page back (its live chunks move, and one moved from ahead of the cursor to behind it
+    /// is missed, one moved the other way is seen twice). Entries written or deleted during
+    /// the scan may or may not be returned. Order is unspecified.
     ///
     /// ```
     /// use cache_core::{Cache, CacheConfig, ScanCursor};

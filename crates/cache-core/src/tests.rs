@@ -362,6 +362,18 @@ fn bad_configs_are_errors() {
         Cache::new(CacheConfig::new().with_max_items(Some(0))).err(),
         Some(ConfigError::ZeroMaxItems)
     );
+    // A shard addresses at most MAX_SHARD_BYTES: too few shards for the budget is an error,
+    // and the automatic shard count grows to fit it.
+    assert!(matches!(
+        CacheConfig::new()
+            .with_shards(2)
+            .with_max_bytes(3 * crate::MAX_SHARD_BYTES)
+            .validate(),
+        Err(ConfigError::ShardTooLarge { shards: 2, .. })
+    ));
+    let huge = CacheConfig::new().with_max_bytes(1 << 50);
+    assert!(huge.resolved_shards() >= (1 << 50) / crate::MAX_SHARD_BYTES as usize);
+    assert_eq!(huge.validate(), Ok(()));
 }
 
 /// A large value (over 1 KiB with its key) is its own buffer and every hit shares it; a small

@@ -215,7 +215,9 @@ pub struct WriteOptions {
     /// `None`: unconditional, stored with version 0.
     pub version: Option<u64>,
     /// Absolute expiry in unix milliseconds, `None` for no expiry. An expiry that is already
-    /// past deletes the key instead of storing it (as Redis does).
+    /// past deletes the key instead of storing it (as Redis does). Stored to the millisecond
+    /// up to ~26 years after the cache was created, then to the second (rounded up), up to
+    /// ~34 800 years; later ones are stored as that.
     pub expires_at: Option<u64>,
     /// Whether the write depends on the key's presence.
     pub condition: Condition,

@@ -19,8 +19,8 @@
 //! entry. Code that holds a handle across an operation that frees chunks follows it through
 //! `tracked`.
 //!
-//! `meta` packs, from the lowest bit: the expiry (41 bits, milliseconds after the shard's
-//! `base_ms`, all ones for "never"), the key's and the value's lengths (10 bits each; a
+//! `meta` packs, from the lowest bit: the expiry (41 bits after the shard's `base_ms`:
+//! milliseconds, or seconds above [`E_SECONDS`]; all ones for "never"), the key's and the value's lengths (10 bits each; a
 //! chunk is at most 1 KiB), and the tombstone, visited (SIEVE) and large flags. An entry's
 //! `meta` is never 0, which is how the arena tells a free chunk.
 
@@ -82,10 +82,13 @@ const VISITED: u64 = 1 << 62;
 const LARGE: u64 = 1 << 63;
 
 /// How far before the shard's creation its expiry codes start: a wall clock stepped back by
-/// up to this much still encodes exactly. Codes then reach `2^41 - 2^38` ms (~61 years)
-/// after creation; a later expiry is stored as that (it reads back earlier than asked, by
-/// more than six decades).
+/// up to this much (~8.7 years) still encodes exactly.
 const BASE_MARGIN_MS: u64 = 1 << 38;
+
+/// Expiry codes below this count milliseconds after the base (exact for ~26 years after the
+/// shard's creation); codes with this bit set count whole seconds (rounded up, so an entry
+/// never expires early) for ~34 800 years more. A later expiry is stored as that limit.
+const E_SECONDS: u64 = 1 << (EXPIRY_BITS - 1);
 
 /// Bytes an entry with a `key_len`-byte key and a `value_len`-byte value is charged against
 /// the memory limit: what the engine really holds for it (its chunk, or its chunk and buffer,
@@ -357,23 +360,34 @@ impl Shard {
 
     // ----- headers ------------------------------------------------------------------------
 
+    /// The 41-bit code of absolute expiry `at` (see [`E_SECONDS`]); never 0.
     fn encode_expiry(&self, at: u64) -> u64 {
         if at == NEVER {
-            E_NEVER
+            return E_NEVER;
+        }
+        let ms = at.saturating_sub(self.base_ms).max(1);
+        if ms < E_SECONDS {
+            ms
         } else {
-            at.saturating_sub(self.base_ms).clamp(1, E_NEVER - 1)
+            E_SECONDS | ms.div_ceil(1000).min(E_SECONDS - 2)
+        }
+    }
+
+    /// The absolute expiry a code stands for.
+    fn decode_expiry(&self, code: u64) -> u64 {
+        if code == E_NEVER {
+            NEVER
+        } else if code & E_SECONDS != 0 {
+            self.base_ms + (code & !E_SECONDS) * 1000
+        } else {
+            self.base_ms + code
         }
     }
 
     fn node(&self, h: u32) -> Node {
         let meta = self.arena.meta(h);
-        let e = meta & E_NEVER;
         Node {
-            expires_at: if e == E_NEVER {
-                NEVER
-            } else {
-                self.base_ms + e
-            },
+            expires_at: self.decode_expiry(meta & E_NEVER),
             version: self.arena.version(h),
             prev: self.arena.prev(h),
             next: self.arena.next(h),

@@ -238,6 +238,49 @@ fn ttl_expires_exactly_at_the_deadline() {
     cache.validate().expect("valid");
 }
 
+/// Expiries are stored in 41 bits (see `shard.rs`): exact to the millisecond for decades,
+/// then to the second (never earlier than asked), and absurd ones at the far limit.
+#[test]
+fn far_expiries_keep_their_time() {
+    let (cache, clock) = small_cache(8);
+    let now = crate::Clock::now_ms(&clock);
+    let year_ms = 365 * 24 * 3_600_000u64;
+    let write = |key: &[u8], at: u64| {
+        let opts = WriteOptions {
+            expires_at: Some(at),
+            ..WriteOptions::default()
+        };
+        cache.write(key, b"v", opts).expect("fits");
+        cache
+            .get_entry(key)
+            .expect("stored")
+            .expires_at
+            .expect("expiry")
+    };
+    // Milliseconds: exact.
+    for at in [now + 1, now + 10 * year_ms + 123] {
+        assert_eq!(write(b"ms", at), at);
+    }
+    // Seconds: rounded up by less than a second.
+    for at in [now + 30 * year_ms + 1, now + 1_000 * year_ms + 999] {
+        let stored = write(b"s", at);
+        assert!(
+            stored >= at && stored - at < 1_000,
+            "{at} stored as {stored}"
+        );
+    }
+    // The far limit: still thousands of years away, still an expiry.
+    let stored = write(b"far", u64::MAX - 1);
+    assert!(
+        stored > now + 30_000 * year_ms && stored < u64::MAX,
+        "{stored}"
+    );
+    clock.advance_ms(20 * year_ms);
+    assert!(cache.get(b"ms").is_none());
+    assert!(cache.get(b"s").is_some() && cache.get(b"far").is_some());
+    cache.validate().expect("valid");
+}
+
 #[test]
 fn expire_and_persist_change_the_ttl() {
     let (cache, clock) = small_cache(8);

@@ -250,7 +250,7 @@ fn far_expiries_keep_their_time() {
             expires_at: Some(at),
             ..WriteOptions::default()
         };
-        cache.write(key, b"v", opts).expect("fits");
+        assert_eq!(cache.write(key, b"v", opts), Ok(WriteOutcome::Stored));
         cache
             .get_entry(key)
             .expect("stored")

@@ -48,7 +48,7 @@ pub(crate) const CLASSES: usize = CLASS_SIZES.len();
 pub(crate) const MAX_CHUNK: usize = CLASS_SIZES[CLASSES - 1] as usize;
 
 /// Chunk number bits in a handle: up to 512 chunks per page (`PAGE_SIZE / 16`).
-pub(crate) const CHUNK_BITS: u32 = 9;
+const CHUNK_BITS: u32 = 9;
 
 /// Most pages a shard can address with a `u32` handle below `u32::MAX` (64 GiB of pages per
 /// shard; `u32::MAX` itself is the shard's "no link").

@@ -531,14 +531,7 @@ impl Shard {
     /// its neighbours, the list ends, the hand, `tracked` and the index at `to`.
     fn moved(&mut self, from: u32, to: u32) {
         let (prev, next) = (self.arena.prev(to), self.arena.next(to));
-        match prev {
-            NIL => self.head = to,
-            p => self.arena.set_next(p, to),
-        }
-        match next {
-            NIL => self.tail = to,
-            n => self.arena.set_prev(n, to),
-        }
+        self.join(prev, to, to, next);
         if self.hand == from {
             self.hand = to;
         }
@@ -559,17 +552,23 @@ impl Shard {
 
     // ----- list primitives ----------------------------------------------------------------
 
+    /// Points `prev`'s next link at `after_prev` and `next`'s prev link at `before_next`
+    /// (`head`/`tail` where `prev`/`next` is [`NIL`]).
+    fn join(&mut self, prev: u32, after_prev: u32, before_next: u32, next: u32) {
+        match prev {
+            NIL => self.head = after_prev,
+            p => self.arena.set_next(p, after_prev),
+        }
+        match next {
+            NIL => self.tail = before_next,
+            n => self.arena.set_prev(n, before_next),
+        }
+    }
+
     /// Unlinks `h` from the LRU list (the entry stays in its chunk).
     fn unlink(&mut self, h: u32) {
         let (prev, next) = (self.arena.prev(h), self.arena.next(h));
-        match prev {
-            NIL => self.head = next,
-            p => self.arena.set_next(p, next),
-        }
-        match next {
-            NIL => self.tail = prev,
-            n => self.arena.set_prev(n, prev),
-        }
+        self.join(prev, next, prev, next);
     }
 
     /// Links `h` at the head (most recently used).
@@ -577,11 +576,7 @@ impl Shard {
         let old_head = self.head;
         self.arena.set_prev(h, NIL);
         self.arena.set_next(h, old_head);
-        match old_head {
-            NIL => self.tail = h,
-            o => self.arena.set_prev(o, h),
-        }
-        self.head = h;
+        self.join(NIL, h, h, old_head);
     }
 
     fn move_to_front(&mut self, h: u32) {

@@ -24,18 +24,31 @@ fn op(id: u64, op: Op) -> PipelinedOp {
     }
 }
 
-#[tokio::test]
-async fn answers_carry_their_ids_and_a_bad_operation_fails_alone() {
-    let node = NodeProcess::start(&["--max-value-size", "64KiB"]);
+/// A raw `Pipeline` stream to `node`: the sender of its requests (a channel of `capacity`)
+/// and the stream of its answers.
+async fn open_stream(
+    node: &NodeProcess,
+    capacity: usize,
+) -> (
+    mpsc::Sender<PipelineRequest>,
+    tonic::Streaming<cache_proto::v1::PipelineResponse>,
+) {
     let mut raw = CacheClient::connect(format!("http://{}", node.addr()))
         .await
         .expect("connect");
-    let (tx, rx) = mpsc::channel(8);
-    let mut answers = raw
+    let (tx, rx) = mpsc::channel(capacity);
+    let answers = raw
         .pipeline(ReceiverStream::new(rx))
         .await
         .expect("stream opens")
         .into_inner();
+    (tx, answers)
+}
+
+#[tokio::test]
+async fn answers_carry_their_ids_and_a_bad_operation_fails_alone() {
+    let node = NodeProcess::start(&["--max-value-size", "64KiB"]);
+    let (tx, mut answers) = open_stream(&node, 8).await;
     let set = Op::Set(SetRequest {
         key: "k".into(),
         value: "v".into(),
@@ -222,15 +235,7 @@ async fn an_open_stream_does_not_hold_up_shutdown() {
 /// in its own HTTP/2 DATA frame, then resumes it: the number of answers that came back
 /// before the stream ended (`n` when the connection survived).
 async fn small_frames_to_a_stopped_node(node: &NodeProcess, n: u64) -> u64 {
-    let mut raw = CacheClient::connect(format!("http://{}", node.addr()))
-        .await
-        .expect("connect");
-    let (tx, rx) = mpsc::channel(1);
-    let mut answers = raw
-        .pipeline(ReceiverStream::new(rx))
-        .await
-        .expect("stream opens")
-        .into_inner();
+    let (tx, mut answers) = open_stream(node, 1).await;
     let get = |id| PipelineRequest {
         ops: vec![op(
             id,

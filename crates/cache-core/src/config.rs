@@ -42,7 +42,7 @@ pub struct CacheConfig {
     pub eviction_policy: EvictionPolicy,
 }
 
-/// How a full shard picks the entry to evict. Both run on the same slab and list; see
+/// How a full shard picks the entry to evict. Both run on the same chunks and list; see
 /// `docs/why/lru.md` for the measured hit ratios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EvictionPolicy {

@@ -667,8 +667,8 @@ fn arena_churn_moves_chunks_without_losing_or_mixing_bytes() {
                 None => assert!(evict, "key {k} lost"),
             }
         }
-        // The promised bound: charges, plus under two and a half pages per size class, plus
-        // the slab's growth room (an eighth) and the index's load factor.
+        // The promised bound: charges, plus under two and a half pages per size class, and
+        // the index's load factor.
         let (footprint, used) = (cache.footprint(), cache.bytes_used());
         let slack = 27 * 5 * crate::arena::PAGE_SIZE as u64 / 2 + used / 4;
         assert!(

@@ -4,8 +4,8 @@
 //! is routed, forwarded, replicated and made durable exactly as over gRPC.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cluster_core::store::{NOT_AN_INTEGER, parse_integer};
@@ -263,6 +263,11 @@ pub(super) struct Session {
     /// The core requests run since the replies were last written (their latency is
     /// recorded once the write is done).
     ran: parking_lot::Mutex<Vec<Op>>,
+    /// When the command being run started, in nanoseconds after `origin`: the read that
+    /// brought it, or the end of the command before it in the same batch. One clock read
+    /// per command then times it and starts the next.
+    mark: AtomicU64,
+    origin: Instant,
 }
 
 impl Session {
@@ -284,7 +289,18 @@ impl Session {
             queued_bytes: 0,
             multi_failed: false,
             ran: parking_lot::Mutex::new(Vec::new()),
+            mark: AtomicU64::new(0),
+            origin: Instant::now(),
         }
+    }
+
+    /// Bytes arrived at `at`: the next command starts then.
+    pub(super) fn arrived(&self, at: Instant) {
+        self.mark.store(self.nanos(at), Ordering::Relaxed);
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Records the latency of every request run since the last call, as the client sees
@@ -301,10 +317,6 @@ impl Session {
         }
     }
 
-    fn ctx(&self) -> RequestContext {
-        RequestContext::client(self.shared.request_timeout)
-    }
-
     /// Runs `request` through the core, recording the request's metric with `label`'s
     /// verdict on the answer.
     async fn run(
@@ -315,13 +327,19 @@ impl Session {
     ) -> Result<Response, String> {
         let (key, keys) = request.first_key();
         let key = key.cloned();
-        let start = Instant::now();
-        let outcome = self.shared.core.handle(request, self.ctx()).await;
+        let start = self.origin + Duration::from_nanos(self.mark.load(Ordering::Relaxed));
+        let ctx = RequestContext {
+            deadline: tokio::time::Instant::from_std(start) + self.shared.request_timeout,
+            forwarded: false,
+        };
+        let outcome = self.shared.core.handle(request, ctx).await;
         let result = match &outcome {
             Ok(r) => label(r),
             Err(e) => crate::wire::error_kind(e),
         };
-        let elapsed = start.elapsed();
+        let end = Instant::now();
+        self.mark.store(self.nanos(end), Ordering::Relaxed);
+        let elapsed = end.saturating_duration_since(start);
         self.shared.metrics.record(op, result, elapsed);
         self.shared
             .record_slow(op, result, elapsed, key.as_ref(), keys, "resp");

@@ -157,6 +157,8 @@ async fn connection(
                         }
                         session.replies_written(read_at);
                         out.clear();
+                        // The next command starts now, not before the write.
+                        session.arrived(std::time::Instant::now());
                     }
                 }
                 Ok(Parsed::Incomplete(need)) => {
@@ -188,7 +190,10 @@ async fn connection(
         tokio::select! {
             read = io.read_buf(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
-                Ok(_) => read_at = std::time::Instant::now(),
+                Ok(_) => {
+                    read_at = std::time::Instant::now();
+                    session.arrived(read_at);
+                }
             },
             () = stop.cancelled() => return,
         }

@@ -810,10 +810,10 @@ impl Shard {
     /// expired value simply vanished, its version would be lost and an older live copy on
     /// another replica (one that missed the write) would win a versioned read or a repair,
     /// bringing an expired value back.
-    fn settle<C: Clock>(&mut self, h: u32, now: &mut Now<'_, C>) -> Option<u32> {
+    fn settle<C: Clock>(&mut self, h: u32, now: &mut Now<'_, C>) -> Option<(u32, Node)> {
         let node = self.node(h);
         if node.expires_at == NEVER || now.get() < node.expires_at {
-            return Some(h);
+            return Some((h, node));
         }
         if node.tombstone {
             self.remove_node(h);
@@ -828,7 +828,8 @@ impl Shard {
             self.remove_node(h);
             return None;
         }
-        Some(self.entomb(h, dead_until))
+        let h = self.entomb(h, dead_until);
+        Some((h, self.node(h)))
     }
 
     /// Turns the value in entry `h` into a tombstone expiring at `expires_at`, in place
@@ -839,13 +840,13 @@ impl Shard {
         self.rewrite(h, &key, &[], expires_at, version, true)
     }
 
-    /// Finds `key` and settles it (see [`Shard::settle`]).
+    /// Finds `key` and settles it (see [`Shard::settle`]): its handle and header.
     fn find_settled<C: Clock>(
         &mut self,
         hash: u64,
         key: &[u8],
         now: &mut Now<'_, C>,
-    ) -> Option<u32> {
+    ) -> Option<(u32, Node)> {
         let h = self.find(hash, key)?;
         self.settle(h, now)
     }
@@ -879,12 +880,12 @@ impl Shard {
             });
         }
         let mut now = Now::new(clock);
-        let existing = self.find_settled(hash, key, &mut now);
+        let found = self.find_settled(hash, key, &mut now);
+        let existing = found.map(|(h, _)| h);
 
         // Is there a live value or tombstone, and does it block this write?
         let mut present = false;
-        if let Some(idx) = existing {
-            let node = self.node(idx);
+        if let Some((_, node)) = found {
             if let Some(v) = opts.version
                 && v < node.version
             {
@@ -963,13 +964,13 @@ impl Shard {
         tombstone_ttl_ms: u64,
     ) -> DeleteOutcome {
         let mut now = Now::new(clock);
-        let existing = self.find_settled(hash, key, &mut now);
-        if let (Some(idx), Some(v)) = (existing, version) {
-            let node = self.node(idx);
-            if v < node.version {
-                self.counters.stale_writes += 1;
-                return DeleteOutcome::Stale;
-            }
+        let found = self.find_settled(hash, key, &mut now);
+        let existing = found.map(|(h, _)| h);
+        if let (Some((_, node)), Some(v)) = (found, version)
+            && v < node.version
+        {
+            self.counters.stale_writes += 1;
+            return DeleteOutcome::Stale;
         }
         self.delete_inner(hash, key, existing, version, &mut now, tombstone_ttl_ms)
     }
@@ -1029,10 +1030,9 @@ impl Shard {
         clock: &C,
     ) -> bool {
         let mut now = Now::new(clock);
-        let Some(idx) = self.find_settled(hash, key, &mut now) else {
+        let Some((idx, node)) = self.find_settled(hash, key, &mut now) else {
             return false;
         };
-        let node = self.node(idx);
         if node.tombstone {
             return false;
         }
@@ -1069,13 +1069,12 @@ impl Shard {
         use_it: bool,
     ) -> Option<VersionedRead> {
         let mut now = Now::new(clock);
-        let Some(idx) = self.find_settled(hash, key, &mut now) else {
+        let Some((idx, node)) = self.find_settled(hash, key, &mut now) else {
             if use_it {
                 self.counters.misses += 1;
             }
             return None;
         };
-        let node = self.node(idx);
         if node.tombstone {
             let version = node.version;
             if use_it {
@@ -1107,10 +1106,9 @@ impl Shard {
         clock: &C,
     ) -> TouchOutcome {
         let mut now = Now::new(clock);
-        let Some(idx) = self.find_settled(hash, key, &mut now) else {
+        let Some((idx, node)) = self.find_settled(hash, key, &mut now) else {
             return TouchOutcome::NotFound;
         };
-        let node = self.node(idx);
         if node.tombstone {
             return TouchOutcome::NotFound;
         }

@@ -207,7 +207,7 @@ fn reaper() {
     }
     let naive_hold = t.elapsed();
     println!(
-        "\nreaper: {N} entries ({} MiB charged) expiring within the same second, {} shards, budget {BUDGET} slots/step",
+        "\nreaper: {N} entries ({} MiB charged) expiring within the same second, {} shards, budget {BUDGET} chunks/step",
         bytes_before >> 20,
         cache.shard_count()
     );

@@ -324,26 +324,27 @@ pub struct ReapReport {
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ScanCursor {
     shard: usize,
-    slot: usize,
+    /// Chunk position in the shard (see `Shard::scan`).
+    pos: usize,
 }
 
 impl ScanCursor {
-    /// Bits of [`ScanCursor::to_u64`] that hold the slot; the shard is above them.
-    const SLOT_BITS: u32 = 48;
+    /// Bits of [`ScanCursor::to_u64`] that hold the chunk position; the shard is above them.
+    const POS_BITS: u32 = 48;
 
     /// The cursor as one number, for a client to hand back (`SCAN`): the start is `0`, and
     /// a cursor returned by [`Cache::scan`] is never `0`.
     pub fn to_u64(self) -> u64 {
-        let slot = (self.slot as u64) & ((1 << Self::SLOT_BITS) - 1);
-        ((self.shard as u64) << Self::SLOT_BITS) | slot
+        let pos = (self.pos as u64) & ((1 << Self::POS_BITS) - 1);
+        ((self.shard as u64) << Self::POS_BITS) | pos
     }
 
     /// A cursor from a number a client sent. Any number is safe: one that no scan returned
     /// resumes somewhere, or ends the iteration, but never fails.
     pub fn from_u64(raw: u64) -> Self {
         Self {
-            shard: usize::try_from(raw >> Self::SLOT_BITS).unwrap_or(usize::MAX),
-            slot: usize::try_from(raw & ((1 << Self::SLOT_BITS) - 1)).unwrap_or(usize::MAX),
+            shard: usize::try_from(raw >> Self::POS_BITS).unwrap_or(usize::MAX),
+            pos: usize::try_from(raw & ((1 << Self::POS_BITS) - 1)).unwrap_or(usize::MAX),
         }
     }
 }
@@ -786,8 +787,8 @@ impl<C: Clock> Cache<C> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn scan(&self, cursor: ScanCursor, budget: usize) -> (Vec<Entry>, Option<ScanCursor>) {
-        self.scan_shards(cursor, |shard, slot, out| {
-            shard.scan(slot, budget, &self.clock, out)
+        self.scan_shards(cursor, |shard, pos, out| {
+            shard.scan(pos, budget, &self.clock, out)
         })
     }
 
@@ -800,8 +801,8 @@ impl<C: Clock> Cache<C> {
         cursor: ScanCursor,
         budget: usize,
     ) -> (Vec<KeyVersion>, Option<ScanCursor>) {
-        self.scan_shards(cursor, |shard, slot, out| {
-            shard.scan_versions(slot, budget, &self.clock, out)
+        self.scan_shards(cursor, |shard, pos, out| {
+            shard.scan_versions(pos, budget, &self.clock, out)
         })
     }
 
@@ -814,12 +815,12 @@ impl<C: Clock> Cache<C> {
         let mut out = Vec::new();
         let mut cursor = cursor;
         while cursor.shard < self.shards.len() {
-            let next = step(&self.shard(cursor.shard).lock(), cursor.slot, &mut out);
+            let next = step(&self.shard(cursor.shard).lock(), cursor.pos, &mut out);
             cursor = match next {
-                Some(slot) => ScanCursor { slot, ..cursor },
+                Some(pos) => ScanCursor { pos, ..cursor },
                 None => ScanCursor {
                     shard: cursor.shard + 1,
-                    slot: 0,
+                    pos: 0,
                 },
             };
             if next.is_some() || !out.is_empty() {

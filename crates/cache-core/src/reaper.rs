@@ -3,7 +3,7 @@
 //! Expired entries are already invisible the moment they expire (every read checks); the
 //! reaper exists to give back the memory of entries nobody reads again. Its work per lock
 //! acquisition is bounded by the budget, so it never stalls requests on a shard for longer
-//! than examining `budget` slots. It owns nothing but a weak reference to the cache: dropping
+//! than examining `budget` chunks. It owns nothing but a weak reference to the cache: dropping
 //! the [`Reaper`] stops and joins the thread, and dropping the cache ends it too.
 
 use std::sync::{Arc, Weak};
@@ -23,7 +23,7 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    /// Starts a thread that reaps `cache` every `interval`, examining at most `budget` slots
+    /// Starts a thread that reaps `cache` every `interval`, examining at most `budget` chunks
     /// per shard lock acquisition. Fails only if the OS refuses a thread.
     pub fn spawn<C: Clock>(
         cache: &Arc<Cache<C>>,

@@ -488,7 +488,7 @@ fn reaper_reclaims_every_expired_entry_in_bounded_steps() {
     assert_eq!(report.reclaimed, 5_000);
     assert!(
         report.steps >= 10_001 / budget,
-        "work was split into steps of at most {budget} slots"
+        "work was split into steps of at most {budget} chunks"
     );
     assert_eq!(cache.len(), 5_001);
     assert_eq!(cache.stats().expirations, 5_000);

@@ -16,6 +16,14 @@ use cluster_membership::default_peer_addr;
 use cluster_membership::parse_peers;
 use serde::Deserialize;
 
+/// The node's eviction policy unless `--eviction-policy` says otherwise: SIEVE, not the
+/// engine library's exact-LRU default. A SIEVE hit sets one bit in the entry's own header;
+/// an LRU hit relinks the entry, writing to its two neighbours — two more cache misses on
+/// every read of a working set larger than the CPU cache (measured: 1.10 against 1.45–1.54
+/// µs of user CPU per pipelined `GET`, `docs/benchmarks.md`). SIEVE also measured a higher
+/// hit ratio than LRU on every skewed workload (`docs/why/lru.md`).
+const NODE_EVICTION_POLICY: EvictionPolicy = EvictionPolicy::Sieve;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,8 +77,9 @@ pub(crate) struct Args {
     /// Evict least-recently-used entries when full (false: refuse writes) [default: true].
     #[arg(long, env = "CACHE_EVICTION")]
     eviction: Option<bool>,
-    /// Which entry goes when memory is full: lru (exact least-recently-used) or sieve (keeps
-    /// popular keys through one-off scans; a higher hit ratio on skewed loads) [default: lru].
+    /// Which entry goes when memory is full: sieve (a hit sets a bit; keeps popular keys
+    /// through one-off scans; a higher hit ratio on skewed loads) or lru (exact
+    /// least-recently-used; a hit relinks the entry) [default: sieve].
     #[arg(long, env = "CACHE_EVICTION_POLICY")]
     eviction_policy: Option<String>,
     /// Largest key, e.g. 64KiB [default: 64KiB].
@@ -605,7 +614,7 @@ impl Args {
                 Some(p) => p
                     .parse::<EvictionPolicy>()
                     .map_err(|e| anyhow::anyhow!("--eviction-policy: {e}"))?,
-                None => dc.eviction_policy,
+                None => NODE_EVICTION_POLICY,
             },
             ..dc
         };
@@ -1057,6 +1066,10 @@ mod tests {
             .expect("valid");
         assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Sieve);
         let config = args(&[]).resolve().expect("valid");
+        assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Sieve);
+        let config = args(&["--eviction-policy", "lru"])
+            .resolve()
+            .expect("valid");
         assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Lru);
     }
 

@@ -463,7 +463,7 @@ async fn metrics_and_status_pages_reflect_traffic() {
     assert!(
         html.contains("process resident ")
             && html.contains("engine footprint ")
-            && html.contains("eviction policy lru"),
+            && html.contains("eviction policy sieve"),
         "{html}"
     );
     assert_eq!(node.http_get("/readyz").expect("readyz").0, 200);

@@ -266,7 +266,7 @@ async fn every_command_answers_as_redis_does() {
         info.contains("redis_version:")
             && info.contains("db0:keys=")
             && info.contains("used_memory_rss:")
-            && info.contains("maxmemory_policy:allkeys-lru"),
+            && info.contains("maxmemory_policy:allkeys-sieve"),
         "{info}"
     );
     let size: i64 = q(&mut c, &[b"DBSIZE"]).await.expect("dbsize");

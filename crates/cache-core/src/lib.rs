@@ -451,6 +451,16 @@ impl<C: Clock> Cache<C> {
         self.shard(i).lock().get(hash, key, &self.clock)
     }
 
+    /// The value of `key`, if live, lent to `read` while the key's shard is locked: the
+    /// same hit (or miss) as [`Cache::get`], without the allocation and copy of a small
+    /// value. For a caller that copies the value on anyway (a server writing it into a reply
+    /// buffer). `read` runs under the shard lock, so it must be short and must not touch
+    /// the cache.
+    pub fn read_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let (hash, i) = self.locate(key);
+        self.shard(i).lock().read_with(hash, key, &self.clock, read)
+    }
+
     /// Stores `key` = `value` with no expiry, unconditionally. Evicts least-recently-used
     /// entries if needed.
     pub fn set(&self, key: &[u8], value: &[u8]) -> Result<(), InsertError> {

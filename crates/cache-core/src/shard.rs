@@ -1094,6 +1094,27 @@ impl Shard {
         Some(VersionedRead::Live(lookup))
     }
 
+    /// A live value lent to `read` under the lock instead of copied out: the same hit (or
+    /// miss) as [`Shard::get`]. See [`Cache::read_with`](crate::Cache::read_with).
+    pub(crate) fn read_with<C: Clock, R>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        clock: &C,
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Option<R> {
+        let mut now = Now::new(clock);
+        let found = self.find_settled(hash, key, &mut now);
+        let Some((idx, _)) = found.filter(|(_, node)| !node.tombstone) else {
+            self.counters.misses += 1;
+            return None;
+        };
+        let answer = read(self.entry(idx).1);
+        self.promote(idx);
+        self.counters.hits += 1;
+        Some(answer)
+    }
+
     /// Sets the expiry of a live value and stamps it with `version`, atomically (one lock):
     /// refused as stale if a newer version is stored. An expiry in the past deletes the key
     /// (a versioned tombstone).

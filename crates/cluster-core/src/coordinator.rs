@@ -584,6 +584,38 @@ impl<T: PeerTransport> Coordinator<T> {
         }
     }
 
+    /// A plain read (`Get` with the default consistency) answered at once when this node
+    /// would answer it locally anyway (see `answer_locally`): the value is lent to `read`
+    /// under the engine's lock, with no copy into a `Bytes` — for a front end that copies it
+    /// straight into its reply buffer. `Some(Ok(None))` is a miss, `Some(Err(_))` what
+    /// [`Coordinator::handle`] would have answered (shutting down, a bad key); `None`: the
+    /// read needs the general path (another node is the key's primary, or this node is
+    /// syncing), so call [`Coordinator::handle`] with a `Get`.
+    pub fn read_here<R>(
+        &self,
+        key: &[u8],
+        read: impl FnOnce(&[u8]) -> R,
+    ) -> Option<Result<Option<R>, CoreError>> {
+        if self.is_shutting_down() {
+            return Some(Err(CoreError::ShuttingDown));
+        }
+        if let Err(e) = self.store.limits().check_key(key) {
+            return Some(Err(e));
+        }
+        let primary = self.ring.load_guard().ring.owner(key).id == self.local;
+        if !primary || !self.primary_reads_alone(None) {
+            return None;
+        }
+        Some(Ok(self.store.read_with(key, read)))
+    }
+
+    /// Whether this node, a key's primary, answers a read at `consistency` from its own copy
+    /// alone: the read needs one replica, and the node is not syncing (its copy could be
+    /// missing or old).
+    fn primary_reads_alone(&self, consistency: Option<Consistency>) -> bool {
+        matches!(consistency, None | Some(Consistency::One)) && !self.is_syncing()
+    }
+
     /// The hot path, without a task, a timer or an allocation for placement: a request
     /// this node can answer at once, exactly as the general path would (see `serve_here`):
     ///
@@ -612,7 +644,7 @@ impl<T: PeerTransport> Coordinator<T> {
         };
         let answer = match request {
             Request::Get { key, consistency } => {
-                if !matches!(consistency, None | Some(Consistency::One)) || self.is_syncing() {
+                if !self.primary_reads_alone(*consistency) {
                     return None;
                 }
                 Ok(Response::Get(self.store.get(key)))

@@ -379,6 +379,12 @@ impl Store {
         self.cache.get_entry(key)
     }
 
+    /// The live value of `key` lent to `read` (see [`Cache::read_with`]): a [`Store::get`]
+    /// without the copy.
+    pub fn read_with<R>(&self, key: &[u8], read: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        self.cache.read_with(key, read)
+    }
+
     /// The live value of `key`, or the version of its remembered delete or expiry.
     pub fn get_versioned(&self, key: &[u8]) -> Option<VersionedRead> {
         self.cache.get_versioned(key)

@@ -179,6 +179,44 @@ async fn one_reads_go_to_the_primary_so_one_writes_are_read_back() {
     }
 }
 
+/// The lent read (`read_here`, RESP's `GET`) answers exactly when and what the general path
+/// answers from the key's primary, and hands every other case back to it.
+#[tokio::test(start_paused = true)]
+async fn a_lent_read_answers_only_what_the_primary_answers_alone() {
+    let c = SimCluster::new(SimConfig::default());
+    for i in 0..60 {
+        let key = format!("lent{i}");
+        if i % 2 == 0 {
+            c.request(0, set(&key, &format!("v{i}"), Consistency::All), T)
+                .await
+                .expect("set");
+        }
+        let reps = replicas(&c, &key);
+        for node in 0..3 {
+            let lent = c
+                .node(node)
+                .read_here(key.as_bytes(), Bytes::copy_from_slice);
+            if node != reps[0] {
+                assert!(lent.is_none(), "{key} at a non-primary: {lent:?}");
+                continue;
+            }
+            let lent = lent.expect("the primary answers").expect("no error");
+            let general = value(c.request(node, get(&key, Consistency::One), T).await);
+            assert_eq!(lent, general, "{key}");
+            assert_eq!(lent.is_some(), i % 2 == 0, "{key}");
+        }
+    }
+    let too_long = vec![b'k'; 1 << 20];
+    assert!(matches!(
+        c.node(0).read_here(&too_long, |_| ()),
+        Some(Err(CoreError::TooLarge(_)))
+    ));
+    assert!(matches!(
+        c.node(0).read_here(b"", |_| ()),
+        Some(Err(CoreError::Invalid(_)))
+    ));
+}
+
 #[tokio::test(start_paused = true)]
 async fn forged_far_future_versions_are_refused_and_counted() {
     let c = SimCluster::new(SimConfig::default());

@@ -327,7 +327,7 @@ impl Session {
     ) -> Result<Response, String> {
         let (key, keys) = request.first_key();
         let key = key.cloned();
-        let start = self.origin + Duration::from_nanos(self.mark.load(Ordering::Relaxed));
+        let start = self.started();
         let ctx = RequestContext {
             deadline: tokio::time::Instant::from_std(start) + self.shared.request_timeout,
             forwarded: false,
@@ -337,15 +337,70 @@ impl Session {
             Ok(r) => label(r),
             Err(e) => crate::wire::error_kind(e),
         };
+        self.finish(op, result, start, key.as_ref(), keys);
+        outcome.map_err(|e| core_error(&e))
+    }
+
+    /// When the command being run started (see `mark`).
+    fn started(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.mark.load(Ordering::Relaxed))
+    }
+
+    /// Counts a core request that started at `start` and ended now with `result`: its
+    /// metrics, the slow log, and its client-side latency once the replies are written.
+    /// Now is also when the next command of the batch starts.
+    fn finish(
+        &self,
+        op: Op,
+        result: &'static str,
+        start: Instant,
+        key: Option<&Bytes>,
+        keys: usize,
+    ) {
         let end = Instant::now();
         self.mark.store(self.nanos(end), Ordering::Relaxed);
         let elapsed = end.saturating_duration_since(start);
         self.shared.metrics.record(op, result, elapsed);
         self.shared
-            .record_slow(op, result, elapsed, key.as_ref(), keys, "resp");
+            .record_slow(op, result, elapsed, key, keys, "resp");
         self.ran.lock().push(op);
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
-        outcome.map_err(|e| core_error(&e))
+    }
+
+    /// `GET`: when this node answers the key from its own copy, the value goes straight
+    /// from the engine into the reply (no copy into a `Bytes` first); otherwise the general
+    /// path (forwarding, read-through while syncing).
+    async fn get(&self, key: &Bytes, out: &mut Vec<u8>) -> Result<(), String> {
+        let start = self.started();
+        let resp3 = self.resp3;
+        match self
+            .shared
+            .core
+            .read_here(key, |value| reply::bulk(out, value))
+        {
+            Some(outcome) => {
+                let result = match &outcome {
+                    Ok(Some(())) => "hit",
+                    Ok(None) => "miss",
+                    Err(e) => crate::wire::error_kind(e),
+                };
+                self.finish(Op::Get, result, start, Some(key), 1);
+                if outcome.map_err(|e| core_error(&e))?.is_none() {
+                    reply::nil(out, resp3);
+                }
+            }
+            None => {
+                let request = Request::Get {
+                    key: key.clone(),
+                    consistency: None,
+                };
+                let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
+                    return Err(mismatch());
+                };
+                reply::bulk_or_nil(out, found.as_ref().map(|l| &l.value[..]), resp3);
+            }
+        }
+        Ok(())
     }
 
     /// Runs one command, appending its reply to `out`.
@@ -531,16 +586,7 @@ impl Session {
                 self.shared.flush().await.map_err(|e| core_error(&e))?;
                 reply::simple(out, "OK");
             }
-            Cmd::Get => {
-                let request = Request::Get {
-                    key: args[1].clone(),
-                    consistency: None,
-                };
-                let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
-                    return Err(mismatch());
-                };
-                reply::bulk_or_nil(out, found.as_ref().map(|l| &l.value[..]), self.resp3);
-            }
+            Cmd::Get => self.get(&args[1], out).await?,
             Cmd::Set => self.set(args, out).await?,
             Cmd::Setex | Cmd::Psetex => {
                 let n = int_arg(&args[2])?;

@@ -21,15 +21,23 @@ pub(super) fn error(out: &mut Vec<u8>, msg: &str) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A `<prefix><n>\r\n` line (`:n`, `$len`, `*n`), formatted without `fmt`'s machinery: it
+/// heads every reply on the hot path.
+fn line(out: &mut Vec<u8>, prefix: u8, n: impl itoa::Integer) {
+    out.push(prefix);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// `:n` integer reply.
 pub(super) fn int(out: &mut Vec<u8>, n: i64) {
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, ":{n}\r\n");
+    line(out, b':', n);
 }
 
 /// `$len` bulk string reply.
 pub(super) fn bulk(out: &mut Vec<u8>, b: &[u8]) {
-    let _ = write!(out, "${}\r\n", b.len());
+    out.reserve(b.len() + 16);
+    line(out, b'$', b.len());
     out.extend_from_slice(b);
     out.extend_from_slice(b"\r\n");
 }
@@ -59,5 +67,5 @@ pub(super) fn map(out: &mut Vec<u8>, n: usize, resp3: bool) {
 
 /// The header of an array of `n` replies (which the caller writes next).
 pub(super) fn array(out: &mut Vec<u8>, n: usize) {
-    let _ = write!(out, "*{n}\r\n");
+    line(out, b'*', n);
 }

@@ -5,8 +5,9 @@
 //! - `cargo xtask bench engine`: the engine benchmarks against moka, quick_cache and
 //!   lru+Mutex, then one table of ratios.
 //! - `cargo xtask bench ring`: the ring lookup benchmarks against `hash % N` and jump hash.
-//! - `cargo xtask bench resp`: only the RESP rows of `bench net` (redis-benchmark against
-//!   cache-node's RESP port and redis-server).
+//! - `cargo xtask bench resp [--baseline BIN]`: only the RESP rows of `bench net`
+//!   (redis-benchmark against cache-node's RESP port and redis-server; with `--baseline`,
+//!   also against another cache-node binary in the same rounds).
 //! - `cargo xtask bench memory [--node BIN]`: RSS holding 1M small entries against redis-server, and RSS
 //!   against `--max-memory 64MiB` after ~1.7 GB of mixed-size overwrites.
 //! - `cargo xtask bench cluster`: a 3-node cluster: smart vs one-address client, RF 1 vs 3.
@@ -52,7 +53,8 @@ fn main() -> Result<()> {
         ["bench", "ring"] => bench_ring(),
         ["bench", "net"] => net::bench_net(None),
         ["bench", "net", "--baseline", bin] => net::bench_net(Some(bin)),
-        ["bench", "resp"] => net::bench_resp(&net::build_release()?),
+        ["bench", "resp"] => net::bench_resp(&net::build_release()?, None),
+        ["bench", "resp", "--baseline", bin] => net::bench_resp(&net::build_release()?, Some(bin)),
         ["bench", "memory"] => net::bench_memory(&net::build_release()?),
         ["bench", "memory", "--node", bin] => {
             net::build_release()?;

@@ -291,7 +291,7 @@ pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
         }
     }
 
-    bench_resp(node_bin)?;
+    bench_resp(node_bin, baseline)?;
     memory_vs_redis(node_bin)
 }
 
@@ -605,8 +605,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// The RESP rows: `redis-benchmark` (not our load generator) against cache-node's RESP
 /// port and against redis-server, 50 connections, 64-byte values over 100k random keys,
-/// pipeline 1 and 16; three alternating rounds, medians.
-pub(crate) fn bench_resp(node_bin: &str) -> Result<()> {
+/// pipeline 1 and 16; three alternating rounds, medians. With `baseline` (an older
+/// `cache-node` binary), that node is measured in the same rounds too.
+pub(crate) fn bench_resp(node_bin: &str, baseline: Option<&str>) -> Result<()> {
     if !has("redis-benchmark") || !has("redis-server") {
         eprintln!(
             "redis-benchmark or redis-server missing (apt-get install redis-server redis-tools): no RESP rows"
@@ -615,33 +616,63 @@ pub(crate) fn bench_resp(node_bin: &str) -> Result<()> {
     }
     let (node, line, _) = spawn_node_line(node_bin, &["--resp-listen", "127.0.0.1:0"])?;
     let resp = field(&line, "resp=")?;
+    let before = match baseline {
+        Some(bin) => {
+            let (node, line, _) = spawn_node_line(bin, &["--resp-listen", "127.0.0.1:0"])?;
+            Some((node, field(&line, "resp=")?))
+        }
+        None => None,
+    };
     let Some((redis, addr)) = start_redis()? else {
         return Ok(());
     };
     println!(
         "\nRESP: redis-benchmark on CPU 1 (-c 50 -r 100000 -d 64) against cache-node's RESP port and redis-server, each on CPU 0; medians of 3 alternating rounds\n"
     );
-    println!("| command | pipeline | cache-node req/s | redis-server req/s | node ÷ redis |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    match baseline {
+        None => {
+            println!(
+                "| command | pipeline | cache-node req/s | redis-server req/s | node ÷ redis |"
+            );
+            println!("| --- | ---: | ---: | ---: | ---: |");
+        }
+        Some(bin) => {
+            println!("baseline: {bin}\n");
+            println!(
+                "| command | pipeline | cache-node req/s | redis-server req/s | node ÷ redis | baseline req/s | baseline ÷ redis |"
+            );
+            println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        }
+    }
     for (test, pipeline, requests) in [
         ("set", 1, 300_000),
         ("get", 1, 300_000),
         ("set", 16, 2_000_000),
         ("get", 16, 2_000_000),
     ] {
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        let (mut ours, mut theirs, mut older) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..3 {
             ours.push(redis_benchmark(&resp, test, pipeline, requests)?);
             theirs.push(redis_benchmark(&addr, test, pipeline, requests)?);
+            if let Some((_, addr)) = &before {
+                older.push(redis_benchmark(addr, test, pipeline, requests)?);
+            }
         }
         let (o, t) = (median(ours), median(theirs));
+        let extra = if older.is_empty() {
+            String::new()
+        } else {
+            let b = median(older);
+            format!(" {b:.0} | {:.2} |", b / t)
+        };
         println!(
-            "| {} | {pipeline} | {o:.0} | {t:.0} | {:.2} |",
+            "| {} | {pipeline} | {o:.0} | {t:.0} | {:.2} |{extra}",
             test.to_uppercase(),
             o / t
         );
     }
     drop(node);
+    drop(before);
     drop(redis);
     Ok(())
 }

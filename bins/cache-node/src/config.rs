@@ -19,9 +19,9 @@ use serde::Deserialize;
 /// The node's eviction policy unless `--eviction-policy` says otherwise: SIEVE, not the
 /// engine library's exact-LRU default. A SIEVE hit sets one bit in the entry's own header;
 /// an LRU hit relinks the entry, writing to its two neighbours — two more cache misses on
-/// every read of a working set larger than the CPU cache (measured: 1.10 against 1.45–1.54
-/// µs of user CPU per pipelined `GET`, `docs/benchmarks.md`). SIEVE also measured a higher
-/// hit ratio than LRU on every skewed workload (`docs/why/lru.md`).
+/// every read of a working set larger than the CPU cache (measured: a median 0.71 against
+/// 0.86 µs of user CPU per pipelined `GET`, `docs/benchmarks.md`). SIEVE also measured a
+/// higher hit ratio than LRU on every skewed workload (`docs/why/lru.md`).
 const NODE_EVICTION_POLICY: EvictionPolicy = EvictionPolicy::Sieve;
 
 /// Log output format.

@@ -367,6 +367,18 @@ impl Session {
         self.shared.requests.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A read of `key` through the general path (a `Get` request, counted as one).
+    async fn read(&self, key: &Bytes) -> Result<Option<cache_core::Lookup>, String> {
+        let request = Request::Get {
+            key: key.clone(),
+            consistency: None,
+        };
+        let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
+            return Err(mismatch());
+        };
+        Ok(found)
+    }
+
     /// `GET`: when this node answers the key from its own copy, the value goes straight
     /// from the engine into the reply (no copy into a `Bytes` first); otherwise the general
     /// path (forwarding, read-through while syncing).
@@ -390,13 +402,7 @@ impl Session {
                 }
             }
             None => {
-                let request = Request::Get {
-                    key: key.clone(),
-                    consistency: None,
-                };
-                let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
-                    return Err(mismatch());
-                };
+                let found = self.read(key).await?;
                 reply::bulk_or_nil(out, found.as_ref().map(|l| &l.value[..]), resp3);
             }
         }
@@ -542,13 +548,7 @@ impl Session {
                 return Err("ERR MULTI, EXEC, DISCARD and WATCH cannot be queued".into());
             }
             Cmd::Type => {
-                let request = Request::Get {
-                    key: args[1].clone(),
-                    consistency: None,
-                };
-                let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
-                    return Err(mismatch());
-                };
+                let found = self.read(&args[1]).await?;
                 reply::simple(out, if found.is_some() { "string" } else { "none" });
             }
             Cmd::Ping => match args.get(1) {
@@ -658,13 +658,7 @@ impl Session {
                 reply::int(out, i64::from(had_ttl));
             }
             Cmd::Ttl | Cmd::Pttl => {
-                let request = Request::Get {
-                    key: args[1].clone(),
-                    consistency: None,
-                };
-                let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
-                    return Err(mismatch());
-                };
+                let found = self.read(&args[1]).await?;
                 let now = self.shared.core.store().now_ms();
                 let n = match found {
                     None => -2,
@@ -870,16 +864,7 @@ impl Session {
             _ => return Err(SYNTAX.into()),
         };
         let value = match expiry {
-            None => {
-                let request = Request::Get {
-                    key: key.clone(),
-                    consistency: None,
-                };
-                let Response::Get(found) = self.run(Op::Get, request, hit_or_miss).await? else {
-                    return Err(mismatch());
-                };
-                found
-            }
+            None => self.read(key).await?,
             Some(expiry) => {
                 let op = UpdateOp::Expire {
                     expiry,

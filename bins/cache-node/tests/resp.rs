@@ -261,6 +261,14 @@ async fn every_command_answers_as_redis_does() {
         .await
         .expect("config");
     assert_eq!(cfg, vec!["save".to_string(), String::new()]);
+    let policy: Vec<String> = q(&mut c, &[b"CONFIG", b"GET", b"maxmemory-policy"])
+        .await
+        .expect("config");
+    assert_eq!(
+        policy,
+        vec!["maxmemory-policy", "allkeys-sieve"],
+        "as INFO says"
+    );
     let info: String = q(&mut c, &[b"INFO"]).await.expect("info");
     assert!(
         info.contains("redis_version:")

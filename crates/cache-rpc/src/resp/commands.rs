@@ -1218,15 +1218,7 @@ impl Session {
         let cache = self.shared.core.store().engine().config();
         let values: [(&str, String); 6] = [
             ("maxmemory", cache.max_bytes.to_string()),
-            (
-                "maxmemory-policy",
-                if cache.evict {
-                    "allkeys-lru"
-                } else {
-                    "noeviction"
-                }
-                .into(),
-            ),
+            ("maxmemory-policy", maxmemory_policy(cache).into()),
             (
                 "appendonly",
                 if self.shared.persistence.is_some() {
@@ -1284,12 +1276,7 @@ impl Session {
             stats.bytes,
             crate::metrics::resident_memory_bytes().unwrap_or(0),
             cache.max_bytes,
-            match (cache.evict, cache.eviction_policy) {
-                (false, _) => "noeviction",
-                (true, cache_core::EvictionPolicy::Lru) => "allkeys-lru",
-                // Not a Redis policy name; what a client that prints it should see.
-                (true, cache_core::EvictionPolicy::Sieve) => "allkeys-sieve",
-            },
+            maxmemory_policy(cache),
             u8::from(self.shared.persistence.is_some()),
             self.shared.requests.load(Ordering::Relaxed),
             stats.hits,
@@ -1300,6 +1287,17 @@ impl Session {
             core.store().engine().len(),
         );
         reply::bulk(out, text.as_bytes());
+    }
+}
+
+/// The engine's eviction settings as Redis names them, for `INFO` and `CONFIG GET
+/// maxmemory-policy` alike.
+fn maxmemory_policy(cache: &cache_core::CacheConfig) -> &'static str {
+    match (cache.evict, cache.eviction_policy) {
+        (false, _) => "noeviction",
+        (true, cache_core::EvictionPolicy::Lru) => "allkeys-lru",
+        // Not a Redis policy name; what a client that prints it should see.
+        (true, cache_core::EvictionPolicy::Sieve) => "allkeys-sieve",
     }
 }
 

@@ -1068,28 +1068,17 @@ impl Shard {
         clock: &C,
         use_it: bool,
     ) -> Option<VersionedRead> {
-        let mut now = Now::new(clock);
-        let Some((idx, node)) = self.find_settled(hash, key, &mut now) else {
-            if use_it {
-                self.counters.misses += 1;
-            }
-            return None;
+        let (idx, node) = match self.find_live(hash, key, clock, use_it) {
+            Ok(found) => found,
+            Err(dead) => return dead.map(|version| VersionedRead::Dead { version }),
         };
-        if node.tombstone {
-            let version = node.version;
-            if use_it {
-                self.counters.misses += 1;
-            }
-            return Some(VersionedRead::Dead { version });
-        }
         let lookup = Lookup {
             value: self.value(idx),
             version: node.version,
             expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
         };
         if use_it {
-            self.promote(idx);
-            self.counters.hits += 1;
+            self.hit(idx);
         }
         Some(VersionedRead::Live(lookup))
     }
@@ -1103,16 +1092,39 @@ impl Shard {
         clock: &C,
         read: impl FnOnce(&[u8]) -> R,
     ) -> Option<R> {
+        let (idx, _) = self.find_live(hash, key, clock, true).ok()?;
+        let answer = read(self.entry(idx).1);
+        self.hit(idx);
+        Some(answer)
+    }
+
+    /// A read's lookup: the live entry, or `Err` with the version of a remembered delete or
+    /// expiry (`None`: nothing known). When the read counts (`use_it`), anything but a live
+    /// entry is counted as a miss here; the caller counts a hit with [`Shard::hit`].
+    fn find_live<C: Clock>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        clock: &C,
+        use_it: bool,
+    ) -> Result<(u32, Node), Option<u64>> {
         let mut now = Now::new(clock);
         let found = self.find_settled(hash, key, &mut now);
-        let Some((idx, _)) = found.filter(|(_, node)| !node.tombstone) else {
-            self.counters.misses += 1;
-            return None;
-        };
-        let answer = read(self.entry(idx).1);
+        match found {
+            Some((idx, node)) if !node.tombstone => Ok((idx, node)),
+            dead => {
+                if use_it {
+                    self.counters.misses += 1;
+                }
+                Err(dead.map(|(_, node)| node.version))
+            }
+        }
+    }
+
+    /// A read used live entry `idx`: it counts as a hit and as a use for eviction.
+    fn hit(&mut self, idx: u32) {
         self.promote(idx);
         self.counters.hits += 1;
-        Some(answer)
     }
 
     /// Sets the expiry of a live value and stamps it with `version`, atomically (one lock):

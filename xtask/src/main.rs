@@ -152,8 +152,27 @@ fn ci() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    one_thread_nodes()?;
     docs()?;
     deny()?;
+    Ok(())
+}
+
+/// The real-process tests of `cache-node` again, with every node they start on one
+/// thread (`CACHE_WORKER_THREADS=1`: the current-thread runtime a node picks when it has
+/// one CPU, as in a container limited to one core), so cluster behaviour, shutdown and
+/// both front ends are proven on that runtime as well as on the work-stealing one.
+fn one_thread_nodes() -> Result<()> {
+    eprintln!("$ CACHE_WORKER_THREADS=1 cargo test -p cache-node --tests");
+    let status = Command::new(cargo_bin())
+        .current_dir(root())
+        .env("CACHE_WORKER_THREADS", "1")
+        .args(["test", "-p", "cache-node", "--tests"])
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("the real-process tests failed on one-thread nodes");
+    }
     Ok(())
 }
 

@@ -257,6 +257,11 @@ pub(crate) struct Args {
     /// ...and at least this percentage of the last snapshot's size [default: 100].
     #[arg(long, env = "CACHE_AOF_REWRITE_PERCENTAGE")]
     aof_rewrite_percentage: Option<u64>,
+    /// Threads that serve requests: 1 runs everything on one thread (a current-thread
+    /// runtime: cheapest per request on one core), more a work-stealing pool of that many
+    /// [default: the CPUs this process may use].
+    #[arg(long, env = "CACHE_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Log format [default: pretty].
     #[arg(long, env = "CACHE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -363,19 +368,26 @@ struct FileConfig {
     snapshot_interval: Option<String>,
     aof_rewrite_min_size: Option<String>,
     aof_rewrite_percentage: Option<u64>,
+    worker_threads: Option<usize>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
 }
 
-/// The resolved configuration: the node's, plus logging.
+/// The resolved configuration: the node's, plus logging and the runtime.
 #[derive(Debug)]
 pub(crate) struct Resolved {
     pub(crate) node: NodeConfig,
     pub(crate) log_format: LogFormat,
     pub(crate) log_level: String,
+    /// Request-serving threads (`--worker-threads`): 1 selects the current-thread runtime.
+    pub(crate) worker_threads: usize,
     /// Settings that work but are probably a mistake, to log once logging is up.
     pub(crate) warnings: Vec<String>,
 }
+
+/// The most `--worker-threads` accepted: far more than any machine's cores, few enough
+/// that a typo cannot start thousands of threads.
+const MAX_WORKER_THREADS: usize = 1024;
 
 /// `what` must lie within `lo..=hi`.
 fn within<T: PartialOrd + std::fmt::Debug>(what: &str, v: T, lo: T, hi: T) -> Result<()> {
@@ -927,9 +939,19 @@ impl Args {
             &node,
             self.insecure_allow_plaintext || file.insecure_allow_plaintext.unwrap_or(false),
         )?;
+        let worker_threads = match self.worker_threads.or(file.worker_threads) {
+            Some(n) => {
+                within("worker-threads", n, 1, MAX_WORKER_THREADS)?;
+                n
+            }
+            None => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_WORKER_THREADS),
+        };
         Ok(Resolved {
             warnings,
             node,
+            worker_threads,
             log_format: self
                 .log_format
                 .or(file.log_format)
@@ -1071,6 +1093,25 @@ mod tests {
             .resolve()
             .expect("valid");
         assert_eq!(config.node.cache.eviction_policy, EvictionPolicy::Lru);
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_usable_cpus_and_are_bounded() {
+        // The suite also runs with CACHE_WORKER_THREADS=1 (every real node on one thread).
+        let default = std::env::var("CACHE_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        assert_eq!(args(&[]).resolve().expect("valid").worker_threads, default);
+        let one = args(&["--worker-threads", "1"]).resolve().expect("valid");
+        assert_eq!(one.worker_threads, 1);
+        for bad in ["0", "1025"] {
+            let e = args(&["--worker-threads", bad])
+                .resolve()
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains("worker-threads"), "{e}");
+        }
     }
 
     #[test]

@@ -43,7 +43,23 @@ fn value(i: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_answers_for_any_key() {
-    let cluster = Cluster::start(3, &["--replication-factor", "2"]);
+    any_node_answers(&[]).await;
+}
+
+/// The same on nodes that serve everything from one thread (the current-thread runtime a
+/// node picks when it has one CPU): forwarding and replication between them included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_answers_for_any_key_on_one_thread_nodes() {
+    any_node_answers(&["--worker-threads", "1"]).await;
+}
+
+async fn any_node_answers(extra: &[&str]) {
+    let args: Vec<&str> = ["--replication-factor", "2"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let cluster = Cluster::start(3, &args);
     let writer = plain(&cluster.nodes[0], Some(Consistency::All)).await;
     for i in 0..60u32 {
         writer

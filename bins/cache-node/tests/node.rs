@@ -28,8 +28,24 @@ async fn eventually(deadline: Duration, what: &str, mut check: impl AsyncFnMut()
 
 #[tokio::test]
 async fn every_rpc_round_trips() {
-    let node = NodeProcess::start(&[]);
-    let c = client(&node).await;
+    every_rpc(&NodeProcess::start(&[])).await;
+}
+
+/// The same on a node that serves everything from one thread (the current-thread runtime
+/// it picks when it has one CPU).
+#[tokio::test]
+async fn every_rpc_round_trips_on_one_thread() {
+    let node = NodeProcess::start(&["--worker-threads", "1"]);
+    assert!(
+        node.log().contains("worker_threads=1"),
+        "the startup record names the runtime's threads:\n{}",
+        node.log()
+    );
+    every_rpc(&node).await;
+}
+
+async fn every_rpc(node: &NodeProcess) {
+    let c = client(node).await;
 
     assert_eq!(
         c.get("missing").await.expect("get"),
@@ -534,9 +550,25 @@ async fn idle_connections_do_not_hurt() {
 // Multi-threaded: the test body blocks (waiting for the process) while the writer runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_writing_applies_every_acknowledged_write_and_exits_zero() {
+    sigterm_while_writing(&[]).await;
+}
+
+/// The same drain on a node serving everything from one thread: the signal, the notice
+/// period and the in-flight requests share that thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_writing_drains_a_one_thread_node_too() {
+    sigterm_while_writing(&["--worker-threads", "1"]).await;
+}
+
+async fn sigterm_while_writing(extra: &[&str]) {
     // A long notice period: the admin server stays up while the node refuses requests, so
     // the test can read the node's own count of applied writes after the writer stopped.
-    let mut node = NodeProcess::start(&["--shutdown-grace", "6s", "--shutdown-notice", "3s"]);
+    let args: Vec<&str> = ["--shutdown-grace", "6s", "--shutdown-notice", "3s"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let mut node = NodeProcess::start(&args);
     let c = Client::builder()
         .timeout(Duration::from_secs(2))
         .retries(0)

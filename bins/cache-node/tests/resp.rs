@@ -368,7 +368,18 @@ fn hello_3_switches_to_resp3() {
 
 #[tokio::test]
 async fn pipelines_get_every_answer_in_order() {
-    let node = resp_node(&[]);
+    pipelines_in_order(&[]).await;
+}
+
+/// The same on a node that serves everything from one thread (the current-thread runtime
+/// it picks when it has one CPU).
+#[tokio::test]
+async fn pipelines_get_every_answer_in_order_on_one_thread() {
+    pipelines_in_order(&["--worker-threads", "1"]).await;
+}
+
+async fn pipelines_in_order(extra: &[&str]) {
+    let node = resp_node(extra);
     let mut c = connect(node.resp.expect("resp address")).await;
     let mut pipe = redis::pipe();
     for i in 0..2000 {

@@ -82,10 +82,10 @@ fn main() -> ExitCode {
 /// queue. The multi-thread scheduler, even with one worker, runs a woken task next (its
 /// LIFO slot), so an HTTP/2 connection task flushes after every finished unary call: one
 /// `writev` per response instead of one per round of ready responses. Measured on one CPU,
-/// unary gRPC `Get`: +35 % with `cache-bench` as the client, +70–85 % with `h2load`; the
-/// pipelined stream and RESP the same either way (docs/benchmarks.md, "One CPU: the
-/// current-thread runtime"). More threads get the work-stealing pool, which is what
-/// spreads connections over cores.
+/// unary gRPC `Get`: 1.42× with `cache-bench` as the client (then the client's limit),
+/// 1.79× with `h2load`; the pipelined stream and RESP `GET` the same, RESP `SET -P 16` 4–7 %
+/// lower (docs/benchmarks.md, "One CPU: the current-thread runtime"). More threads get the
+/// work-stealing pool, which is what spreads connections over cores.
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers <= 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -1038,7 +1038,7 @@ mod tests {
         let path = dir.join("node.toml");
         std::fs::write(
             &path,
-            "max-memory = \"64MiB\"\nnode-id = \"from-file\"\nmax-batch = 7\n",
+            "max-memory = \"64MiB\"\nnode-id = \"from-file\"\nmax-batch = 7\nworker-threads = 3\n",
         )
         .expect("write");
         let path_s = path.to_string_lossy().to_string();
@@ -1048,6 +1048,9 @@ mod tests {
         assert_eq!(r.node.cache.max_bytes, 32 << 20, "flag wins over file");
         assert_eq!(r.node.node_id, "from-file", "file wins over default");
         assert_eq!(r.node.limits.max_batch, 7);
+        if std::env::var_os("CACHE_WORKER_THREADS").is_none() {
+            assert_eq!(r.worker_threads, 3, "the file sets the runtime's threads");
+        }
         std::fs::write(&path, "max-memroy = \"64MiB\"\n").expect("write");
         let err = args(&["--config", &path_s])
             .resolve()

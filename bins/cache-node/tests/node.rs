@@ -41,6 +41,12 @@ async fn every_rpc_round_trips_on_one_thread() {
         "the startup record names the runtime's threads:\n{}",
         node.log()
     );
+    let (_, metrics) = node.http_get("/metrics").expect("metrics");
+    assert_eq!(
+        cache_testkit::metric(&metrics, "cache_worker_threads"),
+        Some(1.0),
+        "{metrics}"
+    );
     every_rpc(&node).await;
 }
 

@@ -377,6 +377,11 @@ impl NodeMetrics {
                 &META,
             )
             .set(1.0);
+        // The threads of the runtime the node was built on (1: the current-thread runtime
+        // a one-CPU node picks; 0 outside a runtime, as in some unit tests).
+        gauge(recorder_ref, "cache_worker_threads").set(
+            tokio::runtime::Handle::try_current().map_or(0.0, |h| h.metrics().num_workers() as f64),
+        );
         let process = ProcessSeries {
             cpu: c("process_cpu_seconds_total"),
             open_fds: gauge(recorder_ref, "process_open_fds"),
@@ -811,6 +816,10 @@ const HELP: &[(&str, &str)] = &[
     (
         "cache_build_info",
         "Always 1; the labels say which build runs.",
+    ),
+    (
+        "cache_worker_threads",
+        "Threads of the async runtime serving requests (--worker-threads; 1 is the current-thread runtime).",
     ),
     (
         "cache_hits_total",

@@ -83,8 +83,8 @@ fn main() -> ExitCode {
 /// LIFO slot), so an HTTP/2 connection task flushes after every finished unary call: one
 /// `writev` per response instead of one per round of ready responses. Measured on one CPU,
 /// unary gRPC `Get`: 1.42× with `cache-bench` as the client (then the client's limit),
-/// 1.79× with `h2load`; the pipelined stream and RESP `GET` the same, RESP `SET -P 16` 4–7 %
-/// lower (docs/benchmarks.md, "One CPU: the current-thread runtime"). More threads get the
+/// 1.79× with `h2load`; the pipelined stream and RESP the same within the noise
+/// (docs/benchmarks.md, "One CPU: the current-thread runtime"). More threads get the
 /// work-stealing pool, which is what spreads connections over cores.
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers <= 1 {

@@ -173,6 +173,13 @@ pub(crate) fn build_release_bins(bins: &[&str]) -> Result<()> {
     cargo(&args)
 }
 
+/// `cache-bench`'s own CPU utilisation in a run, as a percentage ("-" if it could not tell).
+fn client_cpu(v: &Value) -> String {
+    v["client_cpu_utilization"]
+        .as_f64()
+        .map_or_else(|| "-".into(), |u| format!("{:.0} %", u * 100.0))
+}
+
 pub(crate) fn f(v: &Value, path: &[&str]) -> f64 {
     path.iter().fold(v, |v, k| &v[*k]).as_f64().unwrap_or(0.0)
 }
@@ -225,9 +232,9 @@ pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
         "\ncache-node vs redis-server: server on CPU 0, cache-bench on CPU 1, 100k keys, 64 B values, 50 in flight, reads only\n"
     );
     println!(
-        "| scenario | cache-node keys/s | p99 ms | redis-server keys/s | p99 ms | node ÷ redis |"
+        "| scenario | cache-node keys/s | p99 ms | cache-bench CPU | redis-server keys/s | p99 ms | cache-bench CPU | node ÷ redis |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut baseline_rows = Vec::new();
     for (name, node_only, extra) in scenarios {
         let args: Vec<&str> = common.iter().chain(extra.iter()).copied().collect();
@@ -268,18 +275,24 @@ pub(crate) fn bench_net(baseline: Option<&str>) -> Result<()> {
             Some(t) => {
                 let tk = f(&t, &["keys_per_second"]);
                 println!(
-                    "| {name} | {ok:.0} | {:.3} | {tk:.0} | {:.3} | {:.2} |",
+                    "| {name} | {ok:.0} | {:.3} | {} | {tk:.0} | {:.3} | {} | {:.2} |",
                     f(&ours, &["get", "p99_ms"]),
+                    client_cpu(&ours),
                     f(&t, &["get", "p99_ms"]),
+                    client_cpu(&t),
                     ok / tk
                 );
             }
             None => println!(
-                "| {name} | {ok:.0} | {:.3} | - | - | - |",
-                f(&ours, &["get", "p99_ms"])
+                "| {name} | {ok:.0} | {:.3} | {} | - | - | - | - |",
+                f(&ours, &["get", "p99_ms"]),
+                client_cpu(&ours)
             ),
         }
     }
+    println!(
+        "\n(cache-bench CPU: how busy the load generator was, of its one CPU; near 100 % a row is\n(also) the client's limit, not the server's.)"
+    );
     if let Some(bin) = baseline {
         println!("\nthis build vs the baseline {bin}, same workload, same run\n");
         println!(

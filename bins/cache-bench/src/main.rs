@@ -417,6 +417,22 @@ async fn prefill(conns: &[Conn], args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Client CPU utilisation from which a run is called client-bound.
+const CLIENT_BOUND: f64 = 0.9;
+
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat`; `None`
+/// where that file does not exist (not Linux).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name (which may hold spaces) follow its last ')':
+    // state is field 3, utime and stime are fields 14 and 15, in clock ticks.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ: 100 on every Linux architecture that cache-bench builds for.
+    Some(Duration::from_millis(ticks.saturating_mul(10)))
+}
+
 fn percentile_ms(h: &Histogram<u64>, q: f64) -> f64 {
     if h.is_empty() {
         0.0
@@ -485,6 +501,7 @@ async fn main() -> Result<()> {
     tokio::time::sleep(args.warmup).await;
     control.measuring.store(true, Ordering::SeqCst);
     let start = Instant::now();
+    let cpu_start = process_cpu();
     let bar = if std::io::stderr().is_terminal() && !args.json {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.enable_steady_tick(Duration::from_millis(200));
@@ -508,6 +525,13 @@ async fn main() -> Result<()> {
     }
     control.measuring.store(false, Ordering::SeqCst);
     let elapsed = start.elapsed().as_secs_f64();
+    // How busy the load generator itself was: near 100 % of its CPUs, the figures are
+    // (also) the client's limit, not the server's.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let client_cpu = cpu_start
+        .zip(process_cpu())
+        .map(|(a, b)| b.saturating_sub(a).as_secs_f64());
+    let client_util = client_cpu.map(|c| c / (elapsed * cores as f64));
     control.stop.store(true, Ordering::SeqCst);
     bar.finish_and_clear();
     let mut total = TaskStats::new();
@@ -531,6 +555,9 @@ async fn main() -> Result<()> {
         "get_hit_ratio": if total.get.is_empty() { 0.0 } else { total.hits as f64 / (total.get.len() as f64 * args.batch as f64) },
         "errors": total.errors,
         "first_error": total.first_error,
+        "client_cpu_seconds": client_cpu,
+        "client_cpu_utilization": client_util,
+        "client_cores": cores,
         "get": { "count": total.get.len(), "p50_ms": percentile_ms(&total.get, 0.5), "p99_ms": percentile_ms(&total.get, 0.99), "p999_ms": percentile_ms(&total.get, 0.999), "max_ms": total.get.max() as f64 / 1000.0 },
         "set": { "count": total.set.len(), "p50_ms": percentile_ms(&total.set, 0.5), "p99_ms": percentile_ms(&total.set, 0.99), "p999_ms": percentile_ms(&total.set, 0.999), "max_ms": total.set.max() as f64 / 1000.0 },
     });
@@ -567,6 +594,17 @@ async fn main() -> Result<()> {
                 percentile_ms(h, 0.5),
                 percentile_ms(h, 0.99),
                 percentile_ms(h, 0.999)
+            );
+        }
+        if let Some(u) = client_util {
+            println!(
+                "cache-bench used {:.0} % of its {cores} CPU(s){}",
+                u * 100.0,
+                if u >= CLIENT_BOUND {
+                    ": the figures above are (also) this client's limit"
+                } else {
+                    ""
+                }
             );
         }
         if let Some(e) = &total.first_error {

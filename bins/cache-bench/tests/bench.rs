@@ -55,6 +55,14 @@ fn short_run_against_a_node_reports_requests_and_latency() {
         );
         // Everything was prefilled, so every get hits.
         assert_eq!(summary["get_hit_ratio"], 1.0, "{summary}");
+        // The load generator reports how busy it was (Linux: from /proc/self/stat): it did
+        // work, and no more than all of its CPUs allow (a tick of rounding aside).
+        if cfg!(target_os = "linux") {
+            let util = summary["client_cpu_utilization"]
+                .as_f64()
+                .expect("client_cpu_utilization");
+            assert!(util > 0.0 && util < 1.5, "{summary}");
+        }
     }
 }
 

@@ -158,16 +158,41 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
-/// The real-process tests of `cache-node` again, with every node they start on one
-/// thread (`CACHE_WORKER_THREADS=1`: the current-thread runtime a node picks when it has
-/// one CPU, as in a container limited to one core), so cluster behaviour, shutdown and
-/// both front ends are proven on that runtime as well as on the work-stealing one.
+/// The test targets that start real `cache-node` processes (cache-node's, the CLI's and
+/// the load generator's).
+const REAL_PROCESS_TESTS: &[&str] = &[
+    "auth",
+    "cluster",
+    "deploy",
+    "gossip",
+    "limits",
+    "node",
+    "persistence",
+    "pipeline",
+    "resp",
+    "sdk",
+    "tls",
+    "cli",
+    "bench",
+];
+
+/// The real-process tests again, with every node they start on one thread
+/// (`CACHE_WORKER_THREADS=1`: the current-thread runtime a node picks when it has one CPU,
+/// as in a container limited to one core), so cluster behaviour, shutdown and both front
+/// ends are proven on that runtime as well as on the work-stealing one.
 fn one_thread_nodes() -> Result<()> {
-    eprintln!("$ CACHE_WORKER_THREADS=1 cargo test -p cache-node --tests");
+    // Named test targets of the whole workspace, not `-p cache-node`: the same feature
+    // set as the full run, so nothing is compiled again. (`persistence` also names
+    // cache-persist's in-process tests; they run again too, in seconds.)
+    let mut args = vec!["test", "--workspace"];
+    for target in REAL_PROCESS_TESTS {
+        args.extend(["--test", target]);
+    }
+    eprintln!("$ CACHE_WORKER_THREADS=1 cargo {}", args.join(" "));
     let status = Command::new(cargo_bin())
         .current_dir(root())
         .env("CACHE_WORKER_THREADS", "1")
-        .args(["test", "-p", "cache-node", "--tests"])
+        .args(&args)
         .status()
         .context("running cargo test")?;
     if !status.success() {

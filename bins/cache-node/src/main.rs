@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(resolved.node, resolved.worker_threads, reloader)) {
+    match runtime.block_on(run(resolved.node, reloader)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cache-node: {e:#}");
@@ -347,11 +347,7 @@ fn on_sighup(_reloader: Reloader) {}
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-async fn run(
-    config: cache_rpc::NodeConfig,
-    worker_threads: usize,
-    reloader: Reloader,
-) -> anyhow::Result<()> {
+async fn run(config: cache_rpc::NodeConfig, reloader: Reloader) -> anyhow::Result<()> {
     let tls_slot = std::sync::Arc::clone(&reloader.tls);
     on_sighup(reloader);
     let max_bytes = config.cache.max_bytes;
@@ -388,7 +384,8 @@ async fn run(
         gossip = ?node.gossip_addr(),
         resp = ?node.resp_addr(),
         max_memory = max_bytes,
-        worker_threads,
+        // What the runtime has, as the cache_worker_threads gauge reports it.
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "listening"
     );
     node.run(shutdown_signal()).await?;

@@ -24,6 +24,51 @@ pub mod peer {
     }
 }
 
+/// The protobuf codec every generated client and server uses: prost's, with buffers fitted
+/// to this API's messages.
+pub mod codec {
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstDecoder, ProstEncoder};
+
+    /// Bytes each call's encode and decode buffers start with (they grow for larger
+    /// messages). tonic's default is 8 KiB; a request or answer for one key is tens of
+    /// bytes. Below 1 KiB glibc serves the buffers from its per-thread cache; from 1 KiB up
+    /// every allocation first sweeps the allocator's fast bins (`malloc_consolidate`).
+    pub const BUFFER_BYTES: usize = 512;
+    const YIELD_BYTES: usize = 32 << 10;
+
+    /// `tonic_prost::ProstCodec` with [`BUFFER_BYTES`] buffers.
+    #[derive(Debug, Clone)]
+    pub struct FittedCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for FittedCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for FittedCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstEncoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_BYTES))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstDecoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_BYTES))
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of `cache.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/cache_v1_descriptor.bin"));

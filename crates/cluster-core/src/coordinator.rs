@@ -578,7 +578,11 @@ impl<T: PeerTransport> Coordinator<T> {
             return answer;
         }
         let budget = ctx.deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout_at(ctx.deadline, self.dispatch(request, ctx)).await {
+        // Boxed: the general path's state (forwarding, quorums, batches) is kilobytes, and
+        // inline it would make every caller's future — the hot path's included — that big
+        // (each gRPC call allocates and moves its whole future).
+        let general = Box::pin(self.dispatch(request, ctx));
+        match tokio::time::timeout_at(ctx.deadline, general).await {
             Ok(result) => result,
             Err(_) => Err(CoreError::DeadlineExceeded(budget)),
         }

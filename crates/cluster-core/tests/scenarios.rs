@@ -8,7 +8,7 @@ use bytes::Bytes;
 use cluster_core::sim::{SimCluster, SimConfig};
 use cluster_core::{
     Condition, Consistency, CoreError, Mutation, MutationOp, MutationSink, NodeClock, PeerCall,
-    Request, Response, SetCommand, Store,
+    Request, RequestContext, Response, SetCommand, Store,
 };
 use parking_lot::Mutex;
 
@@ -626,4 +626,22 @@ async fn a_hung_primary_costs_one_timeout_not_one_per_request() {
         value(c.request(r[1], get(key, Consistency::Quorum), T).await),
         Some(b("w19"))
     );
+}
+
+/// Every request's future holds what `handle` holds across its awaits; a gRPC call
+/// allocates and moves it, and a pipelined stream keeps one per operation in flight (up to
+/// 1 024). The general path (forwarding, quorums, batches: 2.6 KB of state) is boxed so the
+/// hot path does not pay for it; this keeps anyone from inlining it again.
+#[tokio::test(start_paused = true)]
+async fn the_request_future_stays_small() {
+    let c = SimCluster::new(SimConfig::default());
+    let node = c.node(0);
+    let ctx = RequestContext {
+        deadline: tokio::time::Instant::now() + T,
+        forwarded: false,
+    };
+    let future = node.handle(get("k", Consistency::One), ctx);
+    let size = std::mem::size_of_val(&future);
+    assert!(size <= 1024, "Coordinator::handle's future is {size} bytes");
+    drop(future);
 }

@@ -5,7 +5,8 @@
 //! `protoc`). It holds only types, client stubs and server traits, so the client SDK can
 //! depend on it without pulling in the server, the engine or the metrics stack.
 //! `bytes` fields are `bytes::Bytes`, so values move between the network and the engine
-//! without extra copies.
+//! without extra copies, and every stub encodes with [`codec::FittedCodec`] (small starting
+//! buffers: see there).
 
 #![forbid(unsafe_code)]
 

@@ -1,6 +1,7 @@
 //! The pipelined stream (`cache.v1.Cache/Pipeline`) with a real node: answers carry their
 //! ids and may come in any order; a bad operation fails alone; an oversized message ends
-//! the stream with OUT_OF_RANGE; the SDK multiplexes thousands of concurrent calls over it
+//! the stream with OUT_OF_RANGE; large answers ready together are split across messages, and
+//! one over the limit fails alone; the SDK multiplexes thousands of concurrent calls over it
 //! (and still speaks unary when told to); an open stream does not hold up shutdown; a
 //! stalled node survives a burst of small frames twice the in-flight bound.
 
@@ -304,5 +305,77 @@ async fn calm_probe() {
         .filter(|l| l.contains("too many small DATA frames"))
     {
         eprintln!("{line}");
+    }
+}
+
+/// Large values read at once: the answers ready together (here 32 × 7 MiB) are sent in
+/// several messages, never one over the node's response limit (64 MiB) that would end the
+/// stream for every caller; one answer over the limit (a `MultiGet` of ten 7 MiB values)
+/// fails alone with OUT_OF_RANGE while the stream goes on.
+#[tokio::test]
+async fn large_answers_ready_together_are_split_and_an_oversized_one_fails_alone() {
+    let node = NodeProcess::start(&["--max-memory", "1GiB"]);
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    let value = vec![7u8; 7 << 20];
+    for i in 0..10 {
+        client.set(format!("big{i}"), &value).await.expect("set");
+    }
+    let reads: Vec<_> = (0..32)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get(format!("big{}", i % 10)).await })
+        })
+        .collect();
+    for r in reads {
+        let got = r.await.expect("task").expect("a large read on the stream");
+        assert_eq!(got.map(|v| v.len()), Some(7 << 20));
+    }
+    let keys: Vec<String> = (0..10).map(|i| format!("big{i}")).collect();
+    let small = client.clone();
+    let (whole, other) = tokio::join!(client.get_many(&keys), small.get("big0"));
+    let err = whole.expect_err("70 MiB of answers in one operation");
+    assert!(err.to_string().contains("response limit"), "{err}");
+    assert_eq!(
+        other.expect("the stream goes on").map(|v| v.len()),
+        Some(7 << 20)
+    );
+    assert_eq!(
+        client
+            .get_many(&keys[..2])
+            .await
+            .expect("a batch that fits")
+            .len(),
+        2
+    );
+}
+
+/// Writes queued together are packed into messages the node accepts: 64 concurrent sets of
+/// 60 KiB each (3.8 MB) against a node that decodes at most 228 KiB per message.
+#[tokio::test]
+async fn many_mid_sized_writes_at_once_fit_the_node_message_limit() {
+    let node = NodeProcess::start(&["--max-value-size", "100KiB"]);
+    let client = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    let writes: Vec<_> = (0..64)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.set(format!("mid{i}"), vec![i as u8; 60 << 10]).await })
+        })
+        .collect();
+    for w in writes {
+        w.await
+            .expect("task")
+            .expect("a 60 KiB write on the stream");
+    }
+    for i in 0..64 {
+        let got = client.get(format!("mid{i}")).await.expect("get");
+        assert_eq!(got.map(|v| v.len()), Some(60 << 10));
     }
 }

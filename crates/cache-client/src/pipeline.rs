@@ -27,7 +27,9 @@ use tonic::{Code, Status};
 
 /// Most operations outstanding on one stream (the node runs as many at once per stream).
 pub(crate) const IN_FLIGHT: usize = 1024;
-/// Larger operations (encoded) are sent as unary calls.
+/// Larger operations (encoded) are sent as unary calls, and the operations packed into one
+/// message add up to at most this much (one at its limit goes alone): any node decodes a
+/// request of 64 KiB plus its largest key and value, so no message is over its limit.
 pub(crate) const MAX_PIPELINED_BYTES: usize = 64 << 10;
 /// Most operations packed into one message.
 pub(crate) const PACK: usize = 256;
@@ -36,6 +38,8 @@ type Reply = oneshot::Sender<Result<PResult, Status>>;
 
 struct Queued {
     op: Op,
+    /// `op.encoded_len()`.
+    bytes: usize,
     timeout: Duration,
     reply: Reply,
     permit: OwnedSemaphorePermit,
@@ -70,7 +74,8 @@ impl Pipeline {
     ) -> Option<Result<PResult, Status>> {
         // Large requests go as unary calls: they would hold up the stream's other requests,
         // and one over the node's message limit would end the stream for all of them.
-        if self.unsupported.load(Ordering::Relaxed) || op.encoded_len() > MAX_PIPELINED_BYTES {
+        let bytes = op.encoded_len();
+        if self.unsupported.load(Ordering::Relaxed) || bytes > MAX_PIPELINED_BYTES {
             return None;
         }
         let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
@@ -79,6 +84,7 @@ impl Pipeline {
         let (reply, answer) = oneshot::channel();
         let queued = Queued {
             op,
+            bytes,
             timeout,
             reply,
             permit,
@@ -155,10 +161,22 @@ async fn drive(
             queued = rx.recv() => {
                 // Every client clone is gone (and so is every caller).
                 let Some(first) = queued else { return };
+                // Everything queued, in messages of at most PACK operations and
+                // MAX_PIPELINED_BYTES.
+                let mut next = Some(first);
+                while let Some(first) = next.take() {
+                let mut bytes = first.bytes;
                 let mut batch = vec![first];
                 while batch.len() < PACK {
                     match rx.try_recv() {
-                        Ok(q) => batch.push(q),
+                        Ok(q) if bytes + q.bytes > MAX_PIPELINED_BYTES => {
+                            next = Some(q);
+                            break;
+                        }
+                        Ok(q) => {
+                            bytes += q.bytes;
+                            batch.push(q);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -179,8 +197,13 @@ async fn drive(
                     !gone
                 });
                 if out.send(pb::PipelineRequest { ops, cancel }).await.is_err() {
-                    fail_all(&mut pending, &mut rx, &Status::unavailable("the pipeline stream closed"));
+                    let status = Status::unavailable("the pipeline stream closed");
+                    if let Some(q) = next.take() {
+                        let _ = q.reply.send(Err(status.clone()));
+                    }
+                    fail_all(&mut pending, &mut rx, &status);
                     return;
+                }
                 }
             }
             message = inbound.message() => match message {

@@ -398,23 +398,39 @@ impl CacheService {
         loop {
             tokio::select! {
                 Some((id, outcome, timed)) = running.next(), if !running.is_empty() => {
-                    let mut results = vec![pipelined_result(id, outcome)];
-                    let mut clocks: Vec<(Instant, Option<Op>)> = vec![timed];
+                    let limit = self.core().store().limits().max_response_bytes();
+                    let mut ready = vec![(pipelined_result(id, outcome, limit), timed)];
                     aborts.remove(&id);
                     while let Some(Some((id, outcome, timed))) = running.next().now_or_never() {
                         aborts.remove(&id);
-                        results.push(pipelined_result(id, outcome));
-                        clocks.push(timed);
+                        ready.push((pipelined_result(id, outcome, limit), timed));
                     }
-                    if tx.send(Ok(pb::PipelineResponse { results })).await.is_err() {
-                        return;
-                    }
-                    for (arrived, op) in clocks {
-                        self.shared.metrics.record_transport(
-                            crate::metrics::Transport::GrpcStream,
-                            op,
-                            arrived.elapsed(),
-                        );
+                    // Every ready answer, in messages of at most PIPELINE_MESSAGE_BYTES (one
+                    // larger answer alone): many large values ready at once must not add up
+                    // to a message over the response limit, which would end the stream.
+                    let mut ready = ready.into_iter().peekable();
+                    while ready.peek().is_some() {
+                        let (mut results, mut bytes) = (Vec::new(), 0);
+                        let mut clocks: Vec<(Instant, Option<Op>)> = Vec::new();
+                        while let Some(&((_, len), _)) = ready.peek() {
+                            if !results.is_empty() && bytes + len > PIPELINE_MESSAGE_BYTES {
+                                break;
+                            }
+                            let Some(((r, _), timed)) = ready.next() else { break };
+                            bytes += len;
+                            results.push(r);
+                            clocks.push(timed);
+                        }
+                        if tx.send(Ok(pb::PipelineResponse { results })).await.is_err() {
+                            return;
+                        }
+                        for (arrived, op) in clocks {
+                            self.shared.metrics.record_transport(
+                                crate::metrics::Transport::GrpcStream,
+                                op,
+                                arrived.elapsed(),
+                            );
+                        }
                     }
                 }
                 // Shutdown: read nothing more, answer what is running, end the stream.
@@ -498,6 +514,10 @@ impl CacheService {
 /// operations in one message.
 pub const PIPELINE_IN_FLIGHT: usize = 1024;
 
+/// Answers sent together on a pipelined stream add up to at most this many encoded bytes
+/// (one larger answer goes alone, up to the response limit).
+pub const PIPELINE_MESSAGE_BYTES: usize = 1 << 20;
+
 /// A failed operation's result: the status a unary call would have answered.
 fn error_result(e: &CoreError) -> PResult {
     let status = wire::status(e);
@@ -508,7 +528,12 @@ fn error_result(e: &CoreError) -> PResult {
 }
 
 /// The result of one pipelined operation on the wire (`None`: it was cancelled).
-fn pipelined_result(id: u64, outcome: Option<PResult>) -> pb::PipelinedResult {
+/// One operation's answer on the stream, with its encoded length.
+fn pipelined_result(
+    id: u64,
+    outcome: Option<PResult>,
+    limit: usize,
+) -> (pb::PipelinedResult, usize) {
     let result = match outcome {
         Some(r) => r,
         None => PResult::Error(pb::PipelineError {
@@ -516,10 +541,27 @@ fn pipelined_result(id: u64, outcome: Option<PResult>) -> pb::PipelinedResult {
             message: "cancelled by the client".into(),
         }),
     };
-    pb::PipelinedResult {
+    let answer = pb::PipelinedResult {
         id,
         result: Some(result),
+    };
+    // As a unary call would be refused by the encoder's limit: this one operation fails,
+    // not the stream (the message framing around it takes at most 16 bytes).
+    let len = prost::Message::encoded_len(&answer);
+    if len + 16 > limit {
+        let refusal = pb::PipelinedResult {
+            id,
+            result: Some(PResult::Error(pb::PipelineError {
+                code: tonic::Code::OutOfRange as i32,
+                message: format!(
+                    "the answer is {len} bytes, over the node's response limit of {limit} bytes: split the batch"
+                ),
+            })),
+        };
+        let len = prost::Message::encoded_len(&refusal);
+        return (refusal, len);
     }
+    (answer, len)
 }
 
 /// The metric and the role of an operation.

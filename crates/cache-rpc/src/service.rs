@@ -378,6 +378,27 @@ impl CacheService {
             .map_err(|e| Status::unauthenticated(e.to_string()))
     }
 
+    /// Sends one message of answers on a pipelined stream and records each operation's
+    /// transport time; `false` when the client is gone.
+    async fn send_answers(
+        &self,
+        tx: &tokio::sync::mpsc::Sender<Result<pb::PipelineResponse, Status>>,
+        results: Vec<pb::PipelinedResult>,
+        clocks: impl Iterator<Item = (Instant, Option<Op>)>,
+    ) -> bool {
+        if tx.send(Ok(pb::PipelineResponse { results })).await.is_err() {
+            return false;
+        }
+        for (arrived, op) in clocks {
+            self.shared.metrics.record_transport(
+                crate::metrics::Transport::GrpcStream,
+                op,
+                arrived.elapsed(),
+            );
+        }
+        true
+    }
+
     /// One pipelined stream: reads operations while fewer than [`PIPELINE_IN_FLIGHT`] are
     /// running, runs them concurrently in this one task, and sends every answer that is
     /// ready in one message. Ends when the client ends its side (or the node begins to shut
@@ -393,44 +414,36 @@ impl CacheService {
         let mut running = FuturesUnordered::new();
         let mut aborts: std::collections::HashMap<u64, AbortHandle> = Default::default();
         let mut reading = true;
+        let limit = self.core().store().limits().max_response_bytes();
         let cap = self.shared.request_timeout;
         let stopping = self.shared.stopping.clone();
         loop {
             tokio::select! {
                 Some((id, outcome, timed)) = running.next(), if !running.is_empty() => {
-                    let limit = self.core().store().limits().max_response_bytes();
-                    let mut ready = vec![(pipelined_result(id, outcome, limit), timed)];
+                    // Every answer that is ready, in messages of at most
+                    // PIPELINE_MESSAGE_BYTES (one larger answer alone): many large values
+                    // ready at once must not add up to a message over the response limit,
+                    // which would end the stream for every caller.
+                    let (first, mut bytes) = pipelined_result(id, outcome, limit);
+                    let mut results = vec![first];
+                    let mut clocks: Vec<(Instant, Option<Op>)> = vec![timed];
                     aborts.remove(&id);
                     while let Some(Some((id, outcome, timed))) = running.next().now_or_never() {
                         aborts.remove(&id);
-                        ready.push((pipelined_result(id, outcome, limit), timed));
-                    }
-                    // Every ready answer, in messages of at most PIPELINE_MESSAGE_BYTES (one
-                    // larger answer alone): many large values ready at once must not add up
-                    // to a message over the response limit, which would end the stream.
-                    let mut ready = ready.into_iter().peekable();
-                    while ready.peek().is_some() {
-                        let (mut results, mut bytes) = (Vec::new(), 0);
-                        let mut clocks: Vec<(Instant, Option<Op>)> = Vec::new();
-                        while let Some(&((_, len), _)) = ready.peek() {
-                            if !results.is_empty() && bytes + len > PIPELINE_MESSAGE_BYTES {
-                                break;
+                        let (answer, len) = pipelined_result(id, outcome, limit);
+                        if bytes + len > PIPELINE_MESSAGE_BYTES {
+                            let full = std::mem::take(&mut results);
+                            if !self.send_answers(&tx, full, clocks.drain(..)).await {
+                                return;
                             }
-                            let Some(((r, _), timed)) = ready.next() else { break };
-                            bytes += len;
-                            results.push(r);
-                            clocks.push(timed);
+                            bytes = 0;
                         }
-                        if tx.send(Ok(pb::PipelineResponse { results })).await.is_err() {
-                            return;
-                        }
-                        for (arrived, op) in clocks {
-                            self.shared.metrics.record_transport(
-                                crate::metrics::Transport::GrpcStream,
-                                op,
-                                arrived.elapsed(),
-                            );
-                        }
+                        bytes += len;
+                        results.push(answer);
+                        clocks.push(timed);
+                    }
+                    if !self.send_answers(&tx, results, clocks.drain(..)).await {
+                        return;
                     }
                 }
                 // Shutdown: read nothing more, answer what is running, end the stream.

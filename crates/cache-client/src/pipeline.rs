@@ -27,18 +27,24 @@ use tonic::{Code, Status};
 
 /// Most operations outstanding on one stream (the node runs as many at once per stream).
 pub(crate) const IN_FLIGHT: usize = 1024;
-/// Larger operations (encoded) are sent as unary calls, and the operations packed into one
-/// message add up to at most this much (one at its limit goes alone): any node decodes a
-/// request of 64 KiB plus its largest key and value, so no message is over its limit.
+/// Larger operations (encoded) are sent as unary calls.
 pub(crate) const MAX_PIPELINED_BYTES: usize = 64 << 10;
 /// Most operations packed into one message.
 pub(crate) const PACK: usize = 256;
+/// Most bytes of operations (with [`OP_FRAMING`] each) packed into one message; one larger
+/// operation goes alone. Any node decodes a request of 64 KiB plus its largest key and
+/// value, so a full pack plus the cancelled ids (≤ 1 024 × 11 bytes) is always under its
+/// limit, and so is one operation alone with them (the limit exceeds any valid operation by
+/// nearly 64 KiB).
+const PACK_BYTES: usize = 32 << 10;
+/// What the message adds to each operation: its id, its timeout, the field tags and lengths.
+const OP_FRAMING: usize = 24;
 
 type Reply = oneshot::Sender<Result<PResult, Status>>;
 
 struct Queued {
     op: Op,
-    /// `op.encoded_len()`.
+    /// `op.encoded_len()` plus [`OP_FRAMING`].
     bytes: usize,
     timeout: Duration,
     reply: Reply,
@@ -74,8 +80,8 @@ impl Pipeline {
     ) -> Option<Result<PResult, Status>> {
         // Large requests go as unary calls: they would hold up the stream's other requests,
         // and one over the node's message limit would end the stream for all of them.
-        let bytes = op.encoded_len();
-        if self.unsupported.load(Ordering::Relaxed) || bytes > MAX_PIPELINED_BYTES {
+        let len = op.encoded_len();
+        if self.unsupported.load(Ordering::Relaxed) || len > MAX_PIPELINED_BYTES {
             return None;
         }
         let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
@@ -84,7 +90,7 @@ impl Pipeline {
         let (reply, answer) = oneshot::channel();
         let queued = Queued {
             op,
-            bytes,
+            bytes: len + OP_FRAMING,
             timeout,
             reply,
             permit,
@@ -162,48 +168,48 @@ async fn drive(
                 // Every client clone is gone (and so is every caller).
                 let Some(first) = queued else { return };
                 // Everything queued, in messages of at most PACK operations and
-                // MAX_PIPELINED_BYTES.
+                // PACK_BYTES.
                 let mut next = Some(first);
                 while let Some(first) = next.take() {
-                let mut bytes = first.bytes;
-                let mut batch = vec![first];
-                while batch.len() < PACK {
-                    match rx.try_recv() {
-                        Ok(q) if bytes + q.bytes > MAX_PIPELINED_BYTES => {
-                            next = Some(q);
-                            break;
+                    let mut bytes = first.bytes;
+                    let mut batch = vec![first];
+                    while batch.len() < PACK {
+                        match rx.try_recv() {
+                            Ok(q) if bytes + q.bytes > PACK_BYTES => {
+                                next = Some(q);
+                                break;
+                            }
+                            Ok(q) => {
+                                bytes += q.bytes;
+                                batch.push(q);
+                            }
+                            Err(_) => break,
                         }
-                        Ok(q) => {
-                            bytes += q.bytes;
-                            batch.push(q);
+                    }
+                    let mut ops = Vec::with_capacity(batch.len());
+                    for q in batch {
+                        next_id += 1;
+                        let timeout_ms = u32::try_from(q.timeout.as_millis()).unwrap_or(u32::MAX).max(1);
+                        ops.push(pb::PipelinedOp { id: next_id, timeout_ms, op: Some(q.op) });
+                        pending.insert(next_id, (q.reply, q.permit));
+                    }
+                    // Callers that stopped waiting: tell the node, free their slots.
+                    let mut cancel = Vec::new();
+                    pending.retain(|id, (reply, _)| {
+                        let gone = reply.is_closed();
+                        if gone {
+                            cancel.push(*id);
                         }
-                        Err(_) => break,
+                        !gone
+                    });
+                    if out.send(pb::PipelineRequest { ops, cancel }).await.is_err() {
+                        let status = Status::unavailable("the pipeline stream closed");
+                        if let Some(q) = next.take() {
+                            let _ = q.reply.send(Err(status.clone()));
+                        }
+                        fail_all(&mut pending, &mut rx, &status);
+                        return;
                     }
-                }
-                let mut ops = Vec::with_capacity(batch.len());
-                for q in batch {
-                    next_id += 1;
-                    let timeout_ms = u32::try_from(q.timeout.as_millis()).unwrap_or(u32::MAX).max(1);
-                    ops.push(pb::PipelinedOp { id: next_id, timeout_ms, op: Some(q.op) });
-                    pending.insert(next_id, (q.reply, q.permit));
-                }
-                // Callers that stopped waiting: tell the node, free their slots.
-                let mut cancel = Vec::new();
-                pending.retain(|id, (reply, _)| {
-                    let gone = reply.is_closed();
-                    if gone {
-                        cancel.push(*id);
-                    }
-                    !gone
-                });
-                if out.send(pb::PipelineRequest { ops, cancel }).await.is_err() {
-                    let status = Status::unavailable("the pipeline stream closed");
-                    if let Some(q) = next.take() {
-                        let _ = q.reply.send(Err(status.clone()));
-                    }
-                    fail_all(&mut pending, &mut rx, &status);
-                    return;
-                }
                 }
             }
             message = inbound.message() => match message {

@@ -308,6 +308,15 @@ async fn calm_probe() {
     }
 }
 
+/// The SDK (on its default, the stream) with time for values of megabytes on a busy CI host.
+async fn large_value_client(node: &NodeProcess) -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect(node.addr())
+        .await
+        .expect("connect")
+}
+
 /// Large values read at once: the answers ready together (here 32 × 7 MiB) are sent in
 /// several messages, never one over the node's response limit (64 MiB) that would end the
 /// stream for every caller; one answer over the limit (a `MultiGet` of ten 7 MiB values)
@@ -315,11 +324,7 @@ async fn calm_probe() {
 #[tokio::test]
 async fn large_answers_ready_together_are_split_and_an_oversized_one_fails_alone() {
     let node = NodeProcess::start(&["--max-memory", "1GiB"]);
-    let client = Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connect(node.addr())
-        .await
-        .expect("connect");
+    let client = large_value_client(&node).await;
     let value = vec![7u8; 7 << 20];
     for i in 0..10 {
         client.set(format!("big{i}"), &value).await.expect("set");
@@ -358,11 +363,7 @@ async fn large_answers_ready_together_are_split_and_an_oversized_one_fails_alone
 #[tokio::test]
 async fn many_mid_sized_writes_at_once_fit_the_node_message_limit() {
     let node = NodeProcess::start(&["--max-value-size", "100KiB"]);
-    let client = Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connect(node.addr())
-        .await
-        .expect("connect");
+    let client = large_value_client(&node).await;
     let writes: Vec<_> = (0..64)
         .map(|i| {
             let c = client.clone();

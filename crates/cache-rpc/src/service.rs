@@ -400,8 +400,8 @@ impl CacheService {
     }
 
     /// One pipelined stream: reads operations while fewer than [`PIPELINE_IN_FLIGHT`] are
-    /// running, runs them concurrently in this one task, and sends every answer that is
-    /// ready in one message. Ends when the client ends its side (or the node begins to shut
+    /// running, runs them concurrently in this one task, and sends the answers that are
+    /// ready together (in messages of at most [`PIPELINE_MESSAGE_BYTES`]). Ends when the client ends its side (or the node begins to shut
     /// down) and every operation has been answered, or when either side fails.
     async fn run_pipeline(
         self,
@@ -540,8 +540,9 @@ fn error_result(e: &CoreError) -> PResult {
     })
 }
 
-/// The result of one pipelined operation on the wire (`None`: it was cancelled).
-/// One operation's answer on the stream, with its encoded length.
+/// The result of one pipelined operation on the wire (`None`: it was cancelled), with its
+/// encoded length; an answer over the response `limit` becomes that operation's
+/// `OUT_OF_RANGE`.
 fn pipelined_result(
     id: u64,
     outcome: Option<PResult>,

@@ -380,3 +380,127 @@ async fn many_mid_sized_writes_at_once_fit_the_node_message_limit() {
         assert_eq!(got.map(|v| v.len()), Some(60 << 10));
     }
 }
+
+/// A client that decodes at most 1 MiB: on the stream the node learns the limit and refuses
+/// the one answer over it (a 2 MiB value) while the calls beside it succeed; a unary call
+/// over it fails alone in the client's decoder; a client with the default limit reads it.
+#[tokio::test]
+async fn an_answer_over_the_client_limit_fails_alone() {
+    let node = NodeProcess::start(&[]);
+    let roomy = large_value_client(&node).await;
+    roomy.set("big", vec![1u8; 2 << 20]).await.expect("set big");
+    for i in 0..20 {
+        roomy
+            .set(format!("s{i}"), "small")
+            .await
+            .expect("set small");
+    }
+    let tight = Client::builder()
+        .timeout(Duration::from_secs(30))
+        .max_response_size(1 << 20)
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    let smalls: Vec<_> = (0..20)
+        .map(|i| {
+            let c = tight.clone();
+            tokio::spawn(async move { c.get(format!("s{i}")).await })
+        })
+        .collect();
+    let big = tight
+        .get("big")
+        .await
+        .expect_err("2 MiB over a 1 MiB limit");
+    assert!(
+        matches!(&big, cache_client::Error::InvalidRequest { code, .. } if *code == tonic::Code::OutOfRange),
+        "{big:?}"
+    );
+    assert!(
+        big.to_string().contains("response limit of 1048576"),
+        "{big}"
+    );
+    for s in smalls {
+        let got = s.await.expect("task").expect("a small read beside it");
+        assert_eq!(got.as_deref(), Some(&b"small"[..]));
+    }
+    assert_eq!(
+        tight
+            .get("s0")
+            .await
+            .expect("the stream goes on")
+            .as_deref(),
+        Some(&b"small"[..])
+    );
+
+    let unary = Client::builder()
+        .pipelined(false)
+        .max_response_size(1 << 20)
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    let err = unary.get("big").await.expect_err("unary over the limit");
+    assert!(
+        err.to_string()
+            .contains("over this client's response limit of 1048576 bytes"),
+        "{err}"
+    );
+    assert_eq!(
+        unary.get("s1").await.expect("unary small").as_deref(),
+        Some(&b"small"[..])
+    );
+
+    let got = roomy.get("big").await.expect("default limit");
+    assert_eq!(got.map(|v| v.len()), Some(2 << 20));
+}
+
+/// The limit a client names on the stream is checked: not a number, or under 64 KiB, is
+/// refused with INVALID_ARGUMENT before any operation runs.
+#[tokio::test]
+async fn a_bad_client_limit_is_refused() {
+    let node = NodeProcess::start(&[]);
+    let mut raw = CacheClient::connect(format!("http://{}", node.addr()))
+        .await
+        .expect("connect");
+    for bad in ["10", "65535", "many", "-1", "1e9", ""] {
+        let (_tx, rx) = mpsc::channel::<PipelineRequest>(1);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            cache_proto::MAX_RESPONSE_HEADER,
+            bad.parse().expect("ASCII metadata"),
+        );
+        let status = raw.pipeline(request).await.expect_err(bad);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{bad}: {status:?}"
+        );
+        assert!(status.message().contains("at least 65536"), "{status:?}");
+    }
+    // A number beyond u64 means "no limit of my own": the node's applies.
+    let (tx, rx) = mpsc::channel::<PipelineRequest>(1);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        cache_proto::MAX_RESPONSE_HEADER,
+        "99999999999999999999".parse().expect("ASCII"),
+    );
+    let mut answers = raw.pipeline(request).await.expect("opens").into_inner();
+    tx.send(PipelineRequest {
+        ops: vec![op(
+            1,
+            Op::Get(GetRequest {
+                key: "k".into(),
+                ..Default::default()
+            }),
+        )],
+        cancel: vec![],
+    })
+    .await
+    .expect("send");
+    let got = answers
+        .message()
+        .await
+        .expect("answer")
+        .expect("one message");
+    assert_eq!(got.results[0].id, 1);
+    assert!(matches!(got.results[0].result, Some(PResult::Get(_))));
+}

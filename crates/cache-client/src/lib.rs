@@ -111,6 +111,13 @@ use tonic::{Code, Request, Response, Status};
 /// The batch limit a node has unless started with `--max-batch`.
 const DEFAULT_MAX_BATCH: usize = 1024;
 
+/// The largest answer a client decodes unless told otherwise
+/// ([`ClientBuilder::max_response_size`]): 64 MiB, the most a node with the default limits
+/// ever sends.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// The smallest [`ClientBuilder::max_response_size`] (64 KiB).
+pub use cache_proto::MIN_CLIENT_RESPONSE_BYTES;
 /// The generated API types, for calls the SDK does not wrap (`Stats`, `ClusterInfo` results).
 pub use cache_proto::v1 as proto;
 
@@ -266,6 +273,8 @@ pub struct ClientBuilder {
     pipelined: bool,
     /// Connect with TLS (nodes started with `--tls-cert`).
     tls: Option<Tls>,
+    /// Largest answer decoded ([`ClientBuilder::max_response_size`]).
+    max_response_bytes: usize,
 }
 
 /// TLS settings for nodes started with `--tls-cert` ([`ClientBuilder::tls`]).
@@ -344,6 +353,7 @@ impl Default for ClientBuilder {
             auth: None,
             pipelined: true,
             tls: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -415,6 +425,20 @@ impl ClientBuilder {
         self
     }
 
+    /// The largest answer this client decodes, in bytes (default
+    /// [`DEFAULT_MAX_RESPONSE_BYTES`], 64 MiB; at least
+    /// [`MIN_CLIENT_RESPONSE_BYTES`], 64 KiB). Every length read from the
+    /// network is checked against it before anything is allocated, so a broken or hostile
+    /// endpoint cannot make the client reserve gigabytes. A unary answer over it fails that
+    /// call with [`Error::InvalidRequest`] (`OutOfRange`, "decoded message length too
+    /// large"); on the pipelined stream the node is told the limit and refuses just that
+    /// operation the same way, the stream's other calls going on. Raise it for nodes whose
+    /// `--max-value-size` is above 64 MiB, or for `MultiGet`s of many large values.
+    pub fn max_response_size(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes.max(MIN_CLIENT_RESPONSE_BYTES);
+        self
+    }
+
     fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let url = if addr.contains("://") {
@@ -450,13 +474,14 @@ impl ClientBuilder {
 
     fn node(self, channel: Channel, addr: String) -> Node {
         Node {
+            // What is sent is the node's to bound; what is read is bounded here.
             inner: CacheClient::new(channel)
-                .max_decoding_message_size(usize::MAX)
+                .max_decoding_message_size(self.max_response_bytes)
                 .max_encoding_message_size(usize::MAX),
             addr,
+            pipeline: Arc::new(pipeline::Pipeline::new(self.max_response_bytes)),
             cfg: self,
             epoch: Arc::new(AtomicU64::new(0)),
-            pipeline: Arc::new(pipeline::Pipeline::new()),
             max_batch: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -629,7 +654,9 @@ impl Node {
             let outcome = match tokio::time::timeout(left, rpc(self.inner.clone(), stamp)).await {
                 Err(_) => return Err(Error::TimedOut(self.cfg.timeout)),
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
-                Ok(Err(status)) => Error::from_status(status, &self.addr, self.cfg.timeout),
+                Ok(Err(status)) => {
+                    Error::from_status(self.name_decode_limit(status), &self.addr, self.cfg.timeout)
+                }
             };
             if !(idempotent
                 && matches!(outcome, Error::Unavailable(_))
@@ -642,6 +669,26 @@ impl Node {
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
+    }
+
+    /// tonic's refusal of an answer over this client's decode limit names neither the client
+    /// nor how to raise the limit; this says both (other statuses pass unchanged).
+    fn name_decode_limit(&self, status: Status) -> Status {
+        let limit = self.cfg.max_response_bytes;
+        let ours = status.code() == Code::OutOfRange
+            && status
+                .message()
+                .contains("decoded message length too large")
+            && status
+                .message()
+                .ends_with(&format!("the limit is: {limit} bytes"));
+        if !ours {
+            return status;
+        }
+        Status::out_of_range(format!(
+            "the answer is over this client's response limit of {limit} bytes (raise ClientBuilder::max_response_size): {}",
+            status.message()
+        ))
     }
 
     /// Runs one operation — on the pipelined stream, or as a unary call — with the

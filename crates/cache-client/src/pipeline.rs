@@ -58,14 +58,20 @@ pub(crate) struct Pipeline {
     permits: Arc<Semaphore>,
     /// The node has no `Pipeline` RPC: use unary calls.
     unsupported: AtomicBool,
+    /// The client's decode limit, sent to the node when a stream opens (as
+    /// `cache_proto::MAX_RESPONSE_HEADER`) so that an answer over it fails alone.
+    max_response_bytes: usize,
 }
 
 impl Pipeline {
-    pub(crate) fn new() -> Self {
+    /// A pipeline whose streams tell the node this client decodes messages of at most
+    /// `max_response_bytes`.
+    pub(crate) fn new(max_response_bytes: usize) -> Self {
         Self {
             sender: Mutex::new(None),
             permits: Arc::new(Semaphore::new(IN_FLIGHT)),
             unsupported: AtomicBool::new(false),
+            max_response_bytes,
         }
     }
 
@@ -121,7 +127,7 @@ impl Pipeline {
             return tx.clone();
         }
         let (tx, rx) = mpsc::channel(IN_FLIGHT);
-        tokio::spawn(drive(client.clone(), auth, rx));
+        tokio::spawn(drive(client.clone(), auth, self.max_response_bytes, rx));
         *sender = Some(tx.clone());
         tx
     }
@@ -146,6 +152,7 @@ fn fail_all(
 async fn drive(
     mut client: CacheClient<Channel>,
     auth: Option<MetadataValue<Ascii>>,
+    max_response_bytes: usize,
     mut rx: mpsc::Receiver<Queued>,
 ) {
     let (out, out_rx) = mpsc::channel::<pb::PipelineRequest>(64);
@@ -153,6 +160,10 @@ async fn drive(
     if let Some(auth) = auth {
         request.metadata_mut().insert("authorization", auth);
     }
+    request.metadata_mut().insert(
+        cache_proto::MAX_RESPONSE_HEADER,
+        MetadataValue::from(max_response_bytes as u64),
+    );
     let mut pending: HashMap<u64, (Reply, OwnedSemaphorePermit)> = HashMap::new();
     let mut inbound = match client.pipeline(request).await {
         Ok(r) => r.into_inner(),

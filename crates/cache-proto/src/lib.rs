@@ -70,6 +70,17 @@ pub mod codec {
     }
 }
 
+/// Request metadata of `cache.v1.Cache/Pipeline` by which a client says the largest message it
+/// decodes (decimal bytes, at least [`MIN_CLIENT_RESPONSE_BYTES`]). The node keeps every
+/// message of answers on that stream under it, and an answer over it fails alone with
+/// `OUT_OF_RANGE` instead of breaking the stream — and every other call on it — in the
+/// client's decoder. Without it the node's own response limit applies.
+pub const MAX_RESPONSE_HEADER: &str = "cache-max-response-bytes";
+
+/// The smallest limit a client may name in [`MAX_RESPONSE_HEADER`] (a smaller one is refused
+/// with `INVALID_ARGUMENT`): room for any refusal and for small values.
+pub const MIN_CLIENT_RESPONSE_BYTES: usize = 64 << 10;
+
 /// The encoded `FileDescriptorSet` of `cache.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/cache_v1_descriptor.bin"));

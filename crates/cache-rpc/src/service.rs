@@ -401,29 +401,34 @@ impl CacheService {
 
     /// One pipelined stream: reads operations while fewer than [`PIPELINE_IN_FLIGHT`] are
     /// running, runs them concurrently in this one task, and sends the answers that are
-    /// ready together (in messages of at most [`PIPELINE_MESSAGE_BYTES`]). Ends when the client ends its side (or the node begins to shut
-    /// down) and every operation has been answered, or when either side fails.
+    /// ready together (in messages of at most [`PIPELINE_MESSAGE_BYTES`], or `limit` if
+    /// smaller). An answer over `limit` — the smaller of the node's response limit and the
+    /// client's ([`cache_proto::MAX_RESPONSE_HEADER`]) — becomes its operation's `OUT_OF_RANGE`. Ends
+    /// when the client ends its side (or the node begins to shut down) and every operation
+    /// has been answered, or when either side fails.
     async fn run_pipeline(
         self,
         mut incoming: tonic::Streaming<pb::PipelineRequest>,
         tx: tokio::sync::mpsc::Sender<Result<pb::PipelineResponse, Status>>,
         (name, role): (String, Role),
+        limit: usize,
     ) {
         use futures_util::future::{AbortHandle, Abortable, FutureExt};
         use futures_util::stream::{FuturesUnordered, StreamExt};
         let mut running = FuturesUnordered::new();
         let mut aborts: std::collections::HashMap<u64, AbortHandle> = Default::default();
         let mut reading = true;
-        let limit = self.core().store().limits().max_response_bytes();
+        let message_bytes = PIPELINE_MESSAGE_BYTES.min(limit);
         let cap = self.shared.request_timeout;
         let stopping = self.shared.stopping.clone();
         loop {
             tokio::select! {
                 Some((id, outcome, timed)) = running.next(), if !running.is_empty() => {
-                    // Every answer that is ready, in messages of at most
-                    // PIPELINE_MESSAGE_BYTES (one larger answer alone): many large values
-                    // ready at once must not add up to a message over the response limit,
-                    // which would end the stream for every caller.
+                    // Every answer that is ready, in messages of at most `message_bytes`
+                    // (one larger answer alone): many large values ready at once must not
+                    // add up to a message over the response limit (the node's or the
+                    // client's), which would end the stream for every caller. Each answer
+                    // counts its framing in the message (at most 16 bytes).
                     let (first, mut bytes) = pipelined_result(id, outcome, limit);
                     let mut results = vec![first];
                     let mut clocks: Vec<(Instant, Option<Op>)> = vec![timed];
@@ -431,7 +436,7 @@ impl CacheService {
                     while let Some(Some((id, outcome, timed))) = running.next().now_or_never() {
                         aborts.remove(&id);
                         let (answer, len) = pipelined_result(id, outcome, limit);
-                        if bytes + len > PIPELINE_MESSAGE_BYTES {
+                        if bytes + len > message_bytes {
                             let full = std::mem::take(&mut results);
                             if !self.send_answers(&tx, full, clocks.drain(..)).await {
                                 return;
@@ -531,6 +536,41 @@ pub const PIPELINE_IN_FLIGHT: usize = 1024;
 /// (one larger answer goes alone, up to the response limit).
 pub const PIPELINE_MESSAGE_BYTES: usize = 1 << 20;
 
+/// What a [`pb::PipelinedResult`] adds to a message around its own encoding (its field tag
+/// and length) plus the message's own framing, rounded up.
+const ANSWER_FRAMING: usize = 16;
+
+/// The response limit of one pipelined stream: the node's, or the client's
+/// ([`cache_proto::MAX_RESPONSE_HEADER`]) if that is smaller. A header that is not a decimal
+/// number of at least [`cache_proto::MIN_CLIENT_RESPONSE_BYTES`] is refused with
+/// `INVALID_ARGUMENT`.
+fn client_response_limit(
+    metadata: &tonic::metadata::MetadataMap,
+    node_limit: usize,
+) -> Result<usize, Status> {
+    use cache_proto::{MAX_RESPONSE_HEADER, MIN_CLIENT_RESPONSE_BYTES};
+    let Some(value) = metadata.get(MAX_RESPONSE_HEADER) else {
+        return Ok(node_limit);
+    };
+    let bad = || {
+        Status::invalid_argument(format!(
+            "{MAX_RESPONSE_HEADER} must be a number of bytes of at least {MIN_CLIENT_RESPONSE_BYTES}"
+        ))
+    };
+    let text = value.to_str().map_err(|_| bad())?;
+    // At most 20 digits: a u64; a larger number means "no limit of my own".
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let asked = text
+        .parse::<u64>()
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    if asked < MIN_CLIENT_RESPONSE_BYTES {
+        return Err(bad());
+    }
+    Ok(asked.min(node_limit))
+}
+
 /// A failed operation's result: the status a unary call would have answered.
 fn error_result(e: &CoreError) -> PResult {
     let status = wire::status(e);
@@ -541,7 +581,7 @@ fn error_result(e: &CoreError) -> PResult {
 }
 
 /// The result of one pipelined operation on the wire (`None`: it was cancelled), with its
-/// encoded length; an answer over the response `limit` becomes that operation's
+/// encoded length with [`ANSWER_FRAMING`]; an answer over the response `limit` becomes that operation's
 /// `OUT_OF_RANGE`.
 fn pipelined_result(
     id: u64,
@@ -560,19 +600,19 @@ fn pipelined_result(
         result: Some(result),
     };
     // As a unary call would be refused by the encoder's limit: this one operation fails,
-    // not the stream (the message framing around it takes at most 16 bytes).
-    let len = prost::Message::encoded_len(&answer);
-    if len + 16 > limit {
+    // not the stream.
+    let len = prost::Message::encoded_len(&answer) + ANSWER_FRAMING;
+    if len > limit {
         let refusal = pb::PipelinedResult {
             id,
             result: Some(PResult::Error(pb::PipelineError {
                 code: tonic::Code::OutOfRange as i32,
                 message: format!(
-                    "the answer is {len} bytes, over the node's response limit of {limit} bytes: split the batch"
+                    "the answer is {len} bytes, over the response limit of {limit} bytes (the node's, or the client's if smaller): split the batch or raise the limit"
                 ),
             })),
         };
-        let len = prost::Message::encoded_len(&refusal);
+        let len = prost::Message::encoded_len(&refusal) + ANSWER_FRAMING;
         return (refusal, len);
     }
     (answer, len)
@@ -697,10 +737,12 @@ impl cache_server::Cache for CacheService {
         request: tonic::Request<tonic::Streaming<pb::PipelineRequest>>,
     ) -> Result<tonic::Response<Self::PipelineStream>, Status> {
         let role = self.stream_role(&request)?;
+        let node_limit = self.core().store().limits().max_response_bytes();
+        let limit = client_response_limit(request.metadata(), node_limit)?;
         let incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = self.clone();
-        tokio::spawn(async move { this.run_pipeline(incoming, tx, role).await });
+        tokio::spawn(async move { this.run_pipeline(incoming, tx, role, limit).await });
         Ok(tonic::Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

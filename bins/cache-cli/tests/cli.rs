@@ -471,3 +471,22 @@ fn operator_commands_cover_the_whole_cluster() {
     assert_eq!(s(&["get", "user:1"]).status.code(), Some(1));
     assert_eq!(stdout(&s(&["dbsize"])), "0\n");
 }
+
+#[test]
+fn max_response_size_bounds_what_is_read() {
+    let node = NodeProcess::start(&[]);
+    let n = Some(&node);
+    let value = vec![b'x'; 200 << 10];
+    let o = cli_with_stdin(n, &["set", "wide", "-"], Some(&value));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = cli(n, &["--max-response-size", "100KiB", "get", "wide"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("response limit"), "{}", stderr(&o));
+    let o = cli(n, &["--max-response-size", "1MiB", "get", "wide"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.stdout, value);
+    for bad in ["1KiB", "lots"] {
+        let o = cli(n, &["--max-response-size", bad, "get", "wide"]);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+    }
+}

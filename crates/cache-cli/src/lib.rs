@@ -104,6 +104,10 @@ pub struct Cli {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, global = true, env = "CACHE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Largest answer to accept, e.g. 64MiB, 1GiB (at least 64KiB): raise it to read values
+    /// over 64 MiB from nodes started with a larger --max-value-size.
+    #[arg(long, global = true, default_value = "64MiB", value_parser = parse_response_size)]
+    max_response_size: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -251,6 +255,22 @@ fn parse_consistency(s: &str) -> Result<Consistency, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (try 500ms, 10s or 5m)"))
+}
+
+/// `--max-response-size`: a size of at least 64 KiB that fits this machine's addresses.
+fn parse_response_size(s: &str) -> Result<usize, String> {
+    let size: bytesize::ByteSize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("{e} (try 64MiB or 1GiB)"))?;
+    let bytes = usize::try_from(size.as_u64()).map_err(|_| format!("{s} is too large"))?;
+    if bytes < cache_client::MIN_CLIENT_RESPONSE_BYTES {
+        return Err(format!(
+            "must be at least 64KiB ({} bytes)",
+            cache_client::MIN_CLIENT_RESPONSE_BYTES
+        ));
+    }
+    Ok(bytes)
 }
 
 /// A TTL: a duration of more than zero (zero would mean "expire now" to some and "never" to
@@ -527,7 +547,8 @@ async fn run(
     };
     let mut builder = Client::builder()
         .timeout(cli.timeout)
-        .connect_timeout(cli.timeout);
+        .connect_timeout(cli.timeout)
+        .max_response_size(cli.max_response_size);
     if let Some(c) = cli.consistency {
         builder = builder.write_consistency(c).read_consistency(c);
     }

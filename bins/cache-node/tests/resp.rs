@@ -623,6 +623,16 @@ async fn slowlog_scan_and_flushall_work_for_redis_tools() {
     .expect("scan by type");
     assert!(none.is_empty(), "every key is a string");
 
+    // KEYS: this node's matching keys in one reply.
+    let mut users: Vec<Vec<u8>> = q(&mut c, &[b"KEYS", b"user:*"]).await.expect("keys");
+    users.sort();
+    assert_eq!(users, want);
+    let everything: Vec<Vec<u8>> = q(&mut c, &[b"KEYS", b"*"]).await.expect("keys *");
+    assert_eq!(everything.len(), 8);
+    let nothing: Vec<Vec<u8>> = q(&mut c, &[b"KEYS", b"nope:*"]).await.expect("no match");
+    assert!(nothing.is_empty());
+    assert!(err_text(q::<Value>(&mut c, &[b"KEYS"]).await).contains("wrong number of arguments"));
+
     // FLUSHALL empties the node.
     let () = q(&mut c, &[b"FLUSHALL"]).await.expect("flushall");
     assert_eq!(q::<i64>(&mut c, &[b"DBSIZE"]).await.expect("dbsize"), 0);
@@ -654,4 +664,21 @@ async fn slowlog_scan_and_flushall_work_for_redis_tools() {
     assert_eq!(entries[0]["result"], "miss");
     assert_eq!(entries[0]["key"], "user:1");
     assert_eq!(entries[0]["via"], "resp");
+
+    // STRLEN: a value's length, 0 for a missing key.
+    let () = q(&mut c, &[b"SET", b"order:1", b"four"])
+        .await
+        .expect("set");
+    assert_eq!(
+        q::<i64>(&mut c, &[b"STRLEN", b"order:1"])
+            .await
+            .expect("strlen"),
+        4
+    );
+    assert_eq!(
+        q::<i64>(&mut c, &[b"STRLEN", b"missing"])
+            .await
+            .expect("strlen"),
+        0
+    );
 }

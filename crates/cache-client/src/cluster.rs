@@ -74,6 +74,10 @@ struct Unhealthy {
 /// The longest wait between two probes of an unhealthy member.
 const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Most members a cluster view may list (as many as SWIM gossip carries): a member list
+/// over it is refused, not turned into as many connections.
+const MAX_MEMBERS: usize = 8192;
+
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let view = self.view();
@@ -216,6 +220,12 @@ impl Router {
         info: pb::ClusterInfoResponse,
         previous: Option<&View>,
     ) -> Result<View, Error> {
+        if info.members.len() > MAX_MEMBERS {
+            return Err(Error::Cluster(format!(
+                "the node lists {} members, more than a cluster can have ({MAX_MEMBERS})",
+                info.members.len()
+            )));
+        }
         if info.ring_format_version != cluster_ring::FORMAT_VERSION {
             return Err(Error::Cluster(format!(
                 "the nodes use ring format {}, this client {}: upgrade the client",

@@ -1,6 +1,7 @@
-//! The SDK against a forged server: an HTTP/2 endpoint that answers every call with a gRPC
-//! message whose length prefix announces almost 4 GiB. The client must refuse it from the
-//! prefix alone (its `max_response_size`), not reserve the memory and wait for the rest.
+//! The SDK against forged servers: an HTTP/2 endpoint that answers every call with a gRPC
+//! message whose length prefix announces almost 4 GiB — the client must refuse it from the
+//! prefix alone (its `max_response_size`), not reserve the memory and wait for the rest —
+//! and one whose `ClusterInfo` lists more members than a cluster can have.
 
 use std::time::Duration;
 
@@ -8,12 +9,15 @@ use bytes::Bytes;
 use cache_client::{Client, Error};
 use tokio::net::TcpListener;
 
-/// Serves forged answers on a loopback port until the test ends; returns the address.
-async fn forged_server() -> String {
+/// Serves `answer` (the body's DATA) to every call on a loopback port until the test ends,
+/// then `grpc-status: 0` trailers if `end`, else nothing more (the stream stays open);
+/// returns the address.
+async fn forged_server(answer: Bytes, end: bool) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr").to_string();
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let Ok(mut conn) = h2::server::handshake(socket).await else {
                     return;
@@ -26,12 +30,15 @@ async fn forged_server() -> String {
                     let Ok(mut body) = respond.send_response(head, false) else {
                         continue;
                     };
-                    // Uncompressed, 0xFFFF_FFF0 bytes announced, 3 sent; the stream stays
-                    // open (the rest never comes).
-                    let forged = Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xf0, 1, 2, 3]);
-                    let _ = body.send_data(forged, false);
-                    // Keep the stream (and its body) alive while the connection runs.
-                    std::mem::forget(body);
+                    let _ = body.send_data(answer.clone(), false);
+                    if end {
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let _ = body.send_trailers(trailers);
+                    } else {
+                        // Keep the stream alive while the connection runs.
+                        std::mem::forget(body);
+                    }
                 }
             });
         }
@@ -55,7 +62,10 @@ async fn refused_quickly(client: &Client, how: &str) {
 
 #[tokio::test]
 async fn a_forged_length_prefix_is_refused_before_anything_is_reserved() {
-    let addr = forged_server().await;
+    // Uncompressed, 0xFFFF_FFF0 bytes announced, 3 sent; the stream stays open (the rest
+    // never comes).
+    let forged = Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xf0, 1, 2, 3]);
+    let addr = forged_server(forged, false).await;
     let unary = Client::builder()
         .timeout(Duration::from_secs(10))
         .retries(0)
@@ -71,4 +81,52 @@ async fn a_forged_length_prefix_is_refused_before_anything_is_reserved() {
         .await
         .expect("connect");
     refused_quickly(&stream, "pipelined stream").await;
+}
+
+/// A `ClusterInfo` listing 10 000 members (a cluster has at most 8 192) is refused, not
+/// turned into 10 000 connections.
+#[tokio::test]
+async fn a_member_list_larger_than_any_cluster_is_refused() {
+    use prost::Message;
+    let info = cache_client::proto::ClusterInfoResponse {
+        members: (0..10_000)
+            .map(|i| cache_client::proto::Member {
+                id: format!("n{i}"),
+                rpc_addr: format!("127.0.0.1:{}", 10_000 + i),
+                weight: 1,
+                state: cache_client::proto::MemberState::Alive as i32,
+                ..Default::default()
+            })
+            .collect(),
+        vnodes_per_weight: 1,
+        ring_format_version: cluster_ring::FORMAT_VERSION,
+        ..Default::default()
+    };
+    // A consistent view (the fingerprint of the ring those members make), so nothing but
+    // the member count is wrong.
+    let owners: Vec<cluster_ring::Member> = info
+        .members
+        .iter()
+        .map(|m| cluster_ring::Member::new(cluster_ring::NodeId::new(m.id.clone()).expect("id"), 1))
+        .collect();
+    let ring = cluster_ring::Ring::new(owners, 1).expect("ring");
+    let info = cache_client::proto::ClusterInfoResponse {
+        ring_fingerprint: ring.fingerprint(),
+        ..info
+    };
+    let encoded = info.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(encoded.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    let addr = forged_server(Bytes::from(framed), true).await;
+    let err = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .retries(0)
+        .connect_cluster([addr])
+        .await
+        .expect_err("10 000 members");
+    assert!(
+        matches!(&err, Error::Cluster(m) if m.contains("10000 members")),
+        "{err:?}"
+    );
 }

@@ -796,12 +796,24 @@ impl Node {
     /// at most the node's batch limit.
     pub(crate) async fn get_many(&self, keys: Vec<Bytes>) -> Result<Vec<Option<Bytes>>, Error> {
         self.in_parts(keys, |node, keys| async move {
+            let asked = keys.len();
             let PResult::MultiGet(resp) = node
                 .op(true, Op::MultiGet(pb::MultiGetRequest { keys }))
                 .await?
             else {
                 return Err(mismatch());
             };
+            // One result per key, or the values cannot be matched to their keys.
+            if resp.results.len() != asked {
+                return Err(Error::Server {
+                    code: Code::Internal,
+                    message: format!(
+                        "{} answered {} results for {asked} keys",
+                        node.addr,
+                        resp.results.len()
+                    ),
+                });
+            }
             node.saw_epoch(resp.ring_epoch);
             Ok(resp
                 .results

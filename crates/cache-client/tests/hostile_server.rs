@@ -46,6 +46,15 @@ async fn forged_server(answer: Bytes, end: bool) -> String {
     addr
 }
 
+/// `message` as one uncompressed gRPC message.
+fn grpc_frame(message: &impl prost::Message) -> Bytes {
+    let encoded = message.encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(encoded.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(&encoded);
+    Bytes::from(framed)
+}
+
 async fn refused_quickly(client: &Client, how: &str) {
     let err = client
         .get("k")
@@ -87,7 +96,6 @@ async fn a_forged_length_prefix_is_refused_before_anything_is_reserved() {
 /// turned into 10 000 connections.
 #[tokio::test]
 async fn a_member_list_larger_than_any_cluster_is_refused() {
-    use prost::Message;
     let info = cache_client::proto::ClusterInfoResponse {
         members: (0..10_000)
             .map(|i| cache_client::proto::Member {
@@ -114,11 +122,7 @@ async fn a_member_list_larger_than_any_cluster_is_refused() {
         ring_fingerprint: ring.fingerprint(),
         ..info
     };
-    let encoded = info.encode_to_vec();
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&u32::try_from(encoded.len()).expect("small").to_be_bytes());
-    framed.extend_from_slice(&encoded);
-    let addr = forged_server(Bytes::from(framed), true).await;
+    let addr = forged_server(grpc_frame(&info), true).await;
     let err = Client::builder()
         .timeout(Duration::from_secs(10))
         .retries(0)
@@ -127,6 +131,36 @@ async fn a_member_list_larger_than_any_cluster_is_refused() {
         .expect_err("10 000 members");
     assert!(
         matches!(&err, Error::Cluster(m) if m.contains("10000 members")),
+        "{err:?}"
+    );
+}
+
+/// A `MultiGet` answered with fewer results than keys is an error, not a shorter list whose
+/// values no longer line up with their keys.
+#[tokio::test]
+async fn a_batch_answer_that_does_not_match_the_keys_is_refused() {
+    let one = cache_client::proto::MultiGetResponse {
+        results: vec![cache_client::proto::GetResponse {
+            found: true,
+            value: Bytes::from_static(b"v"),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let addr = forged_server(grpc_frame(&one), true).await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .retries(0)
+        .pipelined(false)
+        .connect(&addr)
+        .await
+        .expect("connect");
+    let err = client
+        .get_many(["a", "b", "c"])
+        .await
+        .expect_err("1 result for 3 keys");
+    assert!(
+        err.to_string().contains("answered 1 results for 3 keys"),
         "{err:?}"
     );
 }

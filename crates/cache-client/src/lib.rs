@@ -68,6 +68,12 @@
 //! unary gRPC call (docs/why/protocols.md). [`ClientBuilder::pipelined`]`(false)` makes every
 //! call a unary RPC; requests over 64 KiB always are.
 //!
+//! What the client reads is bounded: an answer over [`ClientBuilder::max_response_size`]
+//! (64 MiB by default, the most a node with default limits sends) is refused from its
+//! length prefix, a cluster view over 8 192 members is refused, and a batch answer must
+//! have one result per key. A broken or hostile endpoint gets an [`Error`], never the
+//! client's memory.
+//!
 //! # Errors and retries
 //!
 //! Every call has a deadline ([`ClientBuilder::timeout`]), sent to the node as the gRPC

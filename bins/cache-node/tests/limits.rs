@@ -148,3 +148,51 @@ async fn oversized_metadata_fails_one_call_not_the_connection() {
         "the watch stream ended: {still_open:?}"
     );
 }
+
+/// A connection may hold at most 1 024 calls open at once (advertised in HTTP/2 SETTINGS;
+/// without it one connection opening 50 000 calls held 60 MB of the node), and a client
+/// with more calls than that in flight on one connection just queues them: 3 000
+/// concurrent unary calls on one connection all succeed.
+#[tokio::test]
+async fn calls_per_connection_are_bounded_and_more_queue() {
+    let node = NodeProcess::start(&[]);
+    let tcp = tokio::net::TcpStream::connect(node.addr())
+        .await
+        .expect("connect");
+    let (_send, mut conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    // Until the server's SETTINGS arrive the client assumes no limit.
+    let advertised = tokio::time::timeout(
+        Duration::from_secs(10),
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(r) = std::pin::Pin::new(&mut conn).poll(cx) {
+                return std::task::Poll::Ready(Err(format!("connection ended: {r:?}")));
+            }
+            match conn.max_concurrent_send_streams() {
+                usize::MAX => std::task::Poll::Pending,
+                n => std::task::Poll::Ready(Ok(n)),
+            }
+        }),
+    )
+    .await
+    .expect("SETTINGS within 10 s")
+    .expect("settings");
+    assert_eq!(advertised, 1024);
+
+    let client = Client::builder()
+        .pipelined(false)
+        .timeout(Duration::from_secs(60))
+        .connect(node.addr())
+        .await
+        .expect("connect");
+    client.set("k", "v").await.expect("set");
+    let calls: Vec<_> = (0..3000)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.get("k").await })
+        })
+        .collect();
+    for call in calls {
+        let got = call.await.expect("task").expect("a queued call");
+        assert_eq!(got.as_deref(), Some(&b"v"[..]));
+    }
+}

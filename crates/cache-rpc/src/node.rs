@@ -145,6 +145,12 @@ pub struct NodeConfig {
 /// connection, and every other call on it.
 pub const MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
 
+/// Most calls (HTTP/2 streams) open at once on one connection, advertised in SETTINGS.
+/// tonic's default is no limit: one connection that opened 50 000 calls and never sent
+/// their bodies held 60 MB of the node's memory. A client at the limit queues further calls
+/// until one finishes (h2 does that); the SDK sends its calls on one pipelined stream.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
 /// Most connections the peer listener accepts (other members: one channel each).
 pub const PEER_CONNECTIONS: usize = 1024;
 /// Most connections the admin listener accepts: its own budget, so health checks and
@@ -671,6 +677,7 @@ impl Node {
             // connection lives), and the server answers a larger header block on its own
             // stream instead of tearing the connection down.
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .layer(crate::latency::LatencyLayer::new(Arc::clone(
                 &shared.metrics,
             )))
@@ -704,6 +711,7 @@ impl Node {
             // connection lives), and the server answers a larger header block on its own
             // stream instead of tearing the connection down.
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
             .add_service(peer_service)
             .serve_with_incoming_shutdown(
                 with_tls(

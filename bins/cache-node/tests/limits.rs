@@ -196,3 +196,40 @@ async fn calls_per_connection_are_bounded_and_more_queue() {
         assert_eq!(got.as_deref(), Some(&b"v"[..]));
     }
 }
+
+/// A unary call whose body never comes is ended a second after the request timeout rather
+/// than holding its stream (and its share of the 1 024) until the connection closes.
+#[tokio::test]
+async fn a_call_whose_body_never_comes_is_ended() {
+    let node = NodeProcess::start(&["--request-timeout", "1s"]);
+    let tcp = tokio::net::TcpStream::connect(node.addr())
+        .await
+        .expect("connect");
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut send = send.ready().await.expect("ready");
+    let request = http::Request::post(format!("http://{}/cache.v1.Cache/Get", node.addr()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    // Headers only: the stream stays open, the body never follows.
+    let (answer, _body) = send.send_request(request, false).expect("send");
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), answer)
+        .await
+        .expect("the node ends the call instead of waiting for its body");
+    // Either an answer carrying a gRPC status or a reset of the stream: the call is over.
+    if let Ok(response) = outcome {
+        let status = response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap_or("?").to_string());
+        assert!(status.is_some_and(|s| s != "0"), "{response:?}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+}

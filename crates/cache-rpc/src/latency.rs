@@ -7,6 +7,12 @@
 //!
 //! Streaming calls are not timed here (a stream's life is not a request's latency): the
 //! pipelined stream times each operation itself (`Transport::GrpcStream`).
+//!
+//! The same layer is the backstop deadline of unary calls ([`LatencyLayer::with_deadline`]):
+//! the core answers every request within the request timeout, but a call whose body never
+//! arrives never reaches the core and would hold its HTTP/2 stream until the connection
+//! closes. `Flush` and `Snapshot` are exempt: they may legitimately run longer (within the
+//! client's own deadline), and `Flush` must not stop half-way.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -48,16 +54,33 @@ fn timing(path: &str) -> Timing {
     }))
 }
 
+/// Whether a unary call of this path may run past the backstop deadline.
+fn long_running(path: &str) -> bool {
+    matches!(path, "/cache.v1.Cache/Flush" | "/cache.v1.Cache/Snapshot")
+}
+
 /// The layer: wraps the gRPC server's routes.
 #[derive(Debug, Clone)]
 pub struct LatencyLayer {
     metrics: Arc<NodeMetrics>,
+    deadline: Option<std::time::Duration>,
 }
 
 impl LatencyLayer {
-    /// A layer recording into `metrics`.
+    /// A layer recording into `metrics`, with no backstop deadline.
     pub fn new(metrics: Arc<NodeMetrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            deadline: None,
+        }
+    }
+
+    /// Ends a unary call (other than `Flush` and `Snapshot`) that has not answered within
+    /// `deadline` with `DEADLINE_EXCEEDED`, and so frees its stream: set it a little past the
+    /// request timeout, which the core itself keeps.
+    pub fn with_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 }
 
@@ -68,6 +91,7 @@ impl<S> tower::Layer<S> for LatencyLayer {
         Latency {
             inner,
             metrics: Arc::clone(&self.metrics),
+            deadline: self.deadline,
         }
     }
 }
@@ -77,6 +101,7 @@ impl<S> tower::Layer<S> for LatencyLayer {
 pub struct Latency<S> {
     inner: S,
     metrics: Arc<NodeMetrics>,
+    deadline: Option<std::time::Duration>,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for Latency<S>
@@ -95,11 +120,24 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let start = Instant::now();
-        let timing = timing(request.uri().path());
+        let path = request.uri().path();
+        let timing = timing(path);
+        let deadline = self
+            .deadline
+            .filter(|_| matches!(timing, Timing::Unary(_)) && !long_running(path));
         let metrics = Arc::clone(&self.metrics);
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await?;
+            let response = match deadline {
+                None => response.await?,
+                Some(d) => match tokio::time::timeout(d, response).await {
+                    Ok(response) => response?,
+                    Err(_) => tonic::Status::deadline_exceeded(format!(
+                        "no answer within {d:?}: the request body did not arrive in time"
+                    ))
+                    .into_http(),
+                },
+            };
             let Timing::Unary(op) = timing else {
                 return Ok(response);
             };
@@ -192,5 +230,8 @@ mod tests {
             Timing::Skip
         ));
         assert!(matches!(timing("/nope"), Timing::Skip));
+        assert!(long_running("/cache.v1.Cache/Flush"));
+        assert!(long_running("/cache.v1.Cache/Snapshot"));
+        assert!(!long_running("/cache.v1.Cache/Get"));
     }
 }

@@ -678,9 +678,12 @@ impl Node {
             // stream instead of tearing the connection down.
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .max_concurrent_streams(Some(MAX_CONCURRENT_STREAMS))
-            .layer(crate::latency::LatencyLayer::new(Arc::clone(
-                &shared.metrics,
-            )))
+            // The backstop a second past the request timeout (which the core keeps) ends
+            // a unary call whose body never arrives instead of letting it hold its stream.
+            .layer(
+                crate::latency::LatencyLayer::new(Arc::clone(&shared.metrics))
+                    .with_deadline(config.request_timeout + Duration::from_secs(1)),
+            )
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)

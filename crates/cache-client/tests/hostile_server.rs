@@ -46,6 +46,17 @@ async fn forged_server(answer: Bytes, end: bool) -> String {
     addr
 }
 
+/// A direct client of `addr` without retries, on the pipelined stream or unary calls.
+async fn client(addr: &str, pipelined: bool) -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .retries(0)
+        .pipelined(pipelined)
+        .connect(addr)
+        .await
+        .expect("connect")
+}
+
 /// `message` as one uncompressed gRPC message.
 fn grpc_frame(message: &impl prost::Message) -> Bytes {
     let encoded = message.encode_to_vec();
@@ -55,7 +66,7 @@ fn grpc_frame(message: &impl prost::Message) -> Bytes {
     Bytes::from(framed)
 }
 
-async fn refused_quickly(client: &Client, how: &str) {
+async fn refused_from_the_prefix(client: &Client, how: &str) {
     let err = client
         .get("k")
         .await
@@ -75,21 +86,10 @@ async fn a_forged_length_prefix_is_refused_before_anything_is_reserved() {
     // never comes).
     let forged = Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xf0, 1, 2, 3]);
     let addr = forged_server(forged, false).await;
-    let unary = Client::builder()
-        .timeout(Duration::from_secs(10))
-        .retries(0)
-        .pipelined(false)
-        .connect(&addr)
-        .await
-        .expect("connect");
-    refused_quickly(&unary, "unary").await;
-    let stream = Client::builder()
-        .timeout(Duration::from_secs(10))
-        .retries(0)
-        .connect(&addr)
-        .await
-        .expect("connect");
-    refused_quickly(&stream, "pipelined stream").await;
+    let unary = client(&addr, false).await;
+    refused_from_the_prefix(&unary, "unary").await;
+    let stream = client(&addr, true).await;
+    refused_from_the_prefix(&stream, "pipelined stream").await;
 }
 
 /// A `ClusterInfo` listing 10 000 members (a cluster has at most 8 192) is refused, not
@@ -148,14 +148,8 @@ async fn a_batch_answer_that_does_not_match_the_keys_is_refused() {
         ..Default::default()
     };
     let addr = forged_server(grpc_frame(&one), true).await;
-    let client = Client::builder()
-        .timeout(Duration::from_secs(10))
-        .retries(0)
-        .pipelined(false)
-        .connect(&addr)
+    let err = client(&addr, false)
         .await
-        .expect("connect");
-    let err = client
         .get_many(["a", "b", "c"])
         .await
         .expect_err("1 result for 3 keys");

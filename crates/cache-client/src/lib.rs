@@ -124,6 +124,7 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 /// The smallest [`ClientBuilder::max_response_size`] (64 KiB).
 pub use cache_proto::MIN_CLIENT_RESPONSE_BYTES;
+
 /// The generated API types, for calls the SDK does not wrap (`Stats`, `ClusterInfo` results).
 pub use cache_proto::v1 as proto;
 

@@ -403,9 +403,9 @@ impl CacheService {
     /// running, runs them concurrently in this one task, and sends the answers that are
     /// ready together (in messages of at most [`PIPELINE_MESSAGE_BYTES`], or `limit` if
     /// smaller). An answer over `limit` — the smaller of the node's response limit and the
-    /// client's ([`cache_proto::MAX_RESPONSE_HEADER`]) — becomes its operation's `OUT_OF_RANGE`. Ends
-    /// when the client ends its side (or the node begins to shut down) and every operation
-    /// has been answered, or when either side fails.
+    /// client's ([`cache_proto::MAX_RESPONSE_HEADER`]) — becomes its operation's
+    /// `OUT_OF_RANGE`. Ends when the client ends its side (or the node begins to shut down)
+    /// and every operation has been answered, or when either side fails.
     async fn run_pipeline(
         self,
         mut incoming: tonic::Streaming<pb::PipelineRequest>,
@@ -581,8 +581,8 @@ fn error_result(e: &CoreError) -> PResult {
 }
 
 /// The result of one pipelined operation on the wire (`None`: it was cancelled), with its
-/// encoded length with [`ANSWER_FRAMING`]; an answer over the response `limit` becomes that operation's
-/// `OUT_OF_RANGE`.
+/// encoded length plus [`ANSWER_FRAMING`]; an answer over the response `limit` becomes that
+/// operation's `OUT_OF_RANGE`.
 fn pipelined_result(
     id: u64,
     outcome: Option<PResult>,

@@ -1122,7 +1122,7 @@ impl Session {
                 return Err("ERR syntax error".into());
             };
             match &option.to_ascii_uppercase()[..] {
-                b"MATCH" => pattern = if &value[..] == b"*" { b"" } else { &value[..] },
+                b"MATCH" => pattern = &value[..],
                 b"COUNT" => {
                     count = std::str::from_utf8(value)
                         .ok()
@@ -1134,9 +1134,7 @@ impl Session {
                 _ => return Err("ERR syntax error".into()),
             }
         }
-        if pattern.len() > self.shared.core.store().limits().max_key_bytes {
-            return Err("ERR pattern is longer than the largest key".into());
-        }
+        let pattern = self.glob(pattern)?;
         let (keys, next) = self.shared.scan(cursor, pattern, count);
         let keys = if strings { keys } else { Vec::new() };
         reply::array(out, 2);
@@ -1148,18 +1146,23 @@ impl Session {
         Ok(())
     }
 
+    /// A `SCAN MATCH` / `KEYS` pattern as the engine's scan takes it (`*` matches all: no
+    /// filter); one longer than the largest key is refused.
+    fn glob<'p>(&self, pattern: &'p [u8]) -> Result<&'p [u8], String> {
+        if pattern.len() > self.shared.core.store().limits().max_key_bytes {
+            return Err("ERR pattern is longer than the largest key".into());
+        }
+        Ok(if pattern == b"*" { b"" } else { pattern })
+    }
+
     /// `KEYS pattern`: every key of this node's engine that matches (like `SCAN`, the keys
     /// this node holds — its own and its replicas' copies — not the whole cluster's). It
     /// walks the engine in pages of [`KEYS_PAGE`], yielding between them so other
     /// connections are served meanwhile, and refuses — rather than build — a reply over the
     /// node's response limit (`SCAN` walks any number of keys).
     async fn keys(&self, pattern: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-        let pattern = if pattern == b"*" { &b""[..] } else { pattern };
-        let limits = self.shared.core.store().limits();
-        if pattern.len() > limits.max_key_bytes {
-            return Err("ERR pattern is longer than the largest key".into());
-        }
-        let limit = limits.max_response_bytes();
+        let pattern = self.glob(pattern)?;
+        let limit = self.shared.core.store().limits().max_response_bytes();
         // The keys' replies, encoded page by page (each page's keys are dropped before the
         // next yield): no per-key allocation outlives its page.
         let (mut body, mut count, mut cursor) = (Vec::new(), 0usize, 0u64);

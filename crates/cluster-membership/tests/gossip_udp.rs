@@ -9,7 +9,10 @@ use cache_types::MemberState;
 use cluster_membership::swim::{Addrs, SwimConfig, Update};
 use cluster_membership::{GossipConfig, GossipMembership, Membership, ProtocolConfig};
 
-fn config(i: usize, join: Vec<String>) -> GossipConfig {
+/// Member `i` of `cluster` (each test names its own, so that members of tests running at
+/// the same time — which may reuse the ports of each other's stopped members — refuse each
+/// other's messages instead of merging into one cluster).
+fn config(cluster: &str, i: usize, join: Vec<String>) -> GossipConfig {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     GossipConfig {
         identity: Update {
@@ -28,7 +31,7 @@ fn config(i: usize, join: Vec<String>) -> GossipConfig {
         join,
         keyring: None,
         protocol: ProtocolConfig::Swim(SwimConfig {
-            cluster_name: "test".into(),
+            cluster_name: cluster.into(),
             probe_interval: Duration::from_millis(300),
             probe_timeout: Duration::from_millis(150),
             gossip_interval: Duration::from_millis(50),
@@ -64,14 +67,14 @@ fn sees(m: &GossipMembership, id: &str, state: MemberState) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_join_detect_a_stopped_member_and_see_a_leave() {
-    let seed = GossipMembership::start(config(0, Vec::new()))
+    let seed = GossipMembership::start(config("join-stop-leave", 0, Vec::new()))
         .await
         .expect("seed starts");
     let join = vec![seed.gossip_addr().to_string()];
     let mut others = Vec::new();
     for i in 1..4 {
         others.push(
-            GossipMembership::start(config(i, join.clone()))
+            GossipMembership::start(config("join-stop-leave", i, join.clone()))
                 .await
                 .expect("member starts"),
         );
@@ -113,12 +116,13 @@ async fn a_bad_join_address_is_retried_not_fatal() {
     drop(probe);
     let seed_addr = format!("127.0.0.1:{port}");
     let late = GossipMembership::start(config(
+        "late-seed",
         1,
         vec![seed_addr.clone(), "no-such-host.invalid:1".into()],
     ))
     .await
     .expect("starts although no seed answers");
-    let mut seed_config = config(0, Vec::new());
+    let mut seed_config = config("late-seed", 0, Vec::new());
     seed_config.bind = seed_addr.parse().expect("addr");
     let Ok(seed) = GossipMembership::start(seed_config).await else {
         eprintln!("the chosen port was taken meanwhile; nothing to test on this run");
@@ -132,11 +136,11 @@ async fn a_bad_join_address_is_retried_not_fatal() {
     .await;
 }
 
-fn coordinator_config(i: usize, coordinator: Option<String>) -> GossipConfig {
-    let mut c = config(i, Vec::new());
+fn coordinator_config(cluster: &str, i: usize, coordinator: Option<String>) -> GossipConfig {
+    let mut c = config(cluster, i, Vec::new());
     c.protocol = ProtocolConfig::Coordinator {
         config: cluster_membership::RegistryConfig {
-            cluster_name: "test".into(),
+            cluster_name: cluster.into(),
             heartbeat_interval: Duration::from_millis(100),
             dead_after: Duration::from_millis(1000),
             ..cluster_membership::RegistryConfig::default()
@@ -148,14 +152,14 @@ fn coordinator_config(i: usize, coordinator: Option<String>) -> GossipConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_membership_registers_detects_and_survives_its_coordinator() {
-    let coordinator = GossipMembership::start(coordinator_config(0, None))
+    let coordinator = GossipMembership::start(coordinator_config("coordinator", 0, None))
         .await
         .expect("coordinator starts");
     let addr = Some(coordinator.gossip_addr().to_string());
     let mut members = Vec::new();
     for i in 1..4 {
         members.push(
-            GossipMembership::start(coordinator_config(i, addr.clone()))
+            GossipMembership::start(coordinator_config("coordinator", i, addr.clone()))
                 .await
                 .expect("member starts"),
         );
@@ -194,10 +198,10 @@ async fn coordinator_membership_registers_detects_and_survives_its_coordinator()
     );
 }
 
-fn keyed(i: usize, join: Vec<String>, secrets: &[&str]) -> GossipConfig {
+fn keyed(cluster: &str, i: usize, join: Vec<String>, secrets: &[&str]) -> GossipConfig {
     GossipConfig {
         keyring: Some(cluster_membership::Keyring::new(secrets).expect("valid secrets")),
-        ..config(i, join)
+        ..config(cluster, i, join)
     }
 }
 
@@ -209,14 +213,14 @@ async fn a_keyring_keeps_strangers_out_and_rotates() {
     let new = "new-cluster-secret-9876543210";
     // Rotation step 1 done everywhere (the new key added second: accepted, not used), step 2
     // begun on `c` (the new key first: `c` signs with it).
-    let a = GossipMembership::start(keyed(0, vec![], &[old, new]))
+    let a = GossipMembership::start(keyed("keyring", 0, vec![], &[old, new]))
         .await
         .expect("a");
     let seed = vec![a.gossip_addr().to_string()];
-    let b = GossipMembership::start(keyed(1, seed.clone(), &[old, new]))
+    let b = GossipMembership::start(keyed("keyring", 1, seed.clone(), &[old, new]))
         .await
         .expect("b");
-    let c = GossipMembership::start(keyed(2, seed.clone(), &[new, old]))
+    let c = GossipMembership::start(keyed("keyring", 2, seed.clone(), &[new, old]))
         .await
         .expect("c");
     for m in [&a, &b, &c] {
@@ -225,10 +229,15 @@ async fn a_keyring_keeps_strangers_out_and_rotates() {
         })
         .await;
     }
-    let stranger = GossipMembership::start(keyed(3, seed.clone(), &["some-other-secret-abcdefgh"]))
-        .await
-        .expect("stranger");
-    let plain = GossipMembership::start(config(4, seed))
+    let stranger = GossipMembership::start(keyed(
+        "keyring",
+        3,
+        seed.clone(),
+        &["some-other-secret-abcdefgh"],
+    ))
+    .await
+    .expect("stranger");
+    let plain = GossipMembership::start(config("keyring", 4, seed))
         .await
         .expect("plain");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -267,7 +276,7 @@ async fn an_encrypting_keyring_hides_membership_and_keeps_strangers_out() {
                 .expect("valid secrets")
                 .encrypting(),
         ),
-        ..config(i, join)
+        ..config("encrypting", i, join)
     };
     let a = GossipMembership::start(enc(0, vec![], &[secret]))
         .await
@@ -286,7 +295,7 @@ async fn an_encrypting_keyring_hides_membership_and_keeps_strangers_out() {
         .await;
     }
     // Same secret, but tagging only: cannot read the others, nor they it.
-    let tagging = GossipMembership::start(keyed(3, seed.clone(), &[secret]))
+    let tagging = GossipMembership::start(keyed("encrypting", 3, seed.clone(), &[secret]))
         .await
         .expect("tagging");
     let stranger = GossipMembership::start(enc(4, seed, &["some-other-secret-abcdefgh"]))

@@ -312,6 +312,10 @@ pub struct Cluster {
     pub nodes: Vec<NodeProcess>,
     /// `static`, `gossip` or `coordinator`.
     mode: &'static str,
+    /// `--cluster-name` of a gossip or coordinated cluster: unique per cluster, so that
+    /// clusters of tests running at the same time (which may reuse the ports of each
+    /// other's killed nodes) refuse each other's membership messages instead of merging.
+    name: String,
 }
 
 impl Cluster {
@@ -387,6 +391,7 @@ impl Cluster {
                 return Self {
                     nodes,
                     mode: "static",
+                    name: String::new(),
                 };
             }
         }
@@ -407,9 +412,15 @@ impl Cluster {
     }
 
     fn start_network(mode: &'static str, n: usize, args: &[&str]) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
         let mut cluster = Self {
             nodes: Vec::new(),
             mode,
+            name: format!(
+                "testkit-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
         };
         for _ in 0..n {
             cluster.add_gossip_node(args);
@@ -440,6 +451,8 @@ impl Cluster {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--cluster-name",
+            &self.name,
         ];
         if let Some(first) = &first {
             let flag = if mode == "coordinator" {

@@ -682,3 +682,26 @@ async fn slowlog_scan_and_flushall_work_for_redis_tools() {
         0
     );
 }
+
+/// `FLUSHALL` on 50 000 keys leaves none: the flush's own deletes give pages back and move
+/// entries across its scan's cursor (before the scan was complete, 35-70 keys stayed live).
+#[tokio::test]
+async fn flushall_of_fifty_thousand_keys_leaves_none() {
+    let node = resp_node(&[]);
+    let mut c = connect(node.resp.expect("resp address")).await;
+    for chunk in 0..50 {
+        let mut mset = cmd("MSET");
+        for i in 0..1_000 {
+            mset.arg(format!("key:{chunk}:{i}")).arg("0123456789abcdef");
+        }
+        let () = mset.query_async(&mut c).await.expect("mset");
+    }
+    assert_eq!(
+        q::<i64>(&mut c, &[b"DBSIZE"]).await.expect("dbsize"),
+        50_000
+    );
+    let () = q(&mut c, &[b"FLUSHALL"]).await.expect("flushall");
+    let left: Vec<Vec<u8>> = q(&mut c, &[b"KEYS", b"*"]).await.expect("keys");
+    assert!(left.is_empty(), "{} keys left after FLUSHALL", left.len());
+    assert_eq!(q::<i64>(&mut c, &[b"DBSIZE"]).await.expect("dbsize"), 0);
+}

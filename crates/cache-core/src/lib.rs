@@ -195,7 +195,7 @@ pub struct Entry {
     pub expires_at: Option<u64>,
 }
 
-/// A versioned key as [`Cache::scan_versions`] sees it.
+/// A versioned key as [`Scanner::versions`] sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyVersion {
     /// The key.
@@ -346,6 +346,108 @@ impl ScanCursor {
             shard: usize::try_from(raw >> Self::POS_BITS).unwrap_or(usize::MAX),
             pos: usize::try_from(raw & ((1 << Self::POS_BITS) - 1)).unwrap_or(usize::MAX),
         }
+    }
+}
+
+/// A complete scan in progress: see [`Cache::scanner`].
+pub struct Scanner<'a, C: Clock> {
+    cache: &'a Cache<C>,
+    /// The shard being scanned (`shard_count()` when done).
+    shard: usize,
+    phase: ScanPhase,
+}
+
+/// Where a [`Scanner`] is within its current shard.
+#[derive(Debug, Clone, Copy)]
+enum ScanPhase {
+    /// Not registered with the shard yet.
+    Start,
+    /// Walking chunk positions from `pos`; registered at `seq`.
+    Walk { pos: usize, seq: u64 },
+    /// Replaying the shard's relocation log from `next`; registered at `seq`.
+    Replay { next: u64, seq: u64 },
+}
+
+impl<C: Clock> Scanner<'_, C> {
+    /// The next live entries (at most `budget` chunks examined under one shard lock), or
+    /// `None` when the scan is complete. A step may return an empty list.
+    pub fn entries(&mut self, budget: usize) -> Option<Vec<Entry>> {
+        self.step(budget, |shard, h, now, out| {
+            shard.collect_entry(h, now, out)
+        })
+    }
+
+    /// The next versioned keys with their versions, live or dead (a dead one is a tombstone
+    /// or an expired versioned value still remembered, see [`VersionedRead::Dead`];
+    /// unversioned entries are left out): what anti-entropy and snapshots compare. `None`
+    /// when the scan is complete. Values are not copied.
+    pub fn versions(&mut self, budget: usize) -> Option<Vec<KeyVersion>> {
+        self.step(budget, |shard, h, now, out| {
+            shard.collect_version(h, now, out)
+        })
+    }
+
+    /// One lock acquisition's worth of scanning, or `None` when every shard is done.
+    fn step<T>(
+        &mut self,
+        budget: usize,
+        collect: impl Fn(&Shard, u32, &mut shard::Now<'_, C>, &mut Vec<T>),
+    ) -> Option<Vec<T>> {
+        let cache = self.cache;
+        if self.shard >= cache.shards.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut shard = cache.shard(self.shard).lock();
+        let mut now = shard::Now::new(&cache.clock);
+        self.phase = match self.phase {
+            ScanPhase::Start => ScanPhase::Walk {
+                pos: 0,
+                seq: shard.scan_begin(),
+            },
+            phase => phase,
+        };
+        match self.phase {
+            ScanPhase::Start => unreachable!("registered above"),
+            ScanPhase::Walk { pos, seq } => {
+                let next = shard.walk(pos, budget, |h| collect(&shard, h, &mut now, &mut out));
+                self.phase = match next {
+                    Some(pos) => ScanPhase::Walk { pos, seq },
+                    None => ScanPhase::Replay { next: seq, seq },
+                };
+            }
+            ScanPhase::Replay { next, seq } => {
+                let (next, done) =
+                    shard.replay(next, budget, |h| collect(&shard, h, &mut now, &mut out));
+                if done {
+                    shard.scan_end(seq);
+                    self.shard += 1;
+                    self.phase = ScanPhase::Start;
+                } else {
+                    self.phase = ScanPhase::Replay { next, seq };
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+impl<C: Clock> Drop for Scanner<'_, C> {
+    fn drop(&mut self) {
+        if let ScanPhase::Walk { seq, .. } | ScanPhase::Replay { seq, .. } = self.phase
+            && let Some(s) = self.cache.shards.get(self.shard)
+        {
+            s.0.lock().scan_end(seq);
+        }
+    }
+}
+
+impl<C: Clock> std::fmt::Debug for Scanner<'_, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scanner")
+            .field("shard", &self.shard)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
     }
 }
 
@@ -772,14 +874,15 @@ impl<C: Clock> Cache<C> {
             .reap_step(budget.max(1), &self.clock)
     }
 
-    /// Live entries in chunks: returns the entries found while examining at most `budget`
-    /// chunks under one shard lock, and the cursor to continue from (`None` when done).
+    /// Live entries in chunks, from a cursor a client holds between calls (`SCAN`):
+    /// returns the entries found while examining at most `budget` chunks under one shard
+    /// lock, and the cursor to continue from (`None` when done).
     ///
-    /// Entries present and unchanged for the whole scan are returned exactly once, unless
-    /// other entries were deleted, evicted or shrunk meanwhile so that a size class gave a
-    /// page back (its live chunks move, and one moved from ahead of the cursor to behind it
-    /// is missed, one moved the other way is seen twice). Entries written or deleted during
-    /// the scan may or may not be returned. Order is unspecified.
+    /// The cursor is a chunk position and nothing is registered between calls, so this
+    /// walk is **not complete**: an entry that a page give-back or a rewrite into another
+    /// size class carried from ahead of the cursor to behind it while the client was away is
+    /// missed (one moved the other way is seen twice). Code that must see every entry uses
+    /// [`Cache::scanner`], which is. Order is unspecified.
     ///
     /// ```
     /// use cache_core::{Cache, CacheConfig, ScanCursor};
@@ -797,35 +900,15 @@ impl<C: Clock> Cache<C> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn scan(&self, cursor: ScanCursor, budget: usize) -> (Vec<Entry>, Option<ScanCursor>) {
-        self.scan_shards(cursor, |shard, pos, out| {
-            shard.scan(pos, budget, &self.clock, out)
-        })
-    }
-
-    /// Every versioned key with its version, live or dead, in chunks (as [`Cache::scan`]):
-    /// what anti-entropy compares between replicas. A dead entry is a tombstone or an
-    /// expired versioned value still remembered (see [`VersionedRead::Dead`]); unversioned
-    /// entries are left out. Values are not copied.
-    pub fn scan_versions(
-        &self,
-        cursor: ScanCursor,
-        budget: usize,
-    ) -> (Vec<KeyVersion>, Option<ScanCursor>) {
-        self.scan_shards(cursor, |shard, pos, out| {
-            shard.scan_versions(pos, budget, &self.clock, out)
-        })
-    }
-
-    /// The cursor walk shared by the scans: `step` examines one chunk of one shard.
-    fn scan_shards<T>(
-        &self,
-        cursor: ScanCursor,
-        step: impl Fn(&Shard, usize, &mut Vec<T>) -> Option<usize>,
-    ) -> (Vec<T>, Option<ScanCursor>) {
         let mut out = Vec::new();
         let mut cursor = cursor;
         while cursor.shard < self.shards.len() {
-            let next = step(&self.shard(cursor.shard).lock(), cursor.pos, &mut out);
+            let shard = self.shard(cursor.shard).lock();
+            let mut now = shard::Now::new(&self.clock);
+            let next = shard.walk(cursor.pos, budget, |h| {
+                shard.collect_entry(h, &mut now, &mut out);
+            });
+            drop(shard);
             cursor = match next {
                 Some(pos) => ScanCursor { pos, ..cursor },
                 None => ScanCursor {
@@ -839,6 +922,39 @@ impl<C: Clock> Cache<C> {
         }
         let more = cursor.shard < self.shards.len();
         (out, more.then_some(cursor))
+    }
+
+    /// A complete scan of every entry: [`Scanner::entries`] and [`Scanner::versions`] walk
+    /// the shards in bounded steps (one shard lock at a time, at most `budget` chunks per
+    /// acquisition) and return **every entry present for the whole scan at least once**,
+    /// whatever evictions, expiries, deletes, rewrites and page give-backs do meanwhile
+    /// (the guarantee Redis's `SCAN` gives). Entries written or deleted during the scan
+    /// may or may not be returned; an entry may be returned twice. Snapshots, flush,
+    /// anti-entropy and hand-over rely on this.
+    ///
+    /// The scanner registers itself with the shard it is in, so that chunks moved meanwhile
+    /// are logged for it; dropping it unregisters it. Hold one only while scanning.
+    ///
+    /// ```
+    /// use cache_core::{Cache, CacheConfig};
+    /// let cache = Cache::new(CacheConfig::new().with_max_bytes(1 << 20))?;
+    /// for i in 0..100u32 {
+    ///     cache.set(&i.to_be_bytes(), b"v")?;
+    /// }
+    /// let mut scan = cache.scanner();
+    /// let mut seen = 0;
+    /// while let Some(entries) = scan.entries(16) {
+    ///     seen += entries.len();
+    /// }
+    /// assert_eq!(seen, 100);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn scanner(&self) -> Scanner<'_, C> {
+        Scanner {
+            cache: self,
+            shard: 0,
+            phase: ScanPhase::Start,
+        }
     }
 
     /// Checks every invariant of every shard (list and index agree, accounting matches, no

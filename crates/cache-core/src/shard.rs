@@ -232,6 +232,37 @@ pub struct ReapStep {
     pub pass_complete: bool,
 }
 
+/// The relocation log that makes scans complete.
+///
+/// A scan walks chunk positions, and chunks move (a page given back, a rewrite into another
+/// size class): an entry carried from ahead of a scan's cursor to behind it would be missed.
+/// So while any scan is registered on the shard, [`Shard::moved`] appends every
+/// relocation's destination here, and each scan, after its walk, replays the log from the
+/// point where it registered up to the log's end. An entry present for the whole scan is
+/// then returned at least once: either the walk found it where it was, or it moved behind
+/// the cursor, and its last move before the replay reached the log's end is in the log
+/// with the chunk it is in. A logged chunk that was freed or reused since is skipped or
+/// returns another live entry, which is harmless (a scan may return an entry twice).
+///
+/// Costs: one branch per relocation when no scan runs; 4 bytes per relocation while one
+/// does, released when the oldest scan still registered ends.
+#[derive(Debug, Default)]
+pub(crate) struct ScanLog {
+    /// Sequence number of `moved[0]`.
+    base: u64,
+    /// Each relocated entry's new chunk, in order, since the oldest registered scan began.
+    moved: Vec<u32>,
+    /// Where each registered scan's replay starts (one element per scan under way here).
+    active: Vec<u64>,
+}
+
+impl ScanLog {
+    /// The sequence number the next relocation gets.
+    fn end(&self) -> u64 {
+        self.base + self.moved.len() as u64
+    }
+}
+
 /// One shard of the cache. See the module docs for the layout.
 pub(crate) struct Shard {
     /// Every entry's chunk.
@@ -281,6 +312,9 @@ pub(crate) struct Shard {
     reap_missed: bool,
     /// Expiry codes count milliseconds from here (see [`BASE_MARGIN_MS`]).
     base_ms: u64,
+    /// Where entries went that moved while scans were under way, so that every scan sees
+    /// them (see [`ScanLog`]).
+    scan_log: ScanLog,
     /// Re-hashes keys when the index grows or a chunk moves; the same hasher the cache uses
     /// to pick the shard.
     hasher: ahash::RandomState,
@@ -322,6 +356,7 @@ impl Shard {
             reaping_at: None,
             reap_missed: false,
             base_ms: now_ms.saturating_sub(BASE_MARGIN_MS),
+            scan_log: ScanLog::default(),
             hasher,
             counters: ShardCounters::default(),
         }
@@ -530,6 +565,9 @@ impl Shard {
     /// The entry in chunk `from` now lives in chunk `to` (header and bytes copied): points
     /// its neighbours, the list ends, the hand, `tracked` and the index at `to`.
     fn moved(&mut self, from: u32, to: u32) {
+        if !self.scan_log.active.is_empty() {
+            self.scan_log.moved.push(to);
+        }
         let (prev, next) = (self.arena.prev(to), self.arena.next(to));
         self.join(prev, to, to, next);
         if self.hand == from {
@@ -1236,9 +1274,69 @@ impl Shard {
         step
     }
 
+    /// Registers a scan: from now on every relocation is logged for it until
+    /// [`Shard::scan_end`]. Returns where its replay starts.
+    pub(crate) fn scan_begin(&mut self) -> u64 {
+        let seq = self.scan_log.end();
+        self.scan_log.active.push(seq);
+        seq
+    }
+
+    /// Unregisters the scan that [`Shard::scan_begin`] registered at `seq`, and drops the
+    /// part of the log no registered scan still needs.
+    pub(crate) fn scan_end(&mut self, seq: u64) {
+        let log = &mut self.scan_log;
+        if let Some(i) = log.active.iter().position(|&s| s == seq) {
+            log.active.swap_remove(i);
+        }
+        let keep_from = log
+            .active
+            .iter()
+            .copied()
+            .min()
+            .unwrap_or_else(|| log.end());
+        let drop = usize::try_from(keep_from.saturating_sub(log.base))
+            .unwrap_or(usize::MAX)
+            .min(log.moved.len());
+        log.moved.drain(..drop);
+        log.base += drop as u64;
+    }
+
+    /// Relocations logged and not yet dropped (for tests).
+    #[cfg(test)]
+    pub(crate) fn scan_log_len(&self) -> usize {
+        self.scan_log.moved.len()
+    }
+
+    /// Calls `each` with the live chunks logged from sequence `from`, at most `budget` of
+    /// them. Returns the sequence to resume from and whether that is the log's end.
+    pub(crate) fn replay(
+        &self,
+        from: u64,
+        budget: usize,
+        mut each: impl FnMut(u32),
+    ) -> (u64, bool) {
+        let log = &self.scan_log;
+        let start = usize::try_from(from.saturating_sub(log.base)).unwrap_or(usize::MAX);
+        let logged = log.moved.get(start..).unwrap_or(&[]);
+        let take = logged.len().min(budget.max(1));
+        for &h in &logged[..take] {
+            if self.arena.live_at(h as usize) == Ok(h) {
+                each(h);
+            }
+        }
+        let next = from + take as u64;
+        (next, next >= log.end())
+    }
+
     /// Calls `each` with every entry in chunk positions `from..`, examining at most `budget`
     /// chunks. Returns the position to resume from (`None` when the shard is done).
-    fn walk(&self, from: usize, budget: usize, mut each: impl FnMut(u32)) -> Option<usize> {
+    pub(crate) fn walk(
+        &self,
+        from: usize,
+        budget: usize,
+        mut each: impl FnMut(u32),
+    ) -> Option<usize> {
         let (end, mut pos, mut examined) = (self.arena.positions(), from, 0);
         while examined < budget.max(1) && pos < end {
             match self.arena.live_at(pos) {
@@ -1258,71 +1356,57 @@ impl Shard {
         (pos < end).then_some(pos)
     }
 
-    /// Live values in chunk positions `from..`, examining at most `budget` chunks. Returns
-    /// the entries and the position to resume from (`None` when the shard is done).
-    ///
-    /// An entry present for the whole scan is returned unless a page was given back while
-    /// the scan was under way and moved it from ahead of the cursor to behind it; one moved
-    /// the other way can be returned twice. Entries move only when a size class has shrunk
-    /// by one and a half pages' worth of entries.
-    pub(crate) fn scan<C: Clock>(
+    /// Adds the entry in chunk `h` to `out` if it holds a live value (what a scan returns).
+    pub(crate) fn collect_entry<C: Clock>(
         &self,
-        from: usize,
-        budget: usize,
-        clock: &C,
+        h: u32,
+        now: &mut Now<'_, C>,
         out: &mut Vec<Entry>,
-    ) -> Option<usize> {
-        let mut now = Now::new(clock);
-        self.walk(from, budget, |h| {
-            let node = self.node(h);
-            if !node.tombstone && !node.is_expired(&mut now) {
-                out.push(Entry {
-                    key: self.key_bytes(h),
-                    value: self.value(h),
-                    version: node.version,
-                    expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
-                });
-            }
-        })
+    ) {
+        let node = self.node(h);
+        if !node.tombstone && !node.is_expired(now) {
+            out.push(Entry {
+                key: self.key_bytes(h),
+                value: self.value(h),
+                version: node.version,
+                expires_at: (node.expires_at != NEVER).then_some(node.expires_at),
+            });
+        }
     }
 
-    /// Like [`Shard::scan`] for anti-entropy: every versioned entry's key and version, live
-    /// or dead, classified as [`Shard::get_versioned`] would (an expired versioned value is
-    /// dead at its version until its tombstone time runs out; an expired tombstone and an
-    /// unversioned entry are left out). Changes nothing.
-    pub(crate) fn scan_versions<C: Clock>(
+    /// Adds the entry in chunk `h` to `out` with its version, live or dead, classified as
+    /// [`Shard::get_versioned`] would (an expired versioned value is dead at its version
+    /// until its tombstone time runs out; an expired tombstone and an unversioned entry are
+    /// left out): what anti-entropy and snapshots read. Changes nothing.
+    pub(crate) fn collect_version<C: Clock>(
         &self,
-        from: usize,
-        budget: usize,
-        clock: &C,
+        h: u32,
+        now: &mut Now<'_, C>,
         out: &mut Vec<KeyVersion>,
-    ) -> Option<usize> {
-        let mut now = Now::new(clock);
-        self.walk(from, budget, |h| {
-            let node = self.node(h);
-            if node.version == 0 {
-                return;
-            }
-            let live = if !node.is_expired(&mut now) {
-                !node.tombstone
-            } else if node.tombstone
-                || now.get()
-                    >= node
-                        .expires_at
-                        .saturating_add(self.tombstone_ttl_ms)
-                        .min(NEVER - 1)
-            {
-                return;
-            } else {
-                false
-            };
-            out.push(KeyVersion {
-                key: self.key_bytes(h),
-                version: node.version,
-                live,
-                value_len: if live { self.entry(h).1.len() } else { 0 },
-            });
-        })
+    ) {
+        let node = self.node(h);
+        if node.version == 0 {
+            return;
+        }
+        let live = if !node.is_expired(now) {
+            !node.tombstone
+        } else if node.tombstone
+            || now.get()
+                >= node
+                    .expires_at
+                    .saturating_add(self.tombstone_ttl_ms)
+                    .min(NEVER - 1)
+        {
+            return;
+        } else {
+            false
+        };
+        out.push(KeyVersion {
+            key: self.key_bytes(h),
+            version: node.version,
+            live,
+            value_len: if live { self.entry(h).1.len() } else { 0 },
+        });
     }
 
     /// Drops every entry (counters other than sizes are kept).

@@ -866,11 +866,9 @@ fn scan_versions_lists_what_get_versioned_would_answer() {
     );
     cache.set(b"unversioned", b"v").expect("fits");
     let all = |cache: &Cache<ManualClock>| {
-        let (mut seen, mut cursor) = (Vec::new(), Some(ScanCursor::default()));
-        while let Some(c) = cursor {
-            let (chunk, next) = cache.scan_versions(c, 1);
+        let (mut seen, mut scan) = (Vec::new(), cache.scanner());
+        while let Some(chunk) = scan.versions(1) {
             seen.extend(chunk);
-            cursor = next;
         }
         let mut seen: Vec<(Vec<u8>, u64, bool)> = seen
             .into_iter()
@@ -905,5 +903,205 @@ fn scan_versions_lists_what_get_versioned_would_answer() {
     // Past the tombstone time both are gone.
     clock.advance_ms(200);
     assert_eq!(all(&cache), vec![(b"live".to_vec(), 5, true)]);
+    cache.validate().expect("valid");
+}
+
+// ----- complete scans ----------------------------------------------------------------------
+
+/// One step of the scan-completeness test, interleaved with the scan's own steps.
+#[derive(Debug, Clone)]
+enum ChurnOp {
+    /// Delete churn key `i` (frees a chunk; enough of them give a page back).
+    Delete(usize),
+    /// (Re)insert churn key `i` with a value of `len` bytes.
+    Insert(usize, usize),
+    /// Rewrite kept key `i` with a value of `len` bytes (possibly into another size class).
+    Rewrite(usize, usize),
+    /// Give churn key `i` a TTL of 1 ms, then let the clock pass it and reap a step.
+    Expire(usize),
+    /// Advance the scan by one step of `budget` chunks.
+    Scan(usize),
+}
+
+const SCAN_KEPT: usize = 60;
+const SCAN_CHURN: usize = 400;
+
+fn churn_op_strategy() -> impl Strategy<Value = ChurnOp> {
+    // Lengths cross size classes, small and large (inline up to 1 000 bytes, shared above).
+    let len = prop_oneof![4 => 0usize..120, 2 => 120usize..1_100, 1 => 1_000usize..3_000];
+    prop_oneof![
+        5 => (0..SCAN_CHURN).prop_map(ChurnOp::Delete),
+        2 => (0..SCAN_CHURN, len.clone()).prop_map(|(i, l)| ChurnOp::Insert(i, l)),
+        3 => (0..SCAN_KEPT, len).prop_map(|(i, l)| ChurnOp::Rewrite(i, l)),
+        1 => (0..SCAN_CHURN).prop_map(ChurnOp::Expire),
+        3 => (1usize..40).prop_map(ChurnOp::Scan),
+    ]
+}
+
+/// Runs `ops` against a filled cache while a complete scan is under way; returns an error
+/// naming a key that was present for the whole scan but not returned.
+fn check_scan_completeness(
+    ops: &[ChurnOp],
+    max_bytes: u64,
+    policy: EvictionPolicy,
+    versions: bool,
+) -> Result<(), TestCaseError> {
+    let config = CacheConfig::new()
+        .with_shards(2)
+        .with_max_bytes(max_bytes)
+        .with_eviction_policy(policy);
+    let (cache, clock) = manual_cache(config);
+    let kept = |i: usize| format!("kept-{i}").into_bytes();
+    let churn = |i: usize| format!("churn-{i}").into_bytes();
+    let value = |len: usize, n: usize| vec![(n % 251) as u8; len];
+    for i in 0..SCAN_CHURN {
+        let _ = cache.write(&churn(i), &value(i % 90, i), WriteOptions::versioned(1));
+    }
+    for i in 0..SCAN_KEPT {
+        let _ = cache.write(&kept(i), &value(i * 7 % 200, i), WriteOptions::versioned(1));
+    }
+    let present = |cache: &Cache<ManualClock>, k: &[u8]| {
+        matches!(cache.peek_versioned(k), Some(crate::VersionedRead::Live(_)))
+    };
+    let all_keys: Vec<Vec<u8>> = (0..SCAN_KEPT)
+        .map(kept)
+        .chain((0..SCAN_CHURN).map(churn))
+        .collect();
+    let mut throughout: Vec<bool> = all_keys.iter().map(|k| present(&cache, k)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut scan = cache.scanner();
+    let mut done = false;
+    let mut step = |scan: &mut crate::Scanner<'_, ManualClock>, budget: usize| -> bool {
+        if versions {
+            match scan.versions(budget) {
+                Some(kvs) => {
+                    seen.extend(
+                        kvs.into_iter()
+                            .filter(|kv| kv.live)
+                            .map(|kv| kv.key.to_vec()),
+                    );
+                    false
+                }
+                None => true,
+            }
+        } else {
+            match scan.entries(budget) {
+                Some(es) => {
+                    seen.extend(es.into_iter().map(|e| e.key.to_vec()));
+                    false
+                }
+                None => true,
+            }
+        }
+    };
+    let mut n = 1u64;
+    for op in ops {
+        n += 1;
+        match *op {
+            ChurnOp::Delete(i) => {
+                let _ = cache.delete_versioned(&churn(i), n);
+            }
+            ChurnOp::Insert(i, len) => {
+                let _ = cache.write(
+                    &churn(i),
+                    &value(len, n as usize),
+                    WriteOptions::versioned(n),
+                );
+            }
+            ChurnOp::Rewrite(i, len) => {
+                let _ = cache.write(
+                    &kept(i),
+                    &value(len, n as usize),
+                    WriteOptions::versioned(n),
+                );
+            }
+            ChurnOp::Expire(i) => {
+                let _ = cache.touch_versioned(&churn(i), Some(START_MS), n);
+                let _ = cache.reap_step(i % 2, 64);
+            }
+            ChurnOp::Scan(budget) => {
+                if !done {
+                    done = step(&mut scan, budget);
+                }
+            }
+        }
+        for (k, t) in all_keys.iter().zip(throughout.iter_mut()) {
+            *t &= present(&cache, k);
+        }
+        cache.validate().map_err(TestCaseError::fail)?;
+    }
+    clock.advance_ms(0);
+    while !done {
+        done = step(&mut scan, 7);
+    }
+    drop(scan);
+    for (k, t) in all_keys.iter().zip(&throughout) {
+        if *t && !seen.contains(k) {
+            return Err(TestCaseError::fail(format!(
+                "{} was present for the whole scan and not returned",
+                String::from_utf8_lossy(k)
+            )));
+        }
+    }
+    for i in 0..cache.shard_count() {
+        prop_assert_eq!(
+            cache.shard(i).lock().scan_log_len(),
+            0,
+            "the log is released"
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// Every entry present for the whole scan is returned, whatever deletes, rewrites across
+    /// size classes, expiries and the page give-backs they cause do meanwhile (room for all:
+    /// nothing is evicted).
+    #[test]
+    fn a_scan_returns_every_entry_present_throughout(
+        ops in prop::collection::vec(churn_op_strategy(), 1..400),
+        versions in any::<bool>(),
+    ) {
+        check_scan_completeness(&ops, 16 << 20, EvictionPolicy::Lru, versions)?;
+    }
+
+    /// The same with evictions (a cache smaller than what is written) under both policies.
+    #[test]
+    fn a_scan_returns_every_entry_present_throughout_while_evicting(
+        ops in prop::collection::vec(churn_op_strategy(), 1..400),
+        sieve in any::<bool>(),
+    ) {
+        let policy = if sieve { EvictionPolicy::Sieve } else { EvictionPolicy::Lru };
+        check_scan_completeness(&ops, 96 << 10, policy, false)?;
+    }
+}
+
+#[test]
+fn a_dropped_scanner_releases_its_log() {
+    let cache = Cache::new(CacheConfig::new().with_shards(1).with_max_bytes(8 << 20)).unwrap();
+    for i in 0..2_000u32 {
+        cache.set(&i.to_be_bytes(), b"v").expect("fits");
+    }
+    let mut scan = cache.scanner();
+    let _ = scan.entries(10);
+    for i in (0..2_000u32).filter(|i| i % 4 != 0) {
+        cache.delete(&i.to_be_bytes());
+    }
+    assert!(
+        cache.shard(0).lock().scan_log_len() > 0,
+        "moves were logged"
+    );
+    drop(scan);
+    assert_eq!(cache.shard(0).lock().scan_log_len(), 0);
+    // Nothing is logged without a scan.
+    for i in 0..2_000u32 {
+        cache.set(&i.to_be_bytes(), b"v").expect("fits");
+    }
+    for i in (0..2_000u32).filter(|i| i % 4 != 0) {
+        cache.delete(&i.to_be_bytes());
+    }
+    assert_eq!(cache.shard(0).lock().scan_log_len(), 0);
     cache.validate().expect("valid");
 }

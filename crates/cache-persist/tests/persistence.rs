@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cache_core::{CacheConfig, ScanCursor, VersionedRead};
+use cache_core::{CacheConfig, VersionedRead};
 use cache_persist::aof::segment_path;
 use cache_persist::data_dir::snapshot_path;
 use cache_persist::{
@@ -60,9 +60,8 @@ fn open(dir: &Path) -> (Arc<Store>, Arc<Persistence>) {
 /// Every versioned entry: (key, Some(value) | None for a tombstone, version).
 fn state(s: &Store) -> Vec<(Vec<u8>, Option<Vec<u8>>, u64)> {
     let mut out = Vec::new();
-    let mut cursor = Some(ScanCursor::default());
-    while let Some(c) = cursor {
-        let (keys, next) = s.engine().scan_versions(c, 256);
+    let mut scan = s.engine().scanner();
+    while let Some(keys) = scan.versions(256) {
         for kv in keys {
             match s.get_versioned(&kv.key) {
                 Some(VersionedRead::Live(l)) => {
@@ -72,9 +71,9 @@ fn state(s: &Store) -> Vec<(Vec<u8>, Option<Vec<u8>>, u64)> {
                 None => {}
             }
         }
-        cursor = next;
     }
     out.sort();
+    out.dedup();
     out
 }
 
@@ -165,6 +164,56 @@ async fn a_snapshot_replaces_the_log_and_writes_during_it_are_kept() {
             .filter(|e| e.1.as_deref() == Some(b"new"))
             .count()
             == 2000
+    );
+}
+
+/// A snapshot taken while as many other keys of the same size are deleted holds every
+/// kept key: the deletes give pages back and move kept entries across the scan's cursor
+/// (before the scan was complete, 2 of 4 such runs on a real node lost kept keys for good:
+/// the log segments that held them are deleted after the snapshot).
+#[tokio::test]
+async fn a_snapshot_during_deletes_keeps_every_kept_key() {
+    const N: usize = 40_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (s, p) = open(dir.path());
+        for i in 0..N {
+            // Interleaved, so kept and deleted entries share pages.
+            for prefix in ["keep", "drop"] {
+                s.set(
+                    &b(&format!("{prefix}{i}")),
+                    &b("0123456789abcdef"),
+                    None,
+                    Condition::Always,
+                )
+                .expect("applied");
+            }
+        }
+        s.durable().await.expect("durable");
+        let deleter = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                for i in 0..N {
+                    s.delete(&b(&format!("drop{i}")), true).expect("deleted");
+                }
+            })
+        };
+        let report = p.snapshot().expect("snapshot");
+        deleter.join().expect("deleter");
+        s.durable().await.expect("durable");
+        assert!(report.entries >= N as u64, "{report:?}");
+        // No close: the process dies here as under kill -9 (every write was fsynced).
+        drop(p);
+    }
+    let (s, _p) = open(dir.path());
+    let missing: Vec<usize> = (0..N)
+        .filter(|i| s.get(format!("keep{i}").as_bytes()).is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} kept keys lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
     );
 }
 

@@ -67,19 +67,19 @@ impl Shared {
         let start = Instant::now();
         let store = self.core.store();
         let mut deleted = 0u64;
-        let mut cursor = Some(cache_core::ScanCursor::default());
-        while let Some(c) = cursor {
+        // A complete scan: every key live for the whole flush is deleted, whatever the
+        // engine moves meanwhile (the flush's own deletes give pages back and move chunks).
+        let mut scan = store.engine().scanner();
+        while let Some(entries) = scan.entries(1024) {
             if self.stopping.is_cancelled() {
                 tracing::warn!(deleted, "flush stopped by shutdown");
                 return Err(CoreError::ShuttingDown);
             }
-            let (entries, next) = store.engine().scan(c, 1024);
             for e in entries {
                 if store.delete(&e.key, true)?.0 {
                     deleted += 1;
                 }
             }
-            cursor = next;
             tokio::task::yield_now().await;
         }
         tracing::warn!(deleted, "flushed by an admin request");

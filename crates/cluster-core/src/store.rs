@@ -649,7 +649,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cache_core::ScanCursor;
     use proptest::prelude::*;
 
     fn store() -> Store {
@@ -665,17 +664,16 @@ mod tests {
 
     fn state(store: &Store) -> Vec<(Vec<u8>, Vec<u8>, u64)> {
         let mut out = Vec::new();
-        let mut cursor = Some(ScanCursor::default());
-        while let Some(c) = cursor {
-            let (entries, next) = store.engine().scan(c, 64);
+        let mut scan = store.engine().scanner();
+        while let Some(entries) = scan.entries(64) {
             out.extend(
                 entries
                     .into_iter()
                     .map(|e| (e.key.to_vec(), e.value.to_vec(), e.version)),
             );
-            cursor = next;
         }
         out.sort();
+        out.dedup();
         out
     }
 

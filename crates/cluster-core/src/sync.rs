@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cache_core::{KeyVersion, ScanCursor, VersionedRead};
+use cache_core::{KeyVersion, VersionedRead};
 use cluster_ring::NodeId;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use parking_lot::Mutex;
@@ -611,17 +611,17 @@ impl<T: PeerTransport> Coordinator<T> {
         segment: impl Fn(usize) -> bool,
         mut f: impl FnMut(&KeyVersion, u64),
     ) {
-        let engine = self.store().engine();
-        let mut cursor = Some(ScanCursor::default());
-        while let Some(c) = cursor {
-            let (chunk, next) = engine.scan_versions(c, SCAN_CHUNK);
+        // A complete scan: a key present for the whole round is compared even if the
+        // engine moves it meanwhile (a missed key would look absent and be pulled again, or
+        // worse, make this node's digest disagree for a whole round).
+        let mut scan = self.store().engine().scanner();
+        while let Some(chunk) = scan.versions(SCAN_CHUNK) {
             for kv in &chunk {
                 let hash = cluster_ring::key_hash(&kv.key);
                 if segment(segment_of_hash(hash)) {
                     f(kv, hash);
                 }
             }
-            cursor = next;
             tokio::task::yield_now().await;
         }
     }
@@ -944,14 +944,12 @@ impl<T: PeerTransport> Coordinator<T> {
             .clamp(1, MAX_MUTATIONS_PER_CALL);
         let max_bytes = self.store().limits().max_request_bytes();
         let mut batches: BTreeMap<NodeId, (Vec<Mutation>, usize)> = BTreeMap::new();
-        let engine = self.store().engine();
-        let mut cursor = Some(ScanCursor::default());
-        while let Some(c) = cursor {
+        // A complete scan: every key held for the whole hand-over is handed over.
+        let mut scan = self.store().engine().scanner();
+        while let Some(chunk) = scan.versions(SCAN_CHUNK) {
             if Instant::now() >= deadline {
                 return report;
             }
-            let (chunk, next) = engine.scan_versions(c, SCAN_CHUNK);
-            cursor = next;
             for kv in chunk {
                 let before = state.replicas(&kv.key);
                 if !before.contains(self.local_id()) {

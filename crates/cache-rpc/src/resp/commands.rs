@@ -1165,26 +1165,29 @@ impl Session {
         let limit = self.shared.core.store().limits().max_response_bytes();
         // The keys' replies, encoded page by page (each page's keys are dropped before the
         // next yield): no per-key allocation outlives its page.
-        let (mut body, mut count, mut cursor) = (Vec::new(), 0usize, 0u64);
-        loop {
-            let (page, next) = self.shared.scan(cursor, pattern, KEYS_PAGE);
-            for key in &page {
+        // A complete scan (every key live for the whole walk is listed, whatever the engine
+        // moves meanwhile); it may meet a key twice, so keys already listed are skipped.
+        let engine = self.shared.core.store().engine();
+        let mut scan = engine.scanner();
+        let (mut body, mut listed) = (Vec::new(), std::collections::HashSet::new());
+        while let Some(page) = scan.entries(KEYS_PAGE) {
+            for e in page {
+                if !pattern.is_empty() && !cache_types::glob_match(pattern, &e.key) {
+                    continue;
+                }
                 // A bulk string's framing: `$`, up to 20 digits, two CRLFs.
-                if body.len() + key.len() + 25 > limit {
+                if body.len() + e.key.len() + 25 > limit {
                     return Err(format!(
                         "ERR KEYS would reply more than {limit} bytes: use SCAN with MATCH"
                     ));
                 }
-                reply::bulk(&mut body, key);
-                count += 1;
+                if listed.insert(e.key.clone()) {
+                    reply::bulk(&mut body, &e.key);
+                }
             }
-            drop(page);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
             tokio::task::yield_now().await;
         }
+        let count = listed.len();
         reply::array(out, count);
         out.extend_from_slice(&body);
         Ok(())

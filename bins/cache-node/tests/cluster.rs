@@ -187,7 +187,7 @@ async fn quorum_writes_lose_nothing_when_a_node_dies() {
         .await
         .expect_err("ALL with a dead replica");
     assert!(matches!(err, Error::Unavailable(_)), "{err}");
-    assert!(err.to_string().contains("of 3 replicas"), "{err}");
+    assert!(err.to_string().contains("of the key's 3 replicas"), "{err}");
 }
 
 /// Not a pass/fail bound: measures how many ONE writes acknowledged by a primary are lost
@@ -315,6 +315,8 @@ async fn a_forwarded_request_is_never_forwarded_again() {
                 key: key.into(),
                 consistency: 0,
             })),
+            not_after_ms: 0,
+            version: 0,
         }))
         .await
         .expect_err("a forwarded request for a foreign key");

@@ -596,35 +596,42 @@ impl<C: Clock> Cache<C> {
     /// held*, so that writes of one key are applied in the order of their versions. With a
     /// monotonic `stamp` (a node's hybrid logical clock), a locally stamped write can only
     /// be stale against a version the clock has not seen. Returns the outcome and the
-    /// version used.
+    /// version used; `Ok(None)` if `stamp` refused to issue a version (nothing changed:
+    /// the caller's clock is exhausted, or the write came too late to be ordered).
     pub fn write_stamped(
         &self,
         key: &[u8],
         value: &[u8],
         expires_at: Option<u64>,
         condition: Condition,
-        stamp: impl FnOnce() -> u64,
-    ) -> Result<(WriteOutcome, u64), InsertError> {
+        stamp: impl FnOnce() -> Option<u64>,
+    ) -> Result<Option<(WriteOutcome, u64)>, InsertError> {
         let (hash, i) = self.locate(key);
         let mut shard = self.shard(i).lock();
-        let version = stamp();
+        let Some(version) = stamp() else {
+            return Ok(None);
+        };
         let opts = WriteOptions {
             version: Some(version),
             expires_at,
             condition,
         };
         let outcome = shard.write(hash, key, value, opts, &self.clock, self.tombstone_ttl_ms)?;
-        Ok((outcome, version))
+        Ok(Some((outcome, version)))
     }
 
     /// [`Cache::delete_versioned`] with the version issued by `stamp` under the shard lock
-    /// (see [`Cache::write_stamped`]).
-    pub fn delete_stamped(&self, key: &[u8], stamp: impl FnOnce() -> u64) -> (DeleteOutcome, u64) {
+    /// (see [`Cache::write_stamped`]); `None` if `stamp` refused (nothing changed).
+    pub fn delete_stamped(
+        &self,
+        key: &[u8],
+        stamp: impl FnOnce() -> Option<u64>,
+    ) -> Option<(DeleteOutcome, u64)> {
         let (hash, i) = self.locate(key);
         let mut shard = self.shard(i).lock();
-        let version = stamp();
+        let version = stamp()?;
         let outcome = shard.delete(hash, key, Some(version), &self.clock, self.tombstone_ttl_ms);
-        (outcome, version)
+        Some((outcome, version))
     }
 
     /// An atomic read-modify-write of one key, for counters and get-and-set style commands:
@@ -633,22 +640,27 @@ impl<C: Clock> Cache<C> {
     /// version issued by `stamp` (see [`Cache::write_stamped`]). No other write of the key
     /// can come between the read and the write.
     ///
-    /// Returns the outcome, the version issued, and `decide`'s result. If a version newer
-    /// than the stamp is stored (only possible when the stamping clock is behind it),
-    /// `decide` is not called and the outcome is [`UpdateOutcome::Stale`]. On `Err` (the new
-    /// value does not fit) the cache is unchanged.
+    /// Returns the outcome, the version issued, and `decide`'s result. If a version as new
+    /// as the stamp or newer is stored (only possible when the stamping clock is behind it,
+    /// or the stamp is a version given earlier and this update is a second copy of it),
+    /// `decide` is not called and the outcome is [`UpdateOutcome::Stale`]: an update is
+    /// never decided twice at one version. On `Err` (the new
+    /// value does not fit) the cache is unchanged; `Ok(None)` if `stamp` refused (nothing
+    /// changed, `decide` not called).
     pub fn update_stamped<R>(
         &self,
         key: &[u8],
         decide: impl FnOnce(Option<&Lookup>) -> (Option<Change>, R),
-        stamp: impl FnOnce() -> u64,
-    ) -> Result<(UpdateOutcome, u64, Option<R>), InsertError> {
+        stamp: impl FnOnce() -> Option<u64>,
+    ) -> Result<Option<(UpdateOutcome, u64, Option<R>)>, InsertError> {
         let (hash, i) = self.locate(key);
         let mut shard = self.shard(i).lock();
         let current = shard.get_versioned(hash, key, &self.clock, true);
-        let version = stamp();
-        if current.as_ref().is_some_and(|c| c.version() > version) {
-            return Ok((UpdateOutcome::Stale, version, None));
+        let Some(version) = stamp() else {
+            return Ok(None);
+        };
+        if current.as_ref().is_some_and(|c| c.version() >= version) {
+            return Ok(Some((UpdateOutcome::Stale, version, None)));
         }
         let live = match &current {
             Some(VersionedRead::Live(l)) => Some(l),
@@ -676,22 +688,22 @@ impl<C: Clock> Cache<C> {
                 }
             }
         };
-        Ok((outcome, version, Some(result)))
+        Ok(Some((outcome, version, Some(result))))
     }
 
     /// [`Cache::touch_versioned`] with the version issued by `stamp` under the shard lock
-    /// (see [`Cache::write_stamped`]).
+    /// (see [`Cache::write_stamped`]); `None` if `stamp` refused (nothing changed).
     pub fn touch_stamped(
         &self,
         key: &[u8],
         expires_at: Option<u64>,
-        stamp: impl FnOnce() -> u64,
-    ) -> (TouchOutcome, u64) {
+        stamp: impl FnOnce() -> Option<u64>,
+    ) -> Option<(TouchOutcome, u64)> {
         let (hash, i) = self.locate(key);
         let mut shard = self.shard(i).lock();
-        let version = stamp();
+        let version = stamp()?;
         let outcome = shard.touch_versioned(hash, key, expires_at, version, &self.clock);
-        (outcome, version)
+        Some((outcome, version))
     }
 
     /// Removes `key` unconditionally (no tombstone). Returns whether a live value was removed.

@@ -14,7 +14,7 @@ use cache_persist::data_dir::snapshot_path;
 use cache_persist::{
     AppendLog, FsyncPolicy, LogLimits, PersistConfig, PersistError, Persistence, SegmentFile, check,
 };
-use cluster_core::{Condition, CoreError, Limits, MutationSink, NodeClock, Store};
+use cluster_core::{Condition, CoreError, Limits, MutationSink, NodeClock, Stamping, Store};
 use proptest::prelude::*;
 
 const LIMITS: LogLimits = LogLimits {
@@ -82,7 +82,7 @@ fn b(s: &str) -> Bytes {
 }
 
 async fn write(s: &Store, key: &str, value: &str) {
-    s.set(&b(key), &b(value), None, Condition::Always)
+    s.set(&b(key), &b(value), None, Condition::Always, Stamping::FRESH)
         .expect("applied");
     s.durable().await.expect("durable");
 }
@@ -96,10 +96,17 @@ async fn everything_written_comes_back_with_its_version() {
             write(&s, &format!("k{i}"), &format!("v{i}")).await;
         }
         for i in 0..50 {
-            s.delete(&b(&format!("k{i}")), true).expect("deleted");
+            s.delete(&b(&format!("k{i}")), true, Stamping::FRESH)
+                .expect("deleted");
         }
-        s.set(&b("ttl"), &b("x"), Some(3_600_000), Condition::Always)
-            .expect("applied");
+        s.set(
+            &b("ttl"),
+            &b("x"),
+            Some(3_600_000),
+            Condition::Always,
+            Stamping::FRESH,
+        )
+        .expect("applied");
         s.durable().await.expect("durable");
         p.close();
         state(&s)
@@ -113,7 +120,7 @@ async fn everything_written_comes_back_with_its_version() {
     );
     // New versions order after every recovered one.
     let last = before.iter().map(|e| e.2).max().unwrap_or(0);
-    s.set(&b("new"), &b("v"), None, Condition::Always)
+    s.set(&b("new"), &b("v"), None, Condition::Always, Stamping::FRESH)
         .expect("applied");
     let v = s.get(b"new").map(|l| l.version).unwrap_or(0);
     assert!(v > last, "{v} > {last}");
@@ -132,8 +139,14 @@ async fn a_snapshot_replaces_the_log_and_writes_during_it_are_kept() {
             let s = Arc::clone(&s);
             std::thread::spawn(move || {
                 for i in 0..2000 {
-                    s.set(&b(&format!("k{i}")), &b("new"), None, Condition::Always)
-                        .expect("applied");
+                    s.set(
+                        &b(&format!("k{i}")),
+                        &b("new"),
+                        None,
+                        Condition::Always,
+                        Stamping::FRESH,
+                    )
+                    .expect("applied");
                 }
             })
         };
@@ -185,6 +198,7 @@ async fn a_snapshot_during_deletes_keeps_every_kept_key() {
                     &b("0123456789abcdef"),
                     None,
                     Condition::Always,
+                    Stamping::FRESH,
                 )
                 .expect("applied");
             }
@@ -194,7 +208,8 @@ async fn a_snapshot_during_deletes_keeps_every_kept_key() {
             let s = Arc::clone(&s);
             std::thread::spawn(move || {
                 for i in 0..N {
-                    s.delete(&b(&format!("drop{i}")), true).expect("deleted");
+                    s.delete(&b(&format!("drop{i}")), true, Stamping::FRESH)
+                        .expect("deleted");
                 }
             })
         };
@@ -434,20 +449,41 @@ async fn a_full_disk_refuses_writes_and_they_resume_when_it_clears() {
     write(&s, "before", "v").await;
     full.store(true, Ordering::Relaxed);
     // The write that hits the full disk is applied in memory but never acknowledged.
-    s.set(&b("during"), &b("v"), None, Condition::Always)
-        .expect("applied");
+    s.set(
+        &b("during"),
+        &b("v"),
+        None,
+        Condition::Always,
+        Stamping::FRESH,
+    )
+    .expect("applied");
     let err = s.durable().await.expect_err("not durable");
     assert!(matches!(err, CoreError::Storage(_)), "{err}");
     // Now every write is refused up front, with the reason.
     let refused = s
-        .set(&b("next"), &b("v"), None, Condition::Always)
+        .set(
+            &b("next"),
+            &b("v"),
+            None,
+            Condition::Always,
+            Stamping::FRESH,
+        )
         .expect_err("refused");
     assert!(refused.to_string().contains("No space left"), "{refused}");
     assert!(s.get(b"next").is_none(), "a refused write changes nothing");
     assert!(log.stats().failed.load(Ordering::Relaxed));
     full.store(false, Ordering::Relaxed);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.set(&b("next"), &b("v"), None, Condition::Always).is_err() {
+    while s
+        .set(
+            &b("next"),
+            &b("v"),
+            None,
+            Condition::Always,
+            Stamping::FRESH,
+        )
+        .is_err()
+    {
         assert!(std::time::Instant::now() < deadline, "writes never resumed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -475,8 +511,14 @@ async fn concurrent_writers_share_fsyncs() {
         let s = Arc::clone(&s);
         tasks.push(tokio::spawn(async move {
             for i in 0..50 {
-                s.set(&b(&format!("t{t}-{i}")), &b("v"), None, Condition::Always)
-                    .expect("applied");
+                s.set(
+                    &b(&format!("t{t}-{i}")),
+                    &b("v"),
+                    None,
+                    Condition::Always,
+                    Stamping::FRESH,
+                )
+                .expect("applied");
                 s.durable().await.expect("durable");
             }
         }));

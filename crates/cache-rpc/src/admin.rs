@@ -1,7 +1,8 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process is up),
 //! `/readyz` (the node accepts requests: 503 while shutting down), `/status` (a small
 //! human page: uptime, items, bytes, hit ratio, request rate, persistence) and
-//! `POST /snapshot` (take a snapshot now; `--data-dir` only). Plain HTML, no JavaScript.
+//! `POST /snapshot` (take a snapshot now; `--data-dir` only), `POST /forget?member=ID` (stop
+//! counting a dead member among the home replicas). Plain HTML, no JavaScript.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -112,6 +113,7 @@ pub(crate) fn router(shared: Arc<Shared>, prometheus: PrometheusHandle) -> Route
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/snapshot", post(snapshot))
+        .route("/forget", post(forget))
         .route("/", get(status))
         .with_state(state)
 }
@@ -155,13 +157,11 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         .into_response()
 }
 
-/// `POST /snapshot`: takes a snapshot now and answers when it is durable, with what it
-/// wrote as JSON. 409 without `--data-dir`, 500 if it failed (the previous snapshot and the
-/// log still hold everything).
-async fn snapshot(
-    State(state): State<Arc<AdminState>>,
-    headers: axum::http::HeaderMap,
-) -> Response {
+/// With `--auth-file`, refuses a request whose bearer token lacks the admin role.
+fn require_admin(
+    state: &AdminState,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), (StatusCode, String)> {
     if let Some(auth) = &state.shared.auth
         && let Err(e) = auth.check(
             headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
@@ -173,7 +173,71 @@ async fn snapshot(
         } else {
             StatusCode::UNAUTHORIZED
         };
-        return (code, format!("{e}\n")).into_response();
+        return Err((code, format!("{e}\n")));
+    }
+    Ok(())
+}
+
+/// `POST /forget?member=ID`: this node stops counting dead member `ID` among its keys'
+/// home replicas (an operator's word that it is gone for good; run it on every member).
+/// Until then `QUORUM` and `ALL` of the keys it held count it, so they may fail while it
+/// is away — by design: a member that merely looks dead must not let a minority make
+/// quorums. 409 while `ID` is alive or suspect here, 404 if it is not counted, 400 for a
+/// missing or malformed id.
+async fn forget(
+    State(state): State<Arc<AdminState>>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    if let Err(refused) = require_admin(&state, &headers) {
+        return refused.into_response();
+    }
+    let member = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("member="))
+        .unwrap_or("");
+    if cluster_ring::NodeId::new(member.to_string()).is_err() {
+        return (
+            StatusCode::BAD_REQUEST,
+            "name the member: POST /forget?member=ID (a valid member id)\n",
+        )
+            .into_response();
+    }
+    let ring = state.shared.core.ring();
+    let alive = ring.load().view.owners().any(|m| m.id == member);
+    match ring.forget(member) {
+        Ok(true) => {
+            tracing::warn!(
+                member,
+                "member forgotten by an admin request: its keys' quorums no longer count it"
+            );
+            (StatusCode::OK, format!("forgot {member}\n")).into_response()
+        }
+        Ok(false) if alive => (
+            StatusCode::CONFLICT,
+            format!("{member} is alive or suspect here: only a dead member can be forgotten\n"),
+        )
+            .into_response(),
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            format!("{member} is not counted among any key's replicas here\n"),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// `POST /snapshot`: takes a snapshot now and answers when it is durable, with what it
+/// wrote as JSON. 409 without `--data-dir`, 500 if it failed (the previous snapshot and the
+/// log still hold everything).
+async fn snapshot(
+    State(state): State<Arc<AdminState>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(refused) = require_admin(&state, &headers) {
+        return refused.into_response();
     }
     match crate::service::take_snapshot(&state.shared).await {
         Ok(r) => (

@@ -272,6 +272,7 @@ pub struct NodeMetrics {
     mismatches: Counter,
     versions_refused: Counter,
     stale_retries: Counter,
+    late_writes_refused: Counter,
     sync: SyncSeries,
     /// Per-peer replication series, registered when a peer's queue first appears.
     replication: parking_lot::Mutex<std::collections::BTreeMap<String, ReplicationSeries>>,
@@ -423,6 +424,7 @@ impl NodeMetrics {
             mismatches,
             versions_refused: c("cache_versions_refused_total"),
             stale_retries: c("cache_stale_write_retries_total"),
+            late_writes_refused: c("cache_late_writes_refused_total"),
             sync: SyncSeries {
                 syncing: g("cache_sync_syncing"),
                 peers_synced: g("cache_sync_peers_synced"),
@@ -558,6 +560,7 @@ impl NodeMetrics {
         self.mismatches.absolute(stats.fingerprint_mismatches);
         self.versions_refused.absolute(stats.versions_refused);
         self.stale_retries.absolute(stats.stale_retries);
+        self.late_writes_refused.absolute(stats.late_writes_refused);
         let mut series = self.replication.lock();
         for q in queues {
             let s = series.entry(q.peer.to_string()).or_insert_with(|| {
@@ -891,6 +894,10 @@ const HELP: &[(&str, &str)] = &[
     (
         "cache_versions_refused_total",
         "Writes refused because their version was not newer.",
+    ),
+    (
+        "cache_late_writes_refused_total",
+        "Forwarded writes refused because they reached this node after their sender's deadline (a paused or overloaded node reading old requests); nothing was applied.",
     ),
     (
         "cache_stale_write_retries_total",

@@ -76,7 +76,7 @@ impl Shared {
                 return Err(CoreError::ShuttingDown);
             }
             for e in entries {
-                if store.delete(&e.key, true)?.0 {
+                if store.delete(&e.key, true, cluster_core::Stamping::FRESH)?.0 {
                     deleted += 1;
                 }
             }
@@ -286,10 +286,7 @@ impl CacheService {
         op: POp,
         deadline: tokio::time::Instant,
     ) -> Result<(PResult, &'static str), CoreError> {
-        let ctx = RequestContext {
-            deadline,
-            forwarded: false,
-        };
+        let ctx = RequestContext::until(deadline);
         let (request, kind) = match op {
             POp::Get(r) => (wire::get(r)?, Op::Get),
             POp::Set(r) => (wire::set(r)?, Op::Set),
@@ -1016,6 +1013,8 @@ impl PeerService {
             from,
             ring_fingerprint,
             deadline: deadline(metadata, self.shared.request_timeout),
+            not_after_ms: None,
+            version: None,
         })
     }
 
@@ -1031,7 +1030,12 @@ impl peer_server::Peer for PeerService {
         request: tonic::Request<peer::ForwardRequest>,
     ) -> Result<tonic::Response<peer::ForwardResponse>, Status> {
         let (metadata, _, req) = request.into_parts();
-        let call = self.call(&metadata, req.from, req.ring_fingerprint)?;
+        let mut call = self.call(&metadata, req.from, req.ring_fingerprint)?;
+        // Any value is safe: a far-future one only leaves the write unchecked, as an old
+        // sender's (0) does.
+        call.not_after_ms = (req.not_after_ms != 0).then_some(req.not_after_ms);
+        // A version is checked against the allowed clock drift before it is applied.
+        call.version = (req.version != 0).then_some(req.version);
         let request = wire::from_forward_request(req.request).map_err(|e| wire::status(&e))?;
         let response = self
             .shared

@@ -147,6 +147,8 @@ impl PeerTransport for GrpcTransport {
             from: call.from.to_string(),
             ring_fingerprint: call.ring_fingerprint,
             request: Some(wire::forward_request(request)),
+            not_after_ms: call.not_after_ms.unwrap_or(0),
+            version: call.version.unwrap_or(0),
         };
         let reply = self
             .call(

@@ -507,6 +507,8 @@ pub fn error_kind(e: &CoreError) -> &'static str {
         CoreError::Full(_) => "resource_exhausted",
         CoreError::VersionRefused(_) => "version_refused",
         CoreError::DeadlineExceeded(_) => "deadline_exceeded",
+        CoreError::TooLate { .. } => "too_late",
+        CoreError::Superseded => "superseded",
         CoreError::Storage(_) => "storage",
         CoreError::ShuttingDown => "shutting_down",
         CoreError::Internal(_) => "internal",
@@ -523,8 +525,9 @@ pub fn status(e: &CoreError) -> Status {
             Code::Unavailable
         }
         CoreError::Full(_) => Code::ResourceExhausted,
+        CoreError::Superseded => Code::Aborted,
         CoreError::VersionRefused(_) => Code::FailedPrecondition,
-        CoreError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        CoreError::DeadlineExceeded(_) | CoreError::TooLate { .. } => Code::DeadlineExceeded,
         CoreError::Internal(_) => Code::Internal,
     };
     let mut status = Status::new(code, e.to_string());
@@ -561,6 +564,9 @@ pub fn peer_error(peer: &str, status: &Status) -> PeerError {
         }
         Some("shutting_down") => CoreError::ShuttingDown,
         Some("storage") => CoreError::Storage(message),
+        // Nothing was applied there; the count is for the callee's logs only.
+        Some("too_late") => CoreError::TooLate { late_ms: 0 },
+        Some("superseded") => CoreError::Superseded,
         Some(_) => CoreError::Internal(message),
         None if is_connect_error(status) => {
             return PeerError::Unreachable {

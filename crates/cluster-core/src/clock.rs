@@ -54,6 +54,9 @@ const LOGICAL_BITS: u32 = 16;
 const TAG_MASK: u64 = 0xff;
 /// One step of the logical counter.
 const COUNTER_STEP: u64 = 0x100;
+/// The distance between consecutive versions of one clock within a millisecond: the
+/// versions of a batch reserved with [`Hlc::reserve`] are this far apart.
+pub const VERSION_STEP: u64 = COUNTER_STEP;
 /// The largest wall-clock millisecond a version can carry (48 bits: year 10889).
 const MAX_MS: u64 = (1 << 48) - 1;
 
@@ -119,6 +122,18 @@ impl Hlc {
 
     /// The next version at wall-clock time `now_ms`.
     pub fn next(&self, now_ms: u64) -> Result<u64, ClockError> {
+        self.reserve(now_ms, 1)
+    }
+
+    /// `count` consecutive versions at wall-clock time `now_ms` (at least one): the first
+    /// is returned, the others are `first + k * VERSION_STEP` for `k < count`, and the
+    /// clock moves past the last. For a batch stamped where it is first accepted and
+    /// applied elsewhere (see [`crate::Stamping`]).
+    pub fn reserve(&self, now_ms: u64, count: usize) -> Result<u64, ClockError> {
+        let span = u64::try_from(count.max(1) - 1)
+            .ok()
+            .and_then(|extra| extra.checked_mul(COUNTER_STEP))
+            .ok_or(ClockError::Exhausted)?;
         let physical = now_ms.min(MAX_MS) << LOGICAL_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
@@ -129,14 +144,17 @@ impl Hlc {
                 base.checked_add(COUNTER_STEP)
                     .ok_or(ClockError::Exhausted)?
             };
-            let version = candidate | self.tag;
+            let end = candidate.checked_add(span).ok_or(ClockError::Exhausted)?;
+            if version_ms(end) > MAX_MS {
+                return Err(ClockError::Exhausted);
+            }
             match self.last.compare_exchange_weak(
                 last,
-                version,
+                end | self.tag,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Ok(version),
+                Ok(_) => return Ok(candidate | self.tag),
                 Err(seen) => last = seen,
             }
         }
@@ -217,6 +235,22 @@ mod tests {
             let v = hlc.next(now).expect("version");
             assert!(version_ms(v) < now + 5_000);
         }
+    }
+
+    #[test]
+    fn a_reserved_range_is_skipped_by_later_versions() {
+        let hlc = Hlc::new("node-a", DRIFT);
+        let first = hlc.reserve(1000, 5).expect("versions");
+        let last = first + 4 * VERSION_STEP;
+        assert_eq!(
+            last & 0xff,
+            hlc.tag(),
+            "every reserved version carries the tag"
+        );
+        let next = hlc.next(1000).expect("version");
+        assert!(next > last, "{next:#x} after {last:#x}");
+        hlc.observe_unchecked(u64::MAX);
+        assert_eq!(hlc.reserve(1000, 2), Err(ClockError::Exhausted));
     }
 
     #[test]

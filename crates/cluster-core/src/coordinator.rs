@@ -60,7 +60,7 @@ use crate::mutation::{Mutation, MutationOp};
 use crate::replication::{QueueStats, ReplicationConfig, Replicator};
 use crate::request::{Request, Response, SetCommand, UpdateOp};
 use crate::ring::{RingState, RingView};
-use crate::store::{Applied, ApplyReport, Store};
+use crate::store::{Applied, ApplyReport, Stamping, Store};
 use crate::transport::{PeerCall, PeerReply, PeerTransport};
 
 /// How long a peer's ring may differ from this node's before it is logged as an error.
@@ -105,15 +105,62 @@ pub struct RequestContext {
     pub deadline: Instant,
     /// The request was forwarded by another node: never forward it again.
     pub forwarded: bool,
+    /// The sender's deadline as a unix millisecond on the wall clock: a write of this
+    /// request is refused ([`CoreError::TooLate`]) unless its version is stamped before it,
+    /// so a request read after its sender gave up (and perhaps had it applied elsewhere)
+    /// is never ordered after writes acknowledged meanwhile. `None`: the write is accepted
+    /// here first, and its place in the order is wherever it is stamped.
+    pub not_after_ms: Option<u64>,
+    /// A forwarded write's version, given where it was first accepted (the first of one
+    /// per entry for a `MultiSet`): see [`Stamping`]. `None`: stamp here.
+    pub version: Option<u64>,
 }
 
 impl RequestContext {
     /// A client request that may take `timeout`.
     pub fn client(timeout: Duration) -> Self {
+        Self::until(Instant::now() + timeout)
+    }
+
+    /// A client request due by `deadline`.
+    pub fn until(deadline: Instant) -> Self {
         Self {
-            deadline: Instant::now() + timeout,
+            deadline,
             forwarded: false,
+            not_after_ms: None,
+            version: None,
         }
+    }
+
+    /// How this request's (single) write is stamped. A given version is used for an
+    /// unconditional write only (`exact`): a conditional write, touch or update is decided
+    /// and stamped on the primary, under its lock — stamped where it was accepted, it would
+    /// be refused whenever a concurrent update of the key got there first — and is kept
+    /// from being applied late by the sender's deadline alone.
+    pub fn stamping(&self, exact: bool) -> Stamping {
+        Stamping {
+            version: self.version.filter(|_| exact),
+            not_after_ms: self.not_after_ms,
+        }
+    }
+
+    /// How entry `i` of this request's `MultiSet` is stamped: the given versions are
+    /// consecutive, one per entry, and used for unconditional entries (`exact`) only.
+    fn stamping_of_entry(&self, i: usize, exact: bool) -> Result<Stamping, CoreError> {
+        let version = match self.version.filter(|_| exact) {
+            None => None,
+            Some(base) => Some(
+                u64::try_from(i)
+                    .ok()
+                    .and_then(|i| i.checked_mul(crate::clock::VERSION_STEP))
+                    .and_then(|offset| base.checked_add(offset))
+                    .ok_or_else(|| CoreError::Invalid("batch versions out of range".into()))?,
+            ),
+        };
+        Ok(Stamping {
+            version,
+            not_after_ms: self.not_after_ms,
+        })
     }
 }
 
@@ -149,6 +196,9 @@ pub struct CoreStats {
     pub versions_refused: u64,
     /// Local writes retried after losing to a stored version.
     pub stale_retries: u64,
+    /// Writes refused because they reached this node after their sender's deadline
+    /// ([`CoreError::TooLate`]).
+    pub late_writes_refused: u64,
 }
 
 /// Peer bookkeeping shared with background tasks.
@@ -248,7 +298,7 @@ impl Request {
     /// Whether sending this request twice (after a timeout) gives the same state and the
     /// same answer: reads, unconditional sets and deletes (whose `deleted` flag may then
     /// under-report, never over-report). Conditional sets and touches are not.
-    fn idempotent(&self) -> bool {
+    pub(crate) fn idempotent(&self) -> bool {
         match self {
             Request::Get { .. } | Request::MultiGet { .. } | Request::Delete { .. } => true,
             Request::Set { cmd, .. } => cmd.condition == cache_types::Condition::Always,
@@ -420,6 +470,7 @@ impl<T: PeerTransport> Coordinator<T> {
             fingerprint_mismatches: self.peers.mismatch_count.load(Ordering::Relaxed),
             versions_refused: self.store.versions_refused(),
             stale_retries: self.store.stale_retries(),
+            late_writes_refused: self.store.late_writes_refused(),
         }
     }
 
@@ -507,12 +558,22 @@ impl<T: PeerTransport> Coordinator<T> {
         &self.transport
     }
 
-    /// A peer call from this node, due by `deadline` (at most one peer timeout away).
+    /// A peer call from this node, due by `deadline` (at most one peer timeout away). Its
+    /// `not_after_ms` is that deadline on this node's wall clock, rounded down: the callee
+    /// stamps the call's writes before it or refuses them, and this node stops waiting at
+    /// the deadline (the same instant), so a write it then re-sends elsewhere is stamped at
+    /// `not_after_ms` or later and orders after anything the callee stamped.
     pub(crate) fn call(&self, deadline: Instant) -> PeerCall {
+        let now = Instant::now();
+        let deadline = deadline.min(now + self.config.peer_timeout);
+        let budget_ms =
+            u64::try_from(deadline.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX);
         PeerCall {
             from: self.local.clone(),
             ring_fingerprint: self.ring.load().ring.fingerprint(),
-            deadline: deadline.min(Instant::now() + self.config.peer_timeout),
+            deadline,
+            not_after_ms: Some(self.store.now_ms().saturating_add(budget_ms)),
+            version: None,
         }
     }
 
@@ -574,7 +635,7 @@ impl<T: PeerTransport> Coordinator<T> {
             return Err(CoreError::ShuttingDown);
         }
         self.check_request(&request)?;
-        if let Some(answer) = self.answer_locally(&request) {
+        if let Some(answer) = self.answer_locally(&request, ctx) {
             return answer;
         }
         let budget = ctx.deadline.saturating_duration_since(Instant::now());
@@ -632,7 +693,11 @@ impl<T: PeerTransport> Coordinator<T> {
     ///   when one acknowledgement suffices).
     ///
     /// `None`: take the general path.
-    fn answer_locally(&self, request: &Request) -> Option<Result<Response, CoreError>> {
+    fn answer_locally(
+        &self,
+        request: &Request,
+        ctx: RequestContext,
+    ) -> Option<Result<Response, CoreError>> {
         let state = self.ring.load_guard();
         let key = match request {
             Request::Get { key, .. } | Request::Delete { key, .. } => key,
@@ -643,7 +708,9 @@ impl<T: PeerTransport> Coordinator<T> {
             return None;
         }
         let one = |c: &Option<Consistency>| {
-            let n = state.replication_factor;
+            // Counted against the home replicas, as `replicate` does: a node that sees the
+            // other replicas dead is not a quorum of one.
+            let n = state.home_rf;
             c.unwrap_or(self.config.default_consistency).required(n) <= 1
         };
         let answer = match request {
@@ -661,7 +728,13 @@ impl<T: PeerTransport> Coordinator<T> {
                     return None;
                 }
                 self.store
-                    .set(&cmd.key, &cmd.value, cmd.ttl_ms, cmd.condition)
+                    .set(
+                        &cmd.key,
+                        &cmd.value,
+                        cmd.ttl_ms,
+                        cmd.condition,
+                        ctx.stamping(cmd.condition == Condition::Always),
+                    )
                     .map(|applied| match applied {
                         Applied::Done(m) => {
                             self.enqueue_for_others(&state, m);
@@ -674,27 +747,41 @@ impl<T: PeerTransport> Coordinator<T> {
                 if !one(consistency) || self.store.has_sinks() {
                     return None;
                 }
-                let replicated = state.replication_factor > 1;
-                self.store.delete(key, replicated).map(|(deleted, m)| {
-                    self.enqueue_for_others(&state, m);
-                    Response::Delete { deleted }
-                })
+                // A tombstone whenever the key has other home replicas, seen alive or not:
+                // a copy from one of them must not bring the value back.
+                let replicated = state.home_rf > 1;
+                self.store
+                    .delete(key, replicated, ctx.stamping(true))
+                    .map(|(deleted, m)| {
+                        self.enqueue_for_others(&state, m);
+                        Response::Delete { deleted }
+                    })
             }
             _ => return None,
         };
         Some(answer)
     }
 
-    /// Queues `m` for every other replica of its key (asynchronous replication).
+    /// Queues `m` for every other replica of its key (asynchronous replication), and for
+    /// its home replicas that look dead (they get it as a hint when they answer again: a
+    /// `ONE` write made on one side of a partition reaches the key's replicas after the
+    /// heal, instead of staying on a node that no longer replicates the key).
     fn enqueue_for_others(&self, state: &RingState, m: Mutation) {
-        if state.replication_factor <= 1 {
+        if state.home_rf <= 1 {
             return;
         }
+        let mut routed = Vec::new();
         for &i in state.replica_set(&m.key).indices() {
             let peer = state.id_at(i);
             if *peer != self.local {
                 self.replicator.enqueue(peer, m.clone());
             }
+            if state.home_differs {
+                routed.push(peer.clone());
+            }
+        }
+        for peer in state.home_extra(&m.key, &routed, &self.local) {
+            self.replicator.enqueue(&peer, m.clone());
         }
     }
 
@@ -887,7 +974,20 @@ impl<T: PeerTransport> Coordinator<T> {
             } else {
                 left
             };
-            let call = self.call(now + budget);
+            let mut call = self.call(now + budget);
+            // A write's place in the order is fixed here, when this attempt is sent: the
+            // callee applies exactly these versions, so a copy of the request that reaches
+            // it late or twice is the same write, and a later attempt elsewhere (stamped
+            // after this one) always wins over it.
+            let writes = request.writes();
+            if writes > 0 && !ctx.forwarded {
+                call.version = match self.store.hlc().reserve(self.store.now_ms(), writes) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        return Err(ForwardFailure::Answer(CoreError::Internal(e.to_string())));
+                    }
+                };
+            }
             let deadline = call.deadline;
             let outcome = tokio::time::timeout_at(
                 deadline,
@@ -944,7 +1044,7 @@ impl<T: PeerTransport> Coordinator<T> {
         match request {
             Request::Get { key, consistency } => {
                 let consistency = consistency.unwrap_or(Consistency::One);
-                if consistency == Consistency::One || p.len() <= 1 {
+                if consistency.required(p.state.home_rf) <= 1 {
                     let found = self
                         .local_reads(&p.state, std::slice::from_ref(&key), ctx.deadline)
                         .await;
@@ -959,22 +1059,26 @@ impl<T: PeerTransport> Coordinator<T> {
                 if cmd.condition != Condition::Always {
                     self.settle_before_deciding(p, &cmd.key, ctx).await?;
                 }
-                let stored =
-                    match self
-                        .store
-                        .set(&cmd.key, &cmd.value, cmd.ttl_ms, cmd.condition)?
-                    {
-                        Applied::Done(m) => {
-                            self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
-                                .await?;
-                            true
-                        }
-                        Applied::NotApplied => false,
-                    };
+                let stored = match self.store.set(
+                    &cmd.key,
+                    &cmd.value,
+                    cmd.ttl_ms,
+                    cmd.condition,
+                    ctx.stamping(cmd.condition == Condition::Always),
+                )? {
+                    Applied::Done(m) => {
+                        self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
+                            .await?;
+                        true
+                    }
+                    Applied::NotApplied => false,
+                };
                 Ok(Response::Set { stored })
             }
             Request::Delete { key, consistency } => {
-                let (deleted, m) = self.store.delete(&key, p.len() > 1)?;
+                let (deleted, m) =
+                    self.store
+                        .delete(&key, p.state.home_rf > 1, ctx.stamping(true))?;
                 self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
                     .await?;
                 Ok(Response::Delete { deleted })
@@ -985,7 +1089,7 @@ impl<T: PeerTransport> Coordinator<T> {
                 consistency,
             } => {
                 self.settle_before_deciding(p, &key, ctx).await?;
-                let found = match self.store.touch(&key, ttl_ms)? {
+                let found = match self.store.touch(&key, ttl_ms, ctx.stamping(false))? {
                     Applied::Done(m) => {
                         self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
                             .await?;
@@ -1001,7 +1105,7 @@ impl<T: PeerTransport> Coordinator<T> {
                 consistency,
             } => {
                 self.settle_before_deciding(p, &key, ctx).await?;
-                let updated = self.store.update(&key, &op)?;
+                let updated = self.store.update(&key, &op, ctx.stamping(false))?;
                 if let Some(m) = updated.mutation {
                     self.replicate_durably(p, m, consistency.unwrap_or(default), ctx)
                         .await?;
@@ -1041,33 +1145,36 @@ impl<T: PeerTransport> Coordinator<T> {
         consistency: Consistency,
         ctx: RequestContext,
     ) -> Result<(), CoreError> {
-        let n = p.len();
-        let required = consistency.required(n);
         let others: Vec<NodeId> = p
             .replicas()
             .filter(|r| **r != self.local)
             .cloned()
             .collect();
-        if required <= 1 {
-            for peer in &others {
-                self.replicator.enqueue(peer, m.clone());
-            }
+        if consistency.required(p.state.home_rf) <= 1 {
+            self.enqueue_for_others(&p.state, m);
             return Ok(());
         }
+        // QUORUM and ALL count the key's home replicas only (dead ones included), never
+        // whoever this node can still see: a minority cannot make a quorum.
+        let home = p.state.home_replicas(&m.key);
+        let n = home.len();
+        let required = consistency.required(n);
+        let here = usize::from(home.contains(&self.local));
+        let counted = |acked: &[NodeId]| here + acked.iter().filter(|a| home.contains(a)).count();
         let per_peer = others
             .into_iter()
             .map(|peer| (peer, vec![m.clone()]))
             .collect();
         let acked = self
-            .replicate_sync(per_peer, |acked| acked.len() + 1 >= required, ctx.deadline)
+            .replicate_sync(per_peer, |acked| counted(acked) >= required, ctx.deadline)
             .await;
-        let acks = acked.len() + 1;
+        let acks = counted(&acked);
         if acks < required {
             return Err(CoreError::Unavailable {
                 acks,
                 required,
                 detail: format!(
-                    "the write is applied on {acks} of {n} replicas and stays applied there"
+                    "the write is applied on {acks} of the key's {n} replicas and stays applied there"
                 ),
             });
         }
@@ -1144,7 +1251,10 @@ impl<T: PeerTransport> Coordinator<T> {
         consistency: Consistency,
         ctx: RequestContext,
     ) -> Result<Option<Lookup>, CoreError> {
-        let required = consistency.required(p.len());
+        // Counted against the key's home replicas (see `replicate`).
+        let home = p.state.home_replicas(key);
+        let required = consistency.required(home.len());
+        let here = usize::from(home.contains(&self.local));
         let local = self.store.get_versioned(key);
         let mut fetches: FuturesUnordered<_> = p
             .replicas()
@@ -1167,8 +1277,14 @@ impl<T: PeerTransport> Coordinator<T> {
             })
             .collect();
         let mut answers: Vec<(NodeId, Option<VersionedRead>)> = Vec::new();
-        let mut last_error = String::new();
-        while answers.len() + 1 < required {
+        let mut last_error = String::from("no home replica of the key answered");
+        let counted = |answers: &[(NodeId, Option<VersionedRead>)]| {
+            here + answers
+                .iter()
+                .filter(|(peer, _)| home.contains(peer))
+                .count()
+        };
+        while counted(&answers) < required {
             let Some((peer, result)) = fetches.next().await else {
                 break;
             };
@@ -1184,7 +1300,7 @@ impl<T: PeerTransport> Coordinator<T> {
             }
         }
         drop(fetches);
-        let acks = answers.len() + 1;
+        let acks = counted(&answers);
         if acks < required {
             return Err(CoreError::Unavailable {
                 acks,
@@ -1482,8 +1598,9 @@ impl<T: PeerTransport> Coordinator<T> {
     ) -> Result<Vec<bool>, CoreError> {
         let mut stored = Vec::with_capacity(idx.len());
         let mut per_peer: BTreeMap<NodeId, Vec<Mutation>> = BTreeMap::new();
-        // For each applied key: its other replicas and how many acknowledgements it needs.
-        let mut needs: Vec<(Vec<NodeId>, usize, usize)> = Vec::new();
+        // For each applied key: its home replicas (what QUORUM and ALL count, see
+        // `replicate`) and how many of them must have it.
+        let mut needs: Vec<(Vec<NodeId>, usize)> = Vec::new();
         for (n, &i) in idx.iter().enumerate() {
             let e = &entries[i];
             if e.condition != Condition::Always {
@@ -1492,7 +1609,13 @@ impl<T: PeerTransport> Coordinator<T> {
             }
             let applied = self
                 .store
-                .set(&e.key, &e.value, e.ttl_ms, e.condition)
+                .set(
+                    &e.key,
+                    &e.value,
+                    e.ttl_ms,
+                    e.condition,
+                    ctx.stamping_of_entry(i, e.condition == Condition::Always)?,
+                )
                 .map_err(|err| match err {
                     CoreError::Full(m) => CoreError::Full(format!(
                         "entry {n} failed; earlier entries may be applied: {m}"
@@ -1502,38 +1625,51 @@ impl<T: PeerTransport> Coordinator<T> {
             match applied {
                 Applied::Done(m) => {
                     let p = self.place(state, &e.key);
-                    let others: Vec<NodeId> = p
-                        .replicas()
+                    let routed: Vec<NodeId> = p.replicas().cloned().collect();
+                    // The routed replicas, and the home replicas that look dead (see
+                    // `enqueue_for_others`: a failed call leaves a hint for them).
+                    let others = routed
+                        .iter()
                         .filter(|r| **r != self.local)
                         .cloned()
-                        .collect();
-                    for peer in &others {
-                        per_peer.entry(peer.clone()).or_default().push(m.clone());
+                        .chain(state.home_extra(&e.key, &routed, &self.local));
+                    for peer in others {
+                        per_peer.entry(peer).or_default().push(m.clone());
                     }
-                    needs.push((others, consistency.required(p.len()), p.len()));
+                    if consistency.required(state.home_rf) > 1 {
+                        let home = state.home_replicas(&e.key);
+                        let required = consistency.required(home.len());
+                        needs.push((home, required));
+                    }
                     stored.push(true);
                 }
                 Applied::NotApplied => stored.push(false),
             }
         }
+        let counted = |home: &[NodeId], acked: &[NodeId]| {
+            home.iter()
+                .filter(|h| **h == self.local || acked.contains(h))
+                .count()
+        };
         let satisfied = |acked: &[NodeId]| {
-            needs.iter().all(|(others, required, _)| {
-                1 + others.iter().filter(|o| acked.contains(o)).count() >= *required
-            })
+            needs
+                .iter()
+                .all(|(home, required)| counted(home, acked) >= *required)
         };
         let (durable, acked) = tokio::join!(
             self.store.durable(),
             self.replicate_sync(per_peer, satisfied, ctx.deadline)
         );
         durable?;
-        for (others, required, n) in &needs {
-            let acks = 1 + others.iter().filter(|o| acked.contains(o)).count();
+        for (home, required) in &needs {
+            let acks = counted(home, &acked);
             if acks < *required {
                 return Err(CoreError::Unavailable {
                     acks,
                     required: *required,
                     detail: format!(
-                        "a write of this batch is applied on {acks} of {n} replicas; applied entries stay applied"
+                        "a write of this batch is applied on {acks} of its key's {} replicas; applied entries stay applied",
+                        home.len()
                     ),
                 });
             }
@@ -1550,11 +1686,22 @@ impl<T: PeerTransport> Coordinator<T> {
         request: Request,
     ) -> Result<Response, CoreError> {
         self.check_fingerprint(&call.from, call.ring_fingerprint);
+        // The sender's wall-clock deadline bounds this one too: a call read late (this
+        // node was paused) gets only what is left of it, not a fresh relative timeout.
+        let deadline = match call.not_after_ms {
+            Some(by) => {
+                let left = Duration::from_millis(by.saturating_sub(self.store.now_ms()));
+                call.deadline.min(Instant::now() + left)
+            }
+            None => call.deadline,
+        };
         self.handle(
             request,
             RequestContext {
-                deadline: call.deadline,
+                deadline,
                 forwarded: true,
+                not_after_ms: call.not_after_ms,
+                version: call.version,
             },
         )
         .await

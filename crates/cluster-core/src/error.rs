@@ -45,6 +45,23 @@ pub enum CoreError {
     /// The request's deadline passed before it finished; a write may have been applied.
     #[error("deadline of {0:?} exceeded")]
     DeadlineExceeded(Duration),
+    /// A write reached the node that would apply it after its sender's deadline had passed
+    /// (it waited in a socket while this node was paused or overloaded). The sender has
+    /// given up and may have had the write applied elsewhere since, so it is refused and
+    /// nothing changed: applied now, with a version from now, it would override writes
+    /// acknowledged after it (see `docs/why/replication.md`, "zombie writes").
+    #[error("write refused: it arrived {late_ms} ms after its sender's deadline")]
+    TooLate {
+        /// How far past the deadline the write would have been stamped.
+        late_ms: u64,
+    },
+    /// A conditional write, touch or update was stamped where it was first accepted, and a
+    /// write of the key stamped after it reached this replica first: its condition cannot
+    /// be judged at its place in the order, so it was not applied by this request. (If the
+    /// network delivered a second copy of the request, that copy may have been: so, like
+    /// a timeout, this does not let a non-idempotent request be re-sent elsewhere.)
+    #[error("not applied: a newer write of the key (or a copy of this request) was applied first")]
+    Superseded,
     /// The node cannot persist writes (its append-only file could not be written or
     /// synced: disk full, I/O error, read-only data directory): writes are refused, and
     /// nothing was applied, until the cause is fixed; reads still work. Retry on another
@@ -101,10 +118,13 @@ impl PeerError {
             PeerError::Unreachable { .. } => true,
             PeerError::NoAnswer { .. } => idempotent,
             PeerError::Refused { error, .. } => match error {
-                CoreError::ShuttingDown | CoreError::WrongOwner { .. } | CoreError::Storage(_) => {
-                    true
-                }
-                CoreError::DeadlineExceeded(_) | CoreError::Unavailable { .. } => idempotent,
+                CoreError::ShuttingDown
+                | CoreError::WrongOwner { .. }
+                | CoreError::Storage(_)
+                | CoreError::TooLate { .. } => true,
+                CoreError::DeadlineExceeded(_)
+                | CoreError::Unavailable { .. }
+                | CoreError::Superseded => idempotent,
                 _ => false,
             },
         }

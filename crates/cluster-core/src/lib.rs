@@ -55,7 +55,7 @@ pub use mutation::{DurableWait, Mutation, MutationOp, MutationSink};
 pub use replication::QueueStats;
 pub use request::{ExpireWhen, Expiry, Request, Response, SetCommand, UpdateOp};
 pub use ring::{RingChange, RingState, RingView};
-pub use store::{Applied, ApplyReport, RestoreReport, Store, Updated};
+pub use store::{Applied, ApplyReport, RestoreReport, Stamping, Store, Updated};
 pub use sync::{HandOver, SyncConfig, SyncEntry, SyncReply, SyncRequest, SyncStatus};
 pub use throttle::LogThrottle;
 pub use transport::{PeerCall, PeerReply, PeerTransport};

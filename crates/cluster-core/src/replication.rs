@@ -499,6 +499,9 @@ impl<T: PeerTransport> Sender<T> {
             from: self.local.clone(),
             ring_fingerprint: self.ring.load().ring.fingerprint(),
             deadline,
+            // Replicated mutations carry their versions: late delivery cannot reorder them.
+            not_after_ms: None,
+            version: None,
         };
         let sent = tokio::time::timeout_at(
             deadline,

@@ -172,6 +172,20 @@ pub enum Request {
 }
 
 impl Request {
+    /// How many writes the request makes (the versions it needs when it is stamped where
+    /// it is first accepted): 0 for reads, 1 for a single-key write, one per entry of a
+    /// `MultiSet`.
+    pub fn writes(&self) -> usize {
+        match self {
+            Request::Get { .. } | Request::MultiGet { .. } => 0,
+            Request::Set { .. }
+            | Request::Delete { .. }
+            | Request::Touch { .. }
+            | Request::Update { .. } => 1,
+            Request::MultiSet { entries, .. } => entries.len(),
+        }
+    }
+
     /// The request's first key and how many keys it carries (for logs: the slow log).
     pub fn first_key(&self) -> (Option<&Bytes>, usize) {
         match self {

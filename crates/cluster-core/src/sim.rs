@@ -13,10 +13,17 @@
 //! - [`SimCluster::set_loss`]: each request, and each reply, is lost with this probability
 //!   (a lost reply means B did the work but A never hears of it).
 //! - [`SimCluster::set_delay`]: each message takes a random time in the range.
+//! - [`SimCluster::set_duplicates`]: a request is delivered again a little later (B does the
+//!   work twice; nobody reads the second answer) — every kind of call except the forward of
+//!   a conditional write, touch or update. Those are decided where they are delivered, so
+//!   the core needs them delivered at most once: the gRPC transport gives that (HTTP/2
+//!   delivers a request once, tonic never re-sends one, and the core re-sends a request
+//!   only to another node, with new versions). [`PeerTransport`] states it as a rule.
 //! - [`SimCluster::pause`]: B stops working (like `SIGSTOP`): calls reach it but wait until
-//!   [`SimCluster::resume`]; A gives up at its deadline, and B then still does the work. B's
-//!   own calls (its queues, its anti-entropy) wait too.
-//! - [`SimCluster::heal`] undoes cuts, loss and delay.
+//!   [`SimCluster::resume`]; A gives up at its deadline, and B then still does the work —
+//!   however late, as a paused process reads its socket when it wakes. B's own calls (its
+//!   queues, its anti-entropy) wait too. So do client requests sent to B.
+//! - [`SimCluster::heal`] undoes cuts, loss, delay and duplicates, and resumes every node.
 //!
 //! The callee's work runs in its own task, so a caller that gives up does not cancel it —
 //! as with a real server.
@@ -58,6 +65,8 @@ struct Faults {
     loss_per_mille: u32,
     /// Delay range per message, milliseconds.
     delay_ms: (u64, u64),
+    /// Chance per request of being delivered a second time later, per mille.
+    duplicate_per_mille: u32,
 }
 
 fn link(a: &NodeId, b: &NodeId) -> (NodeId, NodeId) {
@@ -112,12 +121,60 @@ impl SimNet {
             .is_ok()
     }
 
+    /// Chance per message of being delivered twice.
+    fn duplicated(&self) -> bool {
+        let per_mille = self.faults.lock().duplicate_per_mille;
+        per_mille > 0 && self.rng.lock().chance(per_mille)
+    }
+
+    /// Whether `callee` is still the process registered as `id` (not killed or replaced by
+    /// a restart): a dead process executes nothing, even what was sent to it before.
+    fn is_current(&self, id: &NodeId, callee: &Arc<dyn SimNode>) -> bool {
+        self.nodes
+            .lock()
+            .get(id)
+            .and_then(Weak::upgrade)
+            .is_some_and(|now| std::ptr::addr_eq(Arc::as_ptr(&now), Arc::as_ptr(callee)))
+    }
+
+    /// Delivers one request to `callee` in its own task, as a socket does: it waits while
+    /// the callee is paused — however long, whatever the sender's deadline (a `SIGSTOP`ped
+    /// server reads its socket when it wakes) — and then the callee does the work, unless
+    /// its process is gone by then.
+    fn deliver<R: Send + 'static>(
+        self: &Arc<Self>,
+        to: &NodeId,
+        callee: Arc<dyn SimNode>,
+        work: Work<R>,
+    ) -> tokio::task::JoinHandle<Result<R, CoreError>> {
+        let net = Arc::clone(self);
+        let to = to.clone();
+        let rx = self.paused.lock().get(&to).map(watch::Sender::subscribe);
+        tokio::spawn(async move {
+            if let Some(mut rx) = rx {
+                // A dropped sender (the cluster is gone) ends the wait too.
+                let _ = rx.wait_for(|paused| !*paused).await;
+            }
+            if !net.is_current(&to, &callee) {
+                return Err(CoreError::ShuttingDown);
+            }
+            work.await
+        })
+    }
+
     /// Carries one call from `call.from` to `to`: faults, then `work` on the callee in its
-    /// own task, then the reply back through the same faults.
-    async fn carry<R, F>(&self, to: &NodeId, call: PeerCall, work: F) -> Result<R, PeerError>
+    /// own task (late if the callee is paused, and sometimes twice if `may_duplicate`), then
+    /// the reply back through the same faults.
+    async fn carry<R, F>(
+        self: &Arc<Self>,
+        to: &NodeId,
+        call: PeerCall,
+        may_duplicate: bool,
+        work: F,
+    ) -> Result<R, PeerError>
     where
         R: Send + 'static,
-        F: FnOnce(Arc<dyn SimNode>, PeerCall) -> Work<R>,
+        F: Fn(Arc<dyn SimNode>, PeerCall) -> Work<R>,
     {
         let deadline = call.deadline;
         let unreachable = |detail: &str| PeerError::Unreachable {
@@ -148,10 +205,19 @@ impl SimNet {
             return hang("request lost").await;
         }
         tokio::time::sleep(self.delay()).await;
-        if !self.wait_running(to, deadline).await {
-            return Err(no_answer("no answer before the deadline (paused)"));
+        if may_duplicate && self.duplicated() {
+            // A second copy arrives later (a retransmission, a retried connection): the
+            // callee does the work again; nobody reads that answer.
+            let extra = self.delay() + Duration::from_millis(1 + self.rng.lock().below(50));
+            let copy = work(Arc::clone(&callee), call.clone());
+            let net = Arc::clone(self);
+            let (to, callee) = (to.clone(), Arc::clone(&callee));
+            tokio::spawn(async move {
+                tokio::time::sleep(extra).await;
+                let _ = net.deliver(&to, callee, copy).await;
+            });
         }
-        let task = tokio::spawn(work(callee, call));
+        let task = self.deliver(to, callee.clone(), work(Arc::clone(&callee), call));
         let reply = match tokio::time::timeout_at(deadline, task).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(join)) => return Err(no_answer(&format!("callee task failed: {join}"))),
@@ -258,7 +324,9 @@ impl PeerTransport for SimTransport {
         request: Request,
     ) -> Result<PeerReply<Response>, PeerError> {
         self.net
-            .carry(to, call, |callee, call| callee.forward(call, request))
+            .carry(to, call, request.idempotent(), |callee, call| {
+                callee.forward(call, request.clone())
+            })
             .await
     }
 
@@ -269,7 +337,9 @@ impl PeerTransport for SimTransport {
         mutations: Vec<Mutation>,
     ) -> Result<PeerReply<ApplyReport>, PeerError> {
         self.net
-            .carry(to, call, |callee, call| callee.replicate(call, mutations))
+            .carry(to, call, true, |callee, call| {
+                callee.replicate(call, mutations.clone())
+            })
             .await
     }
 
@@ -280,7 +350,9 @@ impl PeerTransport for SimTransport {
         keys: Vec<Bytes>,
     ) -> Result<PeerReply<Vec<Option<VersionedRead>>>, PeerError> {
         self.net
-            .carry(to, call, |callee, call| callee.fetch(call, keys))
+            .carry(to, call, true, |callee, call| {
+                callee.fetch(call, keys.clone())
+            })
             .await
     }
 
@@ -291,7 +363,9 @@ impl PeerTransport for SimTransport {
         request: SyncRequest,
     ) -> Result<PeerReply<SyncReply>, PeerError> {
         self.net
-            .carry(to, call, |callee, call| callee.sync(call, request))
+            .carry(to, call, true, |callee, call| {
+                callee.sync(call, request.clone())
+            })
             .await
     }
 }
@@ -514,6 +588,77 @@ impl SimCluster {
         self.publish_state(&id, MemberState::Dead);
     }
 
+    /// Runs every node's failure detector once, each on its own: node `i` marks as dead
+    /// every member it cannot reach now (a cut link, a paused or killed node, itself
+    /// paused: nothing answers it) and as alive every member it can; members that left or
+    /// were declared dead by [`SimCluster::kill_and_declare_dead`] stay so. Each node gets
+    /// its own view, so a partition gives diverging views — a minority that sees the
+    /// majority dead, as gossip would after its suspicion timeout — and a heal followed by
+    /// another round brings them back together.
+    pub fn detect_failures(&self) {
+        let ids = self.ids();
+        let base = self.view.lock().clone();
+        let faults = self.net.faults.lock();
+        let paused: BTreeSet<NodeId> = self
+            .net
+            .paused
+            .lock()
+            .iter()
+            .filter(|(_, tx)| *tx.borrow())
+            .map(|(id, _)| id.clone())
+            .collect();
+        let up: BTreeSet<NodeId> = self.net.nodes.lock().keys().cloned().collect();
+        let mut views = Vec::with_capacity(ids.len());
+        for me in &ids {
+            let mut view = base.clone();
+            for m in &mut view.members {
+                if m.id == **me || !matches!(m.state, MemberState::Alive | MemberState::Dead) {
+                    continue;
+                }
+                let Ok(them) = NodeId::new(m.id.clone()) else {
+                    continue;
+                };
+                let declared_dead = base
+                    .member(&m.id)
+                    .is_some_and(|b| b.state == MemberState::Dead && !up.contains(&them));
+                let reachable = up.contains(&them)
+                    && !paused.contains(&them)
+                    && !paused.contains(me)
+                    && !faults.cut.contains(&link(me, &them));
+                m.state = if reachable && !declared_dead {
+                    MemberState::Alive
+                } else {
+                    MemberState::Dead
+                };
+            }
+            // Comparable epochs, as the network memberships make them: a hash of the owners.
+            view.epoch = view
+                .owners()
+                .flat_map(|m| m.id.bytes().chain([0xff]))
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+            views.push(view);
+        }
+        drop(faults);
+        let nodes = self.nodes.lock().clone();
+        for (node, view) in nodes.iter().zip(views) {
+            // A view that forms no ring (a node that sees nobody, itself included, as an
+            // owner) cannot happen: a node always sees itself alive.
+            let _ = node.ring().update(view);
+        }
+    }
+
+    /// An operator's removal of dead node `a` on every node ([`RingView::forget`]): its
+    /// keys' quorums count the members that took its place from now on.
+    pub fn forget(&self, a: usize) {
+        let id = self.id_of(a);
+        self.view.lock().members.retain(|m| *id != m.id);
+        for node in self.nodes.lock().iter() {
+            let _ = node.ring().forget(&id);
+        }
+    }
+
     /// Node `i` (the current process of that id).
     pub fn node(&self, i: usize) -> Arc<Coordinator<SimTransport>> {
         Arc::clone(&self.nodes.lock()[i])
@@ -537,20 +682,28 @@ impl SimCluster {
             .expect("a node of this cluster")
     }
 
-    /// A client request to node `i` that may take `timeout`. A paused node does not answer
-    /// until resumed (the client gives up at its deadline).
+    /// A client request to node `i` that may take `timeout`, sent as the SDK sends it: with
+    /// its deadline as a wall-clock time ([`RequestContext::not_after_ms`]). A paused node
+    /// does not answer until resumed — the client gives up at its deadline — and then still
+    /// reads and serves the request, as a real server reads its socket when it wakes.
     pub async fn request(
         &self,
         i: usize,
         request: Request,
         timeout: Duration,
     ) -> Result<Response, CoreError> {
-        let ctx = RequestContext::client(timeout);
-        if !self.net.wait_running(&self.id_of(i), ctx.deadline).await {
-            return Err(CoreError::DeadlineExceeded(timeout));
-        }
         let node = self.node(i);
-        node.handle(request, ctx).await
+        let mut ctx = RequestContext::client(timeout);
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        ctx.not_after_ms = Some(node.store().now_ms().saturating_add(timeout_ms));
+        let callee: Arc<dyn SimNode> = Arc::clone(&node) as Arc<Coordinator<SimTransport>>;
+        let work: Work<Response> = Box::pin(async move { node.handle(request, ctx).await });
+        let task = self.net.deliver(&self.id_of(i), callee, work);
+        match tokio::time::timeout_at(ctx.deadline, task).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(join)) => Err(CoreError::Internal(format!("request task failed: {join}"))),
+            Err(_) => Err(CoreError::DeadlineExceeded(timeout)),
+        }
     }
 
     /// Cuts the link between nodes `a` and `b` (both directions).
@@ -574,9 +727,16 @@ impl SimCluster {
         self.net.faults.lock().loss_per_mille = per_mille.min(1000);
     }
 
-    /// Delays each message by a random time in `min_ms..=max_ms`.
+    /// Delays each message by a random time in `min_ms..=max_ms` (messages overtake each
+    /// other: a reordering network).
     pub fn set_delay(&self, min_ms: u64, max_ms: u64) {
         self.net.faults.lock().delay_ms = (min_ms, max_ms.max(min_ms));
+    }
+
+    /// Delivers each request a second time, a little later, with probability
+    /// `per_mille / 1000` (the callee does the work twice; the second answer is lost).
+    pub fn set_duplicates(&self, per_mille: u32) {
+        self.net.faults.lock().duplicate_per_mille = per_mille.min(1000);
     }
 
     /// Pauses node `a` (it answers nothing until resumed).

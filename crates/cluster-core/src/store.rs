@@ -49,6 +49,32 @@ pub struct Updated {
     pub current: Option<Lookup>,
 }
 
+/// How a write gets its version, and until when it may be applied: a write's place in the
+/// order is fixed once, where it is first accepted (see `docs/why/replication.md`, "zombie
+/// writes").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamping {
+    /// The version the node that first accepted the write gave it before forwarding it
+    /// here: applied exactly (after the drift check; the clock moves past it), so every
+    /// copy of the write — a duplicate, a late delivery to a paused node — is the same
+    /// write at the same place in the order, and loses to anything stamped after it.
+    /// `None`: a fresh version from this node's clock (the write is accepted here first).
+    pub version: Option<u64>,
+    /// The sender's deadline as a unix millisecond: the write is refused
+    /// ([`CoreError::TooLate`], nothing changed) if this node's wall clock has reached it
+    /// when the write is stamped. A request read after its sender gave up is then never ordered after writes
+    /// acknowledged meanwhile. `None`: no deadline known.
+    pub not_after_ms: Option<u64>,
+}
+
+impl Stamping {
+    /// A write accepted here, with no sender's deadline: a fresh version.
+    pub const FRESH: Stamping = Stamping {
+        version: None,
+        not_after_ms: None,
+    };
+}
+
 /// Redis's error text for a value that is not a 64-bit decimal integer.
 pub const NOT_AN_INTEGER: &str = "value is not an integer or out of range";
 /// Redis's error text for an increment past the 64-bit range.
@@ -174,6 +200,9 @@ pub struct Store {
     versions_refused: AtomicU64,
     /// Local writes retried because their fresh version was older than the stored one.
     stale_retries: AtomicU64,
+    /// Writes refused because they would have been stamped after their sender's deadline
+    /// (`cache_late_writes_refused_total`).
+    late_refused: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -220,6 +249,7 @@ impl Store {
             has_sinks: std::sync::atomic::AtomicBool::new(false),
             versions_refused: AtomicU64::new(0),
             stale_retries: AtomicU64::new(0),
+            late_refused: AtomicU64::new(0),
         })
     }
 
@@ -269,6 +299,12 @@ impl Store {
     /// Local writes retried after losing to a stored version.
     pub fn stale_retries(&self) -> u64 {
         self.stale_retries.load(Ordering::Relaxed)
+    }
+
+    /// Writes refused because they would have been stamped after their sender's deadline
+    /// (see [`CoreError::TooLate`]).
+    pub fn late_writes_refused(&self) -> u64 {
+        self.late_refused.load(Ordering::Relaxed)
     }
 
     /// Refuses writes while a sink cannot take them (see [`MutationSink::writable`]).
@@ -341,24 +377,72 @@ impl Store {
         }
     }
 
-    /// A stamp for the engine's `*_stamped` operations: the next version, issued under the
-    /// shard lock. An exhausted clock (unreachable before the year 10889) yields version 0,
-    /// which loses to anything stored, and is reported by [`Store::check_stamp`].
-    fn stamp<'a>(&'a self, exhausted: &'a std::cell::Cell<bool>) -> impl FnOnce() -> u64 + 'a {
-        move || match self.hlc.next(self.now_ms()) {
-            Ok(v) => v,
-            Err(_) => {
-                exhausted.set(true);
-                0
+    /// A stamp for the engine's `*_stamped` operations, run under the shard lock: the given
+    /// version or the next one from the clock (see [`Stamping`]). It refuses — the engine
+    /// then changes nothing, and `refused` says why — if the clock is exhausted
+    /// (unreachable before the year 10889), a given version is beyond the allowed drift,
+    /// or the sender's deadline has passed. The deadline is checked against the very clock
+    /// reading the fresh version is made from, under the lock that applies it, so no pause
+    /// between check and apply can slip a late write through.
+    fn stamp<'a>(
+        &'a self,
+        stamping: Stamping,
+        refused: &'a std::cell::Cell<Option<CoreError>>,
+    ) -> impl FnOnce() -> Option<u64> + 'a {
+        move || {
+            let now = self.now_ms();
+            let (version, at_ms) = match stamping.version {
+                Some(0) => {
+                    refused.set(Some(CoreError::Invalid(
+                        "a write's version cannot be 0".into(),
+                    )));
+                    return None;
+                }
+                Some(v) => {
+                    if let Err(e) = self.hlc.observe(v, now) {
+                        self.versions_refused.fetch_add(1, Ordering::Relaxed);
+                        refused.set(Some(clock_error(e)));
+                        return None;
+                    }
+                    (v, now)
+                }
+                // The wall-clock reading the version is made from is what is checked (not
+                // the version's own millisecond, which runs ahead of it after a faster
+                // clock's version was observed: that would refuse every write in time).
+                None => match self.hlc.next(now) {
+                    Ok(v) => (v, now),
+                    Err(e) => {
+                        refused.set(Some(clock_error(e)));
+                        return None;
+                    }
+                },
+            };
+            match stamping.not_after_ms {
+                Some(by) if at_ms >= by => {
+                    self.late_refused.fetch_add(1, Ordering::Relaxed);
+                    refused.set(Some(CoreError::TooLate {
+                        late_ms: at_ms - by,
+                    }));
+                    None
+                }
+                _ => Some(version),
             }
         }
     }
 
-    fn check_stamp(exhausted: &std::cell::Cell<bool>) -> Result<(), CoreError> {
-        if exhausted.get() {
-            return Err(clock_error(ClockError::Exhausted));
-        }
-        Ok(())
+    /// The time a write's relative TTL counts from: its given version's millisecond (so
+    /// every copy of a forwarded write gets the same expiry), else now.
+    fn write_time(&self, stamping: Stamping) -> u64 {
+        stamping
+            .version
+            .map_or_else(|| self.now_ms(), crate::clock::version_ms)
+    }
+
+    /// The error a refused stamp left in `refused`.
+    fn refusal(refused: &std::cell::Cell<Option<CoreError>>) -> CoreError {
+        refused
+            .take()
+            .unwrap_or_else(|| CoreError::Internal("a stamp refused without a reason".into()))
     }
 
     /// After a local write lost to `key`'s stored version: move the clock past it. A stored
@@ -390,41 +474,61 @@ impl Store {
         self.cache.get_versioned(key)
     }
 
-    /// A local write with a fresh version. A fresh version can only lose to a stored one if
-    /// this node's clock is behind it: then the clock moves past it and the write is tried
-    /// again — a write is never reported applied without having changed anything.
+    /// A local write, stamped as `stamping` says. A fresh version can only lose to a stored
+    /// one if this node's clock is behind it: then the clock moves past it and the write is
+    /// tried again — a write is never reported applied without having changed anything.
+    /// A given version that loses was ordered before the stored write: an unconditional
+    /// write is then reported applied (and its mutation still replicated, so replicas that
+    /// lack the newer write order it too); a conditional one is refused with
+    /// [`CoreError::Superseded`] (its condition cannot be judged at its place in the order).
     pub fn set(
         &self,
         key: &Bytes,
         value: &Bytes,
         ttl_ms: Option<u64>,
         condition: Condition,
+        stamping: Stamping,
     ) -> Result<Applied, CoreError> {
         self.limits.check_key(key)?;
         self.limits.check_value(value)?;
         self.check_writable()?;
         for _ in 0..STALE_RETRIES {
-            let exhausted = std::cell::Cell::new(false);
-            let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
-            let (outcome, version) = self
+            let refused = std::cell::Cell::new(None);
+            let expires_at = ttl_ms.map(|t| self.write_time(stamping).saturating_add(t));
+            let Some((outcome, version)) = self
                 .cache
-                .write_stamped(key, value, expires_at, condition, self.stamp(&exhausted))
-                .map_err(insert_error)?;
-            Self::check_stamp(&exhausted)?;
+                .write_stamped(
+                    key,
+                    value,
+                    expires_at,
+                    condition,
+                    self.stamp(stamping, &refused),
+                )
+                .map_err(insert_error)?
+            else {
+                return Err(Self::refusal(&refused));
+            };
+            let m = Mutation {
+                key: key.clone(),
+                version,
+                op: MutationOp::Put {
+                    value: value.clone(),
+                    expires_at,
+                },
+            };
             match outcome {
                 WriteOutcome::Stored => {
-                    let m = Mutation {
-                        key: key.clone(),
-                        version,
-                        op: MutationOp::Put {
-                            value: value.clone(),
-                            expires_at,
-                        },
-                    };
                     self.publish(&m);
                     return Ok(Applied::Done(m));
                 }
                 WriteOutcome::ConditionNotMet => return Ok(Applied::NotApplied),
+                WriteOutcome::Stale if stamping.version.is_some() => {
+                    return if condition == Condition::Always {
+                        Ok(Applied::Done(m))
+                    } else {
+                        Err(CoreError::Superseded)
+                    };
+                }
                 WriteOutcome::Stale => self.catch_up(key)?,
             }
         }
@@ -433,34 +537,53 @@ impl Store {
         )))
     }
 
-    /// A local delete with a fresh version. Returns whether a live value was removed, and
-    /// the mutation to replicate. `tombstone = false` (a key with a single replica, where
-    /// no older copy can arrive late) removes the key without leaving a tombstone.
-    pub fn delete(&self, key: &Bytes, tombstone: bool) -> Result<(bool, Mutation), CoreError> {
+    /// A local delete, stamped as `stamping` says (see [`Store::set`]). Returns whether a
+    /// live value was removed, and the mutation to replicate. `tombstone = false` (a key
+    /// with a single replica, where no older copy can arrive late) removes the key without
+    /// leaving a tombstone. A given version that loses to the stored one removes nothing
+    /// here (the newer write stays) and is still replicated.
+    pub fn delete(
+        &self,
+        key: &Bytes,
+        tombstone: bool,
+        stamping: Stamping,
+    ) -> Result<(bool, Mutation), CoreError> {
         self.limits.check_key(key)?;
         self.check_writable()?;
         for _ in 0..STALE_RETRIES {
-            let exhausted = std::cell::Cell::new(false);
+            let refused = std::cell::Cell::new(None);
+            let mutation = |version| Mutation {
+                key: key.clone(),
+                version,
+                op: MutationOp::Delete,
+            };
             let (deleted, version) = if tombstone {
-                let (outcome, version) = self.cache.delete_stamped(key, self.stamp(&exhausted));
-                Self::check_stamp(&exhausted)?;
+                let Some((outcome, version)) = self
+                    .cache
+                    .delete_stamped(key, self.stamp(stamping, &refused))
+                else {
+                    return Err(Self::refusal(&refused));
+                };
                 match outcome {
                     DeleteOutcome::Deleted => (true, version),
                     DeleteOutcome::NotFound => (false, version),
+                    DeleteOutcome::Stale if stamping.version.is_some() => {
+                        return Ok((false, mutation(version)));
+                    }
                     DeleteOutcome::Stale => {
                         self.catch_up(key)?;
                         continue;
                     }
                 }
             } else {
-                let version = self.hlc.next(self.now_ms()).map_err(clock_error)?;
+                // No tombstone (one replica): nothing arrives late from elsewhere, but a
+                // late delete would still remove a value written after it.
+                let Some(version) = self.stamp(stamping, &refused)() else {
+                    return Err(Self::refusal(&refused));
+                };
                 (self.cache.delete(key), version)
             };
-            let m = Mutation {
-                key: key.clone(),
-                version,
-                op: MutationOp::Delete,
-            };
+            let m = mutation(version);
             self.publish(&m);
             return Ok((deleted, m));
         }
@@ -473,16 +596,25 @@ impl Store {
     /// atomically: a concurrent write is never overwritten by the touch. The mutation
     /// carries the value as stored, so replicas learn the new expiry through the same
     /// last-writer-wins path as any write.
-    pub fn touch(&self, key: &Bytes, ttl_ms: Option<u64>) -> Result<Applied, CoreError> {
+    /// Stamped as `stamping` says (see [`Store::set`]); a given version that loses to the
+    /// stored one is [`CoreError::Superseded`].
+    pub fn touch(
+        &self,
+        key: &Bytes,
+        ttl_ms: Option<u64>,
+        stamping: Stamping,
+    ) -> Result<Applied, CoreError> {
         self.limits.check_key(key)?;
         self.check_writable()?;
         for _ in 0..STALE_RETRIES {
-            let exhausted = std::cell::Cell::new(false);
-            let expires_at = ttl_ms.map(|t| self.now_ms().saturating_add(t));
-            let (outcome, version) =
+            let refused = std::cell::Cell::new(None);
+            let expires_at = ttl_ms.map(|t| self.write_time(stamping).saturating_add(t));
+            let Some((outcome, version)) =
                 self.cache
-                    .touch_stamped(key, expires_at, self.stamp(&exhausted));
-            Self::check_stamp(&exhausted)?;
+                    .touch_stamped(key, expires_at, self.stamp(stamping, &refused))
+            else {
+                return Err(Self::refusal(&refused));
+            };
             let m = match outcome {
                 TouchOutcome::Touched(l) => Mutation {
                     key: key.clone(),
@@ -498,6 +630,9 @@ impl Store {
                     op: MutationOp::Delete,
                 },
                 TouchOutcome::NotFound => return Ok(Applied::NotApplied),
+                TouchOutcome::Stale if stamping.version.is_some() => {
+                    return Err(CoreError::Superseded);
+                }
                 TouchOutcome::Stale => {
                     self.catch_up(key)?;
                     continue;
@@ -511,24 +646,40 @@ impl Store {
         )))
     }
 
-    /// An atomic read-modify-write of `key` with a fresh version (see [`UpdateOp`]): decided
-    /// under the engine's lock on the live value, so no concurrent write of the key comes
-    /// between the read and the write. Returns the mutation to replicate (`None`: nothing
-    /// changed) and the live value before and after.
-    pub fn update(&self, key: &Bytes, op: &UpdateOp) -> Result<Updated, CoreError> {
+    /// An atomic read-modify-write of `key` (see [`UpdateOp`]), stamped as `stamping` says:
+    /// decided under the engine's lock on the live value, so no concurrent write of the key
+    /// comes between the read and the write. Returns the mutation to replicate (`None`:
+    /// nothing changed) and the live value before and after. A given version that is not
+    /// newer than the stored one (a later write got here first, or this is a duplicate of
+    /// the update itself) is [`CoreError::Superseded`]: an update is never decided twice.
+    pub fn update(
+        &self,
+        key: &Bytes,
+        op: &UpdateOp,
+        stamping: Stamping,
+    ) -> Result<Updated, CoreError> {
         self.limits.check_key(key)?;
         if let UpdateOp::Set { value, .. } = op {
             self.limits.check_value(value)?;
         }
         self.check_writable()?;
         for _ in 0..STALE_RETRIES {
-            let exhausted = std::cell::Cell::new(false);
-            let now = self.now_ms();
-            let (outcome, version, decided) = self
+            let refused = std::cell::Cell::new(None);
+            let now = self.write_time(stamping);
+            let Some((outcome, version, decided)) = self
                 .cache
-                .update_stamped(key, |live| decide(op, live, now), self.stamp(&exhausted))
-                .map_err(insert_error)?;
-            Self::check_stamp(&exhausted)?;
+                .update_stamped(
+                    key,
+                    |live| decide(op, live, now),
+                    self.stamp(stamping, &refused),
+                )
+                .map_err(insert_error)?
+            else {
+                return Err(Self::refusal(&refused));
+            };
+            if decided.is_none() && stamping.version.is_some() {
+                return Err(CoreError::Superseded);
+            }
             let Some((previous, checked)) = decided else {
                 // Stale: a newer version is stored; catch up and decide again.
                 self.catch_up(key)?;
@@ -560,6 +711,9 @@ impl Store {
                     None,
                 ),
                 UpdateOutcome::Unchanged => (None, previous.clone()),
+                UpdateOutcome::Stale if stamping.version.is_some() => {
+                    return Err(CoreError::Superseded);
+                }
                 UpdateOutcome::Stale => {
                     self.catch_up(key)?;
                     continue;
@@ -753,11 +907,14 @@ mod tests {
             delta,
             ttl_ms_if_created: None,
         };
-        let u = s.update(&key, &incr(2)).expect("applies");
+        let u = s.update(&key, &incr(2), Stamping::FRESH).expect("applies");
         assert_eq!(u.current.map(|l| l.value), Some(Bytes::from_static(b"2")));
         assert!(u.mutation.is_some() && u.previous.is_none());
         let before = s.get_versioned(b"n");
-        assert!(s.update(&key, &incr(i64::MAX)).is_err(), "overflow");
+        assert!(
+            s.update(&key, &incr(i64::MAX), Stamping::FRESH).is_err(),
+            "overflow"
+        );
         assert_eq!(s.get_versioned(b"n"), before, "nothing changed");
         // An expiry change that changes nothing writes nothing.
         let u = s
@@ -767,6 +924,7 @@ mod tests {
                     expiry: crate::Expiry::Never,
                     when: crate::ExpireWhen::Always,
                 },
+                Stamping::FRESH,
             )
             .expect("applies");
         assert!(u.mutation.is_none());

@@ -928,7 +928,11 @@ impl<T: PeerTransport> Coordinator<T> {
                     m.state = state;
                 }
             }
-            RingState::build(view, self.config().replication_factor)
+            RingState::build(
+                view,
+                self.config().replication_factor,
+                &self.ring().known_members(),
+            )
         };
         let (Ok(state), Ok(after)) = (
             with_state(cache_types::MemberState::Alive),

@@ -27,6 +27,17 @@ pub struct PeerCall {
     /// When the caller stops waiting; the transport must give up by then and the callee
     /// should not start work after it.
     pub deadline: Instant,
+    /// The same deadline as a unix millisecond on the caller's wall clock, which the callee
+    /// can check against its own wall clock even if it reads the call late (a relative
+    /// timeout restarts when a paused callee reads it). A forwarded write is applied only
+    /// if stamped before it (see [`crate::RequestContext::not_after_ms`]). `None`: not
+    /// known (a caller that does not send it).
+    pub not_after_ms: Option<u64>,
+    /// For a forwarded write: the version the caller stamped it with (the first of
+    /// consecutive versions for a `MultiSet`, one per entry, see
+    /// [`crate::Hlc::reserve`]), which the callee applies exactly. `None` for reads and
+    /// every other call.
+    pub version: Option<u64>,
 }
 
 /// A successful peer answer with the peer's ring fingerprint.
@@ -39,6 +50,15 @@ pub struct PeerReply<T> {
 }
 
 /// Calls to other nodes. Implementations must return by `call.deadline`.
+///
+/// Delivery: a call may be lost, delayed, reordered or (except as below) delivered more
+/// than once, and a callee may read it after the caller gave up; the core is built for all
+/// of that (versions make replication, fetches and unconditional writes idempotent; a
+/// forwarded write carries the version it was stamped with and the caller's deadline). One
+/// rule: a forwarded *conditional* write, touch or update must reach the callee **at most
+/// once**, since each delivery decides its condition anew. The gRPC transport keeps it:
+/// HTTP/2 delivers a request once and neither tonic nor the core re-sends one to the same
+/// node (a retry goes to another node, with a new version).
 pub trait PeerTransport: Send + Sync + 'static {
     /// Hands `request` to node `to` to serve or coordinate. The callee never forwards it
     /// again (it answers [`CoreError::WrongOwner`](crate::CoreError::WrongOwner) instead), so

@@ -1,11 +1,18 @@
 //! The seeded randomized simulation: a few clients send random requests of every kind, at
-//! every consistency, with conditions and TTLs, to a simulated 3-node cluster while a fault
-//! task cuts links, isolates and pauses nodes, loses and delays messages, and heals. Then
+//! every consistency, with conditions and TTLs, to a simulated 3- to 5-node cluster while a
+//! fault task cuts links, isolates and pauses nodes (briefly, or past the peer timeout),
+//! loses, delays (reorders) and duplicates messages, lets each node's failure detector
+//! update its own view (so views diverge in a partition), and heals. Then
 //! it checks, from the record of what every request saw:
 //!
 //! - no `Quorum`/`All`-acknowledged write is lost or reverted: a `Quorum`/`All` read returns
 //!   the latest such write that completed before it started, or something at least as new
 //!   (deletes and expiries included) — also in a final read of every key after healing;
+//! - a client's own writes are never reordered, at any consistency (`One` included): each
+//!   client also writes a key of its own, and after healing every replica of that key holds
+//!   the client's last acknowledged write or a later one whose outcome was unknown — never
+//!   an earlier one (a write that came back from the dead: a paused primary executing a
+//!   forward its coordinator had given up on and re-sent elsewhere);
 //! - every request is answered within its deadline;
 //! - nothing panics (a panic hook counts panics in any task).
 //!
@@ -37,6 +44,8 @@ const TIMEOUT: Duration = Duration::from_millis(600);
 const CLIENTS: usize = 4;
 const OPS_PER_CLIENT: usize = 40;
 const KEYS: usize = 6;
+/// Client `c` alone writes key `KEYS + c` (unconditional sets and deletes, no TTL).
+const OWNED: usize = CLIENTS;
 
 static PANICS: AtomicUsize = AtomicUsize::new(0);
 
@@ -175,6 +184,46 @@ fn check_read(history: &[Record], r: &Record) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a key written by one client alone against what replica `replica` holds after
+/// healing (`held`: its live value, `None` if absent or deleted). The client's operations
+/// are sequential, so its writes are totally ordered: the value held must be that of its
+/// last acknowledged write, or of a later one whose outcome was unknown. `Err` describes
+/// the violation.
+fn check_owned(history: &[Record], key: usize, held: Option<&Bytes>) -> Result<(), String> {
+    let mut ops: Vec<&Record> = history
+        .iter()
+        .filter(|r| r.key == key && !matches!(r.kind, Kind::Get))
+        .collect();
+    ops.sort_by_key(|r| r.start);
+    let last_applied = ops.iter().rposition(|r| r.effect == Effect::Applied);
+    let allowed: Vec<&Record> = ops
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| match last_applied {
+            Some(last) => *i == last || (*i > last && r.effect == Effect::Maybe),
+            None => r.effect == Effect::Maybe,
+        })
+        .map(|(_, r)| *r)
+        .collect();
+    let explains = |r: &Record| match (&r.kind, held) {
+        (Kind::Set { value, .. }, Some(v)) => value == v,
+        (Kind::Delete, None) => true,
+        _ => false,
+    };
+    if allowed.iter().any(|r| explains(r)) || (held.is_none() && last_applied.is_none()) {
+        return Ok(());
+    }
+    let culprit = ops.iter().position(|r| explains(r));
+    Err(match culprit {
+        Some(i) => format!(
+            "holds {held:?}, written by operation {i} of {}, but operation {} was acknowledged after it: an earlier write overrode a later acknowledged one",
+            ops.len(),
+            last_applied.map_or(0, |l| l)
+        ),
+        None => format!("holds {held:?}, which no write of the key explains"),
+    })
+}
+
 fn pick<T: Copy>(rng: &mut SimRng, items: &[T]) -> T {
     items[rng.below(items.len() as u64) as usize]
 }
@@ -200,8 +249,10 @@ async fn client(
     history: Rc<RefCell<Vec<Record>>>,
 ) -> Result<(), String> {
     for seq in 0..OPS_PER_CLIENT {
-        let (via, key, pause, choice, consistency, ttl, condition) = {
+        let (via, key, pause, choice, consistency, ttl, condition, owned) = {
             let mut g = rng.borrow_mut();
+            // Some operations are a set or delete of the client's own key.
+            let owned = g.chance(300).then(|| g.chance(250));
             let via = g.below(nodes) as usize;
             let key = g.below(KEYS as u64) as usize;
             let pause = 1 + g.below(15);
@@ -221,19 +272,46 @@ async fn client(
                     Condition::IfPresent,
                 ],
             );
-            (via, key, pause, choice, consistency, ttl, condition)
+            (via, key, pause, choice, consistency, ttl, condition, owned)
         };
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let value = Bytes::from(format!("c{id}-{seq}"));
-        let (request, kinds): (Request, Vec<(usize, Kind)>) = match choice {
-            0..=34 => (
+        let mine = KEYS + id;
+        let (request, kinds): (Request, Vec<(usize, Kind)>) = match (owned, choice) {
+            (Some(true), _) => (
+                Request::Delete {
+                    key: key_name(mine),
+                    consistency: Some(consistency),
+                },
+                vec![(mine, Kind::Delete)],
+            ),
+            (Some(false), _) => (
+                Request::Set {
+                    cmd: SetCommand {
+                        key: key_name(mine),
+                        value: value.clone(),
+                        ttl_ms: None,
+                        condition: Condition::Always,
+                    },
+                    consistency: Some(consistency),
+                },
+                vec![(
+                    mine,
+                    Kind::Set {
+                        value,
+                        ttl_ms: None,
+                        condition: Condition::Always,
+                    },
+                )],
+            ),
+            (None, 0..=34) => (
                 Request::Get {
                     key: key_name(key),
                     consistency: Some(consistency),
                 },
                 vec![(key, Kind::Get)],
             ),
-            35..=64 => (
+            (None, 35..=64) => (
                 // A third of the writes go through the atomic update path (`SET .. GET`).
                 if choice >= 55 {
                     Request::Update {
@@ -265,7 +343,7 @@ async fn client(
                     },
                 )],
             ),
-            65..=76 => (
+            (None, 65..=76) => (
                 // Some deletes are `GETDEL`s (the update path).
                 if choice >= 73 {
                     Request::Update {
@@ -281,7 +359,7 @@ async fn client(
                 },
                 vec![(key, Kind::Delete)],
             ),
-            77..=84 => (
+            (None, 77..=84) => (
                 Request::Touch {
                     key: key_name(key),
                     ttl_ms: ttl,
@@ -289,7 +367,7 @@ async fn client(
                 },
                 vec![(key, Kind::Touch { ttl_ms: ttl })],
             ),
-            85..=92 => {
+            (None, 85..=92) => {
                 let keys: Vec<usize> = (0..3).map(|i| (key + i) % KEYS).collect();
                 (
                     Request::MultiGet {
@@ -298,7 +376,7 @@ async fn client(
                     Vec::new(),
                 )
             }
-            _ => {
+            (None, _) => {
                 let keys: Vec<usize> = (0..3).map(|i| (key + i * 2) % KEYS).collect();
                 let mut seen = Vec::new();
                 let mut entries = Vec::new();
@@ -402,25 +480,43 @@ async fn faults(
     rng: Rc<RefCell<SimRng>>,
     done: Rc<RefCell<bool>>,
 ) {
+    // Long pauses (past a peer timeout, so callers give up and re-send elsewhere), each
+    // ended at its time unless a heal ends it first.
+    let mut resumes: Vec<(Instant, usize)> = Vec::new();
     while !*done.borrow() {
         let (wait, action, a, b, amount) = {
             let mut g = rng.borrow_mut();
             (
                 5 + g.below(60),
-                g.below(8),
+                g.below(11),
                 g.below(nodes) as usize,
                 g.below(nodes) as usize,
                 g.below(150),
             )
         };
         tokio::time::sleep(Duration::from_millis(wait)).await;
+        let now = Instant::now();
+        resumes.retain(|&(at, node)| {
+            if at <= now {
+                cluster.resume(node);
+            }
+            at > now
+        });
         match action {
+            7 => {
+                cluster.pause(a);
+                resumes.push((now + Duration::from_millis(250 + amount * 5), a));
+            }
             0 if a != b => cluster.cut(a, b),
             1 => cluster.isolate(a),
             2 => cluster.pause(a),
             3 => cluster.resume(a),
             4 => cluster.set_loss(u32::try_from(amount).unwrap_or(0)),
             5 => cluster.set_delay(0, amount / 5),
+            6 => cluster.set_duplicates(u32::try_from(amount).unwrap_or(0)),
+            // Each node's failure detector catches up with what it can reach: the views
+            // diverge in a partition (a minority sees the majority dead).
+            8 => cluster.detect_failures(),
             _ => cluster.heal(),
         }
     }
@@ -470,6 +566,16 @@ fn run_seed(seed: u64) -> Result<(), String> {
                 replication_factor,
                 ..defaults.core.clone()
             },
+            // Anti-entropy, as on every real node: with each node's own view, a `ONE` write
+            // made while a replica looked dead is not queued for it, and only a sync round
+            // after the views agree again brings it there.
+            sync: Some(cluster_core::SyncConfig {
+                interval: Duration::from_secs(1),
+                bytes_per_sec: 0,
+                give_up_after: Duration::from_secs(3),
+                call_timeout: Duration::from_secs(2),
+                ..cluster_core::SyncConfig::default()
+            }),
             ..defaults
         }));
         let rng = Rc::new(RefCell::new(SimRng::new(seed)));
@@ -487,9 +593,11 @@ fn run_seed(seed: u64) -> Result<(), String> {
         for r in results {
             r?;
         }
-        // Heal, let the queues drain, then read every key at QUORUM from a random node.
+        // Heal, let every view catch up and the queues drain, then read every key at
+        // QUORUM from a random node.
         cluster.heal();
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        cluster.detect_failures();
+        tokio::time::sleep(Duration::from_secs(4)).await;
         for key in 0..KEYS {
             let via = rng.borrow_mut().below(nodes) as usize;
             let start = Instant::now();
@@ -514,6 +622,25 @@ fn run_seed(seed: u64) -> Result<(), String> {
             });
         }
         let history = history.borrow().clone();
+        // Every replica of every client's own key holds that client's last acknowledged
+        // write (or a later one whose outcome was unknown).
+        for key in KEYS..KEYS + OWNED {
+            let state = cluster.node(0).ring().load();
+            for replica in state.replicas(&key_name(key)) {
+                let i = cluster.index_of(&replica);
+                let held = match cluster.node(i).store().get_versioned(&key_name(key)) {
+                    Some(cache_core::VersionedRead::Live(l)) => Some(l.value),
+                    _ => None,
+                };
+                if let Err(e) = check_owned(&history, key, held.as_ref()) {
+                    return Err(format!(
+                        "key{key} (client {}'s own) on replica {replica}: {e}\nhistory of key{key} (ms since the start):\n{}",
+                        key - KEYS,
+                        describe(&history, key, base)
+                    ));
+                }
+            }
+        }
         for r in history.iter().filter(|r| {
             matches!(r.kind, Kind::Get) && matches!(r.consistency, Consistency::Quorum | Consistency::All)
         }) {

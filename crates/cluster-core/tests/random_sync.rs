@@ -211,6 +211,9 @@ async fn faults(
                         killed = true;
                         gone.borrow_mut().insert(a);
                         c.kill_and_declare_dead(a).await;
+                        // Gone for good: the operator removes it, so its keys' quorums
+                        // count the nodes that take its place (until then they count it).
+                        c.forget(a);
                     }
                     _ => {}
                 }

@@ -228,6 +228,8 @@ async fn forged_far_future_versions_are_refused_and_counted() {
             from: from.clone(),
             ring_fingerprint: 0,
             deadline: tokio::time::Instant::now() + T,
+            not_after_ms: None,
+            version: None,
         };
         let forged = Mutation {
             key: b("pinned"),
@@ -271,6 +273,8 @@ async fn a_stale_coordinator_write_advances_the_clock_and_is_really_stored() {
         from: c.ids()[r[1]].clone(),
         ring_fingerprint: 0,
         deadline: tokio::time::Instant::now() + T,
+        not_after_ms: None,
+        version: None,
     };
     let m = Mutation {
         key: b(key),
@@ -340,7 +344,13 @@ fn touch_never_overwrites_a_concurrent_set() {
             for i in 0..20_000u32 {
                 last = Bytes::from(i.to_le_bytes().to_vec());
                 store
-                    .set(&key, &last, None, Condition::Always)
+                    .set(
+                        &key,
+                        &last,
+                        None,
+                        Condition::Always,
+                        cluster_core::Stamping::FRESH,
+                    )
                     .expect("set");
             }
             last
@@ -350,7 +360,9 @@ fn touch_never_overwrites_a_concurrent_set() {
         let (store, key) = (Arc::clone(&store), key.clone());
         std::thread::spawn(move || {
             for i in 0..20_000u64 {
-                let _ = store.touch(&key, Some(60_000 + i)).expect("touch");
+                let _ = store
+                    .touch(&key, Some(60_000 + i), cluster_core::Stamping::FRESH)
+                    .expect("touch");
             }
         })
     };
@@ -529,6 +541,8 @@ async fn forwarded_requests_are_never_forwarded_again() {
         from: c.ids()[r[0]].clone(),
         ring_fingerprint: 0,
         deadline: tokio::time::Instant::now() + T,
+        not_after_ms: None,
+        version: None,
     };
     let err = c
         .node(other)
@@ -636,12 +650,134 @@ async fn a_hung_primary_costs_one_timeout_not_one_per_request() {
 async fn the_request_future_stays_small() {
     let c = SimCluster::new(SimConfig::default());
     let node = c.node(0);
-    let ctx = RequestContext {
-        deadline: tokio::time::Instant::now() + T,
-        forwarded: false,
-    };
+    let ctx = RequestContext::until(tokio::time::Instant::now() + T);
     let future = node.handle(get("k", Consistency::One), ctx);
     let size = std::mem::size_of_val(&future);
     assert!(size <= 1024, "Coordinator::handle's future is {size} bytes");
     drop(future);
+}
+
+/// The outside drill's zombie write: a coordinator forwards a `ONE` write to the key's
+/// primary, which is paused; the forward times out, the write is re-sent to the next
+/// replica and acknowledged, and more writes of the key are acknowledged after it. When the
+/// primary wakes it reads the first forward from its socket. Stamped then, with a fresh
+/// version, it beat every write acknowledged meanwhile (12 of 600 keys reverted on real
+/// nodes, 8 of 11 runs); stamped where it was first accepted, it loses to them. The same
+/// with the write duplicated by the network, and at `QUORUM`.
+#[tokio::test(start_paused = true)]
+async fn a_paused_primary_never_brings_back_a_write_its_coordinator_gave_up_on() {
+    for consistency in [Consistency::One, Consistency::Quorum] {
+        let c = SimCluster::new(SimConfig::default());
+        let key = "zombie";
+        let r = replicas(&c, key);
+        let (primary, via) = (r[0], r[1]);
+        c.pause(primary);
+        c.set_duplicates(1000);
+        c.request(via, set(key, "first", consistency), T)
+            .await
+            .expect("re-sent to the next replica and acknowledged");
+        for i in 0..5 {
+            c.request(via, set(key, &format!("later-{i}"), consistency), T)
+                .await
+                .expect("acknowledged");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.resume(primary);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for &i in &r {
+            let held = c.node(i).store().get(key.as_bytes()).map(|l| l.value);
+            assert_eq!(
+                held.as_deref(),
+                Some(&b"later-4"[..]),
+                "{consistency}: replica n{i} holds an earlier write than the last acknowledged one"
+            );
+        }
+        assert!(
+            c.node(primary).store().late_writes_refused() > 0
+                || c.node(primary).store().stats().stale_writes > 0,
+            "{consistency}: the late forward reached the primary and lost"
+        );
+    }
+}
+
+/// The outside drill's split brain: in a partition {n0, n1} | {n2}, each side's failure
+/// detector declares the other side dead. The lone n2 then routed every key to itself and,
+/// counting `QUORUM` against the members it could see, acknowledged `QUORUM` writes alone
+/// (13 132 in 10 s on real nodes) and served stale `QUORUM` reads; after the heal its values
+/// won for 18 of 40 keys the majority had written at `QUORUM`. `QUORUM` and `ALL` now count a
+/// key's home replicas, dead ones included: the minority refuses, the majority serves.
+#[tokio::test(start_paused = true)]
+async fn a_minority_partition_refuses_quorum_and_the_majority_loses_nothing() {
+    let c = SimCluster::new(SimConfig::default());
+    for i in 0..20 {
+        c.request(0, set(&format!("k{i}"), "before", Consistency::Quorum), T)
+            .await
+            .expect("healthy");
+    }
+    c.isolate(2);
+    c.detect_failures();
+    assert_eq!(
+        c.node(2).ring().load().ring.members().len(),
+        1,
+        "n2 sees itself alone"
+    );
+    assert_eq!(c.node(0).ring().load().ring.members().len(), 2);
+    for i in 0..20 {
+        let key = format!("k{i}");
+        for consistency in [Consistency::Quorum, Consistency::All] {
+            let err = c
+                .request(2, set(&key, "minority", consistency), T)
+                .await
+                .expect_err("a minority cannot make a quorum");
+            assert!(matches!(err, CoreError::Unavailable { .. }), "{err}");
+            let err = c
+                .request(2, get(&key, consistency), T)
+                .await
+                .expect_err("nor read at one");
+            assert!(matches!(err, CoreError::Unavailable { .. }), "{err}");
+        }
+        // (An ALL write that fails stays applied where it landed: the QUORUM write after it
+        // is the last one.)
+        assert!(
+            c.request(1, set(&key, "all", Consistency::All), T)
+                .await
+                .is_err(),
+            "ALL needs the unreachable replica too"
+        );
+        c.request(0, set(&key, "majority", Consistency::Quorum), T)
+            .await
+            .expect("the majority makes its quorums");
+    }
+    c.heal();
+    c.detect_failures();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for i in 0..20 {
+        let key = format!("k{i}");
+        for via in 0..3 {
+            let got = value(c.request(via, get(&key, Consistency::Quorum), T).await);
+            assert_eq!(got, Some(b("majority")), "{key} via n{via}");
+        }
+    }
+}
+
+/// The survivor of two kills (both declared dead) refuses `QUORUM` and `ALL` (it answered OK
+/// from +10 s on real nodes), and serves `ONE`.
+#[tokio::test(start_paused = true)]
+async fn the_survivor_of_two_kills_refuses_quorum_and_all() {
+    let c = SimCluster::new(SimConfig::default());
+    c.kill_and_declare_dead(1).await;
+    c.kill_and_declare_dead(2).await;
+    for consistency in [Consistency::Quorum, Consistency::All] {
+        let err = c
+            .request(0, set("k", "v", consistency), T)
+            .await
+            .expect_err("one of three replicas is no quorum");
+        assert!(
+            matches!(err, CoreError::Unavailable { acks: 1, .. }),
+            "{err}"
+        );
+    }
+    c.request(0, set("k", "v", Consistency::One), T)
+        .await
+        .expect("ONE stays available");
 }

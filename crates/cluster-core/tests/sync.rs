@@ -130,13 +130,16 @@ async fn anti_entropy_repairs_what_a_paused_replica_missed() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(divergent(&c, 300, &[]), (0, 0), "healthy replication");
 
-    // n2 is paused while every key is overwritten at ONE: its copies are dropped.
+    // n2 is paused and cut off while every key is overwritten at ONE: its copies are lost
+    // (a pause alone no longer loses them: the simulator delivers what was sent to a
+    // paused node when it wakes, as a socket does).
     c.pause(2);
+    c.isolate(2);
     write_all(&c, 300, "v2", Consistency::One).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (differ, _) = divergent(&c, 300, &[]);
     assert!(differ > 200, "the pause left {differ} keys divergent");
-    c.resume(2);
+    c.heal();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         divergent(&c, 300, &[]),

@@ -202,6 +202,21 @@ impl Keyring {
 }
 
 /// Shared state of the tasks.
+/// Publishes `protocol`'s view on `views` if it changed; returns the view replaced and the
+/// new one, for the log. The caller holds the protocol's lock, so views are published in
+/// the order the protocol produced them: two flushes racing (a datagram handled while a
+/// tick flushes) used to take their views under the lock and publish them after it, so the
+/// older could be published last — and as nothing changed afterwards, a node kept a stale
+/// one-member ring for as long as it ran (1 start in 21 in an outside drill).
+fn publish_view_change(
+    protocol: &mut dyn Protocol,
+    views: &watch::Sender<MembershipView>,
+) -> Option<(MembershipView, MembershipView)> {
+    let view = protocol.take_view_change()?;
+    let old = views.send_replace(view.clone());
+    Some((old, view))
+}
+
 struct Shared {
     swim: Mutex<Box<dyn Protocol>>,
     keyring: Option<Keyring>,
@@ -220,16 +235,16 @@ impl Shared {
 
     /// Sends what the state machine produced, and publishes a changed view.
     fn flush(self: &Arc<Self>) {
-        let (out, view) = {
+        let (out, change) = {
             let mut swim = self.swim.lock();
-            (swim.drain_outgoing(), swim.take_view_change())
+            let out = swim.drain_outgoing();
+            (out, publish_view_change(&mut **swim, &self.views))
         };
         for o in out {
             self.send(o);
         }
-        if let Some(view) = view {
-            let old = self.views.send_replace(view.clone());
-            log_changes(&old, &view);
+        if let Some((old, new)) = change {
+            log_changes(&old, &new);
         }
     }
 
@@ -570,5 +585,98 @@ impl Membership for GossipMembership {
         self.shared.swim.lock().leave(now);
         self.shared.flush();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A protocol whose view's epoch counts its ticks.
+    #[derive(Debug)]
+    struct Counter {
+        ticks: u64,
+        dirty: bool,
+    }
+
+    impl Protocol for Counter {
+        fn handle_message(&mut self, _: &[u8], _: u64) -> Result<(), crate::swim::DecodeError> {
+            Ok(())
+        }
+        fn tick(&mut self, _: u64) {
+            self.ticks += 1;
+            self.dirty = true;
+        }
+        fn next_wakeup(&self) -> u64 {
+            u64::MAX
+        }
+        fn drain_outgoing(&mut self) -> Vec<Outgoing> {
+            Vec::new()
+        }
+        fn take_view_change(&mut self) -> Option<MembershipView> {
+            std::mem::take(&mut self.dirty).then(|| self.view())
+        }
+        fn view(&self) -> MembershipView {
+            MembershipView {
+                epoch: self.ticks,
+                members: Vec::new(),
+            }
+        }
+        fn join(&mut self, _: &[SocketAddr], _: u64) {}
+        fn leave(&mut self, _: u64) {}
+        fn stats(&self) -> crate::swim::SwimStats {
+            crate::swim::SwimStats::default()
+        }
+    }
+
+    /// Views produced concurrently by many threads are published in order: the last one
+    /// published is the protocol's newest, and no subscriber ever sees the epoch go back.
+    #[test]
+    fn concurrent_view_changes_publish_the_newest_last() {
+        let protocol: Arc<Mutex<Box<dyn Protocol>>> = Arc::new(Mutex::new(Box::new(Counter {
+            ticks: 0,
+            dirty: false,
+        })));
+        let (views, mut rx) = watch::channel(MembershipView {
+            epoch: 0,
+            members: Vec::new(),
+        });
+        let views = Arc::new(views);
+        let watcher = std::thread::spawn(move || {
+            let mut last = 0;
+            while rx.has_changed().is_ok() {
+                let epoch = rx.borrow_and_update().epoch;
+                assert!(
+                    epoch >= last,
+                    "published epoch went back from {last} to {epoch}"
+                );
+                last = epoch;
+                if last == 8 * 2_000 {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+        });
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (protocol, views) = (Arc::clone(&protocol), Arc::clone(&views));
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        let mut p = protocol.lock();
+                        p.tick(0);
+                        let _ = publish_view_change(&mut **p, &views);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panic");
+        }
+        assert_eq!(
+            views.borrow().epoch,
+            8 * 2_000,
+            "the newest view is the one published"
+        );
+        watcher.join().expect("epochs never went back");
     }
 }

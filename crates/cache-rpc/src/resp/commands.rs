@@ -245,8 +245,10 @@ fn core_error(e: &CoreError) -> String {
         CoreError::Full(_) => "OOM command not allowed when used memory > 'maxmemory'.".into(),
         CoreError::Invalid(m) if m == NOT_AN_INTEGER => NOT_INTEGER.into(),
         CoreError::Invalid(m) => format!("ERR {m}"),
-        CoreError::DeadlineExceeded(_) => format!("TIMEOUT {e}"),
-        CoreError::Unavailable { .. } | CoreError::ShuttingDown => format!("TRYAGAIN {e}"),
+        CoreError::DeadlineExceeded(_) | CoreError::TooLate { .. } => format!("TIMEOUT {e}"),
+        CoreError::Unavailable { .. } | CoreError::ShuttingDown | CoreError::Superseded => {
+            format!("TRYAGAIN {e}")
+        }
         _ => format!("ERR {e}"),
     }
 }
@@ -338,10 +340,9 @@ impl Session {
         let (key, keys) = request.first_key();
         let key = key.cloned();
         let start = self.started();
-        let ctx = RequestContext {
-            deadline: tokio::time::Instant::from_std(start) + self.shared.request_timeout,
-            forwarded: false,
-        };
+        let ctx = RequestContext::until(
+            tokio::time::Instant::from_std(start) + self.shared.request_timeout,
+        );
         let outcome = self.shared.core.handle(request, ctx).await;
         let result = match &outcome {
             Ok(r) => label(r),

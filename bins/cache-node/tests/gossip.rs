@@ -129,6 +129,20 @@ async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
         "{text}"
     );
     assert_eq!(metric(&text, "cache_members{state=\"alive\"}"), Some(4.0));
+    // The dead peer is down in the peer series too (it stayed 1: nothing called it since):
+    // on every survivor that has called it (50 QUORUM writes reach all of them).
+    let peer_up: Vec<f64> = survivors
+        .iter()
+        .filter_map(|n| {
+            let (_, t) = n.http_get("/metrics").expect("metrics");
+            metric(&t, "cache_peer_up{peer=\"node-4\"}")
+        })
+        .collect();
+    assert!(!peer_up.is_empty(), "some survivor tracks node-4's channel");
+    assert!(
+        peer_up.iter().all(|&v| v == 0.0),
+        "cache_peer_up follows membership: {peer_up:?}"
+    );
     assert!(metric(&text, "cache_gossip_probes_total").is_some_and(|v| v > 0.0));
     assert!(metric(&text, "cache_gossip_messages_received_total").is_some_and(|v| v > 0.0));
     let deaths: f64 = survivors
@@ -154,6 +168,23 @@ async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
             );
         }
     }
+
+    // node-4 is gone for good: the operator tells every survivor to stop counting it among
+    // its keys' home replicas (QUORUM would otherwise keep counting it). A live member, a
+    // stranger and a bad id are refused; a second forget finds nothing to forget.
+    let post = |n: &NodeProcess, path: &str| cache_testkit::http_post(n.admin, path).expect("post");
+    assert_eq!(
+        post(&survivors[0], "/forget?member=node-1").0,
+        409,
+        "node-1 is alive"
+    );
+    assert_eq!(post(&survivors[0], "/forget?member=").0, 400);
+    assert_eq!(post(&survivors[0], "/forget?member=nobody").0, 404);
+    for n in &survivors {
+        let (code, body) = post(n, "/forget?member=node-4");
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(post(&survivors[0], "/forget?member=node-4").0, 404, "once");
 
     // A 6th node joins the running cluster without restarting anyone.
     cluster.add_gossip_node(&["--replication-factor", "3"]);

@@ -336,16 +336,26 @@ async fn status(State(state): State<Arc<AdminState>>) -> Html<String> {
             )
         })
         .collect();
+    let view = cluster.ring().load();
     let peers: String = cluster
         .peer_health()
         .iter()
         .map(|(id, h)| {
+            // What membership says comes first: a dead member's channel is not "ok" just
+            // because nothing has called it since.
+            let state = view.view.member(id.as_str()).map(|m| m.state);
+            let last = match (state, h.last_error.as_deref()) {
+                (Some(cluster_membership::MemberState::Alive), None) => "ok".to_string(),
+                (Some(cluster_membership::MemberState::Alive), Some(e)) => e.to_string(),
+                (Some(s), _) => format!("{s:?} in membership").to_lowercase(),
+                (None, _) => "not a member".to_string(),
+            };
             format!(
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(id.as_str()),
                 h.ok,
                 h.failed,
-                escape(h.last_error.as_deref().unwrap_or("ok"))
+                escape(&last)
             )
         })
         .collect();

@@ -611,7 +611,8 @@ impl NodeMetrics {
     }
 
     /// Copies the membership view (members by state) and each peer's health (1 = calls
-    /// succeed, 0 = skipped after a failure) into the exported series (on each scrape).
+    /// succeed and membership says it is alive, 0 = skipped after a failure, or suspect,
+    /// dead or gone in the view) into the exported series (on each scrape).
     pub fn publish_membership(
         &self,
         view: &cluster_membership::MembershipView,
@@ -640,7 +641,13 @@ impl NodeMetrics {
                     &META,
                 )
             });
-            let down = health.unhealthy_until.is_some_and(|t| now < t);
+            // Down while calls are being skipped after a failure, and whenever membership
+            // does not say the peer is alive (a dead or departed member kept showing 1:
+            // nothing calls it any more, so no call failed).
+            let alive = view
+                .member(peer.as_str())
+                .is_some_and(|m| m.state == MemberState::Alive);
+            let down = !alive || health.unhealthy_until.is_some_and(|t| now < t);
             g.set(if down { 0.0 } else { 1.0 });
         }
     }

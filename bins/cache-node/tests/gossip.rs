@@ -174,17 +174,17 @@ async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
     // stranger and a bad id are refused; a second forget finds nothing to forget.
     let post = |n: &NodeProcess, path: &str| cache_testkit::http_post(n.admin, path).expect("post");
     assert_eq!(
-        post(&survivors[0], "/forget?member=node-1").0,
+        post(survivors[0], "/forget?member=node-1").0,
         409,
         "node-1 is alive"
     );
-    assert_eq!(post(&survivors[0], "/forget?member=").0, 400);
-    assert_eq!(post(&survivors[0], "/forget?member=nobody").0, 404);
+    assert_eq!(post(survivors[0], "/forget?member=").0, 400);
+    assert_eq!(post(survivors[0], "/forget?member=nobody").0, 404);
     for n in &survivors {
         let (code, body) = post(n, "/forget?member=node-4");
         assert_eq!(code, 200, "{body}");
     }
-    assert_eq!(post(&survivors[0], "/forget?member=node-4").0, 404, "once");
+    assert_eq!(post(survivors[0], "/forget?member=node-4").0, 404, "once");
 
     // A 6th node joins the running cluster without restarting anyone.
     cluster.add_gossip_node(&["--replication-factor", "3"]);

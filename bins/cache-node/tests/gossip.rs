@@ -533,3 +533,167 @@ async fn a_leaving_node_hands_its_keys_over_so_reads_miss_nothing() {
     }
     assert_eq!(misses, 0, "keys lost by the leave");
 }
+
+/// A node started with `--join` whose seed does not answer (a wrong address, a cluster not
+/// up yet) is not ready, refuses client requests instead of serving from a ring of itself
+/// alone, and says so in its log at least every 10 s; once the seed answers it joins and
+/// serves. (Before: ready at once, alone, accepting writes, logging nothing.)
+#[tokio::test]
+async fn a_node_whose_seed_does_not_answer_serves_nobody_until_it_joins() {
+    let seed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let name = format!("unjoined-{}", std::process::id());
+    let seed_text = seed.to_string();
+    let node = NodeProcess::spawn_unready(&[
+        "--node-id",
+        "node-1",
+        "--membership",
+        "gossip",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--cluster-name",
+        &name,
+        "--join",
+        &seed_text,
+    ])
+    .expect("starts");
+    let (code, body) = node.http_get("/readyz").expect("readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not joined"), "{body}");
+    let client = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect(format!("http://{}", node.grpc))
+        .await
+        .expect("connects");
+    let err = client
+        .set("k", "v")
+        .await
+        .expect_err("no client request before joining");
+    assert!(err.to_string().contains("not joined"), "{err}");
+    let warned = wait_until(
+        "the not-joined warning",
+        Duration::from_secs(20),
+        || async { node.log().contains("not joined yet") },
+    )
+    .await;
+    eprintln!("warned after {warned:?}");
+    // The seed comes up: the node joins through it and serves.
+    let founder = NodeProcess::start(&[
+        "--node-id",
+        "node-0",
+        "--membership",
+        "gossip",
+        "--cluster-name",
+        &name,
+        "--gossip-listen",
+        &seed_text,
+    ]);
+    let joined = wait_until(
+        "ready after the seed answers",
+        Duration::from_secs(20),
+        || async { matches!(node.http_get("/readyz"), Ok((200, _))) },
+    )
+    .await;
+    eprintln!("joined {joined:?} after the seed came up");
+    client.set("k", "v").await.expect("serves once joined");
+    drop(founder);
+}
+
+/// A restarted member answers no client request wrongly while it rejoins: for its first
+/// milliseconds it used to serve from a ring of itself alone (in 100 restarts, 2 `QUORUM`
+/// reads of existing keys answered "not found" and 1 `IF_ABSENT` write of an existing key
+/// answered stored and overwrote it cluster-wide). Now it refuses until it has joined, and
+/// then reads through while it syncs. `RESTARTS=100` runs the drill's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_gives_no_wrong_answer_while_it_rejoins() {
+    let restarts: usize = std::env::var("RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let mut cluster = Cluster::start_gossip(3, &["--replication-factor", "3"]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until(
+        "3 members alive everywhere",
+        Duration::from_secs(20),
+        || all_alive(&live, 3),
+    )
+    .await;
+    let writer = Client::builder()
+        .timeout(Duration::from_secs(5))
+        .write_consistency(Consistency::Quorum)
+        .connect(format!("http://{}", cluster.nodes[0].grpc))
+        .await
+        .expect("client");
+    let keys: Vec<String> = (0..50).map(|i| format!("kept-{i}")).collect();
+    for k in &keys {
+        writer
+            .set(k.as_str(), "original")
+            .await
+            .expect("QUORUM write");
+    }
+    let args: Vec<String> = cluster.nodes[2].args().to_vec();
+    let (mut refused, mut answered) = (0usize, 0usize);
+    for round in 0..restarts {
+        cluster.nodes[2].signal("KILL");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let fresh = NodeProcess::spawn_unready(&args).expect("restarts");
+        let client = Client::builder()
+            .timeout(Duration::from_secs(2))
+            .read_consistency(Consistency::Quorum)
+            .connect(format!("http://{}", fresh.grpc))
+            .await
+            .expect("client");
+        // Ask at once, while it rejoins, and until it is ready.
+        let until = Instant::now() + Duration::from_secs(15);
+        let mut i = 0;
+        loop {
+            let k = &keys[i % keys.len()];
+            i += 1;
+            match client.get(k.as_str()).await {
+                Ok(v) => {
+                    answered += 1;
+                    assert_eq!(
+                        v.as_deref(),
+                        Some(&b"original"[..]),
+                        "round {round}: {k} read wrongly"
+                    );
+                }
+                Err(_) => refused += 1,
+            }
+            match client
+                .set_with(
+                    k.as_str(),
+                    "overwritten",
+                    cache_client::SetOptions::if_absent(),
+                )
+                .await
+            {
+                Ok(stored) => {
+                    answered += 1;
+                    assert!(!stored, "round {round}: IF_ABSENT of existing {k} stored");
+                }
+                Err(_) => refused += 1,
+            }
+            if matches!(fresh.http_get("/readyz"), Ok((200, _))) && i > 20 {
+                break;
+            }
+            assert!(
+                Instant::now() < until,
+                "round {round}: not ready within 15 s"
+            );
+        }
+        cluster.nodes[2] = fresh;
+    }
+    eprintln!(
+        "{restarts} restarts: {answered} answers (all right), {refused} refused while rejoining"
+    );
+    for k in &keys {
+        assert_eq!(
+            writer.get(k.as_str()).await.expect("read").as_deref(),
+            Some(&b"original"[..])
+        );
+    }
+}

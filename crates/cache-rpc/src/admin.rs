@@ -269,6 +269,12 @@ fn escape_json(s: &str) -> String {
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
     if state.shared.core.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if !state.shared.core.is_joined() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not joined: no --join seed (or coordinator) has answered yet\n",
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }

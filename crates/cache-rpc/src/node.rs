@@ -455,6 +455,7 @@ impl Node {
                  peers will not reach it (set --peer-listen or id=addr/peer_addr)"
             );
         }
+        let alone = !first.members.iter().any(|m| m.id != config.node_id);
         let ring = Arc::new(RingView::new(first, config.cluster.replication_factor)?);
         let mut transport = GrpcTransport::new(
             Arc::clone(&ring),
@@ -472,6 +473,22 @@ impl Node {
             transport,
             config.cluster.clone(),
         ));
+        // A node told where its cluster is serves no client until it has joined it.
+        let seeded = match &config.membership {
+            MembershipMode::Network { join, protocol, .. } => {
+                !join.is_empty()
+                    || matches!(
+                        protocol,
+                        NetworkProtocol::Coordinator {
+                            coordinator: Some(_)
+                        }
+                    )
+            }
+            MembershipMode::Static => false,
+        };
+        if seeded && alone {
+            core.require_join();
+        }
         core.follow(views);
         if let Some(sync) = config.anti_entropy {
             core.start_anti_entropy(sync);

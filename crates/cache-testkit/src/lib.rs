@@ -92,6 +92,15 @@ impl NodeProcess {
     /// node's log) if it exits or prints no startup line within [`START_DEADLINE`]; the
     /// child is killed in that case.
     pub fn spawn(args: &[&str]) -> Result<Self, String> {
+        let node = Self::spawn_limited(args, None)?;
+        node.wait_ready(START_DEADLINE);
+        Ok(node)
+    }
+
+    /// Starts a node with exactly `args` and returns once it has printed its startup line
+    /// (its listeners are bound), without waiting for it to be ready: for nodes that are
+    /// not meant to become ready yet.
+    pub fn spawn_unready(args: &[&str]) -> Result<Self, String> {
         Self::spawn_limited(args, None)
     }
 
@@ -100,7 +109,9 @@ impl NodeProcess {
     pub fn start_limited(open_files: u64, args: &[&str]) -> Self {
         let mut full = vec!["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
         full.extend_from_slice(args);
-        Self::spawn_limited(&full, Some(open_files)).unwrap_or_else(|e| panic!("{e}"))
+        let node = Self::spawn_limited(&full, Some(open_files)).unwrap_or_else(|e| panic!("{e}"));
+        node.wait_ready(START_DEADLINE);
+        node
     }
 
     fn spawn_limited(args: &[&str], open_files: Option<u64>) -> Result<Self, String> {
@@ -174,7 +185,6 @@ impl NodeProcess {
             log,
             args: args.iter().map(|a| (*a).to_string()).collect(),
         };
-        node.wait_ready(START_DEADLINE);
         Ok(node)
     }
 
@@ -270,6 +280,11 @@ impl NodeProcess {
     /// What the node logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The flags it was started with.
+    pub fn args(&self) -> &[String] {
+        &self.args
     }
 
     /// `GET path` on the admin server: (status code, body).

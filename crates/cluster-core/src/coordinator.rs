@@ -322,6 +322,9 @@ pub struct Coordinator<T: PeerTransport> {
     forwarded: AtomicU64,
     read_repairs: AtomicU64,
     shutting_down: AtomicBool,
+    /// False while this node waits to join its cluster (see [`Coordinator::require_join`]):
+    /// client requests are then refused.
+    joined: Arc<AtomicBool>,
     sync: crate::sync::SyncState,
     tracker: TaskTracker,
     cancel: CancellationToken,
@@ -385,6 +388,7 @@ impl<T: PeerTransport> Coordinator<T> {
             forwarded: AtomicU64::new(0),
             read_repairs: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            joined: Arc::new(AtomicBool::new(true)),
             sync: crate::sync::SyncState::new(),
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
@@ -416,6 +420,8 @@ impl<T: PeerTransport> Coordinator<T> {
     pub fn follow(&self, mut views: watch::Receiver<MembershipView>) {
         let ring = Arc::clone(&self.ring);
         let cancel = self.cancel.clone();
+        let joined = Arc::clone(&self.joined);
+        let local = self.local.clone();
         self.tracker.spawn(async move {
             loop {
                 tokio::select! {
@@ -431,6 +437,17 @@ impl<T: PeerTransport> Coordinator<T> {
                             members = state.ring.members().len(),
                             "membership changed: new ring"
                         );
+                        // Joined once the ring in use — not merely a view — holds another
+                        // live member.
+                        if !joined.load(Ordering::SeqCst)
+                            && state.ring.members().iter().any(|m| m.id != local)
+                        {
+                            joined.store(true, Ordering::SeqCst);
+                            tracing::info!(
+                                members = state.ring.members().len(),
+                                "joined the cluster"
+                            );
+                        }
                     }
                     Err(e) => tracing::error!(
                         error = %e,
@@ -439,6 +456,22 @@ impl<T: PeerTransport> Coordinator<T> {
                 }
             }
         });
+    }
+
+    /// Refuses client requests ([`CoreError::Unavailable`], "not joined") until a
+    /// membership view that [`Coordinator::follow`] reads names another live member: for a
+    /// node started with seeds to join. Until then its ring holds itself alone, and serving
+    /// from it would answer authoritative misses and decide `IF_ABSENT` writes against an
+    /// empty copy (a restarted member did both in its first milliseconds). Peer traffic is
+    /// served meanwhile (the members that already know this node send it).
+    pub fn require_join(&self) {
+        self.joined.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether this node serves clients as a member of its cluster (see
+    /// [`Coordinator::require_join`]); always true for a node not told to join.
+    pub fn is_joined(&self) -> bool {
+        self.joined.load(Ordering::SeqCst)
     }
 
     /// From now on, client requests are refused with [`CoreError::ShuttingDown`]; peer
@@ -634,6 +667,9 @@ impl<T: PeerTransport> Coordinator<T> {
         if !ctx.forwarded && self.is_shutting_down() {
             return Err(CoreError::ShuttingDown);
         }
+        if !ctx.forwarded && !self.is_joined() {
+            return Err(not_joined());
+        }
         self.check_request(&request)?;
         if let Some(answer) = self.answer_locally(&request, ctx) {
             return answer;
@@ -663,6 +699,9 @@ impl<T: PeerTransport> Coordinator<T> {
     ) -> Option<Result<Option<R>, CoreError>> {
         if self.is_shutting_down() {
             return Some(Err(CoreError::ShuttingDown));
+        }
+        if !self.is_joined() {
+            return Some(Err(not_joined()));
         }
         if let Err(e) = self.store.limits().check_key(key) {
             return Some(Err(e));
@@ -1739,6 +1778,17 @@ impl<T: PeerTransport> Coordinator<T> {
         limits.check_batch(keys.len())?;
         keys.iter().try_for_each(|k| limits.check_key(k))?;
         Ok(keys.iter().map(|k| self.store.get_versioned(k)).collect())
+    }
+}
+
+/// What a client request gets before this node has joined its cluster.
+fn not_joined() -> CoreError {
+    CoreError::Unavailable {
+        acks: 0,
+        required: 1,
+        detail:
+            "this node has not joined its cluster yet (no seed answered): retry on another node"
+                .into(),
     }
 }
 

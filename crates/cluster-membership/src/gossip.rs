@@ -42,6 +42,8 @@ pub enum ProtocolConfig {
 
 /// How long one reliable (TCP) send may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a member that has not joined yet says so in the log.
+const NOT_JOINED_WARNING: Duration = Duration::from_secs(10);
 /// How often joining is retried while no other member is known.
 const JOIN_RETRY: Duration = Duration::from_secs(1);
 
@@ -509,10 +511,27 @@ impl GossipMembership {
             let shared = Arc::clone(&shared);
             let join = config.join.clone();
             tokio::spawn(async move {
+                let began = Instant::now();
+                let mut warned = began;
                 loop {
                     let known = shared.views.borrow().members.len() > 1;
                     if known {
+                        if warned != began {
+                            tracing::info!(after = ?began.elapsed(), "joined through the --join seeds");
+                        }
                         return;
+                    }
+                    // A wrong or unreachable seed must not go unnoticed: the node serves no
+                    // client until it joins, and says so at least every 10 s.
+                    if warned.elapsed() >= NOT_JOINED_WARNING
+                        || (warned == began && began.elapsed() >= JOIN_RETRY * 2)
+                    {
+                        warned = Instant::now();
+                        tracing::warn!(
+                            seeds = ?join,
+                            waiting = ?began.elapsed(),
+                            "not joined yet: no --join seed has answered; this node serves no client request until one does (check the addresses, the cluster name and the gossip keys)"
+                        );
                     }
                     let mut seeds = Vec::new();
                     for host in &join {

@@ -42,6 +42,8 @@ pub enum ProtocolConfig {
 
 /// How long one reliable (TCP) send may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Push-pull streams read at once; more connections are closed on accept.
+const MAX_STREAMS: usize = 64;
 /// How often a member that has not joined yet says so in the log.
 const NOT_JOINED_WARNING: Duration = Duration::from_secs(10);
 /// How often joining is retried while no other member is known.
@@ -224,6 +226,8 @@ struct Shared {
     keyring: Option<Keyring>,
     /// Messages dropped for a missing or wrong tag.
     unauthenticated: std::sync::atomic::AtomicU64,
+    /// Push-pull connections closed on accept because [`MAX_STREAMS`] were being read.
+    streams_refused: std::sync::atomic::AtomicU64,
     udp: UdpSocket,
     start: Instant,
     views: watch::Sender<MembershipView>,
@@ -347,15 +351,21 @@ async fn send_stream(to: SocketAddr, bytes: &[u8]) -> std::io::Result<()> {
     s.shutdown().await
 }
 
-async fn read_stream(mut s: TcpStream) -> std::io::Result<Vec<u8>> {
+async fn read_stream(s: TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut s = s;
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_MESSAGE_BYTES + MAX_SEAL_OVERHEAD {
         return Err(std::io::ErrorKind::InvalidData.into());
     }
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf).await?;
+    // The buffer grows as bytes arrive, never to the announced length up front: a sender
+    // that announces a megabyte and sends nothing (before any tag is checked) costs nothing.
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    let read = (&mut s).take(len as u64).read_to_end(&mut buf).await?;
+    if read != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(buf)
 }
 
@@ -447,6 +457,7 @@ impl GossipMembership {
             swim: Mutex::new(swim),
             keyring: config.keyring.clone(),
             unauthenticated: std::sync::atomic::AtomicU64::new(0),
+            streams_refused: std::sync::atomic::AtomicU64::new(0),
             udp,
             start: Instant::now(),
             views,
@@ -472,21 +483,38 @@ impl GossipMembership {
         {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move {
+                // At most MAX_STREAMS push-pulls are read at once, each within
+                // STREAM_TIMEOUT; a connection beyond that is closed at once (counted), so a
+                // flood of idle or slow connections holds neither memory nor tasks.
+                let permits = Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS));
+                let streams = tokio_util::task::TaskTracker::new();
                 loop {
                     let accepted = tokio::select! {
-                        () = shared.cancel.cancelled() => return,
+                        () = shared.cancel.cancelled() => break,
                         a = tcp.accept() => a,
                     };
                     let Ok((stream, _)) = accepted else { continue };
+                    let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                        shared
+                            .streams_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        drop(stream);
+                        continue;
+                    };
                     let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        if let Ok(Ok(bytes)) =
-                            tokio::time::timeout(STREAM_TIMEOUT, read_stream(stream)).await
-                        {
-                            shared.handle(&bytes);
+                    streams.spawn(async move {
+                        let _permit = permit;
+                        let read = tokio::time::timeout(STREAM_TIMEOUT, read_stream(stream));
+                        tokio::select! {
+                            () = shared.cancel.cancelled() => {}
+                            r = read => if let Ok(Ok(bytes)) = r {
+                                shared.handle(&bytes);
+                            },
                         }
                     });
                 }
+                streams.close();
+                streams.wait().await;
             });
         }
         // Timers.
@@ -566,14 +594,19 @@ impl GossipMembership {
         self.gossip_addr
     }
 
-    /// Protocol counters (for metrics); messages refused for a missing or wrong tag count
-    /// in `messages_refused`.
+    /// Protocol counters (for metrics); messages refused for a missing or wrong tag, and
+    /// push-pull connections closed because 64 were already being read, count in
+    /// `messages_refused`.
     pub fn stats(&self) -> SwimStats {
         let mut s = self.shared.swim.lock().stats();
         s.messages_refused += self
             .shared
             .unauthenticated
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + self
+                .shared
+                .streams_refused
+                .load(std::sync::atomic::Ordering::Relaxed);
         s
     }
 }

@@ -319,3 +319,43 @@ async fn an_encrypting_keyring_hides_membership_and_keeps_strangers_out() {
     assert!(k.open(&flipped).is_none(), "a changed byte is refused");
     assert_ne!(k.seal(plain), sealed, "a fresh nonce per message");
 }
+
+/// The push-pull listener under a flood: hundreds of connections that announce a
+/// megabyte and send nothing (no tag, no body). At most 64 are read at once, each for at
+/// most 2 s, and nothing is allocated for what was only announced; the rest are closed on
+/// accept and counted. Before: a task and a buffer of the announced size per connection,
+/// without a cap. A member still joins through the flooded seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_pull_flood_is_capped_and_the_seed_still_admits_members() {
+    use tokio::io::AsyncWriteExt;
+    let seed = GossipMembership::start(config("pushpull-flood", 0, Vec::new()))
+        .await
+        .expect("seed starts");
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(seed.gossip_addr()).await {
+            let _ = s.write_all(&(1u32 << 20).to_be_bytes()).await;
+            flood.push(s);
+        }
+    }
+    wait_for(
+        "connections beyond the cap refused",
+        Duration::from_secs(5),
+        || seed.stats().messages_refused >= 200,
+    )
+    .await;
+    let member = GossipMembership::start(config(
+        "pushpull-flood",
+        1,
+        vec![seed.gossip_addr().to_string()],
+    ))
+    .await
+    .expect("member starts");
+    wait_for(
+        "the member joins through the flooded seed",
+        Duration::from_secs(15),
+        || sees(&seed, "g1", MemberState::Alive) && sees(&member, "g0", MemberState::Alive),
+    )
+    .await;
+    drop(flood);
+}

@@ -233,3 +233,54 @@ async fn a_call_whose_body_never_comes_is_ended() {
         started.elapsed()
     );
 }
+
+/// An admin slowloris that keeps every slot full — 48 connections with unfinished headers,
+/// each reopened as soon as it is cut off — never keeps a health probe out: a new
+/// connection makes room by closing the oldest one that has not sent a complete request.
+/// (Before: 32 such connections kept `/healthz` failing for as long as they were reopened,
+/// which would have a liveness probe restart the node.)
+#[test]
+fn health_probes_answer_under_an_admin_slowloris() {
+    let node = NodeProcess::start(&[]);
+    let admin = node.admin;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let open = || {
+                let mut s = TcpStream::connect(admin).ok()?;
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .ok()?;
+                s.set_nonblocking(true).ok()?;
+                Some(s)
+            };
+            let mut slow: Vec<TcpStream> = (0..48).filter_map(|_| open()).collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Reopen the ones the node closed.
+                slow.retain_mut(|s| {
+                    let mut b = [0u8; 1];
+                    matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while slow.len() < 48 {
+                    match open() {
+                        Some(s) => slow.push(s),
+                        None => break,
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut failures = 0;
+    for _ in 0..40 {
+        match node.http_get("/healthz") {
+            Ok((200, _)) => {}
+            _ => failures += 1,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    attacker.join().expect("attacker thread");
+    assert_eq!(failures, 0, "health probes failed under the slowloris");
+}

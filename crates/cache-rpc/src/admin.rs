@@ -28,17 +28,81 @@ struct AdminState {
 
 /// Serves `router` on `listener` until `stop` is cancelled, then lets in-flight requests
 /// finish. HTTP/1.1 only (what probes, Prometheus and browsers use), with limits of its own:
-/// at most [`crate::node::ADMIN_CONNECTIONS`] connections, request headers within
+/// at most [`crate::node::ADMIN_CONNECTIONS`] connections (a new one makes room by closing
+/// the oldest that has not sent a complete request: see [`Slots`]), request headers within
 /// [`crate::node::ADMIN_HEADER_TIMEOUT`] (a slowloris client is cut off), a connection idle
 /// for 30 s closed, and request bodies of at most 64 KiB.
-/// One admin HTTP/1 connection, in the clear or under TLS, until it ends or shutdown.
+/// One open admin connection, as [`serve`] tracks them to make room (see [`Slots`]).
+struct Slot {
+    id: u64,
+    /// Whether a complete request came on it (headers read): a real client.
+    served: Arc<std::sync::atomic::AtomicBool>,
+    /// Ends the connection.
+    evict: tokio_util::sync::CancellationToken,
+}
+
+/// The admin connections open now. At [`crate::node::ADMIN_CONNECTIONS`], a new connection
+/// closes the oldest one that has not sent a complete request yet: connections that hold
+/// a slot with unfinished headers (a slowloris, reopened as fast as they are cut off) can
+/// then never keep a health probe out, which sends its request at once and is served. Up
+/// to twice that many connections are accepted at all (the listener's hard cap).
+#[derive(Default)]
+struct Slots {
+    open: Mutex<VecDeque<Slot>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Slots {
+    /// Registers a new connection, evicting the oldest unserved one if the slots are full.
+    fn admit(
+        &self,
+    ) -> (
+        u64,
+        Arc<std::sync::atomic::AtomicBool>,
+        tokio_util::sync::CancellationToken,
+    ) {
+        use std::sync::atomic::Ordering;
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let served = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let evict = tokio_util::sync::CancellationToken::new();
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= crate::node::ADMIN_CONNECTIONS
+            && let Some(i) = open.iter().position(|s| !s.served.load(Ordering::Relaxed))
+            && let Some(victim) = open.remove(i)
+        {
+            victim.evict.cancel();
+        }
+        open.push_back(Slot {
+            id,
+            served: Arc::clone(&served),
+            evict: evict.clone(),
+        });
+        (id, served, evict)
+    }
+
+    /// The connection `id` ended.
+    fn release(&self, id: u64) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = open.iter().position(|s| s.id == id) {
+            open.remove(i);
+        }
+    }
+}
+
+/// One admin HTTP/1 connection, in the clear or under TLS, until it ends, shutdown, or
+/// `evict` (see [`Slots`]); `served` is set at its first complete request.
 async fn serve_connection(
     io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     router: Router,
     stop: tokio_util::sync::CancellationToken,
+    served: Arc<std::sync::atomic::AtomicBool>,
+    evict: tokio_util::sync::CancellationToken,
 ) {
     use tower::ServiceExt;
-    let service = hyper::service::service_fn(move |request| router.clone().oneshot(request));
+    let service = hyper::service::service_fn(move |request| {
+        served.store(true, std::sync::atomic::Ordering::Relaxed);
+        router.clone().oneshot(request)
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
@@ -47,6 +111,7 @@ async fn serve_connection(
     futures_util::pin_mut!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}
+        () = evict.cancelled() => {}
         () = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
@@ -62,13 +127,14 @@ pub(crate) async fn serve(
     tls: Option<Arc<crate::tls::ServerTls>>,
 ) {
     let limits = crate::conn::ConnLimits {
-        max_connections: crate::node::ADMIN_CONNECTIONS,
+        max_connections: 2 * crate::node::ADMIN_CONNECTIONS,
         handshake_timeout: None,
         idle_timeout: Some(std::time::Duration::from_secs(30)),
     };
     let router = router.layer(axum::extract::DefaultBodyLimit::max(64 << 10));
     let incoming = crate::conn::guarded(listener, limits, stats, "admin");
     futures_util::pin_mut!(incoming);
+    let slots = Arc::new(Slots::default());
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         let io = tokio::select! {
@@ -81,19 +147,26 @@ pub(crate) async fn serve(
         let router = router.clone();
         let stop = stop.clone();
         let acceptor = tls.as_ref().map(|t| t.acceptor());
+        let (id, served, evict) = slots.admit();
+        let slots = Arc::clone(&slots);
         connections.spawn(async move {
             match acceptor {
-                None => serve_connection(io, router, stop).await,
+                None => serve_connection(io, router, stop, served, evict).await,
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(
                         crate::node::ADMIN_HEADER_TIMEOUT,
                         acceptor.accept(io),
                     );
-                    if let Ok(Ok(stream)) = handshake.await {
-                        serve_connection(stream, router, stop).await;
+                    let handshake = tokio::select! {
+                        h = handshake => h,
+                        () = evict.cancelled() => return slots.release(id),
+                    };
+                    if let Ok(Ok(stream)) = handshake {
+                        serve_connection(stream, router, stop, served, evict).await;
                     }
                 }
             }
+            slots.release(id);
         });
     }
     connections.close();

@@ -267,7 +267,12 @@ impl Model {
         if let Some(e) = &existing
             && !Self::expired(e, now)
         {
-            if opts.version.is_some_and(|v| v < e.version) {
+            if opts.version.is_some_and(|v| {
+                v < e.version
+                    || (v == e.version
+                        && v != 0
+                        && crate::shard::loses_tie(value, e.tombstone, &e.value))
+            }) {
                 return Ok(WriteOutcome::Stale);
             }
             present = !e.tombstone;

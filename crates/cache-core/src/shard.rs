@@ -187,6 +187,23 @@ fn entry_buffer(key: &[u8], value: &[u8]) -> Bytes {
     data
 }
 
+/// A digest of a value, for breaking ties between different writes that carry the same
+/// version: FNV-1a, fixed on every platform and process (ahash is seeded per process).
+pub(crate) fn content_digest(value: &[u8]) -> u64 {
+    value.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Whether a versioned write of `value` loses to a stored entry of the same version
+/// (`stored_tombstone`, `stored_value`): equal versions should be one write delivered
+/// twice, but if two writes ever share a version every replica must keep the same one,
+/// whatever order they arrived in — so a delete wins, then the larger [`content_digest`].
+/// The same write again does not lose (it rewrites what is there).
+pub(crate) fn loses_tie(value: &[u8], stored_tombstone: bool, stored_value: &[u8]) -> bool {
+    stored_tombstone || content_digest(value) < content_digest(stored_value)
+}
+
 /// The current time, read from the clock at most once per operation and only if needed.
 pub(crate) struct Now<'a, C: Clock> {
     clock: &'a C,
@@ -923,9 +940,12 @@ impl Shard {
 
         // Is there a live value or tombstone, and does it block this write?
         let mut present = false;
-        if let Some((_, node)) = found {
+        if let Some((h, node)) = found {
             if let Some(v) = opts.version
-                && v < node.version
+                && (v < node.version
+                    || (v == node.version
+                        && v != 0
+                        && loses_tie(value, node.tombstone, self.entry(h).1)))
             {
                 self.counters.stale_writes += 1;
                 return Ok(WriteOutcome::Stale);

@@ -1105,3 +1105,40 @@ fn a_dropped_scanner_releases_its_log() {
     assert_eq!(cache.shard(0).lock().scan_log_len(), 0);
     cache.validate().expect("valid");
 }
+
+/// Two different writes that carry one version (two nodes that shared a version tag, a
+/// bug) resolve the same way on every replica whatever order they arrive in: a delete wins,
+/// then the larger content digest. Before, each replica kept whichever arrived last, and
+/// anti-entropy (which compares versions) could never see the difference.
+#[test]
+fn equal_versions_resolve_the_same_way_in_any_order() {
+    let replica = || Cache::new(CacheConfig::new().with_max_bytes(1 << 20)).unwrap();
+    let (a, b) = (replica(), replica());
+    let _ = a.write(b"k", b"first", WriteOptions::versioned(7));
+    let _ = a.write(b"k", b"second", WriteOptions::versioned(7));
+    let _ = b.write(b"k", b"second", WriteOptions::versioned(7));
+    let _ = b.write(b"k", b"first", WriteOptions::versioned(7));
+    assert_eq!(a.get(b"k"), b.get(b"k"), "the same winner in both orders");
+    assert!(a.get(b"k").is_some());
+    // The same write again is not refused.
+    let won = a.get(b"k").expect("a value");
+    assert_eq!(
+        a.write(b"k", &won, WriteOptions::versioned(7))
+            .expect("fits"),
+        WriteOutcome::Stored
+    );
+    // A delete and a write of one version: the delete, in both orders.
+    let (c, d) = (replica(), replica());
+    let _ = c.write(b"k", b"v", WriteOptions::versioned(9));
+    let _ = c.delete_versioned(b"k", 9);
+    let _ = d.delete_versioned(b"k", 9);
+    assert_eq!(
+        d.write(b"k", b"v", WriteOptions::versioned(9))
+            .expect("fits"),
+        WriteOutcome::Stale
+    );
+    assert_eq!((c.get(b"k"), d.get(b"k")), (None, None));
+    for cache in [&a, &b, &c, &d] {
+        cache.validate().expect("valid");
+    }
+}

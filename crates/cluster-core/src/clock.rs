@@ -101,23 +101,69 @@ pub fn version_ms(version: u64) -> u64 {
 #[derive(Debug)]
 pub struct Hlc {
     last: AtomicU64,
-    tag: u64,
+    /// The low 8 bits of every version issued: unique among the members (see
+    /// [`assign_tags`]), so two nodes never issue the same version.
+    tag: AtomicU64,
     max_drift_ms: u64,
+}
+
+/// The tag a node id starts from: 8 bits of a hash of the id.
+pub fn preferred_tag(node_id: &str) -> u64 {
+    cluster_ring::key_hash(node_id.as_bytes()) & TAG_MASK
+}
+
+/// Version tags for `members` that no two of them share while there are at most 256:
+/// taken in id order, each member gets its [`preferred_tag`] or, if a member before it
+/// already has that, the next free one. Every node computes the same assignment from the
+/// same member list, so a node's tag is unique by construction, not by luck of a hash
+/// (with 20 members two shared a hash tag more often than not). When views differ for a
+/// moment two nodes may briefly share a tag; equal versions still resolve the same way on
+/// every replica (the engine's tie-break). Beyond 256 members tags repeat.
+pub fn assign_tags<'a>(
+    members: impl IntoIterator<Item = &'a str>,
+) -> std::collections::BTreeMap<&'a str, u64> {
+    let mut ids: Vec<&str> = members.into_iter().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut taken = [false; 256];
+    let mut out = std::collections::BTreeMap::new();
+    for (n, id) in ids.into_iter().enumerate() {
+        let preferred = preferred_tag(id);
+        let tag = if n >= 256 {
+            preferred
+        } else {
+            (0..256u64)
+                .map(|k| (preferred + k) & TAG_MASK)
+                .find(|t| !taken[*t as usize])
+                .unwrap_or(preferred)
+        };
+        taken[tag as usize] = true;
+        out.insert(id, tag);
+    }
+    out
 }
 
 impl Hlc {
     /// A clock for node `node_id` that accepts observed versions up to `max_drift` ahead.
+    /// It starts with the id's [`preferred_tag`]; [`Hlc::set_tag`] moves it to the one
+    /// [`assign_tags`] gives once the members are known.
     pub fn new(node_id: &str, max_drift: Duration) -> Self {
         Self {
             last: AtomicU64::new(0),
-            tag: cluster_ring::key_hash(node_id.as_bytes()) & TAG_MASK,
+            tag: AtomicU64::new(preferred_tag(node_id)),
             max_drift_ms: u64::try_from(max_drift.as_millis()).unwrap_or(u64::MAX),
         }
     }
 
     /// This node's tag (the low 8 bits of every version it issues).
     pub fn tag(&self) -> u64 {
-        self.tag
+        self.tag.load(Ordering::Relaxed)
+    }
+
+    /// Issues versions with tag `tag` (its low 8 bits) from now on. Versions keep
+    /// increasing across the change (the tag is below the counter).
+    pub fn set_tag(&self, tag: u64) {
+        self.tag.store(tag & TAG_MASK, Ordering::Relaxed);
     }
 
     /// The next version at wall-clock time `now_ms`.
@@ -148,13 +194,14 @@ impl Hlc {
             if version_ms(end) > MAX_MS {
                 return Err(ClockError::Exhausted);
             }
+            let tag = self.tag();
             match self.last.compare_exchange_weak(
                 last,
-                end | self.tag,
+                end | tag,
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {
-                Ok(_) => return Ok(candidate | self.tag),
+                Ok(_) => return Ok(candidate | tag),
                 Err(seen) => last = seen,
             }
         }
@@ -251,6 +298,26 @@ mod tests {
         assert!(next > last, "{next:#x} after {last:#x}");
         hlc.observe_unchecked(u64::MAX);
         assert_eq!(hlc.reserve(1000, 2), Err(ClockError::Exhausted));
+    }
+
+    #[test]
+    fn assigned_tags_never_collide_among_256_members() {
+        let ids: Vec<String> = (0..256).map(|i| format!("node-{i}")).collect();
+        let preferred: std::collections::BTreeSet<u64> =
+            ids.iter().map(|id| preferred_tag(id)).collect();
+        assert!(preferred.len() < 256, "hash tags collide among 256 ids");
+        let tags = assign_tags(ids.iter().map(String::as_str));
+        let distinct: std::collections::BTreeSet<u64> = tags.values().copied().collect();
+        assert_eq!(distinct.len(), 256, "every member its own tag");
+        // The same members in another order: the same assignment (every node agrees).
+        let again = assign_tags(ids.iter().rev().map(String::as_str));
+        assert_eq!(tags, again);
+        // Versions keep increasing when the tag changes.
+        let hlc = Hlc::new("node-a", DRIFT);
+        let before = hlc.next(5).expect("version");
+        hlc.set_tag(hlc.tag() ^ 0xff);
+        let after = hlc.next(5).expect("version");
+        assert!(after > before && after & 0xff == hlc.tag());
     }
 
     #[test]

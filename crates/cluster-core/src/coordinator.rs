@@ -422,6 +422,8 @@ impl<T: PeerTransport> Coordinator<T> {
         let cancel = self.cancel.clone();
         let joined = Arc::clone(&self.joined);
         let local = self.local.clone();
+        let store = Arc::clone(&self.store);
+        Self::assign_tag(&ring, &store, &local);
         self.tracker.spawn(async move {
             loop {
                 tokio::select! {
@@ -432,6 +434,7 @@ impl<T: PeerTransport> Coordinator<T> {
                 match ring.update(view) {
                     Ok(()) => {
                         let state = ring.load();
+                        Self::assign_tag(&ring, &store, &local);
                         tracing::info!(
                             epoch = state.epoch,
                             members = state.ring.members().len(),
@@ -456,6 +459,22 @@ impl<T: PeerTransport> Coordinator<T> {
                 }
             }
         });
+    }
+
+    /// Gives this node's clock the version tag [`crate::clock::assign_tags`] assigns it
+    /// among every member its ring knows (no other member has it). [`Coordinator::follow`]
+    /// does this on every view; call it after changing the ring by hand (the simulator).
+    pub fn assign_version_tag(&self) {
+        Self::assign_tag(&self.ring, &self.store, &self.local);
+    }
+
+    fn assign_tag(ring: &RingView, store: &Store, local: &NodeId) {
+        let known = ring.known_members();
+        let mut ids: Vec<&str> = known.keys().map(String::as_str).collect();
+        ids.push(local.as_str());
+        if let Some(tag) = crate::clock::assign_tags(ids).get(local.as_str()) {
+            store.hlc().set_tag(*tag);
+        }
     }
 
     /// Refuses client requests ([`CoreError::Unavailable`], "not joined") until a

@@ -47,7 +47,7 @@ pub mod throttle;
 pub mod transport;
 
 pub use cache_types::{Condition, Consistency, MemberState};
-pub use clock::{ClockError, Hlc, NodeClock};
+pub use clock::{ClockError, Hlc, NodeClock, assign_tags, preferred_tag};
 pub use coordinator::{Coordinator, CoreConfig, CoreStats, PeerHealth, RequestContext};
 pub use error::{CoreError, PeerError};
 pub use limits::Limits;

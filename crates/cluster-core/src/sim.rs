@@ -493,6 +493,7 @@ impl SimCluster {
             }),
             config.core.clone(),
         ));
+        node.assign_version_tag();
         if let Some(sync) = config.sync {
             node.start_anti_entropy(sync);
         }
@@ -528,6 +529,7 @@ impl SimCluster {
             node.ring()
                 .update(view.clone())
                 .expect("simulated members form a ring");
+            node.assign_version_tag();
         }
     }
 
@@ -646,6 +648,7 @@ impl SimCluster {
             // A view that forms no ring (a node that sees nobody, itself included, as an
             // owner) cannot happen: a node always sees itself alive.
             let _ = node.ring().update(view);
+            node.assign_version_tag();
         }
     }
 

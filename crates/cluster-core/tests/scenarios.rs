@@ -781,3 +781,41 @@ async fn the_survivor_of_two_kills_refuses_quorum_and_all() {
         .await
         .expect("ONE stays available");
 }
+
+/// Version tags are unique by construction: in a cluster of 24 nodes several ids share a
+/// hash tag (two coordinators of one key writing in the same millisecond then made one
+/// version for two values, and replicas kept whichever arrived last, forever), but every
+/// node's clock gets a tag of its own, the same assignment on every node.
+#[tokio::test(start_paused = true)]
+async fn no_two_members_issue_versions_with_the_same_tag() {
+    let c = SimCluster::new(SimConfig {
+        nodes: 24,
+        ..SimConfig::default()
+    });
+    let preferred: std::collections::BTreeSet<u64> = c
+        .ids()
+        .iter()
+        .map(|id| cluster_core::preferred_tag(id))
+        .collect();
+    assert!(
+        preferred.len() < 24,
+        "the test needs ids whose hash tags collide"
+    );
+    let tags: std::collections::BTreeSet<u64> =
+        (0..24).map(|i| c.node(i).store().hlc().tag()).collect();
+    assert_eq!(tags.len(), 24, "each node its own tag");
+    // Two nodes that would have shared a tag write one key in the same millisecond: two
+    // different versions, and every replica ends with the same one.
+    let key = "same-ms";
+    let versions: Vec<u64> = (0..24)
+        .map(|i| {
+            c.node(i)
+                .store()
+                .hlc()
+                .next(c.node(i).store().now_ms())
+                .expect("version")
+        })
+        .collect();
+    let distinct: std::collections::BTreeSet<u64> = versions.iter().copied().collect();
+    assert_eq!(distinct.len(), 24, "{key}: no two versions equal");
+}

@@ -218,6 +218,12 @@ pub(crate) struct Args {
     /// with --tls-client-ca they need a client certificate as well).
     #[arg(long, env = "CACHE_ADMIN_TLS")]
     admin_tls: bool,
+    /// Answer 200 on /readyz while the node is still syncing (after a restart, a join or a
+    /// pause it reads through other replicas until anti-entropy has caught up). Without it
+    /// /readyz answers 503 until then, so a rolling restart that waits for readiness also
+    /// waits for the data to be back.
+    #[arg(long, env = "CACHE_READY_WHILE_SYNCING")]
+    ready_while_syncing: bool,
     /// This member's certificate (PEM) for mutual TLS on the peer listener and to other
     /// members; it must name the address others reach it by. With --peer-tls-key and
     /// --peer-tls-ca. Reloaded on SIGHUP.
@@ -357,6 +363,7 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
     admin_tls: Option<bool>,
+    ready_while_syncing: Option<bool>,
     peer_tls_cert: Option<PathBuf>,
     peer_tls_key: Option<PathBuf>,
     peer_tls_ca: Option<PathBuf>,
@@ -933,6 +940,8 @@ impl Args {
             tls,
             peer_tls,
             admin_tls: self.admin_tls || file.admin_tls.unwrap_or(false),
+            ready_while_syncing: self.ready_while_syncing
+                || file.ready_while_syncing.unwrap_or(false),
         };
         let warnings = check_bounds(&node)?;
         protected_mode(

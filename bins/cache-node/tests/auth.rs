@@ -195,8 +195,8 @@ fn gossip_with_a_keyring_keeps_strangers_out() {
     let mut cluster = cache_testkit::Cluster::start_gossip(3, &["--gossip-keys-file", k]);
     converge(&cluster.nodes, "the keyed members");
     let o = other.to_str().expect("utf-8");
-    cluster.add_gossip_node(&["--gossip-keys-file", o]);
-    cluster.add_gossip_node(&[]);
+    cluster.add_stranger(&["--gossip-keys-file", o]);
+    cluster.add_stranger(&[]);
     std::thread::sleep(Duration::from_secs(3));
     for n in &cluster.nodes[..3] {
         assert_eq!(alive(n), 3.0, "a stranger joined");
@@ -222,7 +222,7 @@ fn encrypted_gossip_forms_a_cluster_and_keeps_non_encrypting_members_out() {
     let mut cluster =
         cache_testkit::Cluster::start_gossip(3, &["--gossip-keys-file", k, "--gossip-encrypt"]);
     converge(&cluster.nodes, "the encrypting members");
-    cluster.add_gossip_node(&["--gossip-keys-file", k]);
+    cluster.add_stranger(&["--gossip-keys-file", k]);
     std::thread::sleep(Duration::from_secs(3));
     for n in &cluster.nodes[..3] {
         assert_eq!(alive(n), 3.0, "a non-encrypting member joined");

@@ -918,3 +918,40 @@ async fn a_rolling_restart_under_quorum_writes_loses_no_acknowledged_write() {
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(ok > 200, "the writer made progress ({ok} acknowledged)");
 }
+
+/// `/readyz` tells the truth about a node that is still syncing: restarted while the other
+/// replica is down, node-0 has not caught up (it reads through, and gives up on the peer
+/// after 10 s), so it answers 503 "syncing" until then — a rolling restart that waits for
+/// readiness waits for the data too. `--ready-while-syncing` keeps the old behaviour.
+#[test]
+fn readiness_waits_for_sync_unless_told_otherwise() {
+    for ready_while_syncing in [false, true] {
+        let extra: Vec<String> = if ready_while_syncing {
+            vec!["--ready-while-syncing".into()]
+        } else {
+            Vec::new()
+        };
+        let cluster = Cluster::start_each(2, |_| extra.clone());
+        cluster.nodes[1].signal("KILL");
+        let args: Vec<String> = cluster.nodes[0].args().to_vec();
+        cluster.nodes[0].signal("KILL");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let restarted = NodeProcess::spawn_unready(&args).expect("restarts");
+        let until = Instant::now() + Duration::from_secs(5);
+        let (code, body) = loop {
+            match restarted.http_get("/readyz") {
+                Ok(answer) => break answer,
+                Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("readyz: {e}"),
+            }
+        };
+        if ready_while_syncing {
+            assert_eq!(code, 200, "{body}");
+        } else {
+            assert_eq!(code, 503, "{body}");
+            assert!(body.contains("syncing"), "{body}");
+            // Ready once it gives the dead peer up (10 s), not before.
+            restarted.wait_ready(Duration::from_secs(30));
+        }
+    }
+}

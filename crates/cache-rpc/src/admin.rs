@@ -1,5 +1,6 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` (the process is up),
-//! `/readyz` (the node accepts requests: 503 while shutting down), `/status` (a small
+//! `/readyz` (the node accepts requests and has its data: 503 while shutting down, before
+//! it has joined its cluster, and while syncing unless `--ready-while-syncing`), `/status` (a small
 //! human page: uptime, items, bytes, hit ratio, request rate, persistence) and
 //! `POST /snapshot` (take a snapshot now; `--data-dir` only), `POST /forget?member=ID` (stop
 //! counting a dead member among the home replicas). Plain HTML, no JavaScript.
@@ -346,6 +347,12 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not joined: no --join seed (or coordinator) has answered yet\n",
+        )
+            .into_response()
+    } else if !state.shared.ready_while_syncing && state.shared.core.is_syncing() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "syncing: catching up with the other replicas (reads go through them meanwhile; --ready-while-syncing answers 200 now)\n",
         )
             .into_response()
     } else {

@@ -138,6 +138,9 @@ pub struct NodeConfig {
     /// Serve the admin HTTP port over TLS with the client certificate (`--admin-tls`;
     /// needs `tls`).
     pub admin_tls: bool,
+    /// `/readyz` answers 200 while the node is syncing (`--ready-while-syncing`); by
+    /// default it answers 503 until the node has caught up with its replicas.
+    pub ready_while_syncing: bool,
 }
 
 /// Largest header list (metadata) a request may carry: 64 KiB. gRPC metadata is small;
@@ -193,6 +196,7 @@ impl Default for NodeConfig {
             tls: None,
             peer_tls: None,
             admin_tls: false,
+            ready_while_syncing: false,
         }
     }
 }
@@ -508,6 +512,7 @@ impl Node {
                 .clone()
                 .map(|t| Arc::new(crate::auth::Auth::new(t))),
             connections: Default::default(),
+            ready_while_syncing: config.ready_while_syncing,
         });
         Ok(Self {
             shared,

@@ -56,6 +56,8 @@ pub struct Shared {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// Connection counters of the client, peer, admin and RESP listeners, in that order.
     pub connections: [Arc<crate::conn::ConnStats>; 4],
+    /// `/readyz` answers 200 while syncing (`--ready-while-syncing`).
+    pub ready_while_syncing: bool,
 }
 
 impl Shared {

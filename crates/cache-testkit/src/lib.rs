@@ -394,7 +394,9 @@ impl Cluster {
                 ];
                 let own = args(i);
                 full.extend(own.iter().map(String::as_str));
-                match NodeProcess::spawn(&full) {
+                // Not ready yet: a node syncs with peers that start after it (each is
+                // waited for below, once all run).
+                match NodeProcess::spawn_unready(&full) {
                     Ok(node) => nodes.push(node),
                     Err(e) => {
                         last = e;
@@ -403,6 +405,9 @@ impl Cluster {
                 }
             }
             if nodes.len() == n {
+                for node in &nodes {
+                    node.wait_ready(START_DEADLINE);
+                }
                 return Self {
                     nodes,
                     mode: "static",
@@ -444,8 +449,19 @@ impl Cluster {
     }
 
     /// Starts one more node, `node-{len}`, with the cluster's network membership (gossip by
-    /// default), joining through `node-0` (or naming it as the coordinator).
+    /// default), joining through `node-0` (or naming it as the coordinator), and waits
+    /// until it is ready (it has joined).
     pub fn add_gossip_node(&mut self, args: &[&str]) -> &NodeProcess {
+        self.add_network_node(args, true)
+    }
+
+    /// Like [`Cluster::add_gossip_node`] without waiting for readiness: for a node that is
+    /// not meant to join (other gossip keys, say), which stays unready.
+    pub fn add_stranger(&mut self, args: &[&str]) -> &NodeProcess {
+        self.add_network_node(args, false)
+    }
+
+    fn add_network_node(&mut self, args: &[&str], ready: bool) -> &NodeProcess {
         let id = format!("node-{}", self.nodes.len());
         let first = self
             .nodes
@@ -478,8 +494,12 @@ impl Cluster {
             full.extend_from_slice(&[flag, first]);
         }
         full.extend_from_slice(args);
-        self.nodes
-            .push(NodeProcess::spawn(&full).unwrap_or_else(|e| panic!("{e}")));
+        let spawned = if ready {
+            NodeProcess::spawn(&full)
+        } else {
+            NodeProcess::spawn_unready(&full)
+        };
+        self.nodes.push(spawned.unwrap_or_else(|e| panic!("{e}")));
         self.nodes.last().expect("just pushed")
     }
 

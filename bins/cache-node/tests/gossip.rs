@@ -811,3 +811,55 @@ async fn a_paused_primary_reverts_no_acknowledged_write() {
         eprintln!("{consistency:?}: 40 keys, no copy reverted; {late} late forwards refused");
     }
 }
+
+/// The survivor of two kills refuses `QUORUM` and `ALL` once gossip has declared the others
+/// dead (it answered OK from +10 s before: its ring, and the "majority" it counted, had
+/// shrunk to itself), and keeps serving `ONE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_survivor_of_two_kills_refuses_quorum_and_all() {
+    let cluster = Cluster::start_gossip(3, &["--replication-factor", "3"]);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until(
+        "3 members alive everywhere",
+        Duration::from_secs(20),
+        || all_alive(&live, 3),
+    )
+    .await;
+    cluster.nodes[1].signal("KILL");
+    cluster.nodes[2].signal("KILL");
+    let survivor = &cluster.nodes[0];
+    wait_until("both declared dead", Duration::from_secs(30), || async {
+        state_of(survivor, "node-1").await == Some(MemberState::Dead)
+            && state_of(survivor, "node-2").await == Some(MemberState::Dead)
+    })
+    .await;
+    for consistency in [Consistency::Quorum, Consistency::All] {
+        let client = Client::builder()
+            .timeout(Duration::from_secs(2))
+            .write_consistency(consistency)
+            .read_consistency(consistency)
+            .connect(format!("http://{}", survivor.grpc))
+            .await
+            .expect("client");
+        for i in 0..20 {
+            let err = client
+                .set(format!("k{i}"), "v")
+                .await
+                .expect_err("one of three replicas is no quorum");
+            assert!(
+                matches!(err, cache_client::Error::Unavailable(_)),
+                "{consistency:?}: {err}"
+            );
+            assert!(
+                client.get(format!("k{i}")).await.is_err(),
+                "{consistency:?} read"
+            );
+        }
+    }
+    let one = Client::builder()
+        .write_consistency(Consistency::One)
+        .connect(format!("http://{}", survivor.grpc))
+        .await
+        .expect("client");
+    one.set("k", "v").await.expect("ONE stays available");
+}

@@ -61,6 +61,19 @@ async fn all_alive(nodes: &[&NodeProcess], n: usize) -> bool {
     true
 }
 
+/// A 3-node gossip cluster (`args` on every node) whose members all see each other alive.
+async fn three_alive(args: &[&str]) -> Cluster {
+    let cluster = Cluster::start_gossip(3, args);
+    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
+    wait_until(
+        "3 members alive everywhere",
+        Duration::from_secs(20),
+        || all_alive(&live, 3),
+    )
+    .await;
+    cluster
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_members_join_detect_a_kill_and_admit_a_new_node() {
     let mut cluster = Cluster::start_gossip(5, &["--replication-factor", "3"]);
@@ -613,14 +626,7 @@ async fn a_restarted_member_gives_no_wrong_answer_while_it_rejoins() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
-    let mut cluster = Cluster::start_gossip(3, &["--replication-factor", "3"]);
-    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
-    wait_until(
-        "3 members alive everywhere",
-        Duration::from_secs(20),
-        || all_alive(&live, 3),
-    )
-    .await;
+    let mut cluster = three_alive(&["--replication-factor", "3"]).await;
     let writer = Client::builder()
         .timeout(Duration::from_secs(5))
         .write_consistency(Consistency::Quorum)
@@ -709,15 +715,7 @@ async fn a_restarted_member_gives_no_wrong_answer_while_it_rejoins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_primary_reverts_no_acknowledged_write() {
     for consistency in [Consistency::One, Consistency::Quorum] {
-        let cluster =
-            Cluster::start_gossip(3, &["--replication-factor", "3", "--peer-timeout", "300ms"]);
-        let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
-        wait_until(
-            "3 members alive everywhere",
-            Duration::from_secs(20),
-            || all_alive(&live, 3),
-        )
-        .await;
+        let cluster = three_alive(&["--replication-factor", "3", "--peer-timeout", "300ms"]).await;
         let smart = Client::builder()
             .connect_cluster(cluster.seeds())
             .await
@@ -817,14 +815,7 @@ async fn a_paused_primary_reverts_no_acknowledged_write() {
 /// shrunk to itself), and keeps serving `ONE`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_survivor_of_two_kills_refuses_quorum_and_all() {
-    let cluster = Cluster::start_gossip(3, &["--replication-factor", "3"]);
-    let live: Vec<&NodeProcess> = cluster.nodes.iter().collect();
-    wait_until(
-        "3 members alive everywhere",
-        Duration::from_secs(20),
-        || all_alive(&live, 3),
-    )
-    .await;
+    let cluster = three_alive(&["--replication-factor", "3"]).await;
     cluster.nodes[1].signal("KILL");
     cluster.nodes[2].signal("KILL");
     let survivor = &cluster.nodes[0];

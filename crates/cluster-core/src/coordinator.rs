@@ -1037,7 +1037,7 @@ impl<T: PeerTransport> Coordinator<T> {
             // callee applies exactly these versions, so a copy of the request that reaches
             // it late or twice is the same write, and a later attempt elsewhere (stamped
             // after this one) always wins over it.
-            let writes = request.writes();
+            let writes = request.stamped_writes();
             if writes > 0 && !ctx.forwarded {
                 call.version = match self.store.hlc().reserve(self.store.now_ms(), writes) {
                     Ok(v) => Some(v),

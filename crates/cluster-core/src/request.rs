@@ -172,17 +172,21 @@ pub enum Request {
 }
 
 impl Request {
-    /// How many writes the request makes (the versions it needs when it is stamped where
-    /// it is first accepted): 0 for reads, 1 for a single-key write, one per entry of a
-    /// `MultiSet`.
-    pub fn writes(&self) -> usize {
+    /// How many versions the request needs when it is stamped where it is first accepted
+    /// (see `Stamping`): one per unconditional write — a `Set` without a condition, a
+    /// `Delete`, every entry of a `MultiSet` that has one (entries take their versions by
+    /// position). 0 for reads, conditional writes, touches and updates, which the primary
+    /// stamps itself.
+    pub fn stamped_writes(&self) -> usize {
         match self {
-            Request::Get { .. } | Request::MultiGet { .. } => 0,
-            Request::Set { .. }
-            | Request::Delete { .. }
-            | Request::Touch { .. }
-            | Request::Update { .. } => 1,
-            Request::MultiSet { entries, .. } => entries.len(),
+            Request::Set { cmd, .. } if cmd.condition == Condition::Always => 1,
+            Request::Delete { .. } => 1,
+            Request::MultiSet { entries, .. }
+                if entries.iter().any(|e| e.condition == Condition::Always) =>
+            {
+                entries.len()
+            }
+            _ => 0,
         }
     }
 

@@ -100,11 +100,7 @@ impl RingState {
 
     /// `key`'s home replicas (see [`RingState::home`]): the ones `QUORUM` and `ALL` count.
     pub fn home_replicas(&self, key: &[u8]) -> Vec<NodeId> {
-        self.home
-            .replicas(key, self.home_rf)
-            .into_iter()
-            .map(|m| m.id.clone())
-            .collect()
+        ids(&self.home, key, self.home_rf)
     }
 
     /// `key`'s replicas as member indices of this ring, primary first, without allocating
@@ -120,11 +116,7 @@ impl RingState {
 
     /// The ids of `key`'s replicas, primary first.
     pub fn replicas(&self, key: &[u8]) -> Vec<NodeId> {
-        self.ring
-            .replicas(key, self.replication_factor)
-            .into_iter()
-            .map(|m| m.id.clone())
-            .collect()
+        ids(&self.ring, key, self.replication_factor)
     }
 
     /// The peer-listener address of member `id`.
@@ -140,6 +132,14 @@ pub struct RingChange {
     pub old: Arc<RingState>,
     /// The ring after.
     pub new: Arc<RingState>,
+}
+
+/// The ids of `key`'s first `n` replicas in `ring`, primary first.
+fn ids(ring: &Ring, key: &[u8], n: usize) -> Vec<NodeId> {
+    ring.replicas(key, n)
+        .into_iter()
+        .map(|m| m.id.clone())
+        .collect()
 }
 
 /// Adds `view`'s members to `known` and removes those that left.

@@ -620,14 +620,12 @@ impl SimCluster {
                 let Ok(them) = NodeId::new(m.id.clone()) else {
                     continue;
                 };
-                let declared_dead = base
-                    .member(&m.id)
-                    .is_some_and(|b| b.state == MemberState::Dead && !up.contains(&them));
+                // A killed node (declared dead by `kill_and_declare_dead`) is not `up`.
                 let reachable = up.contains(&them)
                     && !paused.contains(&them)
                     && !paused.contains(me)
                     && !faults.cut.contains(&link(me, &them));
-                m.state = if reachable && !declared_dead {
+                m.state = if reachable {
                     MemberState::Alive
                 } else {
                     MemberState::Dead
